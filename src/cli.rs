@@ -1,0 +1,114 @@
+//! The operator's command line: `livemount <command>`.
+//!
+//! Owns: argument parsing (clap derive), human and `--json` output, progress bars.
+//! Must not: hold logic of its own beyond calling the library and printing; errors carry their
+//! own wording (they name the thing and what to do), the CLI only adds context.
+//! One file per subcommand under `cli/`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::repo::{RepoError, Repository, SnapshotInfo, SnapshotSpec};
+
+mod backup;
+mod backups;
+mod progress;
+mod repo_init;
+mod restore;
+mod show;
+mod verify;
+
+/// livemount: run a VM straight from its backup.
+#[derive(Debug, Parser)]
+#[command(name = "livemount", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage a backup repository.
+    #[command(subcommand)]
+    Repo(RepoCommand),
+    /// Back up a VM (its config and disks) into a new snapshot.
+    Backup(backup::BackupArgs),
+    /// List snapshots.
+    Backups(backups::BackupsArgs),
+    /// Show one snapshot: its VM, config and disks.
+    Show(show::ShowArgs),
+    /// Re-read and check every chunk of one snapshot or of all; exits 1 if any is bad.
+    Verify(verify::VerifyArgs),
+    /// Restore a snapshot in full (config and raw disks) into a folder.
+    Restore(restore::RestoreArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum RepoCommand {
+    /// Create a repository in a new or empty directory.
+    Init(repo_init::RepoInitArgs),
+}
+
+/// `--repo`, shared by every command that reads a repository.
+#[derive(Debug, Clone, Args)]
+pub struct RepoArgs {
+    /// The repository directory.
+    #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR")]
+    pub repo: PathBuf,
+}
+
+impl RepoArgs {
+    pub fn open(&self) -> Result<Repository, RepoError> {
+        Repository::open(&self.repo)
+    }
+}
+
+/// A snapshot argument: `VM@TIME`, an id prefix, or a VM name (its latest, or with `--at` its
+/// latest at or before TIME).
+#[derive(Debug, Clone, Args)]
+pub struct SnapshotArgs {
+    /// VM@TIME, a unique id prefix, or a VM name (its latest snapshot).
+    #[arg(value_name = "SNAPSHOT")]
+    pub snapshot: String,
+    /// With a VM name: its latest snapshot at or before this RFC 3339 time.
+    #[arg(long, value_name = "TIME")]
+    pub at: Option<String>,
+}
+
+impl SnapshotArgs {
+    pub async fn resolve(&self, repo: &Repository) -> Result<SnapshotInfo, RepoError> {
+        repo.resolve(&spec(&self.snapshot, self.at.as_deref())?)
+            .await
+    }
+}
+
+pub(crate) fn spec(text: &str, at: Option<&str>) -> Result<SnapshotSpec, RepoError> {
+    let at = at.map(crate::repo::parse_time).transpose()?;
+    Ok(SnapshotSpec::new(text, at))
+}
+
+/// Parses the command line and runs the command. Returns the process exit code.
+pub async fn run() -> anyhow::Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Repo(RepoCommand::Init(a)) => repo_init::run(a).await,
+        Command::Backup(a) => backup::run(a).await,
+        Command::Backups(a) => backups::run(a).await,
+        Command::Show(a) => show::run(a).await,
+        Command::Verify(a) => verify::run(a).await,
+        Command::Restore(a) => restore::run(a).await,
+    }
+}
+
+/// Bytes as people read them: `1.5 GiB`.
+pub(crate) fn human(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
+}
+
+/// Prints a value as pretty JSON on stdout.
+pub(crate) fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

@@ -1,0 +1,19 @@
+//! livemount: instant VM recovery. A hypervisor runs a VM straight from its block-level backup
+//! over NFSv3 while the VM's writes go to a per-mount overlay.
+//!
+//! Crate map (data flows one way, down):
+//! - [`cli`]: the operator's commands (clap); the only place that prints.
+//! - [`repo`]: the backup repository: chunk store trait and local backend, snapshot manifests,
+//!   ingest (backup), the read API, verify, restore.
+//! - [`vmconfig`]: `.vmx` and libvirt XML parsing (no I/O).
+//! - [`disk`]: source disk formats in (raw, VMDK, qcow2) and VMDK descriptors out.
+//!
+//! Data flow of a backup: VM config -> `vmconfig` -> disks opened by `disk` -> `repo::ingest`
+//! cuts blocks, hashes, deduplicates, compresses -> `ChunkStore` -> manifest.
+//! Data flow of a read (what a live mount will do): `DiskImage::read_at` -> block table ->
+//! `ChunkReader` (later: the read cache) -> `ChunkStore` -> decode and verify.
+
+pub mod cli;
+pub mod disk;
+pub mod repo;
+pub mod vmconfig;

@@ -1,0 +1,129 @@
+//! The backup repository: where snapshots of VMs live, deduplicated, compressed and verified.
+//!
+//! Owns: the on-disk format (see `docs/ARCHITECTURE.md`), the [`ChunkStore`] trait and its local
+//! directory backend, snapshot manifests, ingest (backup), the read API that live mounts use
+//! ([`DiskImage::read_at`]), verify and restore.
+//! Must not: know about NFS, mounts or caches. Callers above wrap [`ChunkReader`] to add caching.
+//!
+//! Data model:
+//! - A repository has one chunk size (a power of two, 64 KiB..=4 MiB) fixed at `repo init`.
+//! - A disk is cut into blocks of that size. An all-zero block is stored as nothing. Every other
+//!   block is a chunk named by the BLAKE3 digest of its bytes, stored zstd-compressed once per
+//!   repository, and checked against that digest on every read.
+//! - A snapshot is a small JSON manifest named by the BLAKE3 digest of its own bytes. Its block
+//!   tables (one digest per block) and the VM's config file are stored as chunks too, so they are
+//!   deduplicated and verified like data.
+//!
+//! Ordering rules (crash safety): every object is written to `tmp/`, fsynced, then renamed into
+//! place; a manifest is written only after [`ChunkStore::sync`] has made every chunk it refers to
+//! durable (directory entries included). Writers hold the repository's `lock` file exclusively;
+//! readers take no lock, because nothing is ever changed or removed in place.
+
+mod blocks;
+mod catalog;
+mod codec;
+mod ingest;
+mod local;
+mod manifest;
+mod read;
+mod restore;
+mod store;
+mod verify;
+
+use std::path::PathBuf;
+
+pub use blocks::{BlockIdx, ChunkSize};
+pub use catalog::{parse_time, SnapshotInfo, SnapshotSpec};
+pub use ingest::{BackupOptions, BackupSummary, ChangedBlocks, DiskInput};
+pub use local::LocalStore;
+pub use manifest::{DiskManifest, Manifest, SnapshotId, VmInfo};
+pub use read::{ChunkReader, DiskImage, Repository, Snapshot};
+pub use restore::{RestoreSummary, RestoredDisk};
+pub use store::{ChunkId, ChunkStore};
+pub use verify::{BadChunk, ChunkProblem, VerifyReport};
+
+/// Progress of long work (backup, restore, verify), in bytes. The CLI draws a bar with it.
+pub trait Progress: Send + Sync {
+    /// The total amount of work, when it becomes known.
+    fn set_total(&self, bytes: u64);
+    /// Work done since the last call.
+    fn advance(&self, bytes: u64);
+}
+
+/// A [`Progress`] that shows nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {
+    fn set_total(&self, _: u64) {}
+    fn advance(&self, _: u64) {}
+}
+
+/// Errors of the repository. Each names the repository object involved.
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("repository {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a livemount repository (no {file}); create one with `livemount repo init {path}`", file = local::CONFIG_FILE)]
+    NotARepository { path: PathBuf },
+    #[error("{path} already exists and is not empty; `repo init` needs a new or empty directory")]
+    AlreadyExists { path: PathBuf },
+    #[error("repository {path}: {what}")]
+    BadRepository { path: PathBuf, what: String },
+    #[error("invalid chunk size {given}: it must be a power of two from 64KiB to 4MiB")]
+    BadChunkSize { given: String },
+    #[error("chunk {chunk} is missing from the repository")]
+    MissingChunk { chunk: ChunkId },
+    #[error("chunk {chunk} is corrupt: {what}")]
+    CorruptChunk { chunk: ChunkId, what: String },
+    #[error("snapshot {id} is corrupt: {what}")]
+    CorruptManifest { id: String, what: String },
+    #[error("no snapshot matches {spec}{hint}")]
+    NoSnapshot { spec: String, hint: String },
+    #[error("{spec} is ambiguous: it matches {matches}")]
+    AmbiguousSnapshot { spec: String, matches: String },
+    #[error("repository {path} is busy: another backup holds its lock; wait for it to finish")]
+    Locked { path: PathBuf },
+    #[error("disk {disk}: {source}")]
+    Disk {
+        disk: String,
+        #[source]
+        source: crate::disk::DiskError,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("disk {disk} at offset {offset}: {source}")]
+    Read {
+        disk: String,
+        offset: u64,
+        #[source]
+        source: Box<RepoError>,
+    },
+    #[error("restore target {path}: {what}")]
+    RestoreTarget { path: PathBuf, what: String },
+    #[error("a background task failed: {0}")]
+    Task(String),
+}
+
+impl RepoError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        RepoError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Runs blocking work (file I/O, hashing, compression) off the async runtime's threads.
+pub(crate) async fn blocking<T, F>(f: F) -> Result<T, RepoError>
+where
+    F: FnOnce() -> Result<T, RepoError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| RepoError::Task(e.to_string()))?
+}

@@ -1,0 +1,316 @@
+//! The local directory backend of [`ChunkStore`]: the embedded default repository.
+//!
+//! Layout of a repository directory:
+//! ```text
+//! livemount-repo.toml     format version, chunk size, repository id, creation time
+//! lock                    held exclusively (flock) by a writer for as long as it writes
+//! chunks/00 .. chunks/ff  chunks, as chunks/<first two hex digits>/<64 hex digits>
+//! snapshots/<id>.json     snapshot manifests
+//! tmp/                    objects being written; emptied by the next writer
+//! ```
+//! The 256 chunk folders are made at `init`, so a backup never creates a directory.
+//!
+//! Ordering: an object is written under `tmp/`, fdatasynced, renamed to its name; the folders it
+//! landed in are fsynced by [`ChunkStore::sync`] (chunks) or at once (manifests). Readers never
+//! lock: a name that exists always holds its complete, durable bytes.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{ErrorKind, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::manifest::SnapshotId;
+use super::{blocking, ChunkId, ChunkSize, ChunkStore, RepoError};
+
+/// The repository's config file, at the top of its directory.
+pub(crate) const CONFIG_FILE: &str = "livemount-repo.toml";
+const FORMAT: u32 = 1;
+/// How many folder fsyncs `sync` runs at once.
+const SYNC_CONCURRENCY: usize = 16;
+
+/// Contents of `livemount-repo.toml`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RepoConfig {
+    /// On-disk format version; this build reads and writes format 1.
+    pub format: u32,
+    /// Block size in bytes, fixed for the repository's life.
+    pub chunk_size: ChunkSize,
+    /// A random id, so that tools can tell two repositories apart.
+    pub id: String,
+    pub created: jiff::Timestamp,
+}
+
+/// A repository in a local directory.
+#[derive(Debug)]
+pub struct LocalStore {
+    root: PathBuf,
+    tmp_counter: AtomicU64,
+    /// Chunk folders (by first digest byte) that gained a name since the last `sync`.
+    dirty: Mutex<BTreeSet<u8>>,
+}
+
+/// An exclusive writer's hold on a repository; released on drop.
+#[derive(Debug)]
+pub(crate) struct WriteLock {
+    _file: File,
+}
+
+impl LocalStore {
+    /// Creates a repository in `root` (a new or empty directory).
+    pub(crate) fn init(root: &Path, chunk_size: ChunkSize) -> Result<RepoConfig, RepoError> {
+        let io = |e| RepoError::io(root, e);
+        if root.exists() {
+            let mut entries = fs::read_dir(root).map_err(io)?;
+            if entries.next().is_some() {
+                return Err(RepoError::AlreadyExists { path: root.into() });
+            }
+        }
+        fs::create_dir_all(root).map_err(io)?;
+        let chunks = root.join("chunks");
+        fs::create_dir(&chunks).map_err(io)?;
+        for b in 0..=255u8 {
+            let dir = chunks.join(format!("{b:02x}"));
+            fs::create_dir(&dir).map_err(io)?;
+        }
+        fsync_dir(&chunks)?;
+        fs::create_dir(root.join("snapshots")).map_err(io)?;
+        fs::create_dir(root.join("tmp")).map_err(io)?;
+        File::create(root.join("lock")).map_err(io)?;
+        let config = RepoConfig {
+            format: FORMAT,
+            chunk_size,
+            id: random_id(),
+            created: jiff::Timestamp::now(),
+        };
+        let text = toml::to_string(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        // The config file is written last: a directory without it is not a repository.
+        write_durably(
+            &root.join("tmp"),
+            &root.join(CONFIG_FILE),
+            text.as_bytes(),
+            "config",
+        )?;
+        fsync_dir(root)?;
+        Ok(config)
+    }
+
+    /// Opens an existing repository.
+    pub(crate) fn open(root: &Path) -> Result<(Self, RepoConfig), RepoError> {
+        let path = root.join(CONFIG_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(RepoError::NotARepository { path: root.into() })
+            }
+            Err(e) => return Err(RepoError::io(&path, e)),
+        };
+        let config: RepoConfig = toml::from_str(&text).map_err(|e| RepoError::BadRepository {
+            path: path.clone(),
+            what: format!("unreadable {CONFIG_FILE}: {e}"),
+        })?;
+        if config.format != FORMAT {
+            return Err(RepoError::BadRepository {
+                path,
+                what: format!(
+                    "format {} is not supported by this livemount (it reads format {FORMAT})",
+                    config.format
+                ),
+            });
+        }
+        let store = LocalStore {
+            root: root.into(),
+            tmp_counter: AtomicU64::new(0),
+            dirty: Mutex::new(BTreeSet::new()),
+        };
+        Ok((store, config))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Takes the writer's lock and clears what an interrupted writer left in `tmp/`.
+    pub(crate) fn lock_for_write(&self) -> Result<WriteLock, RepoError> {
+        let path = self.root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RepoError::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(RepoError::Locked {
+                    path: self.root.clone(),
+                })
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(RepoError::io(&path, e)),
+        }
+        let tmp = self.root.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(|e| RepoError::io(&tmp, e))? {
+            let entry = entry.map_err(|e| RepoError::io(&tmp, e))?;
+            fs::remove_file(entry.path()).map_err(|e| RepoError::io(entry.path(), e))?;
+        }
+        Ok(WriteLock { _file: file })
+    }
+
+    fn chunk_path(&self, id: &ChunkId) -> PathBuf {
+        let hex = id.to_hex();
+        self.root.join("chunks").join(&hex[..2]).join(hex)
+    }
+
+    fn manifest_path(&self, id: &SnapshotId) -> PathBuf {
+        self.root.join("snapshots").join(format!("{id}.json"))
+    }
+
+    fn tmp_path(&self, what: &str) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        self.root
+            .join("tmp")
+            .join(format!("{what}.{}.{n}", std::process::id()))
+    }
+}
+
+#[async_trait]
+impl ChunkStore for LocalStore {
+    async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        let path = self.chunk_path(id);
+        let id = *id;
+        blocking(move || match fs::read(&path) {
+            Ok(v) => Ok(Bytes::from(v)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(RepoError::MissingChunk { chunk: id }),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn has_chunk(&self, id: &ChunkId) -> Result<bool, RepoError> {
+        let path = self.chunk_path(id);
+        blocking(move || match fs::symlink_metadata(&path) {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn put_chunk(&self, id: &ChunkId, stored: Bytes) -> Result<(), RepoError> {
+        let path = self.chunk_path(id);
+        let tmp = self.tmp_path(&id.to_hex());
+        blocking(move || write_tmp_then_rename(&tmp, &path, &stored)).await?;
+        self.dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.0[0]);
+        Ok(())
+    }
+
+    async fn sync(&self) -> Result<(), RepoError> {
+        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let chunks = self.root.join("chunks");
+        futures::stream::iter(dirty)
+            .map(|b| {
+                let dir = chunks.join(format!("{b:02x}"));
+                blocking(move || fsync_dir(&dir))
+            })
+            .buffer_unordered(SYNC_CONCURRENCY)
+            .try_collect::<()>()
+            .await
+    }
+
+    async fn get_manifest(&self, id: &SnapshotId) -> Result<Bytes, RepoError> {
+        let path = self.manifest_path(id);
+        let id = id.to_string();
+        blocking(move || match fs::read(&path) {
+            Ok(v) => Ok(Bytes::from(v)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(RepoError::NoSnapshot {
+                spec: id,
+                hint: String::new(),
+            }),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn put_manifest(&self, id: &SnapshotId, bytes: Bytes) -> Result<(), RepoError> {
+        let path = self.manifest_path(id);
+        let tmp_dir = self.root.join("tmp");
+        blocking(move || write_durably(&tmp_dir, &path, &bytes, "manifest")).await
+    }
+
+    async fn list_manifests(&self) -> Result<Vec<SnapshotId>, RepoError> {
+        let dir = self.root.join("snapshots");
+        blocking(move || {
+            let mut ids = Vec::new();
+            for entry in fs::read_dir(&dir).map_err(|e| RepoError::io(&dir, e))? {
+                let entry = entry.map_err(|e| RepoError::io(&dir, e))?;
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if let Some(id) = name.strip_suffix(".json").and_then(SnapshotId::from_hex) {
+                    ids.push(id);
+                }
+            }
+            ids.sort();
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn chunk_stored_size(&self, id: &ChunkId) -> Result<Option<u64>, RepoError> {
+        let path = self.chunk_path(id);
+        blocking(move || match fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+}
+
+/// Writes `bytes` to `tmp`, makes them durable, and renames `tmp` to `path`. The caller fsyncs
+/// `path`'s folder (at once, or batched in `sync`).
+fn write_tmp_then_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(|e| RepoError::io(tmp, e))?;
+    f.write_all(bytes).map_err(|e| RepoError::io(tmp, e))?;
+    f.sync_data().map_err(|e| RepoError::io(tmp, e))?;
+    drop(f);
+    fs::rename(tmp, path).map_err(|e| RepoError::io(path, e))
+}
+
+/// Writes a file whole and durably: tmp, fsync, rename, fsync of its folder.
+fn write_durably(tmp_dir: &Path, path: &Path, bytes: &[u8], what: &str) -> Result<(), RepoError> {
+    let tmp = tmp_dir.join(format!("{what}.{}.{}", std::process::id(), random_id()));
+    write_tmp_then_rename(&tmp, path, bytes)?;
+    match path.parent() {
+        Some(dir) => fsync_dir(dir),
+        None => Ok(()),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), RepoError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| RepoError::io(dir, e))
+}
+
+/// A random-enough id: the digest of the time, the process and a stack address.
+fn random_id() -> String {
+    let mut h = blake3::Hasher::new();
+    h.update(&jiff::Timestamp::now().as_nanosecond().to_le_bytes());
+    h.update(&std::process::id().to_le_bytes());
+    let local = 0u8;
+    h.update(&(&local as *const u8 as usize).to_le_bytes());
+    h.finalize().to_hex()[..32].to_string()
+}

@@ -1,0 +1,335 @@
+//! The read side of a repository: open it, open a snapshot, read any byte range of a disk.
+//!
+//! [`DiskImage::read_at`] is the API live mounts are built on. It serves any offset and length
+//! (unaligned, spanning blocks; a short read only at the end of the disk), fetches and decodes the
+//! chunks it needs concurrently, and returns zeros only for blocks the backup recorded as zero.
+//! Chunks come through a [`ChunkReader`], so a cache can sit between a disk and the repository
+//! without the disk knowing.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+
+use super::local::{LocalStore, RepoConfig, WriteLock};
+use super::manifest::{BlockTable, DiskManifest, Manifest, SnapshotId, MAX_CONFIG_BYTES};
+use super::{blocking, codec, ChunkId, ChunkSize, ChunkStore, RepoError};
+
+/// How many chunks one `read_at` fetches at once.
+const READ_FETCH_CONCURRENCY: usize = 8;
+
+/// Source of decoded, verified chunks.
+#[async_trait]
+pub trait ChunkReader: Send + Sync {
+    /// The chunk's uncompressed bytes, checked against its digest.
+    async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError>;
+}
+
+/// An open repository. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    local: Arc<LocalStore>,
+    store: Arc<dyn ChunkStore>,
+    config: RepoConfig,
+}
+
+impl Repository {
+    /// Creates a repository in `dir`, which must be new or empty.
+    pub fn init(dir: &Path, chunk_size: ChunkSize) -> Result<Repository, RepoError> {
+        LocalStore::init(dir, chunk_size)?;
+        Repository::open(dir)
+    }
+
+    /// Opens the repository in `dir`.
+    pub fn open(dir: &Path) -> Result<Repository, RepoError> {
+        let (local, config) = LocalStore::open(dir)?;
+        let local = Arc::new(local);
+        let store: Arc<dyn ChunkStore> = local.clone();
+        Ok(Repository {
+            inner: Arc::new(Inner {
+                local,
+                store,
+                config,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        self.inner.local.root()
+    }
+
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.inner.config.chunk_size
+    }
+
+    /// The repository's random id, from its config.
+    pub fn id(&self) -> &str {
+        &self.inner.config.id
+    }
+
+    pub fn store(&self) -> &Arc<dyn ChunkStore> {
+        &self.inner.store
+    }
+
+    pub(crate) fn lock_for_write(&self) -> Result<WriteLock, RepoError> {
+        self.inner.local.lock_for_write()
+    }
+
+    /// Fetches, decompresses and verifies an object of at most `max_len` bytes.
+    pub(crate) async fn read_object(
+        &self,
+        id: &ChunkId,
+        max_len: usize,
+    ) -> Result<Bytes, RepoError> {
+        let stored = self.inner.store.get_chunk(id).await?;
+        let id = *id;
+        blocking(move || codec::decode(&id, &stored, max_len)).await
+    }
+
+    /// Reads and checks a snapshot's manifest.
+    pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest, RepoError> {
+        let bytes = self.inner.store.get_manifest(id).await?;
+        let m = Manifest::decode(id, &bytes)?;
+        if m.chunk_size != self.chunk_size() {
+            return Err(RepoError::CorruptManifest {
+                id: id.to_string(),
+                what: format!(
+                    "its chunk size {} differs from the repository's {}",
+                    m.chunk_size,
+                    self.chunk_size()
+                ),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Opens a snapshot by id.
+    pub async fn snapshot(&self, id: &SnapshotId) -> Result<Snapshot, RepoError> {
+        let manifest = self.manifest(id).await?;
+        Ok(Snapshot {
+            id: *id,
+            manifest,
+            repo: self.clone(),
+        })
+    }
+
+    /// Loads a disk's block table.
+    pub(crate) async fn block_table(
+        &self,
+        snapshot: &SnapshotId,
+        disk: &DiskManifest,
+    ) -> Result<BlockTable, RepoError> {
+        let cs = self.chunk_size();
+        let pieces: Vec<Bytes> = futures::stream::iter(disk.table.iter())
+            .map(|piece| self.read_object(piece, cs.as_usize()))
+            .buffered(READ_FETCH_CONCURRENCY)
+            .try_collect()
+            .await?;
+        BlockTable::from_pieces(&pieces, cs.block_count(disk.size), cs).map_err(|what| {
+            RepoError::CorruptManifest {
+                id: snapshot.to_string(),
+                what: format!("block table of disk {}: {what}", disk.name),
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl ChunkReader for Repository {
+    async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        self.read_object(id, self.chunk_size().as_usize()).await
+    }
+}
+
+/// One open snapshot.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub id: SnapshotId,
+    pub manifest: Manifest,
+    repo: Repository,
+}
+
+impl Snapshot {
+    /// The VM's original config file bytes.
+    pub async fn config_bytes(&self) -> Result<Bytes, RepoError> {
+        let c = &self.manifest.config;
+        let bytes = self.repo.read_object(&c.chunk, MAX_CONFIG_BYTES).await?;
+        if bytes.len() as u64 != c.size {
+            return Err(RepoError::CorruptManifest {
+                id: self.id.to_string(),
+                what: format!(
+                    "config {} has {} bytes, the manifest says {}",
+                    c.file_name,
+                    bytes.len(),
+                    c.size
+                ),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Opens disk number `index` (in manifest order) for reading through the repository.
+    pub async fn disk(&self, index: usize) -> Result<DiskImage, RepoError> {
+        let d = self.manifest.disks.get(index).ok_or_else(|| {
+            RepoError::Invalid(format!(
+                "snapshot {} has {} disks, there is no disk {index}",
+                self.manifest.display_name(),
+                self.manifest.disks.len()
+            ))
+        })?;
+        let table = self.repo.block_table(&self.id, d).await?;
+        Ok(DiskImage {
+            name: d.name.clone(),
+            size: d.size,
+            chunk_size: self.repo.chunk_size(),
+            table: Arc::new(table),
+            reader: Arc::new(self.repo.clone()),
+        })
+    }
+}
+
+/// One disk of a snapshot, readable at any offset.
+#[derive(Clone)]
+pub struct DiskImage {
+    name: String,
+    size: u64,
+    chunk_size: ChunkSize,
+    table: Arc<BlockTable>,
+    reader: Arc<dyn ChunkReader>,
+}
+
+impl std::fmt::Debug for DiskImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DiskImage")
+            .field("name", &self.name)
+            .field("size", &self.size)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskImage {
+    /// The same disk, its chunks read through `reader` (a cache, say) instead.
+    pub fn with_reader(mut self, reader: Arc<dyn ChunkReader>) -> Self {
+        self.reader = reader;
+        self
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Exact size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn chunk_size(&self) -> ChunkSize {
+        self.chunk_size
+    }
+
+    /// The chunk holding block `idx`, or `None` for an all-zero block or past the end.
+    pub fn chunk_of_block(&self, idx: u64) -> Option<ChunkId> {
+        self.table.get(idx)
+    }
+
+    pub fn block_count(&self) -> u64 {
+        self.table.len()
+    }
+
+    /// Reads `len` bytes at `offset`. Shorter only when the range passes the end of the disk
+    /// (empty at or past the end). A chunk that is missing or fails its check is an error naming
+    /// the disk, the offset and the chunk.
+    pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, RepoError> {
+        let cs = self.chunk_size.as_u64();
+        let blocks = self
+            .chunk_size
+            .blocks_covering(offset, len as u64, self.size);
+        if blocks.is_empty() {
+            return Ok(Bytes::new());
+        }
+        let end = offset.saturating_add(len as u64).min(self.size);
+        // Fast path: the range lies in one block; hand out a slice of the chunk, no copy.
+        if blocks.end - blocks.start == 1 {
+            let block_start = blocks.start * cs;
+            let (lo, hi) = (
+                (offset - block_start) as usize,
+                (end - block_start) as usize,
+            );
+            return match self.table.get(blocks.start) {
+                None => Ok(Bytes::from(vec![0u8; hi - lo])),
+                Some(id) => {
+                    let chunk = self.fetch(&id, offset).await?;
+                    self.check_len(&chunk, blocks.start, &id, offset)?;
+                    Ok(chunk.slice(lo..hi))
+                }
+            };
+        }
+        let mut out = BytesMut::zeroed((end - offset) as usize);
+        let wanted = blocks.filter_map(|b| self.table.get(b).map(|id| (b, id)));
+        let mut fetches = futures::stream::iter(wanted)
+            .map(|(b, id)| async move {
+                let chunk = self.fetch(&id, offset).await?;
+                self.check_len(&chunk, b, &id, offset)?;
+                Ok::<_, RepoError>((b, chunk))
+            })
+            .buffer_unordered(READ_FETCH_CONCURRENCY);
+        while let Some((b, chunk)) = fetches.try_next().await? {
+            let range = self.chunk_size.block_range(super::BlockIdx(b), self.size);
+            let lo = range.start.max(offset);
+            let hi = range.end.min(end);
+            let src = &chunk[(lo - range.start) as usize..(hi - range.start) as usize];
+            out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(src);
+        }
+        Ok(out.freeze())
+    }
+
+    async fn fetch(&self, id: &ChunkId, offset: u64) -> Result<Bytes, RepoError> {
+        self.reader
+            .read_chunk(id)
+            .await
+            .map_err(|e| self.read_error(offset, e))
+    }
+
+    /// A chunk must be exactly as long as its block; anything else is a corrupt repository.
+    fn check_len(
+        &self,
+        chunk: &Bytes,
+        block: u64,
+        id: &ChunkId,
+        offset: u64,
+    ) -> Result<(), RepoError> {
+        let range = self
+            .chunk_size
+            .block_range(super::BlockIdx(block), self.size);
+        if chunk.len() as u64 == range.end - range.start {
+            return Ok(());
+        }
+        Err(self.read_error(
+            offset,
+            RepoError::CorruptChunk {
+                chunk: *id,
+                what: format!(
+                    "it has {} bytes, block {block} of disk {} has {}",
+                    chunk.len(),
+                    self.name,
+                    range.end - range.start
+                ),
+            },
+        ))
+    }
+
+    fn read_error(&self, offset: u64, e: RepoError) -> RepoError {
+        RepoError::Read {
+            disk: self.name.clone(),
+            offset,
+            source: Box::new(e),
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Restore: the classic full restore of a snapshot into a folder (config plus raw disks), the
+//! baseline a live mount is measured against.
+//!
+//! Each disk is written as a sparse raw file of its exact size (zero blocks stay holes), to
+//! `NAME.partial` first, fsynced and then renamed, so a restore that fails leaves no file that
+//! looks complete. ESXi disks get a `NAME.vmdk` descriptor next to their `NAME-flat.vmdk`, so the
+//! original .vmx finds them. Existing files are never overwritten.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::{StreamExt, TryStreamExt};
+
+use crate::disk::descriptor::{flat_descriptor, AdapterType};
+use crate::disk::DiskFormat;
+use crate::vmconfig::Hypervisor;
+
+use super::manifest::{DiskManifest, SnapshotId};
+use super::{blocking, BlockIdx, Progress, RepoError, Repository};
+
+/// Chunks fetched and written at once during a restore.
+const RESTORE_CONCURRENCY: usize = 8;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoredDisk {
+    /// The disk's name in the snapshot.
+    pub name: String,
+    /// The raw data file written.
+    pub path: PathBuf,
+    /// The VMDK descriptor written next to it (ESXi disks).
+    pub descriptor: Option<PathBuf>,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RestoreSummary {
+    pub snapshot: SnapshotId,
+    pub name: String,
+    pub config: PathBuf,
+    pub disks: Vec<RestoredDisk>,
+    /// Bytes of non-zero blocks written.
+    pub written_bytes: u64,
+    pub logical_bytes: u64,
+    pub seconds: f64,
+    /// Logical bytes per second, in MB/s (10^6 bytes).
+    pub mb_per_s: f64,
+}
+
+/// File names for a restored disk: the data file and, for ESXi, its descriptor.
+fn file_names(d: &DiskManifest, hv: Hypervisor) -> (String, Option<String>) {
+    let base = Path::new(&d.name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty() && n != "." && n != "..")
+        .unwrap_or_else(|| d.device.replace([':', '/'], "_"));
+    let stem = match base.rsplit_once('.') {
+        Some((s, _)) if !s.is_empty() => s.to_string(),
+        _ => base.clone(),
+    };
+    match hv {
+        Hypervisor::Esxi if d.size % 512 == 0 => {
+            (format!("{stem}-flat.vmdk"), Some(format!("{stem}.vmdk")))
+        }
+        Hypervisor::Esxi => (format!("{stem}-flat.vmdk"), None),
+        Hypervisor::Kvm if d.source_format == DiskFormat::Raw => (base, None),
+        Hypervisor::Kvm => (format!("{stem}.raw"), None),
+    }
+}
+
+impl Repository {
+    /// Restores a snapshot into `dir` (created if missing; existing files are not overwritten).
+    pub async fn restore(
+        &self,
+        id: &SnapshotId,
+        dir: &Path,
+        progress: &dyn Progress,
+    ) -> Result<RestoreSummary, RepoError> {
+        let started = Instant::now();
+        let snap = self.snapshot(id).await?;
+        let m = &snap.manifest;
+        let target = |what: String| RestoreTarget(dir.to_path_buf(), what);
+
+        // Plan every file name first and refuse before writing anything.
+        let config_path = dir.join(safe_name(&m.config.file_name));
+        let mut taken: HashSet<String> = HashSet::new();
+        taken.insert(safe_name(&m.config.file_name));
+        let mut plan = Vec::new();
+        for d in &m.disks {
+            let (mut data, mut desc) = file_names(d, m.vm.hypervisor);
+            if taken.contains(&data) || desc.as_ref().is_some_and(|n| taken.contains(n)) {
+                let tag = d.device.replace([':', '/'], "_");
+                data = format!("{tag}-{data}");
+                desc = desc.map(|n| format!("{tag}-{n}"));
+            }
+            taken.insert(data.clone());
+            if let Some(n) = &desc {
+                taken.insert(n.clone());
+            }
+            plan.push((d, dir.join(data), desc.map(|n| dir.join(n))));
+        }
+        fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
+        for name in &taken {
+            let p = dir.join(name);
+            if p.exists() {
+                return Err(target(format!(
+                    "{} exists; restore into an empty folder",
+                    p.display()
+                ))
+                .into());
+            }
+        }
+        let config = snap.config_bytes().await?;
+
+        progress.set_total(m.disks.iter().map(|d| d.size).sum());
+        let mut written = 0u64;
+        let mut disks = Vec::new();
+        for (i, (d, data_path, desc_path)) in plan.into_iter().enumerate() {
+            let image = snap.disk(i).await?;
+            let partial = data_path.with_extension("partial");
+            let result = self.restore_disk(&image, &partial, progress).await;
+            match result {
+                Ok(n) => written += n,
+                Err(e) => {
+                    let _ = fs::remove_file(&partial);
+                    return Err(e);
+                }
+            }
+            fs::rename(&partial, &data_path).map_err(|e| RepoError::io(&data_path, e))?;
+            if let Some(desc) = &desc_path {
+                let flat = data_path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let cid = u32::from_le_bytes([id.0 .0[0], id.0 .0[1], id.0 .0[2], id.0 .0[3]]);
+                if let Some(text) =
+                    flat_descriptor(d.size, &flat, AdapterType::for_device(&d.device), cid)
+                {
+                    write_synced(desc, text.as_bytes())?;
+                }
+            }
+            disks.push(RestoredDisk {
+                name: d.name.clone(),
+                path: data_path,
+                descriptor: desc_path,
+                size: d.size,
+            });
+        }
+        write_synced(&config_path, &config)?;
+        File::open(dir)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| RepoError::io(dir, e))?;
+        let logical = m.disks.iter().map(|d| d.size).sum();
+        let seconds = started.elapsed().as_secs_f64();
+        Ok(RestoreSummary {
+            snapshot: *id,
+            name: m.display_name(),
+            config: config_path,
+            disks,
+            written_bytes: written,
+            logical_bytes: logical,
+            seconds,
+            mb_per_s: logical as f64 / 1e6 / seconds.max(1e-9),
+        })
+    }
+
+    /// Writes one disk to `path`; returns the non-zero bytes written.
+    async fn restore_disk(
+        &self,
+        image: &super::DiskImage,
+        path: &Path,
+        progress: &dyn Progress,
+    ) -> Result<u64, RepoError> {
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| RepoError::io(path, e))?;
+        file.set_len(image.size())
+            .map_err(|e| RepoError::io(path, e))?;
+        let file = Arc::new(file);
+        let cs = image.chunk_size();
+        let size = image.size();
+        let written: Vec<u64> = futures::stream::iter(0..image.block_count())
+            .map(|b| {
+                let file = file.clone();
+                let path = path.to_path_buf();
+                async move {
+                    let range = cs.block_range(BlockIdx(b), size);
+                    let len = range.end - range.start;
+                    if image.chunk_of_block(b).is_none() {
+                        progress.advance(len);
+                        return Ok(0);
+                    }
+                    let data = image.read_at(range.start, len as usize).await?;
+                    blocking(move || {
+                        file.write_all_at(&data, range.start)
+                            .map_err(|e| RepoError::io(&path, e))
+                    })
+                    .await?;
+                    progress.advance(len);
+                    Ok::<u64, RepoError>(len)
+                }
+            })
+            .buffer_unordered(RESTORE_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let path = path.to_path_buf();
+        blocking(move || file.sync_all().map_err(|e| RepoError::io(&path, e))).await?;
+        Ok(written.iter().sum())
+    }
+}
+
+struct RestoreTarget(PathBuf, String);
+
+impl From<RestoreTarget> for RepoError {
+    fn from(t: RestoreTarget) -> Self {
+        RepoError::RestoreTarget {
+            path: t.0,
+            what: t.1,
+        }
+    }
+}
+
+/// A file name from a manifest, made safe to join to a folder.
+fn safe_name(name: &str) -> String {
+    let base = Path::new(name)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    if base.is_empty() || base == "." || base == ".." {
+        "vm.config".to_string()
+    } else {
+        base
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
+    use std::io::Write;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| RepoError::io(path, e))?;
+    f.write_all(bytes).map_err(|e| RepoError::io(path, e))?;
+    f.sync_all().map_err(|e| RepoError::io(path, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::ChunkId;
+
+    fn disk(name: &str, device: &str, size: u64, fmt: DiskFormat) -> DiskManifest {
+        DiskManifest {
+            name: name.into(),
+            device: device.into(),
+            source_format: fmt,
+            size,
+            allocated_blocks: 0,
+            table: vec![ChunkId::of(b"x")],
+        }
+    }
+
+    #[test]
+    fn restored_file_names_follow_the_hypervisor() {
+        let esxi = disk(
+            "[ds1] web01/web01.vmdk",
+            "scsi0:0",
+            1 << 20,
+            DiskFormat::Vmdk,
+        );
+        assert_eq!(
+            file_names(&esxi, Hypervisor::Esxi),
+            ("web01-flat.vmdk".into(), Some("web01.vmdk".into()))
+        );
+        let odd = disk("odd.vmdk", "scsi0:1", 1000, DiskFormat::Raw);
+        assert_eq!(
+            file_names(&odd, Hypervisor::Esxi),
+            ("odd-flat.vmdk".into(), None)
+        );
+        let q = disk(
+            "/var/lib/libvirt/images/db.qcow2",
+            "vda",
+            1 << 20,
+            DiskFormat::Qcow2,
+        );
+        assert_eq!(file_names(&q, Hypervisor::Kvm), ("db.raw".into(), None));
+        let r = disk("/images/db.img", "vdb", 1 << 20, DiskFormat::Raw);
+        assert_eq!(file_names(&r, Hypervisor::Kvm), ("db.img".into(), None));
+        let weird = disk("..", "vdc", 1 << 20, DiskFormat::Raw);
+        assert_eq!(file_names(&weird, Hypervisor::Kvm), ("vdc".into(), None));
+        assert_eq!(safe_name("../../etc/passwd"), "passwd");
+        assert_eq!(safe_name(".."), "vm.config");
+    }
+}

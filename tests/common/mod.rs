@@ -1,0 +1,163 @@
+//! Shared test support: generated disk images, VM configs, and running the binary and qemu-img.
+//!
+//! Inputs are generated at test time (nothing large is committed). `qemu-img` is a required
+//! prerequisite: a missing one fails the test with what to install, it never skips.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// A deterministic generator (splitmix64), so failures reproduce.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n.max(1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for c in buf.chunks_mut(8) {
+            let v = self.next_u64().to_le_bytes();
+            c.copy_from_slice(&v[..c.len()]);
+        }
+    }
+}
+
+/// A disk image of `size` bytes of mixed content, in regions of 64 KiB..2 MiB: random bytes
+/// (incompressible), repeated text (compressible, and repeated across regions so that it
+/// deduplicates), and zeros.
+pub fn mixed_disk(size: u64, seed: u64) -> Vec<u8> {
+    let mut rng = Rng::new(seed);
+    let mut out = vec![0u8; size as usize];
+    let text: Vec<u8> = b"livemount test pattern: the quick brown fox jumps over the lazy dog. "
+        .iter()
+        .copied()
+        .cycle()
+        .take(4 * MIB as usize)
+        .collect();
+    let mut pos = 0usize;
+    while pos < out.len() {
+        let len = ((64 * 1024 + rng.below(2 * MIB)) as usize).min(out.len() - pos);
+        match rng.below(3) {
+            0 => rng.fill(&mut out[pos..pos + len]),
+            1 => out[pos..pos + len].copy_from_slice(&text[..len]),
+            _ => {}
+        }
+        pos += len;
+    }
+    out
+}
+
+pub fn write(path: &Path, bytes: &[u8]) {
+    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+}
+
+/// Runs qemu-img; panics with its stderr on failure, or with what to install when missing.
+pub fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("qemu-img is required for this test (apt-get install qemu-utils): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Converts a raw image to another format with qemu-img; extra options go after `-O FMT`.
+pub fn convert(raw: &Path, out: &Path, format: &str, extra: &[&str]) {
+    let mut args = vec!["convert", "-q", "-f", "raw", "-O", format];
+    args.extend_from_slice(extra);
+    let (r, o) = (raw.to_str().unwrap(), out.to_str().unwrap());
+    args.extend_from_slice(&[r, o]);
+    qemu_img(&args);
+}
+
+pub const VM_UUID: &str = "6f1c2b9e-3d4a-4c5b-9e8f-0a1b2c3d4e5f";
+
+/// A libvirt domain XML for a KVM VM with file disks `(path, driver type)`.
+pub fn kvm_config(dir: &Path, name: &str, disks: &[(&str, &str)]) -> PathBuf {
+    let mut devs = String::new();
+    for (i, (path, fmt)) in disks.iter().enumerate() {
+        let dev = format!("vd{}", (b'a' + i as u8) as char);
+        devs.push_str(&format!(
+            "    <disk type='file' device='disk'>\n      <driver name='qemu' type='{fmt}'/>\n      \
+             <source file='{path}'/>\n      <target dev='{dev}' bus='virtio'/>\n    </disk>\n"
+        ));
+    }
+    let xml = format!(
+        "<domain type='kvm'>\n  <name>{name}</name>\n  <uuid>{VM_UUID}</uuid>\n  \
+         <memory unit='KiB'>262144</memory>\n  <os><type arch='x86_64'>hvm</type></os>\n  \
+         <devices>\n{devs}  </devices>\n</domain>\n"
+    );
+    let path = dir.join(format!("{name}.xml"));
+    write(&path, xml.as_bytes());
+    path
+}
+
+/// A .vmx for an ESXi VM whose SCSI disks are the given .vmdk descriptors.
+pub fn esxi_config(dir: &Path, name: &str, vmdks: &[&str]) -> PathBuf {
+    let mut text = format!(
+        ".encoding = \"UTF-8\"\nconfig.version = \"8\"\nvirtualHW.version = \"19\"\n\
+         displayName = \"{name}\"\nguestOS = \"other5xlinux-64\"\nmemSize = \"256\"\n\
+         uuid.bios = \"56 4d 11 22 33 44 55 66-77 88 99 aa bb cc dd ee\"\n\
+         scsi0.present = \"TRUE\"\nscsi0.virtualDev = \"pvscsi\"\n"
+    );
+    for (i, v) in vmdks.iter().enumerate() {
+        text.push_str(&format!(
+            "scsi0:{i}.present = \"TRUE\"\nscsi0:{i}.fileName = \"{v}\"\nscsi0:{i}.deviceType = \"scsi-hardDisk\"\n"
+        ));
+    }
+    let path = dir.join(format!("{name}.vmx"));
+    write(&path, text.as_bytes());
+    path
+}
+
+/// Runs the livemount binary.
+pub fn livemount(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_livemount"))
+        .args(args)
+        .env("LIVEMOUNT_LOG", "warn")
+        .output()
+        .expect("running livemount")
+}
+
+/// Runs the binary and returns its stdout, panicking with stderr when it fails.
+pub fn livemount_ok(args: &[&str]) -> String {
+    let out = livemount(args);
+    assert!(
+        out.status.success(),
+        "livemount {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// All chunk files in a repository.
+pub fn chunk_files(repo: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(repo.join("chunks")).unwrap() {
+        for f in std::fs::read_dir(d.unwrap().path()).unwrap() {
+            out.push(f.unwrap().path());
+        }
+    }
+    out.sort();
+    out
+}
