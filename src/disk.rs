@@ -12,9 +12,11 @@
 
 use std::path::{Path, PathBuf};
 
-pub mod descriptor;
+pub mod export;
 mod qcow2;
 mod raw;
+#[cfg(test)]
+mod testutil;
 mod vmdk;
 
 pub use qcow2::Qcow2Disk;
@@ -90,7 +92,135 @@ pub fn open(path: &Path, format: Option<DiskFormat>) -> Result<Box<dyn DiskSourc
     })
 }
 
+/// How many leading bytes [`detect`] looks at.
+const DETECT_BYTES: u64 = 1024;
+
 /// Detects the format of a disk file from its first bytes.
+///
+/// qcow2 magic `QFI\xfb` is qcow2; the VMDK sparse magic `KDMV` (or the ESX `COWD` sparse magic,
+/// which [`VmdkDisk::open`] then refuses with a clear message rather than letting it be read as
+/// raw) is VMDK; a VMDK text descriptor is VMDK; anything else, including an empty file, is raw.
 pub fn detect(path: &Path) -> Result<DiskFormat, DiskError> {
-    todo!("helper: detect {path:?}")
+    let (file, len) = open_file(path)?;
+    // At most DETECT_BYTES (1 KiB), so the cast cannot truncate.
+    let mut head = vec![0u8; len.min(DETECT_BYTES) as usize];
+    pread(&file, path, &mut head, 0)?;
+    Ok(detect_bytes(&head))
+}
+
+/// The format the first bytes of a file say it has (see [`detect`]).
+fn detect_bytes(head: &[u8]) -> DiskFormat {
+    if head.starts_with(b"QFI\xfb") {
+        DiskFormat::Qcow2
+    } else if head.starts_with(b"KDMV") || head.starts_with(b"COWD") || looks_like_descriptor(head)
+    {
+        DiskFormat::Vmdk
+    } else {
+        DiskFormat::Raw
+    }
+}
+
+/// True when `head` (the first KiB of a file) is a VMDK text descriptor: it starts with
+/// `# Disk DescriptorFile` after optional whitespace, or it is text (NUL padding at the end is
+/// allowed, as qemu-img pads descriptors to a sector) and contains `createType=`.
+fn looks_like_descriptor(head: &[u8]) -> bool {
+    if head
+        .trim_ascii_start()
+        .starts_with(b"# Disk DescriptorFile")
+    {
+        return true;
+    }
+    let text_end = head.iter().position(|&b| b == 0).unwrap_or(head.len());
+    let (text, padding) = head.split_at(text_end);
+    let is_text = padding.iter().all(|&b| b == 0)
+        && text
+            .iter()
+            .all(|&b| (b >= 0x20 && b != 0x7f) || matches!(b, b'\t' | b'\n' | b'\r' | 0x0c));
+    is_text && text.windows(11).any(|w| w == b"createType=")
+}
+
+/// A [`DiskError::Corrupt`] for `path`.
+pub(crate) fn corrupt(path: &Path, what: impl Into<String>) -> DiskError {
+    DiskError::Corrupt {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+/// A [`DiskError::Unsupported`] for `path`.
+pub(crate) fn unsupported(path: &Path, what: impl Into<String>) -> DiskError {
+    DiskError::Unsupported {
+        path: path.to_path_buf(),
+        what: what.into(),
+    }
+}
+
+/// A [`DiskError::Io`] for `path`.
+pub(crate) fn io_error(path: &Path, source: std::io::Error) -> DiskError {
+    DiskError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Opens `path` read-only and returns it with its size in bytes. Works for block devices too (the
+/// size comes from seeking to the end, which only moves the cursor positional reads ignore).
+pub(crate) fn open_file(path: &Path) -> Result<(std::fs::File, u64), DiskError> {
+    use std::io::Seek;
+    let file = std::fs::File::open(path).map_err(|e| io_error(path, e))?;
+    let meta = file.metadata().map_err(|e| io_error(path, e))?;
+    if meta.is_dir() {
+        return Err(unsupported(path, "it is a directory, not a disk file"));
+    }
+    let len = (&file)
+        .seek(std::io::SeekFrom::End(0))
+        .map_err(|e| io_error(path, e))?;
+    Ok((file, len))
+}
+
+/// Fills `buf` from `file` at `offset` with one positional read (no shared cursor, so callers on
+/// several threads do not interfere). A file that ends early is [`DiskError::Corrupt`].
+pub(crate) fn pread(
+    file: &std::fs::File,
+    path: &Path,
+    buf: &mut [u8],
+    offset: u64,
+) -> Result<(), DiskError> {
+    use std::os::unix::fs::FileExt;
+    file.read_exact_at(buf, offset).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            corrupt(
+                path,
+                format!(
+                    "file ends before the {} bytes at offset {offset} it should hold",
+                    buf.len()
+                ),
+            )
+        } else {
+            io_error(path, e)
+        }
+    })
+}
+
+/// Checks that a guest read of `len` bytes at `offset` lies within a disk of `size` bytes and
+/// returns its end. A read past the end (or one whose end overflows) is an `InvalidInput` I/O
+/// error naming the disk: the caller asked for bytes that do not exist, the disk is not corrupt.
+pub(crate) fn check_read(
+    path: &Path,
+    offset: u64,
+    len: usize,
+    size: u64,
+) -> Result<u64, DiskError> {
+    // usize is at most 64 bits on every target std supports, so this widening is lossless.
+    let len = len as u64;
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(end),
+        _ => Err(io_error(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("read of {len} bytes at offset {offset} is past the end of the {size}-byte disk"),
+            ),
+        )),
+    }
 }

@@ -132,7 +132,7 @@ async fn second_backup_of_slightly_changed_disk_stores_only_changed_chunks() {
     let cfg = kvm_config(t.path(), "inc", &[("d.img", "raw")]);
     let repo = init_repo(t.path(), 1 << 20);
     let first = backup(&repo, &cfg).await;
-    let before = chunk_files(&repo.path().to_path_buf()).len();
+    let before = chunk_files(repo.path()).len();
 
     // Change three blocks: one byte in block 2, a range across blocks 7 and 8.
     disk[2 * MIB as usize + 100] ^= 0xff;

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use futures::{StreamExt, TryStreamExt};
 
-use crate::disk::descriptor::{flat_descriptor, AdapterType};
+use crate::disk::export::{flat_descriptor, AdapterType};
 use crate::disk::DiskFormat;
 use crate::vmconfig::Hypervisor;
 
@@ -62,7 +62,7 @@ fn file_names(d: &DiskManifest, hv: Hypervisor) -> (String, Option<String>) {
         _ => base.clone(),
     };
     match hv {
-        Hypervisor::Esxi if d.size % 512 == 0 => {
+        Hypervisor::Esxi if d.size.is_multiple_of(512) => {
             (format!("{stem}-flat.vmdk"), Some(format!("{stem}.vmdk")))
         }
         Hypervisor::Esxi => (format!("{stem}-flat.vmdk"), None),

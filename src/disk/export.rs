@@ -1,5 +1,5 @@
-//! Writing VMDK descriptors: the small text file that tells ESXi (and QEMU) where a disk's flat
-//! data file is and how big it is.
+//! Writing disks out in forms hypervisors read: VMDK descriptors, the small text file that tells
+//! ESXi (and QEMU) where a disk's flat data file is and how big it is.
 //!
 //! Pure text generation, no I/O. The extent size must equal the flat file's size exactly: ESXi
 //! treats a descriptor that points past the end of its extent as a truncated disk.
@@ -31,7 +31,7 @@ pub fn flat_descriptor(
     adapter: AdapterType,
     cid: u32,
 ) -> Option<String> {
-    if size % 512 != 0 {
+    if !size.is_multiple_of(512) {
         return None;
     }
     let sectors = size / 512;
