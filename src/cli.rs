@@ -14,10 +14,15 @@ use crate::repo::{RepoError, Repository, SnapshotInfo, SnapshotSpec};
 
 mod backup;
 mod backups;
+mod mount;
+mod mounts;
 mod progress;
 mod repo_init;
 mod restore;
+mod serve;
 mod show;
+mod status;
+mod unmount;
 mod verify;
 
 /// livemount: run a VM straight from its backup.
@@ -43,6 +48,16 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Restore a snapshot in full (config and raw disks) into a folder.
     Restore(restore::RestoreArgs),
+    /// Run the media agent: serve live mounts as an NFSv3 datastore.
+    Serve(serve::ServeArgs),
+    /// Live-mount a snapshot: a folder in the datastore a hypervisor runs the VM from.
+    Mount(mount::MountArgs),
+    /// List live mounts.
+    Mounts(mounts::MountsArgs),
+    /// Remove a live mount; the backup is unchanged.
+    Unmount(unmount::UnmountArgs),
+    /// Show the running server's state.
+    Status(status::StatusArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -99,6 +114,11 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Show(a) => show::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Restore(a) => restore::run(a).await,
+        Command::Serve(a) => serve::run(a).await,
+        Command::Mount(a) => mount::run(a).await,
+        Command::Mounts(a) => mounts::run(a).await,
+        Command::Unmount(a) => unmount::run(a).await,
+        Command::Status(a) => status::run(a).await,
     }
 }
 

@@ -13,7 +13,12 @@
 //! Data flow of a read (what a live mount will do): `DiskImage::read_at` -> block table ->
 //! `ChunkReader` (later: the read cache) -> `ChunkStore` -> decode and verify.
 
+pub mod agent;
+pub mod cache;
 pub mod cli;
+pub mod control;
 pub mod disk;
+pub mod mount;
+pub mod nfs;
 pub mod repo;
 pub mod vmconfig;

@@ -38,6 +38,7 @@ pub use ingest::{BackupOptions, BackupSummary, ChangedBlocks, DiskInput};
 pub use local::LocalStore;
 pub use manifest::{DiskManifest, Manifest, SnapshotId, VmInfo};
 pub use read::{ChunkReader, DiskImage, Repository, Snapshot};
+pub(crate) use restore::{descriptor_for, plan_files};
 pub use restore::{RestoreSummary, RestoredDisk};
 pub use store::{ChunkId, ChunkStore};
 pub use verify::{BadChunk, ChunkProblem, VerifyReport};

@@ -1,12 +1,17 @@
 //! VM configuration files: VMware `.vmx` and libvirt domain XML.
 //!
 //! Owns: parsing a config into the facts a backup needs ([`VmConfig`]: name, identity, hypervisor
-//! kind, the disks it refers to) and, later, rewriting a config for a live mount.
+//! kind, the disks it refers to) and rewriting a config for a live mount ([`rewrite_for_mount`]).
 //! Must not: do I/O. Callers read the file and hand over its bytes; paths in the result are as the
 //! config writes them, resolving them against a folder is the caller's business.
 
 mod libvirt;
+mod libvirt_rewrite;
+mod rewrite;
 mod vmx;
+mod vmx_rewrite;
+
+pub use rewrite::{rewrite_for_mount, DiskTarget, MountRewrite};
 
 /// Which hypervisor a config belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

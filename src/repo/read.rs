@@ -127,8 +127,9 @@ impl Repository {
         disk: &DiskManifest,
     ) -> Result<BlockTable, RepoError> {
         let cs = self.chunk_size();
-        let pieces: Vec<Bytes> = futures::stream::iter(disk.table.iter())
-            .map(|piece| self.read_object(piece, cs.as_usize()))
+        // Owned ids: a closure over borrowed ones makes this future not Send for all lifetimes.
+        let pieces: Vec<Bytes> = futures::stream::iter(disk.table.iter().copied())
+            .map(|piece| async move { self.read_object(&piece, cs.as_usize()).await })
             .buffered(READ_FETCH_CONCURRENCY)
             .try_collect()
             .await?;

@@ -50,8 +50,37 @@ pub struct RestoreSummary {
     pub mb_per_s: f64,
 }
 
-/// File names for a restored disk: the data file and, for ESXi, its descriptor.
-fn file_names(d: &DiskManifest, hv: Hypervisor) -> (String, Option<String>) {
+/// File names of a snapshot laid out as files (a restore folder, a live mount's folder): the
+/// config's, and per disk its data file and, for ESXi, its descriptor. Names are single path
+/// components and unique; a disk whose name collides gets its device as a prefix. With
+/// `keep_kvm_names` a KVM disk keeps its original file name whatever its source format (a live
+/// mount's XML says `raw`); without it a non-raw one is renamed `STEM.raw`.
+pub(crate) fn plan_files(
+    m: &super::Manifest,
+    keep_kvm_names: bool,
+) -> (String, Vec<(String, Option<String>)>) {
+    let config = safe_name(&m.config.file_name);
+    let mut taken: HashSet<String> = HashSet::new();
+    taken.insert(config.clone());
+    let mut disks = Vec::new();
+    for d in &m.disks {
+        let (mut data, mut desc) = file_names(d, m.vm.hypervisor, keep_kvm_names);
+        if taken.contains(&data) || desc.as_ref().is_some_and(|n| taken.contains(n)) {
+            let tag = d.device.replace([':', '/'], "_");
+            data = format!("{tag}-{data}");
+            desc = desc.map(|n| format!("{tag}-{n}"));
+        }
+        taken.insert(data.clone());
+        if let Some(n) = &desc {
+            taken.insert(n.clone());
+        }
+        disks.push((data, desc));
+    }
+    (config, disks)
+}
+
+/// File names for one disk: the data file and, for ESXi, its descriptor.
+fn file_names(d: &DiskManifest, hv: Hypervisor, keep_kvm_names: bool) -> (String, Option<String>) {
     let base = Path::new(&d.name)
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -66,7 +95,7 @@ fn file_names(d: &DiskManifest, hv: Hypervisor) -> (String, Option<String>) {
             (format!("{stem}-flat.vmdk"), Some(format!("{stem}.vmdk")))
         }
         Hypervisor::Esxi => (format!("{stem}-flat.vmdk"), None),
-        Hypervisor::Kvm if d.source_format == DiskFormat::Raw => (base, None),
+        Hypervisor::Kvm if keep_kvm_names || d.source_format == DiskFormat::Raw => (base, None),
         Hypervisor::Kvm => (format!("{stem}.raw"), None),
     }
 }
@@ -85,21 +114,13 @@ impl Repository {
         let target = |what: String| RestoreTarget(dir.to_path_buf(), what);
 
         // Plan every file name first and refuse before writing anything.
-        let config_path = dir.join(safe_name(&m.config.file_name));
-        let mut taken: HashSet<String> = HashSet::new();
-        taken.insert(safe_name(&m.config.file_name));
+        let (config_name, names) = plan_files(m, false);
+        let config_path = dir.join(&config_name);
+        let mut taken = vec![config_name];
         let mut plan = Vec::new();
-        for d in &m.disks {
-            let (mut data, mut desc) = file_names(d, m.vm.hypervisor);
-            if taken.contains(&data) || desc.as_ref().is_some_and(|n| taken.contains(n)) {
-                let tag = d.device.replace([':', '/'], "_");
-                data = format!("{tag}-{data}");
-                desc = desc.map(|n| format!("{tag}-{n}"));
-            }
-            taken.insert(data.clone());
-            if let Some(n) = &desc {
-                taken.insert(n.clone());
-            }
+        for (d, (data, desc)) in m.disks.iter().zip(names) {
+            taken.push(data.clone());
+            taken.extend(desc.clone());
             plan.push((d, dir.join(data), desc.map(|n| dir.join(n))));
         }
         fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
@@ -135,10 +156,7 @@ impl Repository {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let cid = u32::from_le_bytes([id.0 .0[0], id.0 .0[1], id.0 .0[2], id.0 .0[3]]);
-                if let Some(text) =
-                    flat_descriptor(d.size, &flat, AdapterType::for_device(&d.device), cid)
-                {
+                if let Some(text) = descriptor_for(d, &flat, id) {
                     write_synced(desc, text.as_bytes())?;
                 }
             }
@@ -214,6 +232,14 @@ impl Repository {
     }
 }
 
+/// The VMDK descriptor of an ESXi disk laid out as `flat_name`; its CID derives from the
+/// snapshot id, so the same snapshot always gets the same descriptor.
+pub(crate) fn descriptor_for(d: &DiskManifest, flat_name: &str, id: &SnapshotId) -> Option<String> {
+    let b = id.0 .0;
+    let cid = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    flat_descriptor(d.size, flat_name, AdapterType::for_device(&d.device), cid)
+}
+
 struct RestoreTarget(PathBuf, String);
 
 impl From<RestoreTarget> for RepoError {
@@ -274,12 +300,12 @@ mod tests {
             DiskFormat::Vmdk,
         );
         assert_eq!(
-            file_names(&esxi, Hypervisor::Esxi),
+            file_names(&esxi, Hypervisor::Esxi, false),
             ("web01-flat.vmdk".into(), Some("web01.vmdk".into()))
         );
         let odd = disk("odd.vmdk", "scsi0:1", 1000, DiskFormat::Raw);
         assert_eq!(
-            file_names(&odd, Hypervisor::Esxi),
+            file_names(&odd, Hypervisor::Esxi, false),
             ("odd-flat.vmdk".into(), None)
         );
         let q = disk(
@@ -288,11 +314,24 @@ mod tests {
             1 << 20,
             DiskFormat::Qcow2,
         );
-        assert_eq!(file_names(&q, Hypervisor::Kvm), ("db.raw".into(), None));
+        assert_eq!(
+            file_names(&q, Hypervisor::Kvm, false),
+            ("db.raw".into(), None)
+        );
         let r = disk("/images/db.img", "vdb", 1 << 20, DiskFormat::Raw);
-        assert_eq!(file_names(&r, Hypervisor::Kvm), ("db.img".into(), None));
+        assert_eq!(
+            file_names(&r, Hypervisor::Kvm, false),
+            ("db.img".into(), None)
+        );
+        assert_eq!(
+            file_names(&q, Hypervisor::Kvm, true),
+            ("db.qcow2".into(), None)
+        );
         let weird = disk("..", "vdc", 1 << 20, DiskFormat::Raw);
-        assert_eq!(file_names(&weird, Hypervisor::Kvm), ("vdc".into(), None));
+        assert_eq!(
+            file_names(&weird, Hypervisor::Kvm, false),
+            ("vdc".into(), None)
+        );
         assert_eq!(safe_name("../../etc/passwd"), "passwd");
         assert_eq!(safe_name(".."), "vm.config");
     }

@@ -5,9 +5,10 @@
 //! values, keys compared without regard to case, the last of duplicate keys winning) and the rules
 //! for which devices are disks (`scsiN:M`, `sataN:M`, `ideN:M`, `nvmeN:M` with a `.fileName`, a
 //! disk `.deviceType` or none, and neither device nor controller marked not present).
-//! Must not: do I/O, resolve disk paths (they stay exactly as written), or rewrite a file. The
-//! line representation keeps each line's text, ending and value span so that a later rewrite can
-//! change single values and leave every other byte alone; none of that rewriting lives here yet.
+//! Must not: do I/O, resolve disk paths (they stay exactly as written), or decide what a rewrite
+//! changes. The line representation keeps each line's text, ending and value span so that the
+//! live-mount rewrite (`vmx_rewrite`) can change single values and leave every other byte alone;
+//! this module only supplies the pieces for that ([`VmxDocument::index_of`], [`escape`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -259,7 +260,6 @@ fn leading_number(text: &str) -> Option<(u32, &str)> {
 #[derive(Debug, Clone)]
 pub(crate) struct VmxDocument {
     /// The file started with a UTF-8 byte order mark (not part of the first line's text).
-    #[allow(dead_code)] // for the line-preserving rewrite; tests check it round-trips
     pub(crate) bom: bool,
     /// Every line in order; line `n` (1-based, as in messages) is `lines[n - 1]`.
     pub(crate) lines: Vec<Line>,
@@ -271,9 +271,7 @@ pub(crate) struct VmxDocument {
 #[derive(Debug, Clone)]
 pub(crate) struct Line {
     /// The line as written, without its ending.
-    #[allow(dead_code)] // for the line-preserving rewrite; tests check it round-trips
     pub(crate) text: String,
-    #[allow(dead_code)] // for the line-preserving rewrite; tests check it round-trips
     pub(crate) ending: LineEnding,
     /// The setting on this line; None for blank lines and comments.
     pub(crate) entry: Option<Entry>,
@@ -289,7 +287,6 @@ pub(crate) enum LineEnding {
 }
 
 impl LineEnding {
-    #[allow(dead_code)] // for the line-preserving rewrite; tests check it round-trips
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             LineEnding::Lf => "\n",
@@ -307,7 +304,6 @@ pub(crate) struct Entry {
     /// The value with `|XX` escapes decoded.
     pub(crate) value: String,
     /// Where the value sits in the line's text: the bytes between the quotes, still escaped.
-    #[allow(dead_code)] // for the line-preserving rewrite; tests check it
     pub(crate) value_span: Range<usize>,
 }
 
@@ -382,6 +378,12 @@ impl VmxDocument {
     pub(crate) fn get_entry(&self, key: &str) -> Option<&Entry> {
         let index = *self.last.get(&key.to_ascii_lowercase())?;
         self.lines.get(index)?.entry.as_ref()
+    }
+
+    /// The index in [`VmxDocument::lines`] of the entry that counts for `key` (compared without
+    /// regard to case; the last entry wins).
+    pub(crate) fn index_of(&self, key: &str) -> Option<usize> {
+        self.last.get(&key.to_ascii_lowercase()).copied()
     }
 
     /// The entries that count (the last for each key), each with its key in lowercase, in no
@@ -466,6 +468,21 @@ fn unescape(raw: &str) -> Result<String, ()> {
         i += 1;
     }
     String::from_utf8(out).map_err(|_| ())
+}
+
+/// Encodes a value for writing between the quotes of a `.vmx` line: `"`, `|` and control
+/// characters become `|XX` (uppercase hex, as VMware writes them); everything else stays. The
+/// inverse of [`unescape`] for every string.
+pub(crate) fn escape(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if c == '"' || c == '|' || c.is_ascii_control() {
+            out.push_str(&format!("|{:02X}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn hex_digit(b: u8) -> Option<u8> {
@@ -683,6 +700,32 @@ mod tests {
         assert_eq!(unescape("|FF"), Err(()));
         let config = parse("t.vmx", b"displayName = \"say |22hi|22\"\n").unwrap();
         assert_eq!(config.name, "say \"hi\"");
+    }
+
+    #[test]
+    fn escape_encodes_what_unescape_decodes() {
+        assert_eq!(escape("plain caf\u{e9}"), "plain caf\u{e9}");
+        assert_eq!(
+            escape("say \"hi\" | a\nb\r\t\u{7f}"),
+            "say |22hi|22 |7C a|0Ab|0D|09|7F"
+        );
+        assert_eq!(escape("|22"), "|7C22");
+        assert_eq!(unescape(&escape("|22")).unwrap(), "|22");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn escape_round_trips_through_a_line(
+            chars in proptest::collection::vec(proptest::char::any(), 0..40)
+        ) {
+            let value: String = chars.into_iter().collect();
+            let escaped = escape(&value);
+            proptest::prop_assert_eq!(unescape(&escaped).unwrap(), value.clone());
+            let line = format!("annotation = \"{escaped}\"\n");
+            let doc = VmxDocument::parse("p.vmx", line.as_bytes()).unwrap();
+            proptest::prop_assert_eq!(doc.lines.len(), 1);
+            proptest::prop_assert_eq!(doc.get("annotation"), Some(value.as_str()));
+        }
     }
 
     #[test]

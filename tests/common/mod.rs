@@ -161,3 +161,117 @@ pub fn chunk_files(repo: &Path) -> Vec<PathBuf> {
     out.sort();
     out
 }
+
+/// A running `livemount serve` on ephemeral loopback ports; killed on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub state: PathBuf,
+    pub repo: PathBuf,
+    pub nfs_port: u16,
+    pub portmap: Option<String>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts a server over `repo` with state in `state`. `portmap` is `off` or an address.
+    pub fn start(repo: &Path, state: &Path, portmap: &str, extra: &[&str]) -> Server {
+        std::fs::create_dir_all(state).unwrap();
+        let log = state.with_extension("log");
+        let _ = std::fs::remove_file(state.join("api.json"));
+        let mut args = vec![
+            "serve",
+            "--repo",
+            repo.to_str().unwrap(),
+            "--state",
+            state.to_str().unwrap(),
+            "--nfs",
+            "127.0.0.1:0",
+            "--api",
+            "127.0.0.1:0",
+            "--portmap",
+            portmap,
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new(env!("CARGO_BIN_EXE_livemount"))
+            .args(&args)
+            .env("LIVEMOUNT_LOG", "info")
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("starting livemount serve");
+        let mut server = Server {
+            child,
+            state: state.to_path_buf(),
+            repo: repo.to_path_buf(),
+            nfs_port: 0,
+            portmap: (portmap != "off").then(|| portmap.to_string()),
+            log,
+        };
+        let t0 = std::time::Instant::now();
+        while !state.join("api.json").exists() {
+            if let Ok(Some(status)) = server.child.try_wait() {
+                panic!("livemount serve exited ({status}): {}", server.log_text());
+            }
+            assert!(
+                t0.elapsed().as_secs() < 30,
+                "server did not start: {}",
+                server.log_text()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let status: serde_json::Value =
+            serde_json::from_str(&server.cli(&["status", "--json"])).unwrap();
+        server.nfs_port = status["nfs_port"].as_u64().unwrap() as u16;
+        server
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs a CLI command against this server (adds `--state`); panics on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&["--state", self.state.to_str().unwrap()]);
+        livemount_ok(&a)
+    }
+
+    /// A libnfs URL for PATH under the export, with explicit ports (no portmapper needed).
+    pub fn libnfs_url(&self, path: &str) -> String {
+        format!(
+            "nfs://127.0.0.1/livemount/{path}?nfsport={p}&mountport={p}&version=3",
+            p = self.nfs_port
+        )
+    }
+
+    /// Stops the server with SIGTERM and waits for it.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let status = self.child.wait().unwrap();
+        std::mem::forget(self);
+        status
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a client tool; panics with what to install when it is missing.
+pub fn client(tool: &str, args: &[&str]) -> Output {
+    Command::new(tool).args(args).output().unwrap_or_else(|e| {
+        panic!("{tool} is required for this test (scripts/install-deps installs it): {e}")
+    })
+}
+
+/// Holds the machine-wide lock on TCP port 111 (the portmapper port QEMU's NFS driver asks).
+pub fn port_111_lock() -> std::fs::File {
+    let f =
+        std::fs::File::create(std::env::temp_dir().join("livemount-test-port111.lock")).unwrap();
+    f.lock().unwrap();
+    f
+}

@@ -1,0 +1,369 @@
+//! The media agent's state: the repository, the shared read cache, and the live mounts, with
+//! their specs persisted in the state directory so they come back when the server restarts.
+//!
+//! State directory layout:
+//! ```text
+//! mounts/NAME.json   one MountSpec per live mount (tmp, fsync, rename, fsync folder)
+//! api-token          the control API's bearer token, mode 0600
+//! api.json           where the control API listens, for the CLI
+//! ```
+//! Locking: the mount table is a `std::sync::RwLock` held only to look up or swap entries, never
+//! across an await. Mount and unmount are serialised by an async mutex so that names and ids are
+//! allocated once.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use crate::cache::ChunkCache;
+use crate::mount::{check_name, LiveMount, MountError, MountSpec};
+use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
+use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
+
+/// Everything the NFS server and the control API share.
+pub struct Agent {
+    repo: Repository,
+    datastore: Datastore,
+    cache: Arc<ChunkCache>,
+    state: PathBuf,
+    mounts: RwLock<BTreeMap<u32, Arc<LiveMount>>>,
+    changes: tokio::sync::Mutex<()>,
+    started: jiff::Timestamp,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How hypervisors reach the datastore: rewritten KVM configs point their disks here.
+#[derive(Debug, Clone)]
+pub struct Datastore {
+    /// Host name or address of this server as hypervisors see it.
+    pub host: String,
+    /// The export path, `/livemount`.
+    pub export: String,
+}
+
+/// How the operator asked for a mount.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountRequest {
+    /// The snapshot resolved by the caller.
+    pub snapshot: String,
+    #[serde(default)]
+    pub at: Option<jiff::Timestamp>,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub keep_network: bool,
+}
+
+/// A mount as listings show it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountInfo {
+    pub spec: MountSpec,
+    pub vm: String,
+    pub hypervisor: crate::vmconfig::Hypervisor,
+    pub config: String,
+    pub files: Vec<MountFileInfo>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountFileInfo {
+    pub name: String,
+    pub size: u64,
+    pub disk: bool,
+}
+
+impl Agent {
+    /// Opens the state directory (creating it) and brings back every persisted mount.
+    pub async fn open(
+        repo: Repository,
+        datastore: Datastore,
+        state: &Path,
+        cache_bytes: u64,
+    ) -> anyhow::Result<Agent> {
+        fs::create_dir_all(state.join("mounts"))?;
+        let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
+        let agent = Agent {
+            cache: Arc::new(ChunkCache::new(source, cache_bytes)),
+            repo,
+            datastore,
+            state: state.to_path_buf(),
+            mounts: RwLock::new(BTreeMap::new()),
+            changes: tokio::sync::Mutex::new(()),
+            started: jiff::Timestamp::now(),
+        };
+        for entry in fs::read_dir(state.join("mounts"))? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let spec: MountSpec = serde_json::from_slice(&fs::read(&path)?)
+                .map_err(|e| anyhow::anyhow!("{}: unreadable mount spec: {e}", path.display()))?;
+            let mount = agent.open_mount(spec).await?;
+            agent.insert(mount);
+        }
+        Ok(agent)
+    }
+
+    pub fn repo(&self) -> &Repository {
+        &self.repo
+    }
+
+    pub fn cache(&self) -> &Arc<ChunkCache> {
+        &self.cache
+    }
+
+    pub fn state_dir(&self) -> &Path {
+        &self.state
+    }
+
+    pub fn started(&self) -> jiff::Timestamp {
+        self.started
+    }
+
+    fn insert(&self, mount: LiveMount) {
+        let mut map = self.mounts.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(mount.spec.id, Arc::new(mount));
+    }
+
+    /// Every mount, in id order.
+    pub fn mounts(&self) -> Vec<Arc<LiveMount>> {
+        let map = self.mounts.read().unwrap_or_else(|p| p.into_inner());
+        map.values().cloned().collect()
+    }
+
+    pub fn mount_by_id(&self, id: u32) -> Option<Arc<LiveMount>> {
+        let map = self.mounts.read().unwrap_or_else(|p| p.into_inner());
+        map.get(&id).cloned()
+    }
+
+    pub fn mount_by_name(&self, name: &[u8]) -> Option<Arc<LiveMount>> {
+        let map = self.mounts.read().unwrap_or_else(|p| p.into_inner());
+        map.values()
+            .find(|m| m.spec.name.as_bytes() == name)
+            .cloned()
+    }
+
+    async fn open_mount(&self, spec: MountSpec) -> Result<LiveMount, MountError> {
+        let err = |source| MountError::Repo {
+            mount: spec.name.clone(),
+            source,
+        };
+        let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
+        let config = snapshot.config_bytes().await.map_err(err)?;
+        let config = self.config_for_mount(&spec, &snapshot, config)?;
+        let reader: Arc<dyn ChunkReader> = self.cache.clone();
+        LiveMount::open(spec, &snapshot, reader, config).await
+    }
+
+    /// The config as the mount serves it: a new name (the mount's), UUID and MAC addresses,
+    /// NICs disconnected unless asked to keep them, disks pointing at the mount's files (KVM:
+    /// network disks over NFS from this server). Derived from the spec alone, so a restart
+    /// serves the same bytes.
+    fn config_for_mount(
+        &self,
+        spec: &MountSpec,
+        snapshot: &Snapshot,
+        original: Bytes,
+    ) -> Result<Bytes, MountError> {
+        let m = &snapshot.manifest;
+        let (_, names) = plan_files(m, true);
+        let folder = format!(
+            "{}/{}",
+            self.datastore.export.trim_end_matches('/'),
+            spec.name
+        );
+        let disks = names
+            .into_iter()
+            .map(|(data, desc)| match m.vm.hypervisor {
+                Hypervisor::Esxi => DiskTarget::VmdkFile(desc.unwrap_or(data)),
+                Hypervisor::Kvm => DiskTarget::Nfs {
+                    host: self.datastore.host.clone(),
+                    path: format!("{folder}/{data}"),
+                },
+            })
+            .collect();
+        let seed = blake3::Hasher::new()
+            .update(b"livemount mount identity")
+            .update(spec.snapshot.to_string().as_bytes())
+            .update(spec.name.as_bytes())
+            .update(&spec.created.as_nanosecond().to_le_bytes())
+            .finalize();
+        let b = seed.as_bytes();
+        // A version 4 UUID shape from the seed's first 16 bytes.
+        let uuid = format!(
+            "{:02x}{:02x}{:02x}{:02x}-{:02x}{:02x}-4{:01x}{:02x}-{:02x}{:02x}-{:02x}{:02x}{:02x}{:02x}{:02x}{:02x}",
+            b[0], b[1], b[2], b[3], b[4], b[5], b[6] & 0x0f, b[7], (b[8] & 0x3f) | 0x80, b[9],
+            b[10], b[11], b[12], b[13], b[14], b[15]
+        );
+        let how = MountRewrite {
+            display_name: spec.name.clone(),
+            uuid,
+            mac_seed: *blake3::keyed_hash(b, b"mac addresses of this mount.....").as_bytes(),
+            keep_network: spec.keep_network,
+            disks,
+        };
+        rewrite_for_mount(&m.config.file_name, &original, &how)
+            .map(Bytes::from)
+            .map_err(|e| MountError::Config {
+                mount: spec.name.clone(),
+                what: e.to_string(),
+            })
+    }
+
+    /// Creates a live mount. Returns in well under a second whatever the disk sizes: nothing is
+    /// copied, only the snapshot's block tables are read.
+    pub async fn mount(&self, req: &MountRequest) -> Result<MountInfo, MountError> {
+        let _serial = self.changes.lock().await;
+        let spec_err = |e: crate::repo::RepoError| MountError::Repo {
+            mount: req.name.clone().unwrap_or_default(),
+            source: e,
+        };
+        let info: SnapshotInfo = self
+            .repo
+            .resolve(&crate::repo::SnapshotSpec::new(&req.snapshot, req.at))
+            .await
+            .map_err(spec_err)?;
+        let mounts = self.mounts();
+        let id = mounts.iter().map(|m| m.spec.id).max().unwrap_or(0) + 1;
+        let name = match &req.name {
+            Some(n) => n.clone(),
+            None => format!("{}-lm{id}", sanitize(&info.vm.name)),
+        };
+        check_name(&name)?;
+        if mounts.iter().any(|m| m.spec.name == name) {
+            return Err(MountError::Exists { name });
+        }
+        let spec = MountSpec {
+            name,
+            id,
+            snapshot: info.id,
+            snapshot_name: info.name.clone(),
+            read_only: req.read_only,
+            keep_network: req.keep_network,
+            created: jiff::Timestamp::now(),
+        };
+        let mount = self.open_mount(spec.clone()).await?;
+        self.persist(&spec)?;
+        let out = describe(&mount, &info);
+        self.insert(mount);
+        tracing::info!(mount = %spec.name, snapshot = %spec.snapshot_name, "mounted");
+        Ok(out)
+    }
+
+    /// Removes a mount (its writes are discarded: the backup is untouched).
+    pub async fn unmount(&self, name: &str) -> Result<MountSpec, MountError> {
+        let _serial = self.changes.lock().await;
+        let m = self
+            .mount_by_name(name.as_bytes())
+            .ok_or_else(|| MountError::NotFound {
+                name: name.to_string(),
+            })?;
+        let path = self.spec_path(&m.spec.name);
+        fs::remove_file(&path).map_err(|e| state_err(&path, e))?;
+        fsync_dir(&self.state.join("mounts"))?;
+        self.mounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&m.spec.id);
+        tracing::info!(mount = %name, "unmounted");
+        Ok(m.spec.clone())
+    }
+
+    /// Every mount as listings show it.
+    pub async fn list(&self) -> Vec<MountInfo> {
+        let mut out = Vec::new();
+        for m in self.mounts() {
+            if let Ok(s) = self.repo.manifest(&m.spec.snapshot).await {
+                let info = SnapshotInfo::from_manifest(m.spec.snapshot, &s);
+                out.push(describe(&m, &info));
+            }
+        }
+        out
+    }
+
+    fn spec_path(&self, name: &str) -> PathBuf {
+        self.state.join("mounts").join(format!("{name}.json"))
+    }
+
+    fn persist(&self, spec: &MountSpec) -> Result<(), MountError> {
+        let path = self.spec_path(&spec.name);
+        let tmp = path.with_extension("json.tmp");
+        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| MountError::State {
+            path: path.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, &path)
+        };
+        write().map_err(|e| state_err(&path, e))?;
+        fsync_dir(&self.state.join("mounts"))
+    }
+}
+
+fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
+    MountInfo {
+        spec: m.spec.clone(),
+        vm: info.vm.name.clone(),
+        hypervisor: info.vm.hypervisor,
+        config: m.config_name.clone(),
+        files: m
+            .files
+            .iter()
+            .map(|f| MountFileInfo {
+                name: f.name.clone(),
+                size: f.size(),
+                disk: f.is_disk(),
+            })
+            .collect(),
+    }
+}
+
+/// A VM name made fit for a mount name.
+fn sanitize(vm: &str) -> String {
+    let s: String = vm
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    let s = s.trim_start_matches(['-', '.']).to_string();
+    if s.is_empty() {
+        "vm".into()
+    } else {
+        s
+    }
+}
+
+fn state_err(path: &Path, e: std::io::Error) -> MountError {
+    MountError::State {
+        path: path.display().to_string(),
+        what: e.to_string(),
+    }
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), MountError> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| state_err(dir, e))
+}

@@ -1,0 +1,48 @@
+//! `livemount mounts [--json]`
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::human;
+use super::mount::StateArgs;
+use crate::agent::MountInfo;
+use crate::control::Client;
+
+#[derive(Debug, Args)]
+pub struct MountsArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print the list as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
+    let mounts: Vec<MountInfo> = Client::from_state(&a.state.state)?
+        .request("GET", "/v1/mounts".into(), None)
+        .await?;
+    if a.json {
+        super::print_json(&mounts)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if mounts.is_empty() {
+        println!("no mounts");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<24}  {:<40}  {:<4}  {:>10}",
+        "NAME", "SNAPSHOT", "MODE", "DISKS"
+    );
+    for m in &mounts {
+        let disks: u64 = m.files.iter().filter(|f| f.disk).map(|f| f.size).sum();
+        println!(
+            "{:<24}  {:<40}  {:<4}  {:>10}",
+            m.spec.name,
+            m.spec.snapshot_name,
+            if m.spec.read_only { "ro" } else { "rw" },
+            human(disks)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,225 @@
+//! `livemount serve`: the media agent. NFSv3 + MOUNT on one port, the portmapper on 111, the
+//! control API on loopback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::agent::{Agent, Datastore};
+use crate::control::{self, ApiAddr, ApiState};
+use crate::nfs::portmap::{Mapping, Portmapper};
+use crate::nfs::{AllowList, DatastoreFs, NfsServer};
+use crate::repo::Repository;
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// A TOML file with any of the settings below (flags given on the command line win).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// The repository directory.
+    #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR")]
+    repo: Option<PathBuf>,
+    /// The state directory: mounts, their writes, the API token.
+    #[arg(long, env = "LIVEMOUNT_STATE", value_name = "DIR")]
+    state: Option<PathBuf>,
+    /// NFS and MOUNT address [default: 0.0.0.0:2049].
+    #[arg(long, value_name = "ADDR:PORT")]
+    nfs: Option<SocketAddr>,
+    /// Portmapper address, or `off` [default: 0.0.0.0:111].
+    #[arg(long, value_name = "ADDR:111|off")]
+    portmap: Option<String>,
+    /// Control API address [default: 127.0.0.1:7480].
+    #[arg(long, value_name = "ADDR:PORT")]
+    api: Option<SocketAddr>,
+    /// Read cache size [default: 2GiB].
+    #[arg(long, value_name = "SIZE")]
+    cache_size: Option<String>,
+    /// The export path [default: /livemount].
+    #[arg(long, value_name = "PATH")]
+    export: Option<String>,
+    /// Client addresses allowed (CIDR, repeatable) [default: loopback only].
+    #[arg(long = "allow", value_name = "CIDR")]
+    allow: Vec<String>,
+    /// The host name or address hypervisors use to reach this server, shown in attach
+    /// instructions [default: the NFS address, or this host's name when that is 0.0.0.0].
+    #[arg(long, value_name = "HOST")]
+    advertise: Option<String>,
+}
+
+/// The settings of `serve`, as a TOML file holds them. Every field is optional; defaults below.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    pub repo: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    /// Default `0.0.0.0:2049`.
+    pub nfs: Option<SocketAddr>,
+    /// Default `0.0.0.0:111`; `off` for none.
+    pub portmap: Option<String>,
+    /// Default `127.0.0.1:7480`.
+    pub api: Option<SocketAddr>,
+    /// Default `2GiB`.
+    pub cache_size: Option<String>,
+    /// Default `/livemount`.
+    pub export: Option<String>,
+    /// Default loopback only.
+    pub allow: Option<Vec<String>>,
+    pub advertise: Option<String>,
+    /// Accept AUTH_NONE calls (default false: AUTH_SYS required).
+    pub allow_auth_none: Option<bool>,
+}
+
+pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+    let file: ServeConfig = match &a.config {
+        Some(p) => toml::from_str(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("{}: not a valid serve config", p.display()))?,
+        None => ServeConfig::default(),
+    };
+    let repo_dir = a
+        .repo
+        .or(file.repo)
+        .context("--repo is required (or `repo` in --config)")?;
+    let state = a
+        .state
+        .or(file.state)
+        .context("--state is required (or `state` in --config)")?;
+    let nfs_addr = a.nfs.or(file.nfs).unwrap_or(([0, 0, 0, 0], 2049).into());
+    let portmap = a
+        .portmap
+        .or(file.portmap)
+        .unwrap_or_else(|| "0.0.0.0:111".into());
+    let api_addr = a.api.or(file.api).unwrap_or(([127, 0, 0, 1], 7480).into());
+    let cache_text = a
+        .cache_size
+        .or(file.cache_size)
+        .unwrap_or_else(|| "2GiB".into());
+    let cache_bytes = cache_text
+        .parse::<bytesize::ByteSize>()
+        .map_err(|e| anyhow::anyhow!("--cache-size {cache_text:?}: {e}"))?
+        .as_u64();
+    let export = a
+        .export
+        .or(file.export)
+        .unwrap_or_else(|| "/livemount".into());
+    let allow_items = if a.allow.is_empty() {
+        file.allow.unwrap_or_default()
+    } else {
+        a.allow
+    };
+    let allow = if allow_items.is_empty() {
+        AllowList::loopback()
+    } else {
+        AllowList::parse(&allow_items).map_err(|e| anyhow::anyhow!("--allow: {e}"))?
+    };
+
+    let repo = Repository::open(&repo_dir)?;
+    let advertise = a.advertise.or(file.advertise).unwrap_or_else(|| {
+        if nfs_addr.ip().is_unspecified() {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "localhost".into())
+        } else {
+            nfs_addr.ip().to_string()
+        }
+    });
+    let export = format!("/{}", export.trim_matches('/'));
+    let datastore = Datastore {
+        host: advertise.clone(),
+        export: export.clone(),
+    };
+    let agent = Arc::new(Agent::open(repo, datastore, &state, cache_bytes).await?);
+    let fs = Arc::new(DatastoreFs::new(
+        agent.clone(),
+        file.allow_auth_none.unwrap_or(false),
+    ));
+    let nfs = NfsServer::bind(nfs_addr, fs, &export, allow.clone())
+        .await
+        .with_context(|| format!("cannot listen for NFS on {nfs_addr}"))?;
+    let nfs_port = nfs.local_addr()?.port();
+
+    let cancel = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let portmap_on = portmap != "off";
+    if portmap_on {
+        let addr: SocketAddr = portmap
+            .parse()
+            .with_context(|| format!("--portmap {portmap:?}: give ADDR:PORT or off"))?;
+        let mappings = [(100_003, 3), (100_005, 3), (100_005, 1)]
+            .into_iter()
+            .map(|(prog, vers)| Mapping {
+                prog,
+                vers,
+                prot: 6,
+                port: nfs_port,
+            })
+            .collect();
+        let mut pm = Portmapper::bind(addr, mappings).await.with_context(|| {
+            format!("cannot listen for the portmapper on {addr} (is rpcbind running? stop it, or pass --portmap off)")
+        })?;
+        let allow_pm = allow.clone();
+        pm.allow(Arc::new(move |ip| allow_pm.allows(ip)));
+        tasks.spawn(pm.run(cancel.child_token()));
+    }
+
+    std::fs::create_dir_all(&state)?;
+    let token = control::load_or_create_token(&state)?;
+    let api_listener = tokio::net::TcpListener::bind(api_addr)
+        .await
+        .with_context(|| format!("cannot listen for the control API on {api_addr}"))?;
+    let api_url = format!("http://{}", api_listener.local_addr()?);
+    let addr_file = ApiAddr {
+        url: api_url.clone(),
+        pid: std::process::id(),
+    };
+    std::fs::write(
+        state.join(control::ADDR_FILE),
+        serde_json::to_vec_pretty(&addr_file)?,
+    )?;
+    let api_state = ApiState {
+        agent: agent.clone(),
+        token: Arc::new(token),
+        advertise: advertise.clone(),
+        export: export.clone(),
+        nfs_port,
+        portmap: portmap_on,
+    };
+    tasks.spawn({
+        let cancel = cancel.child_token();
+        async move {
+            if let Err(e) = control::serve_api(api_listener, api_state, cancel).await {
+                tracing::error!(error = %e, "control API stopped");
+            }
+        }
+    });
+    tasks.spawn(nfs.run(cancel.child_token(), tasks.clone()));
+
+    println!(
+        "livemount serving {} mounts from {}: NFS {}:{nfs_port}{export}, portmapper {portmap}, API {api_url}",
+        agent.mounts().len(),
+        repo_dir.display(),
+        nfs_addr.ip(),
+    );
+    if !nfs_addr.ip().is_loopback() && allow_items.is_empty() {
+        println!("note: only loopback clients are allowed; pass --allow CIDR for your hypervisors");
+    }
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    println!("livemount: stopping");
+    cancel.cancel();
+    tasks.close();
+    tasks.wait().await;
+    let _ = std::fs::remove_file(state.join(control::ADDR_FILE));
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,47 @@
+//! `livemount status [--json]`
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::human;
+use super::mount::StateArgs;
+use crate::control::{Client, StatusReply};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// Print the status as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let s: StatusReply = Client::from_state(&a.state.state)?
+        .request("GET", "/v1/status".into(), None)
+        .await?;
+    if a.json {
+        super::print_json(&s)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("livemount {} up since {}", s.version, s.started);
+    println!("repository  {}", s.repository);
+    println!(
+        "datastore   {}:{} (NFS port {}, portmapper {})",
+        s.advertise,
+        s.export,
+        s.nfs_port,
+        if s.portmap { "on" } else { "off" }
+    );
+    println!("mounts      {}", s.mounts);
+    println!(
+        "cache       {} of {}, {} hits, {} misses, {} fetch errors",
+        human(s.cache.bytes),
+        human(s.cache.capacity),
+        s.cache.hits,
+        s.cache.misses,
+        s.cache.fetch_errors
+    );
+    Ok(ExitCode::SUCCESS)
+}

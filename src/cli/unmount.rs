@@ -1,0 +1,35 @@
+//! `livemount unmount NAME`
+
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::mount::StateArgs;
+use crate::control::Client;
+use crate::mount::MountSpec;
+
+#[derive(Debug, Args)]
+pub struct UnmountArgs {
+    #[command(flatten)]
+    state: StateArgs,
+    /// The mount's name (`livemount mounts` lists them).
+    name: String,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(a: UnmountArgs) -> anyhow::Result<ExitCode> {
+    let spec: MountSpec = Client::from_state(&a.state.state)?
+        .request("DELETE", format!("/v1/mounts/{}", a.name), None)
+        .await?;
+    if a.json {
+        super::print_json(&spec)?;
+    } else {
+        println!(
+            "unmounted {} ({}); the backup is unchanged",
+            spec.name, spec.snapshot_name
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,202 @@
+//! The API server (axum).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{Agent, MountInfo, MountRequest};
+use crate::cache::CacheStats;
+use crate::mount::MountError;
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub agent: Arc<Agent>,
+    pub token: Arc<String>,
+    /// Host name or address hypervisors use to reach the NFS server.
+    pub advertise: String,
+    pub export: String,
+    pub nfs_port: u16,
+    pub portmap: bool,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatusReply {
+    pub version: String,
+    pub started: jiff::Timestamp,
+    pub repository: String,
+    pub export: String,
+    pub advertise: String,
+    pub nfs_port: u16,
+    pub portmap: bool,
+    pub mounts: usize,
+    pub cache: CacheStats,
+}
+
+/// How a hypervisor attaches a mount.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AttachInfo {
+    /// ESXi: add the datastore (once per host), register the VM.
+    pub esxi: Vec<String>,
+    /// KVM: fetch and define the rewritten domain XML; the disks' URLs.
+    pub kvm: Vec<String>,
+    pub disk_urls: Vec<String>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MountReply {
+    pub mount: MountInfo,
+    pub attach: AttachInfo,
+}
+
+#[derive(serde::Serialize)]
+struct ErrorReply {
+    error: String,
+}
+
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorReply { error: self.1 })).into_response()
+    }
+}
+
+impl From<MountError> for ApiError {
+    fn from(e: MountError) -> Self {
+        let code = match &e {
+            MountError::BadName { .. } => StatusCode::BAD_REQUEST,
+            MountError::Exists { .. } => StatusCode::CONFLICT,
+            MountError::NotFound { .. } => StatusCode::NOT_FOUND,
+            MountError::Repo { source, .. } => match source {
+                crate::repo::RepoError::NoSnapshot { .. }
+                | crate::repo::RepoError::AmbiguousSnapshot { .. }
+                | crate::repo::RepoError::Invalid(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            MountError::State { .. } | MountError::Config { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
+/// Serves the API on `listener` until `cancel` fires.
+pub async fn serve_api(
+    listener: tokio::net::TcpListener,
+    state: ApiState,
+    cancel: CancellationToken,
+) -> std::io::Result<()> {
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/mounts", get(list).post(mount))
+        .route("/v1/mounts/{name}", delete(unmount))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            require_token,
+        ))
+        .with_state(state);
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { cancel.cancelled().await })
+    .await
+}
+
+async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), s.token.as_bytes()));
+    if !ok {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token (the token is in the state directory's api-token)"
+                .into(),
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
+    Json(StatusReply {
+        version: env!("CARGO_PKG_VERSION").into(),
+        started: s.agent.started(),
+        repository: s.agent.repo().path().display().to_string(),
+        export: s.export.clone(),
+        advertise: s.advertise.clone(),
+        nfs_port: s.nfs_port,
+        portmap: s.portmap,
+        mounts: s.agent.mounts().len(),
+        cache: s.agent.cache().stats(),
+    })
+}
+
+async fn list(State(s): State<ApiState>) -> Json<Vec<MountInfo>> {
+    Json(s.agent.list().await)
+}
+
+async fn mount(
+    State(s): State<ApiState>,
+    Json(req): Json<MountRequest>,
+) -> Result<Json<MountReply>, ApiError> {
+    let mount = s.agent.mount(&req).await?;
+    let attach = attach_info(&s, &mount);
+    Ok(Json(MountReply { mount, attach }))
+}
+
+async fn unmount(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<crate::mount::MountSpec>, ApiError> {
+    Ok(Json(s.agent.unmount(&name).await?))
+}
+
+fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
+    let base = format!("nfs://{}{}/{}", s.advertise, s.export, m.spec.name);
+    let datastore = s.export.trim_matches('/').replace('/', "-");
+    let disk_urls: Vec<String> = m
+        .files
+        .iter()
+        .filter(|f| f.disk)
+        .map(|f| format!("{base}/{}", f.name))
+        .collect();
+    let esxi = vec![
+        format!(
+            "esxcli storage nfs add -H {} -s {} -v {datastore}",
+            s.advertise, s.export
+        ),
+        format!(
+            "vim-cmd solo/registervm /vmfs/volumes/{datastore}/{}/{}",
+            m.spec.name, m.config
+        ),
+    ];
+    let kvm = vec![
+        format!("nfs-cat {base}/{} > {}.xml", m.config, m.spec.name),
+        format!(
+            "virsh define {}.xml && virsh start {}",
+            m.spec.name, m.spec.name
+        ),
+    ];
+    AttachInfo {
+        esxi,
+        kvm,
+        disk_urls,
+    }
+}

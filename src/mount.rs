@@ -1,0 +1,231 @@
+//! Live mounts: one snapshot presented as a folder of files in the datastore.
+//!
+//! Owns: a mount's persisted spec ([`MountSpec`]), its folder's files (the VM's config and each
+//! disk: for ESXi a `NAME.vmdk` descriptor plus `NAME-flat.vmdk`, for KVM the raw disk under its
+//! original file name), their file ids, and the read path of a file.
+//! Must not: know about NFS (the `nfs` module maps this onto the protocol) or about chunks (disks
+//! are read through [`DiskImage`], whose chunks come through the shared read cache).
+//!
+//! File ids are stable across restarts: the datastore root is 1, a mount's folder is
+//! `mount_id << 32` and its n-th file `(mount_id << 32) | n` (n from 1), where `mount_id` is
+//! persisted in the mount's spec.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+use crate::repo::{descriptor_for, plan_files, DiskImage, RepoError, Snapshot, SnapshotId};
+
+/// The file id of the datastore's root folder.
+pub const ROOT_FILEID: u64 = 1;
+
+/// Errors of mounts. Each names the mount.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mount name {name:?} is not valid: {why}")]
+    BadName { name: String, why: &'static str },
+    #[error("a mount named {name} exists already; choose another --name or unmount it")]
+    Exists { name: String },
+    #[error("no mount named {name}; `livemount mounts` lists them")]
+    NotFound { name: String },
+    #[error("mount {mount}: {source}")]
+    Repo {
+        mount: String,
+        #[source]
+        source: RepoError,
+    },
+    #[error("mount {mount}: cannot rewrite the VM's config: {what}")]
+    Config { mount: String, what: String },
+    #[error("mount state {path}: {what}")]
+    State { path: String, what: String },
+}
+
+/// What a mount is, as persisted in the state directory (`mounts/NAME.json`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MountSpec {
+    pub name: String,
+    /// Numeric id; the high 32 bits of every file id in the mount's folder.
+    pub id: u32,
+    pub snapshot: SnapshotId,
+    /// `VM@TIME` of the snapshot, for listings.
+    pub snapshot_name: String,
+    pub read_only: bool,
+    /// Keep the VM's NICs connected (default: disconnected, so it cannot clash with production).
+    pub keep_network: bool,
+    pub created: jiff::Timestamp,
+}
+
+/// Checks a mount name: it becomes a folder name in the datastore.
+pub fn check_name(name: &str) -> Result<(), MountError> {
+    let bad = |why| MountError::BadName {
+        name: name.to_string(),
+        why,
+    };
+    if name.is_empty() || name.len() > 64 {
+        return Err(bad("it must be 1 to 64 characters long"));
+    }
+    if name.starts_with('.') || name.starts_with('-') {
+        return Err(bad("it must not start with '.' or '-'"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(bad("use letters, digits, '-', '_' and '.' only"));
+    }
+    Ok(())
+}
+
+/// What a file of a mount's folder holds.
+#[derive(Clone)]
+pub enum Content {
+    /// Small files made in memory: the config, a VMDK descriptor.
+    Bytes(Bytes),
+    /// A disk, read through the cache.
+    Disk(DiskImage),
+}
+
+/// One file of a mount's folder.
+#[derive(Clone)]
+pub struct MountFile {
+    pub name: String,
+    pub fileid: u64,
+    pub content: Content,
+}
+
+impl std::fmt::Debug for MountFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MountFile")
+            .field("name", &self.name)
+            .field("fileid", &self.fileid)
+            .field("size", &self.size())
+            .finish()
+    }
+}
+
+impl MountFile {
+    pub fn size(&self) -> u64 {
+        match &self.content {
+            Content::Bytes(b) => b.len() as u64,
+            Content::Disk(d) => d.size(),
+        }
+    }
+
+    pub fn is_disk(&self) -> bool {
+        matches!(self.content, Content::Disk(_))
+    }
+
+    /// Reads up to `count` bytes at `offset`; the flag says the read reached the end of the file.
+    pub async fn read(&self, offset: u64, count: u32) -> Result<(Bytes, bool), RepoError> {
+        let size = self.size();
+        let data = match &self.content {
+            Content::Bytes(b) => {
+                let start = offset.min(size) as usize;
+                let end = offset.saturating_add(u64::from(count)).min(size) as usize;
+                b.slice(start..end)
+            }
+            Content::Disk(d) => d.read_at(offset, count as usize).await?,
+        };
+        let eof = offset.saturating_add(data.len() as u64) >= size;
+        Ok((data, eof))
+    }
+}
+
+/// A mount, open and ready to serve.
+#[derive(Debug)]
+pub struct LiveMount {
+    pub spec: MountSpec,
+    pub files: Vec<MountFile>,
+    /// The VM's config file's name in the folder.
+    pub config_name: String,
+}
+
+impl LiveMount {
+    /// The file id of this mount's folder.
+    pub fn folder_fileid(&self) -> u64 {
+        u64::from(self.spec.id) << 32
+    }
+
+    pub fn file_by_name(&self, name: &[u8]) -> Option<&MountFile> {
+        self.files.iter().find(|f| f.name.as_bytes() == name)
+    }
+
+    pub fn file_by_id(&self, fileid: u64) -> Option<&MountFile> {
+        let n = (fileid & 0xffff_ffff) as usize;
+        self.files
+            .get(n.checked_sub(1)?)
+            .filter(|f| f.fileid == fileid)
+    }
+
+    /// Opens a mount: loads the snapshot's tables and lays out its folder. Nothing is copied.
+    /// `config` is the config file's content as served (rewritten for the mount).
+    pub async fn open(
+        spec: MountSpec,
+        snapshot: &Snapshot,
+        reader: Arc<dyn crate::repo::ChunkReader>,
+        config: Bytes,
+    ) -> Result<LiveMount, MountError> {
+        let m = &snapshot.manifest;
+        let err = |source| MountError::Repo {
+            mount: spec.name.clone(),
+            source,
+        };
+        let (config_name, names) = plan_files(m, true);
+        let base = u64::from(spec.id) << 32;
+        let mut files = Vec::new();
+        let mut add = |name: String, content: Content| {
+            let fileid = base | (files.len() as u64 + 1);
+            files.push(MountFile {
+                name,
+                fileid,
+                content,
+            });
+        };
+        add(config_name.clone(), Content::Bytes(config));
+        for (i, (d, (data, desc))) in m.disks.iter().zip(names).enumerate() {
+            let image = snapshot
+                .disk(i)
+                .await
+                .map_err(err)?
+                .with_reader(reader.clone());
+            if let Some(desc) = desc {
+                if let Some(text) = descriptor_for(d, &data, &snapshot.id) {
+                    add(desc, Content::Bytes(Bytes::from(text)));
+                }
+            }
+            add(data, Content::Disk(image));
+        }
+        Ok(LiveMount {
+            spec,
+            files,
+            config_name,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_names_are_single_safe_components() {
+        for ok in ["web01", "web01-lm1", "a.b_c", "X9"] {
+            assert!(check_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-x",
+            "a/b",
+            "a b",
+            "é",
+            &"x".repeat(65),
+            "a\0b",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
