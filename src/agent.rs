@@ -165,7 +165,11 @@ impl Agent {
         let config = snapshot.config_bytes().await.map_err(err)?;
         let config = self.config_for_mount(&spec, &snapshot, config)?;
         let reader: Arc<dyn ChunkReader> = self.cache.clone();
-        LiveMount::open(spec, &snapshot, reader, config).await
+        let overlays = self.overlay_dir(&spec.name);
+        if !spec.read_only {
+            self.claim_overlays(&overlays, &spec)?;
+        }
+        LiveMount::open(spec, &snapshot, reader, config, &overlays).await
     }
 
     /// The config as the mount serves it: a new name (the mount's), UUID and MAC addresses,
@@ -263,8 +267,10 @@ impl Agent {
         Ok(out)
     }
 
-    /// Removes a mount (its writes are discarded: the backup is untouched).
-    pub async fn unmount(&self, name: &str) -> Result<MountSpec, MountError> {
+    /// Removes a mount. Its writes are discarded unless `keep_writes`, in which case they stay in
+    /// the state directory and a later mount of the same snapshot under the same name adopts
+    /// them. The backup is untouched either way.
+    pub async fn unmount(&self, name: &str, keep_writes: bool) -> Result<MountSpec, MountError> {
         let _serial = self.changes.lock().await;
         let m = self
             .mount_by_name(name.as_bytes())
@@ -278,6 +284,21 @@ impl Agent {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&m.spec.id);
+        // Durable before the mount goes: whatever the VM had acknowledged.
+        for f in &m.files {
+            f.commit().await.map_err(|e| MountError::State {
+                path: self.overlay_dir(name).display().to_string(),
+                what: e.to_string(),
+            })?;
+        }
+        if !keep_writes {
+            let dir = self.overlay_dir(name);
+            match fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(state_err(&dir, e)),
+            }
+        }
         tracing::info!(mount = %name, "unmounted");
         Ok(m.spec.clone())
     }
@@ -292,6 +313,34 @@ impl Agent {
             }
         }
         out
+    }
+
+    fn overlay_dir(&self, name: &str) -> PathBuf {
+        self.state.join("overlays").join(name)
+    }
+
+    /// Makes sure an overlay folder holds this mount's writes: a new folder is stamped with
+    /// the snapshot id; kept writes of the same snapshot are adopted; writes kept for another
+    /// snapshot are never laid over this one.
+    fn claim_overlays(&self, dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
+        let stamp = dir.join("snapshot");
+        match fs::read_to_string(&stamp) {
+            Ok(id) if id.trim() == spec.snapshot.to_string() => Ok(()),
+            Ok(other) => Err(MountError::State {
+                path: dir.display().to_string(),
+                what: format!(
+                    "it holds kept writes of snapshot {}, not of {}; mount that snapshot under this name, or choose another name",
+                    other.trim(),
+                    spec.snapshot_name
+                ),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+                fs::write(&stamp, spec.snapshot.to_string()).map_err(|e| state_err(&stamp, e))?;
+                fsync_dir(dir)
+            }
+            Err(e) => Err(state_err(&stamp, e)),
+        }
     }
 
     fn spec_path(&self, name: &str) -> PathBuf {

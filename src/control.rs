@@ -10,7 +10,7 @@
 //! | `GET /v1/status` | server facts, cache counters |
 //! | `GET /v1/mounts` | every live mount |
 //! | `POST /v1/mounts` | mount a snapshot ([`crate::agent::MountRequest`]) |
-//! | `DELETE /v1/mounts/{name}` | unmount |
+//! | `DELETE /v1/mounts/{name}[?keep_writes=true]` | unmount, discarding or keeping its writes |
 //! Every route needs `Authorization: Bearer TOKEN`.
 
 mod api;

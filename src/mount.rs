@@ -10,9 +10,14 @@
 //! `mount_id << 32` and its n-th file `(mount_id << 32) | n` (n from 1), where `mount_id` is
 //! persisted in the mount's spec.
 
+pub mod overlay;
+
+use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+
+use overlay::{Overlay, OverlayError};
 
 use crate::repo::{descriptor_for, plan_files, DiskImage, RepoError, Snapshot, SnapshotId};
 
@@ -82,8 +87,12 @@ pub fn check_name(name: &str) -> Result<(), MountError> {
 pub enum Content {
     /// Small files made in memory: the config, a VMDK descriptor.
     Bytes(Bytes),
-    /// A disk, read through the cache.
-    Disk(DiskImage),
+    /// A disk, read through the cache, with the VM's writes in its overlay (none when the mount
+    /// is read-only).
+    Disk {
+        image: DiskImage,
+        overlay: Option<Arc<Overlay>>,
+    },
 }
 
 /// One file of a mount's folder.
@@ -108,16 +117,49 @@ impl MountFile {
     pub fn size(&self) -> u64 {
         match &self.content {
             Content::Bytes(b) => b.len() as u64,
-            Content::Disk(d) => d.size(),
+            Content::Disk { image, .. } => image.size(),
         }
     }
 
     pub fn is_disk(&self) -> bool {
-        matches!(self.content, Content::Disk(_))
+        matches!(self.content, Content::Disk { .. })
+    }
+
+    pub fn is_writable(&self) -> bool {
+        matches!(
+            self.content,
+            Content::Disk {
+                overlay: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// Writes into the disk's overlay. `sync`: durable before returning.
+    pub async fn write(&self, offset: u64, data: &[u8], sync: bool) -> Result<(), OverlayError> {
+        match &self.content {
+            Content::Disk {
+                image,
+                overlay: Some(o),
+            } => o.write(image, offset, data, sync).await,
+            _ => Err(OverlayError::NotWritable {
+                file: self.name.clone(),
+            }),
+        }
+    }
+
+    /// Makes the file's acknowledged writes durable.
+    pub async fn commit(&self) -> Result<(), OverlayError> {
+        match &self.content {
+            Content::Disk {
+                overlay: Some(o), ..
+            } => o.commit().await,
+            _ => Ok(()),
+        }
     }
 
     /// Reads up to `count` bytes at `offset`; the flag says the read reached the end of the file.
-    pub async fn read(&self, offset: u64, count: u32) -> Result<(Bytes, bool), RepoError> {
+    pub async fn read(&self, offset: u64, count: u32) -> Result<(Bytes, bool), OverlayError> {
         let size = self.size();
         let data = match &self.content {
             Content::Bytes(b) => {
@@ -125,7 +167,14 @@ impl MountFile {
                 let end = offset.saturating_add(u64::from(count)).min(size) as usize;
                 b.slice(start..end)
             }
-            Content::Disk(d) => d.read_at(offset, count as usize).await?,
+            Content::Disk {
+                image,
+                overlay: None,
+            } => image.read_at(offset, count as usize).await?,
+            Content::Disk {
+                image,
+                overlay: Some(o),
+            } => o.read(image, offset, count as usize).await?,
         };
         let eof = offset.saturating_add(data.len() as u64) >= size;
         Ok((data, eof))
@@ -160,11 +209,13 @@ impl LiveMount {
 
     /// Opens a mount: loads the snapshot's tables and lays out its folder. Nothing is copied.
     /// `config` is the config file's content as served (rewritten for the mount).
+    /// `overlays` is the folder for the disks' overlays (unused for a read-only mount).
     pub async fn open(
         spec: MountSpec,
         snapshot: &Snapshot,
         reader: Arc<dyn crate::repo::ChunkReader>,
         config: Bytes,
+        overlays: &Path,
     ) -> Result<LiveMount, MountError> {
         let m = &snapshot.manifest;
         let err = |source| MountError::Repo {
@@ -194,7 +245,19 @@ impl LiveMount {
                     add(desc, Content::Bytes(Bytes::from(text)));
                 }
             }
-            add(data, Content::Disk(image));
+            let overlay = if spec.read_only {
+                None
+            } else {
+                let o =
+                    Overlay::open(overlays, &format!("disk{i}"), image.size()).map_err(|e| {
+                        MountError::State {
+                            path: overlays.display().to_string(),
+                            what: e.to_string(),
+                        }
+                    })?;
+                Some(Arc::new(o))
+            };
+            add(data, Content::Disk { image, overlay });
         }
         Ok(LiveMount {
             spec,

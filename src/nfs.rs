@@ -10,6 +10,6 @@ mod front;
 mod fs;
 pub mod portmap;
 
-pub use errors::to_nfsstat;
+pub use errors::{overlay_to_nfsstat, to_nfsstat};
 pub use front::{AllowList, NfsServer, MAX_CONNECTIONS, MAX_FRAGMENT};
 pub use fs::{DatastoreFs, MAX_IO};

@@ -14,6 +14,10 @@ pub struct UnmountArgs {
     state: StateArgs,
     /// The mount's name (`livemount mounts` lists them).
     name: String,
+    /// Keep the VM's writes in the state directory: mounting the same snapshot under the same
+    /// name again picks them up. Without it they are discarded.
+    #[arg(long)]
+    keep_writes: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -21,7 +25,11 @@ pub struct UnmountArgs {
 
 pub async fn run(a: UnmountArgs) -> anyhow::Result<ExitCode> {
     let spec: MountSpec = Client::from_state(&a.state.state)?
-        .request("DELETE", format!("/v1/mounts/{}", a.name), None)
+        .request(
+            "DELETE",
+            format!("/v1/mounts/{}?keep_writes={}", a.name, a.keep_writes),
+            None,
+        )
         .await?;
     if a.json {
         super::print_json(&spec)?;

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -161,11 +161,18 @@ async fn mount(
     Ok(Json(MountReply { mount, attach }))
 }
 
+#[derive(serde::Deserialize)]
+struct UnmountQuery {
+    #[serde(default)]
+    keep_writes: bool,
+}
+
 async fn unmount(
     State(s): State<ApiState>,
     Path(name): Path<String>,
+    Query(q): Query<UnmountQuery>,
 ) -> Result<Json<crate::mount::MountSpec>, ApiError> {
-    Ok(Json(s.agent.unmount(&name).await?))
+    Ok(Json(s.agent.unmount(&name, q.keep_writes).await?))
 }
 
 fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {

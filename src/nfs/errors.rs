@@ -2,7 +2,21 @@
 
 use nfs3_server::nfs3_types::nfs3::nfsstat3;
 
+use crate::mount::overlay::OverlayError;
 use crate::repo::RepoError;
+
+/// The NFS status for a failed read or write of a mount's file.
+pub fn overlay_to_nfsstat(e: &OverlayError) -> nfsstat3 {
+    match e {
+        OverlayError::Repo(r) => to_nfsstat(r),
+        OverlayError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+            nfsstat3::NFS3ERR_NOSPC
+        }
+        OverlayError::Io { .. } => nfsstat3::NFS3ERR_IO,
+        OverlayError::NotWritable { .. } => nfsstat3::NFS3ERR_ACCES,
+        OverlayError::PastEnd { .. } => nfsstat3::NFS3ERR_FBIG,
+    }
+}
 
 /// The NFS status a client gets for a failed read. Every repository failure on the read path is
 /// an I/O error for that call only: never wrong bytes, never zeros.
@@ -62,5 +76,25 @@ mod tests {
         for (e, want) in table {
             assert_eq!(to_nfsstat(&e), want, "{e}");
         }
+        let io = |code| OverlayError::Io {
+            path: "p".into(),
+            source: std::io::Error::from_raw_os_error(code),
+        };
+        assert_eq!(
+            overlay_to_nfsstat(&io(28)),
+            nfsstat3::NFS3ERR_NOSPC,
+            "ENOSPC"
+        );
+        assert_eq!(overlay_to_nfsstat(&io(5)), nfsstat3::NFS3ERR_IO);
+        let past = OverlayError::PastEnd {
+            offset: 1,
+            len: 2,
+            size: 2,
+        };
+        assert_eq!(overlay_to_nfsstat(&past), nfsstat3::NFS3ERR_FBIG);
+        let ro = OverlayError::NotWritable {
+            file: "x.vmx".into(),
+        };
+        assert_eq!(overlay_to_nfsstat(&ro), nfsstat3::NFS3ERR_ACCES);
     }
 }

@@ -67,7 +67,7 @@ impl DatastoreFs {
     }
 
     fn file_attr(&self, m: &LiveMount, f: &MountFile) -> fattr3 {
-        let mode = if m.spec.read_only { 0o444 } else { 0o644 };
+        let mode = if f.is_writable() { 0o644 } else { 0o444 };
         self.attr(
             ftype3::NF3REG,
             mode,
@@ -224,7 +224,7 @@ impl NfsReadFileSystem for DatastoreFs {
             Ok((data, eof)) => Ok((data.to_vec(), eof)),
             Err(e) => {
                 tracing::error!(mount = %m.spec.name, file = %f.name, offset, count, error = %e, "read failed");
-                Err(super::errors::to_nfsstat(&e))
+                Err(super::errors::overlay_to_nfsstat(&e))
             }
         }
     }
@@ -301,66 +301,140 @@ impl ReadDirPlusIterator<FileHandleU64> for Entries {
     }
 }
 
-/// Changes are refused in this step: the overlay for writes comes next.
-impl NfsFileSystem for DatastoreFs {
-    async fn setattr(&self, _id: &FileHandleU64, _s: sattr3) -> Result<fattr3, nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+/// Writes go to the disks' overlays. New files, removal and renames are not supported yet
+/// (NFS3ERR_NOTSUPP; the hypervisor's own files come with the next step); the backup's files
+/// can never be removed, renamed or resized (NFS3ERR_PERM). A read-only mount refuses every
+/// change with NFS3ERR_ROFS.
+impl DatastoreFs {
+    /// The mount and file a handle names, for a change: ROFS on a read-only mount.
+    fn file_for_change(&self, id: &FileHandleU64) -> Result<(Arc<LiveMount>, usize), nfsstat3> {
+        let fileid = id.as_u64();
+        if fileid == ROOT_FILEID {
+            return Err(nfsstat3::NFS3ERR_ISDIR);
+        }
+        let m = self.mount_of(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
+        if m.spec.read_only {
+            return Err(nfsstat3::NFS3ERR_ROFS);
+        }
+        if fileid == m.folder_fileid() {
+            return Err(nfsstat3::NFS3ERR_ISDIR);
+        }
+        let idx = m
+            .files
+            .iter()
+            .position(|f| f.fileid == fileid)
+            .ok_or(nfsstat3::NFS3ERR_STALE)?;
+        Ok((m, idx))
     }
+
+    fn dir_for_change(&self, dir: &FileHandleU64) -> Result<(), nfsstat3> {
+        let d = dir.as_u64();
+        if d != ROOT_FILEID {
+            let m = self.mount_of(d).ok_or(nfsstat3::NFS3ERR_STALE)?;
+            if m.spec.read_only {
+                return Err(nfsstat3::NFS3ERR_ROFS);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl NfsFileSystem for DatastoreFs {
+    async fn setattr(&self, id: &FileHandleU64, s: sattr3) -> Result<fattr3, nfsstat3> {
+        let (m, idx) = self.file_for_change(id)?;
+        let f = &m.files[idx];
+        if let nfs::set_size3::Some(size) = s.size {
+            if size != f.size() {
+                return Err(nfsstat3::NFS3ERR_PERM);
+            }
+        }
+        // Mode, owner and times of the backup's files are fixed; accepting the call keeps
+        // clients that touch them working.
+        Ok(self.file_attr(&m, f))
+    }
+
     async fn write(
         &self,
-        _id: &FileHandleU64,
-        _offset: u64,
-        _data: &[u8],
-        _stable: nfs::stable_how,
+        id: &FileHandleU64,
+        offset: u64,
+        data: &[u8],
+        stable: nfs::stable_how,
     ) -> Result<(fattr3, nfs::stable_how), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        let (m, idx) = self.file_for_change(id)?;
+        let f = &m.files[idx];
+        let sync = !matches!(stable, nfs::stable_how::UNSTABLE);
+        if let Err(e) = f.write(offset, data, sync).await {
+            tracing::error!(mount = %m.spec.name, file = %f.name, offset, len = data.len(), error = %e, "write failed");
+            return Err(super::errors::overlay_to_nfsstat(&e));
+        }
+        let done = if sync {
+            nfs::stable_how::FILE_SYNC
+        } else {
+            nfs::stable_how::UNSTABLE
+        };
+        Ok((self.file_attr(&m, f), done))
     }
+
     async fn create(
         &self,
-        _d: &FileHandleU64,
+        d: &FileHandleU64,
         _n: &filename3<'_>,
         _a: sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        self.dir_for_change(d)?;
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
     }
     async fn create_exclusive(
         &self,
-        _d: &FileHandleU64,
+        d: &FileHandleU64,
         _n: &filename3<'_>,
         _v: nfs::createverf3,
     ) -> Result<FileHandleU64, nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        self.dir_for_change(d)?;
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
     }
     async fn mkdir(
         &self,
-        _d: &FileHandleU64,
+        d: &FileHandleU64,
         _n: &filename3<'_>,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        self.dir_for_change(d)?;
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
     }
-    async fn remove(&self, _d: &FileHandleU64, _n: &filename3<'_>) -> Result<(), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+    async fn remove(&self, d: &FileHandleU64, n: &filename3<'_>) -> Result<(), nfsstat3> {
+        self.dir_for_change(d)?;
+        self.lookup(d, n).await?;
+        Err(nfsstat3::NFS3ERR_PERM)
     }
     async fn rename<'a>(
         &self,
-        _fd: &FileHandleU64,
-        _fnm: &filename3<'a>,
-        _td: &FileHandleU64,
+        fd: &FileHandleU64,
+        fnm: &filename3<'a>,
+        td: &FileHandleU64,
         _tn: &filename3<'a>,
     ) -> Result<(), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        self.dir_for_change(fd)?;
+        self.dir_for_change(td)?;
+        self.lookup(fd, fnm).await?;
+        Err(nfsstat3::NFS3ERR_PERM)
     }
     async fn symlink<'a>(
         &self,
-        _d: &FileHandleU64,
+        d: &FileHandleU64,
         _n: &filename3<'a>,
         _t: &nfspath3<'a>,
         _a: &sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        Err(nfsstat3::NFS3ERR_ROFS)
+        self.dir_for_change(d)?;
+        Err(nfsstat3::NFS3ERR_NOTSUPP)
     }
-    async fn commit(&self, _id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
-        Ok(())
+    async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
+        let (m, idx) = self.file_for_change(id)?;
+        let f = &m.files[idx];
+        f.commit().await.map_err(|e| {
+            tracing::error!(mount = %m.spec.name, file = %f.name, error = %e, "commit failed");
+            super::errors::overlay_to_nfsstat(&e)
+        })
     }
 }
 
