@@ -68,6 +68,13 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
+    /// A file that is not part of the repository (a VM config, a disk, a restore target).
+    #[error("{path}: {source}")]
+    File {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a livemount repository (no {file}); create one with `livemount repo init {path}`", file = local::CONFIG_FILE)]
     NotARepository { path: PathBuf },
     #[error("{path} already exists and is not empty; `repo init` needs a new or empty directory")]

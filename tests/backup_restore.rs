@@ -529,6 +529,7 @@ fn backup_killed_midway_leaves_no_snapshot_and_a_clean_repository() {
             "no partial snapshot is visible"
         );
         assert!(livemount_ok(&["verify", "--repo", &repo_s]).contains("all good"));
+        assert_every_chunk_file_is_whole(&repo);
     }
     // A backup after the crashes completes, clears tmp/, and restores byte-identical.
     livemount_ok(&[
@@ -553,4 +554,153 @@ fn backup_killed_midway_leaves_no_snapshot_and_a_clean_repository() {
             == std::fs::read(t.path().join("big.img")).unwrap()
     );
     assert!(livemount_ok(&["verify", "--repo", &repo_s]).contains("all good"));
+}
+
+#[tokio::test]
+async fn changed_blocks_listing_a_disk_twice_or_past_its_end_is_refused_before_any_work() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("a.img"), &mixed_disk(MIB, 40));
+    let cfg = kvm_config(t.path(), "cbt3", &[("a.img", "raw")]);
+    let repo = init_repo(t.path(), 65536);
+    let first = backup(&repo, &cfg).await;
+    // The VM gains a disk after the parent; an extent past that new disk's end is an error too.
+    write(&t.path().join("b.img"), &mixed_disk(MIB, 41));
+    let cfg = kvm_config(t.path(), "cbt3", &[("a.img", "raw"), ("b.img", "raw")]);
+    let cases = [
+        r#"{"disks": {"a.img": [{"start": 0, "length": 1}], "vda": [{"start": 65536, "length": 1}]}}"#,
+        r#"{"disks": {"b.img": [{"start": 1000000000000, "length": 5}]}}"#,
+    ];
+    for json in cases {
+        let mut opts = BackupOptions::from_config_file(&cfg, &[]).unwrap();
+        opts.parent = Some(first.snapshot);
+        opts.changed = Some(ChangedBlocks::from_json(Path::new("c"), json.as_bytes()).unwrap());
+        let before = chunk_files(repo.path()).len();
+        let err = repo
+            .backup(&opts, &NoProgress)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("twice") || err.contains("passes the end of disk b.img"),
+            "{err}"
+        );
+        assert_eq!(
+            chunk_files(repo.path()).len(),
+            before,
+            "nothing stored: {json}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn latest_never_silently_skips_an_unreadable_newer_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 42));
+    let cfg = kvm_config(t.path(), "lat", &[("d.img", "raw")]);
+    let repo = init_repo(t.path(), 1 << 20);
+    let old = backup(&repo, &cfg).await;
+    let new = backup(&repo, &cfg).await;
+    let path = repo
+        .path()
+        .join("snapshots")
+        .join(format!("{}.json", new.snapshot));
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let err = repo
+        .resolve(&SnapshotSpec::new("lat", None))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("cannot be read") && err.contains("VM@TIME"),
+        "{err}"
+    );
+    // Exact names still work.
+    assert_eq!(
+        repo.resolve(&SnapshotSpec::new(&old.name, None))
+            .await
+            .unwrap()
+            .id,
+        old.snapshot
+    );
+    let prefix = &old.snapshot.to_string()[..12];
+    assert_eq!(
+        repo.resolve(&SnapshotSpec::new(prefix, None))
+            .await
+            .unwrap()
+            .id,
+        old.snapshot
+    );
+}
+
+#[tokio::test]
+async fn restore_names_never_collide_and_a_failed_restore_leaves_nothing_complete() {
+    let t = tempfile::tempdir().unwrap();
+    for (dir, seed) in [("x", 43), ("z", 44), ("y", 45)] {
+        std::fs::create_dir(t.path().join(dir)).unwrap();
+        let name = if dir == "z" { "vdc-d.img" } else { "d.img" };
+        let mut data = vec![0u8; MIB as usize];
+        Rng::new(seed).fill(&mut data);
+        write(&t.path().join(dir).join(name), &data);
+    }
+    let cfg = kvm_config(
+        t.path(),
+        "coll",
+        &[
+            ("x/d.img", "raw"),
+            ("z/vdc-d.img", "raw"),
+            ("y/d.img", "raw"),
+        ],
+    );
+    let repo = init_repo(t.path(), 65536);
+    let s = backup(&repo, &cfg).await;
+    let out = t.path().join("out");
+    let r = repo.restore(&s.snapshot, &out, &NoProgress).await.unwrap();
+    let paths: std::collections::HashSet<_> = r.disks.iter().map(|d| d.path.clone()).collect();
+    assert_eq!(paths.len(), 3, "three distinct files: {:?}", r.disks);
+    for (d, dir) in r.disks.iter().zip(["x/d.img", "z/vdc-d.img", "y/d.img"]) {
+        assert!(
+            std::fs::read(&d.path).unwrap() == std::fs::read(t.path().join(dir)).unwrap(),
+            "{}",
+            d.path.display()
+        );
+    }
+
+    // Remove a chunk of the last disk: the restore fails and leaves no disk behind.
+    let image = repo
+        .snapshot(&s.snapshot)
+        .await
+        .unwrap()
+        .disk(2)
+        .await
+        .unwrap();
+    let c = (0..image.block_count())
+        .find_map(|b| image.chunk_of_block(b))
+        .unwrap();
+    let hex = c.to_hex();
+    std::fs::remove_file(repo.path().join("chunks").join(&hex[..2]).join(&hex)).unwrap();
+    let out2 = t.path().join("out2");
+    assert!(repo.restore(&s.snapshot, &out2, &NoProgress).await.is_err());
+    let left: Vec<_> = std::fs::read_dir(&out2)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+}
+
+/// Every file under chunks/ decodes to bytes that hash to its name: a killed writer never
+/// leaves a partial chunk under a real name (its temporaries stay in tmp/).
+fn assert_every_chunk_file_is_whole(repo: &Path) {
+    for f in chunk_files(repo) {
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        let data = zstd::decode_all(&std::fs::read(&f).unwrap()[..])
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(
+            blake3::hash(&data).to_hex().as_str(),
+            name,
+            "{}",
+            f.display()
+        );
+    }
 }

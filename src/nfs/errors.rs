@@ -24,6 +24,7 @@ pub fn to_nfsstat(e: &RepoError) -> nfsstat3 {
     match e {
         RepoError::Read { source, .. } => to_nfsstat(source),
         RepoError::Io { .. }
+        | RepoError::File { .. }
         | RepoError::MissingChunk { .. }
         | RepoError::CorruptChunk { .. }
         | RepoError::CorruptManifest { .. }

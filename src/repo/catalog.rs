@@ -115,9 +115,33 @@ impl Repository {
     }
 
     /// Resolves what the operator typed to exactly one snapshot.
+    ///
+    /// When some manifests cannot be read, only exact names resolve (`VM@TIME`, an id prefix
+    /// that matches no unreadable manifest): "the latest" could be one of the unreadable ones,
+    /// and silently taking an older snapshot would restore the wrong point in time.
     pub async fn resolve(&self, spec: &SnapshotSpec) -> Result<SnapshotInfo, RepoError> {
-        let (all, _) = self.list_snapshots().await?;
-        resolve_in(&all, spec).cloned()
+        let (all, bad) = self.list_snapshots().await?;
+        let found = resolve_in(&all, spec)?;
+        if bad.is_empty() {
+            return Ok(found.clone());
+        }
+        let text = spec.text.to_ascii_lowercase();
+        let by_time = spec
+            .text
+            .rsplit_once('@')
+            .is_some_and(|(_, t)| parse_time(t).is_ok());
+        let by_id = found.id.to_string().starts_with(&text)
+            && !bad.iter().any(|(id, _)| id.to_string().starts_with(&text));
+        if by_time || by_id {
+            return Ok(found.clone());
+        }
+        let (id, e) = &bad[0];
+        Err(RepoError::Invalid(format!(
+            "{} means the latest snapshot, but {} snapshot manifest(s) cannot be read (e.g. {}: {e}) and a newer one may be among them; name the snapshot as VM@TIME or by id, and run `livemount verify`",
+            spec.text,
+            bad.len(),
+            id.short()
+        )))
     }
 }
 

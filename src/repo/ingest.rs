@@ -90,7 +90,11 @@ impl BackupOptions {
     /// (for an absolute path that does not exist here) by file name in the config's folder.
     /// `disk_paths`, when not empty, replaces the disks' locations in config order.
     pub fn from_config_file(config_path: &Path, disk_paths: &[PathBuf]) -> Result<Self, RepoError> {
-        let meta = std::fs::metadata(config_path).map_err(|e| RepoError::io(config_path, e))?;
+        let file_err = |source| RepoError::File {
+            path: config_path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(config_path).map_err(file_err)?;
         if meta.len() > MAX_CONFIG_BYTES as u64 {
             return Err(RepoError::Invalid(format!(
                 "{}: {} bytes is too big for a VM config",
@@ -98,7 +102,7 @@ impl BackupOptions {
                 meta.len()
             )));
         }
-        let bytes = std::fs::read(config_path).map_err(|e| RepoError::io(config_path, e))?;
+        let bytes = std::fs::read(config_path).map_err(file_err)?;
         let file_name = config_path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -287,6 +291,33 @@ impl Repository {
             .await?;
             sources.push(opened);
         }
+        // Every changed extent is checked against its disk before anything is read or stored.
+        if let Some(changed) = &opts.changed {
+            for (d, (src, _)) in opts.disks.iter().zip(&sources) {
+                let by_name = changed.disks.get(&d.name);
+                let by_device = changed.disks.get(&d.device);
+                if by_name.is_some() && by_device.is_some() && d.name != d.device {
+                    return Err(RepoError::Invalid(format!(
+                        "the changed-blocks file lists disk {} twice, by name and by device {}; list it once",
+                        d.name, d.device
+                    )));
+                }
+                for e in by_name.or(by_device).into_iter().flatten() {
+                    if e.start
+                        .checked_add(e.length)
+                        .is_none_or(|end| end > src.size())
+                    {
+                        return Err(RepoError::Invalid(format!(
+                            "changed area start {} length {} passes the end of disk {} ({} bytes)",
+                            e.start,
+                            e.length,
+                            d.name,
+                            src.size()
+                        )));
+                    }
+                }
+            }
+        }
         progress.set_total(sources.iter().map(|(s, _)| s.size()).sum());
 
         let taken = self.next_snapshot_time(&opts.config.name).await?;
@@ -401,8 +432,10 @@ impl Repository {
                 Some(l) if secs <= l => {
                     let wait = l.as_second() + 1 - secs.as_second();
                     if wait > 2 {
-                        // The clock went back; keep the real time rather than wait long.
-                        return Ok(secs);
+                        // The clock went back: a second after the latest keeps names unique
+                        // and "latest" truthful, rather than waiting for the clock.
+                        return jiff::Timestamp::from_second(l.as_second() + 1)
+                            .map_err(|e| RepoError::Invalid(e.to_string()));
                     }
                     tokio::time::sleep(std::time::Duration::from_millis(
                         1000 - now.subsec_millisecond().max(0) as u64,

@@ -159,6 +159,26 @@ impl LocalStore {
             let entry = entry.map_err(|e| RepoError::io(&tmp, e))?;
             fs::remove_file(entry.path()).map_err(|e| RepoError::io(entry.path(), e))?;
         }
+        // A writer that was killed may have renamed chunks into place without fsyncing their
+        // folders. This writer will reuse such chunks (dedup) without writing them, so it makes
+        // every chunk folder durable once before it starts.
+        let chunks = self.root.join("chunks");
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..SYNC_CONCURRENCY)
+                .map(|k| {
+                    let chunks = &chunks;
+                    scope.spawn(move || {
+                        (0..=255u8)
+                            .filter(|b| usize::from(*b) % SYNC_CONCURRENCY == k)
+                            .try_for_each(|b| fsync_dir(&chunks.join(format!("{b:02x}"))))
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(RepoError::Task("fsync".into())))
+            })
+        })?;
         Ok(WriteLock { _file: file })
     }
 
@@ -205,21 +225,32 @@ impl ChunkStore for LocalStore {
     async fn put_chunk(&self, id: &ChunkId, stored: Bytes) -> Result<(), RepoError> {
         let path = self.chunk_path(id);
         let tmp = self.tmp_path(&id.to_hex());
-        blocking(move || write_tmp_then_rename(&tmp, &path, &stored)).await?;
+        // Marked dirty before the rename, so a rename that happens is always synced later.
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.0[0]);
-        Ok(())
+        blocking(move || write_tmp_then_rename(&tmp, &path, &stored)).await
     }
 
     async fn sync(&self) -> Result<(), RepoError> {
-        let dirty = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let dirty: Vec<u8> = {
+            let set = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            set.iter().copied().collect()
+        };
         let chunks = self.root.join("chunks");
+        // A folder leaves the dirty set only once its fsync has succeeded.
         futures::stream::iter(dirty)
             .map(|b| {
                 let dir = chunks.join(format!("{b:02x}"));
-                blocking(move || fsync_dir(&dir))
+                async move {
+                    blocking(move || fsync_dir(&dir)).await?;
+                    self.dirty
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&b);
+                    Ok::<(), RepoError>(())
+                }
             })
             .buffer_unordered(SYNC_CONCURRENCY)
             .try_collect::<()>()

@@ -215,22 +215,26 @@ impl BlockTable {
         chunk_size: ChunkSize,
     ) -> Result<Self, String> {
         let per = entries_per_piece(chunk_size);
-        let mut out = Vec::with_capacity(usize::try_from(blocks).map_err(|e| e.to_string())?);
         for (i, p) in pieces.iter().enumerate() {
             if p.len() % 32 != 0 || p.len() / 32 > per {
                 return Err(format!("table piece {i} has {} bytes", p.len()));
             }
+        }
+        // Check the entries add up before allocating for them: a crafted manifest may claim a
+        // disk far larger than its table.
+        let entries: u64 = pieces.iter().map(|p| p.len() as u64 / 32).sum();
+        if entries != blocks {
+            return Err(format!(
+                "table has {entries} entries, the disk has {blocks} blocks"
+            ));
+        }
+        let mut out = Vec::with_capacity(usize::try_from(blocks).map_err(|e| e.to_string())?);
+        for p in pieces {
             out.extend(p.chunks_exact(32).map(|e| {
                 let mut d = [0u8; 32];
                 d.copy_from_slice(e);
                 ChunkId(d)
             }));
-        }
-        if out.len() as u64 != blocks {
-            return Err(format!(
-                "table has {} entries, the disk has {blocks} blocks",
-                out.len()
-            ));
         }
         Ok(BlockTable(out))
     }
@@ -317,5 +321,8 @@ mod tests {
         assert_eq!(back.chunks().count(), 3333);
         assert!(BlockTable::from_pieces(&pieces, 4999, cs).is_err());
         assert!(BlockTable::from_pieces(&[bytes::Bytes::from_static(&[1; 33])], 1, cs).is_err());
+        // A crafted manifest claiming a huge disk over a small table is refused, not allocated.
+        let err = BlockTable::from_pieces(&pieces, 1 << 40, cs).unwrap_err();
+        assert!(err.contains("5000 entries"), "{err}");
     }
 }

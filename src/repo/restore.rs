@@ -64,11 +64,20 @@ pub(crate) fn plan_files(
     taken.insert(config.clone());
     let mut disks = Vec::new();
     for d in &m.disks {
-        let (mut data, mut desc) = file_names(d, m.vm.hypervisor, keep_kvm_names);
-        if taken.contains(&data) || desc.as_ref().is_some_and(|n| taken.contains(n)) {
-            let tag = d.device.replace([':', '/'], "_");
-            data = format!("{tag}-{data}");
-            desc = desc.map(|n| format!("{tag}-{n}"));
+        let (base_data, base_desc) = file_names(d, m.vm.hypervisor, keep_kvm_names);
+        let (mut data, mut desc) = (base_data.clone(), base_desc.clone());
+        // Prefix the device, then a counter, until neither name is taken.
+        let tag = d.device.replace([':', '/'], "_");
+        let mut n = 1;
+        while taken.contains(&data) || desc.as_ref().is_some_and(|x| taken.contains(x)) {
+            let prefix = if n == 1 {
+                tag.clone()
+            } else {
+                format!("{tag}-{n}")
+            };
+            data = format!("{prefix}-{base_data}");
+            desc = base_desc.as_ref().map(|x| format!("{prefix}-{x}"));
+            n += 1;
         }
         taken.insert(data.clone());
         if let Some(n) = &desc {
@@ -123,7 +132,10 @@ impl Repository {
             taken.extend(desc.clone());
             plan.push((d, dir.join(data), desc.map(|n| dir.join(n))));
         }
-        fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
+        fs::create_dir_all(dir).map_err(|e| RepoError::File {
+            path: dir.to_path_buf(),
+            source: e,
+        })?;
         for name in &taken {
             let p = dir.join(name);
             if p.exists() {
@@ -133,24 +145,47 @@ impl Repository {
                 ))
                 .into());
             }
+            let partial = partial_path(&p);
+            if partial.exists() {
+                return Err(target(format!(
+                    "{} is left from an interrupted restore; remove it and run the restore again",
+                    partial.display()
+                ))
+                .into());
+            }
         }
         let config = snap.config_bytes().await?;
 
         progress.set_total(m.disks.iter().map(|d| d.size).sum());
+        // Every disk is written as NAME.partial; only when all have succeeded are they published,
+        // with link(2), which never replaces an existing file. A failure removes the partials.
         let mut written = 0u64;
-        let mut disks = Vec::new();
-        for (i, (d, data_path, desc_path)) in plan.into_iter().enumerate() {
-            let image = snap.disk(i).await?;
-            let partial = data_path.with_extension("partial");
-            let result = self.restore_disk(&image, &partial, progress).await;
+        let mut partials = Vec::new();
+        for (i, (_, data_path, _)) in plan.iter().enumerate() {
+            let partial = partial_path(data_path);
+            let result = match snap.disk(i).await {
+                Ok(image) => self.restore_disk(&image, &partial, progress).await,
+                Err(e) => Err(e),
+            };
             match result {
-                Ok(n) => written += n,
+                Ok(n) => {
+                    written += n;
+                    partials.push(partial);
+                }
                 Err(e) => {
                     let _ = fs::remove_file(&partial);
+                    for p in &partials {
+                        let _ = fs::remove_file(p);
+                    }
                     return Err(e);
                 }
             }
-            fs::rename(&partial, &data_path).map_err(|e| RepoError::io(&data_path, e))?;
+        }
+        let mut disks = Vec::new();
+        for ((d, data_path, desc_path), partial) in plan.into_iter().zip(partials) {
+            fs::hard_link(&partial, &data_path)
+                .map_err(|e| target(format!("cannot publish {}: {e}", data_path.display())))?;
+            fs::remove_file(&partial).map_err(|e| RepoError::io(&partial, e))?;
             if let Some(desc) = &desc_path {
                 let flat = data_path
                     .file_name()
@@ -238,6 +273,13 @@ pub(crate) fn descriptor_for(d: &DiskManifest, flat_name: &str, id: &SnapshotId)
     let b = id.0 .0;
     let cid = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     flat_descriptor(d.size, flat_name, AdapterType::for_device(&d.device), cid)
+}
+
+/// `NAME.partial`, where a disk is written until the whole restore has succeeded.
+fn partial_path(data: &Path) -> PathBuf {
+    let mut name = data.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    data.with_file_name(name)
 }
 
 struct RestoreTarget(PathBuf, String);
