@@ -20,6 +20,7 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::cache::ChunkCache;
+use crate::metrics::{Metrics, MountReader};
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
 use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
@@ -29,6 +30,7 @@ pub struct Agent {
     repo: Repository,
     datastore: Datastore,
     cache: Arc<ChunkCache>,
+    metrics: Arc<Metrics>,
     state: PathBuf,
     mounts: RwLock<BTreeMap<u32, Arc<LiveMount>>>,
     changes: tokio::sync::Mutex<()>,
@@ -99,6 +101,7 @@ impl Agent {
             cache: Arc::new(ChunkCache::new(source, cache_bytes)),
             repo,
             datastore,
+            metrics: Arc::new(Metrics::new()),
             state: state.to_path_buf(),
             mounts: RwLock::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
@@ -123,6 +126,10 @@ impl Agent {
 
     pub fn cache(&self) -> &Arc<ChunkCache> {
         &self.cache
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn state_dir(&self) -> &Path {
@@ -164,7 +171,11 @@ impl Agent {
         let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
         let config = self.config_for_mount(&spec, &snapshot, config)?;
-        let reader: Arc<dyn ChunkReader> = self.cache.clone();
+        let reader: Arc<dyn ChunkReader> = Arc::new(MountReader::new(
+            self.cache.clone(),
+            self.metrics.clone(),
+            &spec.name,
+        ));
         let overlays = self.overlay_dir(&spec.name);
         if !spec.read_only {
             self.claim_overlays(&overlays, &spec)?;

@@ -76,12 +76,20 @@ impl ChunkCache {
     }
 }
 
-#[async_trait]
-impl ChunkReader for ChunkCache {
-    async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+/// Whether a lookup was served from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Hit,
+    /// The chunk was fetched for this lookup, or this lookup waited for another one's fetch.
+    Miss,
+}
+
+impl ChunkCache {
+    /// Reads a chunk and says whether the cache had it.
+    pub async fn read_traced(&self, id: &ChunkId) -> Result<(Bytes, Access), RepoError> {
         if let Some(b) = self.cache.get(id).await {
             self.hits.fetch_add(1, Relaxed);
-            return Ok(b);
+            return Ok((b, Access::Hit));
         }
         // try_get_with runs one fill per key; concurrent callers wait for it and share the result.
         let result = self
@@ -91,10 +99,19 @@ impl ChunkReader for ChunkCache {
                 self.source.read_chunk(id).await
             })
             .await;
-        result.map_err(|e: Arc<RepoError>| {
-            self.errors.fetch_add(1, Relaxed);
-            shared_error(id, &e)
-        })
+        result
+            .map(|b| (b, Access::Miss))
+            .map_err(|e: Arc<RepoError>| {
+                self.errors.fetch_add(1, Relaxed);
+                shared_error(id, &e)
+            })
+    }
+}
+
+#[async_trait]
+impl ChunkReader for ChunkCache {
+    async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        self.read_traced(id).await.map(|(b, _)| b)
     }
 }
 

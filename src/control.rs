@@ -11,7 +11,8 @@
 //! | `GET /v1/mounts` | every live mount |
 //! | `POST /v1/mounts` | mount a snapshot ([`crate::agent::MountRequest`]) |
 //! | `DELETE /v1/mounts/{name}[?keep_writes=true]` | unmount, discarding or keeping its writes |
-//! Every route needs `Authorization: Bearer TOKEN`.
+//! | `GET /metrics` | Prometheus text format (see `metrics.rs`); no token needed |
+//! Every `/v1` route needs `Authorization: Bearer TOKEN`.
 
 mod api;
 mod client;

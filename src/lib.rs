@@ -18,6 +18,7 @@ pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod metrics;
 pub mod mount;
 pub mod nfs;
 pub mod repo;

@@ -60,13 +60,13 @@ pub async fn run(a: BackupArgs) -> anyhow::Result<ExitCode> {
             human(s.reused_bytes)
         );
         println!(
-            "  new {} in {} chunks, stored {} after compression; dedup ratio {}",
+            "  new data {} ({} new chunks with metadata), stored {} after compression; dedup ratio {}",
             human(s.new_bytes),
             s.new_chunks,
             human(s.stored_bytes),
             s.dedup_ratio
                 .map(|r| format!("{r:.2}"))
-                .unwrap_or_else(|| "n/a (nothing new)".into())
+                .unwrap_or_else(|| "n/a (no new data)".into())
         );
         println!("  {:.1} s, {:.0} MB/s", s.seconds, s.mb_per_s);
     }

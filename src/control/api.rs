@@ -95,14 +95,19 @@ pub async fn serve_api(
     state: ApiState,
     cancel: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = Router::new()
+    let api = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/mounts", get(list).post(mount))
         .route("/v1/mounts/{name}", delete(unmount))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
-        ))
+        ));
+    // /metrics is read-only counters for scrapers; it needs no token (the API listens on
+    // loopback unless told otherwise).
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .merge(api)
         .with_state(state);
     axum::serve(
         listener,
@@ -132,6 +137,20 @@ async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> R
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    let text = s
+        .agent
+        .metrics()
+        .render(s.agent.cache().stats().bytes, s.agent.mounts().len());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 async fn status(State(s): State<ApiState>) -> Json<StatusReply> {

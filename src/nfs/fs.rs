@@ -23,6 +23,7 @@ use nfs3_server::vfs::{
 };
 
 use crate::agent::Agent;
+use crate::metrics::Metrics;
 use crate::mount::{LiveMount, MountFile, ROOT_FILEID};
 
 /// Longest name accepted in LOOKUP (NAME_MAX of common file systems).
@@ -220,9 +221,19 @@ impl NfsReadFileSystem for DatastoreFs {
             return Err(nfsstat3::NFS3ERR_ISDIR);
         }
         let f = m.file_by_id(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
+        let metrics = self.agent.metrics();
+        let label = Metrics::label(&m.spec.name);
         match f.read(offset, count.min(MAX_IO)).await {
-            Ok((data, eof)) => Ok((data.to_vec(), eof)),
+            Ok((data, eof)) => {
+                metrics.reads.get_or_create(&label).inc();
+                metrics
+                    .read_bytes
+                    .get_or_create(&label)
+                    .inc_by(data.len() as u64);
+                Ok((data.to_vec(), eof))
+            }
             Err(e) => {
+                metrics.errors.get_or_create(&label).inc();
                 tracing::error!(mount = %m.spec.name, file = %f.name, offset, count, error = %e, "read failed");
                 Err(super::errors::overlay_to_nfsstat(&e))
             }
@@ -363,7 +374,10 @@ impl NfsFileSystem for DatastoreFs {
         let (m, idx) = self.file_for_change(id)?;
         let f = &m.files[idx];
         let sync = !matches!(stable, nfs::stable_how::UNSTABLE);
+        let metrics = self.agent.metrics();
+        let label = Metrics::label(&m.spec.name);
         if let Err(e) = f.write(offset, data, sync).await {
+            metrics.errors.get_or_create(&label).inc();
             tracing::error!(mount = %m.spec.name, file = %f.name, offset, len = data.len(), error = %e, "write failed");
             return Err(super::errors::overlay_to_nfsstat(&e));
         }

@@ -192,12 +192,14 @@ pub struct BackupSummary {
     pub zero_bytes: u64,
     /// Bytes taken from the parent without reading.
     pub reused_bytes: u64,
-    /// Chunks this backup added to the repository, and their bytes before and after compression.
+    /// Chunks this backup added to the repository (data, block tables, config).
     pub new_chunks: u64,
+    /// Bytes of new data chunks before compression.
     pub new_bytes: u64,
+    /// What the new chunks take in the repository, after compression.
     pub stored_bytes: u64,
-    /// Bytes of non-zero blocks divided by new bytes: what deduplication saved (null when
-    /// nothing was new).
+    /// Bytes of non-zero blocks divided by new data bytes: what deduplication saved (null when
+    /// no data was new).
     pub dedup_ratio: Option<f64>,
     pub seconds: f64,
     /// Logical bytes per second, in MB/s (10^6 bytes).
@@ -563,12 +565,18 @@ impl Run<'_> {
             c.zero.fetch_add(len, Relaxed);
             return Ok(None);
         };
-        self.store_chunk(id, data).await?;
+        self.store_chunk(id, data, true).await?;
         Ok(Some(id))
     }
 
     /// Stores a chunk unless this backup or the repository already has it.
-    async fn store_chunk(&self, id: ChunkId, data: Vec<u8>) -> Result<(), RepoError> {
+    /// `is_data`: a disk block (counted in `new_bytes` and the dedup ratio), not metadata.
+    async fn store_chunk(
+        &self,
+        id: ChunkId,
+        data: Vec<u8>,
+        is_data: bool,
+    ) -> Result<(), RepoError> {
         let first = self
             .claimed
             .lock()
@@ -583,7 +591,9 @@ impl Run<'_> {
         self.repo.store().put_chunk(&id, stored).await?;
         let c = &self.counters;
         c.new_chunks.fetch_add(1, Relaxed);
-        c.new_bytes.fetch_add(len, Relaxed);
+        if is_data {
+            c.new_bytes.fetch_add(len, Relaxed);
+        }
         c.stored.fetch_add(stored_len, Relaxed);
         Ok(())
     }
@@ -591,7 +601,7 @@ impl Run<'_> {
     /// Stores a table piece or the config as a chunk; returns its id.
     async fn store_object(&self, data: Vec<u8>) -> Result<ChunkId, RepoError> {
         let id = ChunkId::of(&data);
-        self.store_chunk(id, data).await?;
+        self.store_chunk(id, data, false).await?;
         Ok(id)
     }
 }

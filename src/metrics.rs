@@ -1,0 +1,209 @@
+//! Metrics in the Prometheus text format, served on the control API's `/metrics`.
+//!
+//! Owns: the registry and every metric the agent exports (below), and [`MountReader`], the
+//! per-mount view of the shared read cache that attributes hits, misses and repository fetch
+//! latency to a mount.
+//! Must not: decide anything; metrics are only counted here and read by scrapers.
+//!
+//! | metric | labels | what |
+//! |---|---|---|
+//! | `livemount_nfs_reads_total`, `livemount_nfs_read_bytes_total` | mount | NFS READs served and their bytes |
+//! | `livemount_nfs_writes_total`, `livemount_nfs_write_bytes_total` | mount | NFS WRITEs and their bytes |
+//! | `livemount_nfs_errors_total` | mount | READs and WRITEs answered with an error |
+//! | `livemount_cache_hits_total`, `livemount_cache_misses_total` | mount | chunk lookups in the read cache |
+//! | `livemount_repo_fetch_seconds` | mount | histogram: time to fetch, decode and verify a missed chunk |
+//! | `livemount_cache_bytes`, `livemount_mounts` | | cache fill, number of mounts (sampled at scrape) |
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::cache::{Access, ChunkCache};
+use crate::repo::{ChunkId, ChunkReader, RepoError};
+
+/// The label of per-mount metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MountLabel {
+    pub mount: String,
+}
+
+type Hist = Family<MountLabel, Histogram, fn() -> Histogram>;
+
+fn fetch_histogram() -> Histogram {
+    // 100 µs .. ~3.3 s: local disk to slow object storage.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// Every metric of the agent.
+pub struct Metrics {
+    registry: Registry,
+    pub reads: Family<MountLabel, Counter>,
+    pub read_bytes: Family<MountLabel, Counter>,
+    pub writes: Family<MountLabel, Counter>,
+    pub write_bytes: Family<MountLabel, Counter>,
+    pub errors: Family<MountLabel, Counter>,
+    pub hits: Family<MountLabel, Counter>,
+    pub misses: Family<MountLabel, Counter>,
+    pub fetch_seconds: Hist,
+    cache_bytes: Gauge,
+    mounts: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("livemount");
+        let m = Metrics {
+            reads: Family::default(),
+            read_bytes: Family::default(),
+            writes: Family::default(),
+            write_bytes: Family::default(),
+            errors: Family::default(),
+            hits: Family::default(),
+            misses: Family::default(),
+            fetch_seconds: Family::new_with_constructor(fetch_histogram as fn() -> Histogram),
+            cache_bytes: Gauge::default(),
+            mounts: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("nfs_reads", "NFS READs served", m.reads.clone());
+        registry.register(
+            "nfs_read_bytes",
+            "bytes returned by NFS READs",
+            m.read_bytes.clone(),
+        );
+        registry.register("nfs_writes", "NFS WRITEs taken", m.writes.clone());
+        registry.register(
+            "nfs_write_bytes",
+            "bytes taken by NFS WRITEs",
+            m.write_bytes.clone(),
+        );
+        registry.register(
+            "nfs_errors",
+            "NFS READs and WRITEs answered with an error",
+            m.errors.clone(),
+        );
+        registry.register(
+            "cache_hits",
+            "chunk lookups served by the read cache",
+            m.hits.clone(),
+        );
+        registry.register(
+            "cache_misses",
+            "chunk lookups that fetched from the repository",
+            m.misses.clone(),
+        );
+        registry.register(
+            "repo_fetch_seconds",
+            "time to fetch, decode and verify a missed chunk",
+            m.fetch_seconds.clone(),
+        );
+        registry.register(
+            "cache_bytes",
+            "bytes in the read cache",
+            m.cache_bytes.clone(),
+        );
+        registry.register("mounts", "live mounts", m.mounts.clone());
+        Metrics { registry, ..m }
+    }
+
+    /// The text exposition, with the sampled gauges brought up to date.
+    pub fn render(&self, cache_bytes: u64, mounts: usize) -> String {
+        self.cache_bytes
+            .set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
+        self.mounts.set(i64::try_from(mounts).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn label(mount: &str) -> MountLabel {
+        MountLabel {
+            mount: mount.to_string(),
+        }
+    }
+}
+
+/// A mount's view of the shared cache: the same chunks, with hits, misses and fetch latency
+/// counted for the mount.
+pub struct MountReader {
+    cache: Arc<ChunkCache>,
+    metrics: Arc<Metrics>,
+    label: MountLabel,
+}
+
+impl MountReader {
+    pub fn new(cache: Arc<ChunkCache>, metrics: Arc<Metrics>, mount: &str) -> Self {
+        MountReader {
+            cache,
+            metrics,
+            label: Metrics::label(mount),
+        }
+    }
+}
+
+#[async_trait]
+impl ChunkReader for MountReader {
+    async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        let start = Instant::now();
+        let (bytes, access) = self.cache.read_traced(id).await?;
+        match access {
+            Access::Hit => {
+                self.metrics.hits.get_or_create(&self.label).inc();
+            }
+            Access::Miss => {
+                self.metrics.misses.get_or_create(&self.label).inc();
+                self.metrics
+                    .fetch_seconds
+                    .get_or_create(&self.label)
+                    .observe(start.elapsed().as_secs_f64());
+            }
+        }
+        Ok(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_has_every_metric_with_its_mount_label() {
+        let m = Metrics::new();
+        let l = Metrics::label("web01-lm1");
+        m.reads.get_or_create(&l).inc();
+        m.read_bytes.get_or_create(&l).inc_by(4096);
+        m.fetch_seconds.get_or_create(&l).observe(0.002);
+        let text = m.render(123, 1);
+        for needle in [
+            "livemount_nfs_reads_total{mount=\"web01-lm1\"} 1",
+            "livemount_nfs_read_bytes_total{mount=\"web01-lm1\"} 4096",
+            "livemount_repo_fetch_seconds_count{mount=\"web01-lm1\"} 1",
+            "livemount_cache_bytes 123",
+            "livemount_mounts 1",
+            "# EOF",
+        ] {
+            assert!(text.contains(needle), "missing {needle}:\n{text}");
+        }
+    }
+}
