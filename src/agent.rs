@@ -390,6 +390,13 @@ fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
                 size: f.size(),
                 disk: f.is_disk(),
             })
+            .chain(m.folder.iter().flat_map(|f| {
+                f.list(0).into_iter().map(|(_, e)| MountFileInfo {
+                    name: e.name,
+                    size: e.size,
+                    disk: false,
+                })
+            }))
             .collect(),
     }
 }

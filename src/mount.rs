@@ -10,6 +10,7 @@
 //! `mount_id << 32` and its n-th file `(mount_id << 32) | n` (n from 1), where `mount_id` is
 //! persisted in the mount's spec.
 
+pub mod files;
 pub mod overlay;
 
 use std::path::Path;
@@ -185,9 +186,12 @@ impl MountFile {
 #[derive(Debug)]
 pub struct LiveMount {
     pub spec: MountSpec,
+    /// The backup's files: disks and descriptors, and for a read-only mount the config.
     pub files: Vec<MountFile>,
     /// The VM's config file's name in the folder.
     pub config_name: String,
+    /// Files the hypervisor makes, and the config (read-write mounts only).
+    pub folder: Option<Arc<files::FolderFiles>>,
 }
 
 impl LiveMount {
@@ -201,10 +205,8 @@ impl LiveMount {
     }
 
     pub fn file_by_id(&self, fileid: u64) -> Option<&MountFile> {
-        let n = (fileid & 0xffff_ffff) as usize;
-        self.files
-            .get(n.checked_sub(1)?)
-            .filter(|f| f.fileid == fileid)
+        // A handful of files: a scan is as fast as any index.
+        self.files.iter().find(|f| f.fileid == fileid)
     }
 
     /// Opens a mount: loads the snapshot's tables and lays out its folder. Nothing is copied.
@@ -225,15 +227,31 @@ impl LiveMount {
         let (config_name, names) = plan_files(m, true);
         let base = u64::from(spec.id) << 32;
         let mut files = Vec::new();
+        // File ids: the config is 1 (a folder file on a read-write mount, so it can be edited),
+        // the backup's disk files follow from 2.
+        let folder = if spec.read_only {
+            None
+        } else {
+            let f = files::FolderFiles::open(overlays, &config_name, 1, &config).map_err(|e| {
+                MountError::State {
+                    path: overlays.display().to_string(),
+                    what: e.to_string(),
+                }
+            })?;
+            Some(Arc::new(f))
+        };
+        let mut next = if folder.is_some() { 2u64 } else { 1 };
         let mut add = |name: String, content: Content| {
-            let fileid = base | (files.len() as u64 + 1);
             files.push(MountFile {
                 name,
-                fileid,
+                fileid: base | next,
                 content,
             });
+            next += 1;
         };
-        add(config_name.clone(), Content::Bytes(config));
+        if folder.is_none() {
+            add(config_name.clone(), Content::Bytes(config));
+        }
         for (i, (d, (data, desc))) in m.disks.iter().zip(names).enumerate() {
             let image = snapshot
                 .disk(i)
@@ -263,6 +281,7 @@ impl LiveMount {
             spec,
             files,
             config_name,
+            folder,
         })
     }
 }

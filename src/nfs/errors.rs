@@ -2,8 +2,26 @@
 
 use nfs3_server::nfs3_types::nfs3::nfsstat3;
 
+use crate::mount::files::FilesError;
 use crate::mount::overlay::OverlayError;
 use crate::repo::RepoError;
+
+/// The NFS status for a failed change to a mount's folder files.
+pub fn files_to_nfsstat(e: &FilesError) -> nfsstat3 {
+    match e {
+        FilesError::NotFound => nfsstat3::NFS3ERR_NOENT,
+        FilesError::Exists => nfsstat3::NFS3ERR_EXIST,
+        FilesError::NotDir => nfsstat3::NFS3ERR_NOTDIR,
+        FilesError::IsDir => nfsstat3::NFS3ERR_ISDIR,
+        FilesError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
+        FilesError::TooBig => nfsstat3::NFS3ERR_FBIG,
+        FilesError::Full => nfsstat3::NFS3ERR_NOSPC,
+        FilesError::Io { source, .. } if source.raw_os_error() == Some(28) => {
+            nfsstat3::NFS3ERR_NOSPC
+        }
+        FilesError::Io { .. } => nfsstat3::NFS3ERR_IO,
+    }
+}
 
 /// The NFS status for a failed read or write of a mount's file.
 pub fn overlay_to_nfsstat(e: &OverlayError) -> nfsstat3 {

@@ -24,6 +24,7 @@ use nfs3_server::vfs::{
 
 use crate::agent::Agent;
 use crate::metrics::Metrics;
+use crate::mount::files::{Entry, FolderFiles, Kind};
 use crate::mount::{LiveMount, MountFile, ROOT_FILEID};
 
 /// Longest name accepted in LOOKUP (NAME_MAX of common file systems).
@@ -105,31 +106,120 @@ impl DatastoreFs {
         }
     }
 
+    fn extra_attr(&self, m: &LiveMount, low: u32, e: &Entry) -> fattr3 {
+        let (t, nlink) = match e.kind {
+            Kind::Dir => (ftype3::NF3DIR, 2),
+            Kind::File => (ftype3::NF3REG, 1),
+        };
+        let fileid = (u64::from(m.spec.id) << 32) | u64::from(low);
+        self.attr(t, e.mode, nlink, e.size, fileid, time(e.mtime))
+    }
+
+    /// What a file id names.
+    fn node(&self, fileid: u64) -> Result<Node, nfsstat3> {
+        if fileid == ROOT_FILEID {
+            return Ok(Node::Root);
+        }
+        let m = self.mount_of(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
+        let low = (fileid & 0xffff_ffff) as u32;
+        if low == 0 {
+            return Ok(Node::Folder(m));
+        }
+        if let Some(i) = m.files.iter().position(|f| f.fileid == fileid) {
+            return Ok(Node::Backup(m, i));
+        }
+        let entry = m.folder.as_ref().and_then(|f| f.get(low));
+        match entry {
+            Some(e) => Ok(Node::Extra(m, low, e)),
+            None => Err(nfsstat3::NFS3ERR_STALE),
+        }
+    }
+
+    fn node_attr(&self, node: &Node) -> fattr3 {
+        match node {
+            Node::Root => self.root_attr(),
+            Node::Folder(m) => self.folder_attr(m),
+            Node::Backup(m, i) => self.file_attr(m, &m.files[*i]),
+            Node::Extra(m, low, e) => self.extra_attr(m, *low, e),
+        }
+    }
+
     /// Every entry of a folder, in a fixed order: (fileid, name, attributes).
     fn entries(&self, dir: u64) -> Result<Vec<(fileid3, Vec<u8>, fattr3)>, nfsstat3> {
-        if dir == ROOT_FILEID {
-            return Ok(self
-                .agent
-                .mounts()
-                .iter()
-                .map(|m| {
-                    (
-                        m.folder_fileid(),
-                        m.spec.name.as_bytes().to_vec(),
-                        self.folder_attr(m),
-                    )
-                })
-                .collect());
+        let (m, parent) = match self.node(dir)? {
+            Node::Root => {
+                return Ok(self
+                    .agent
+                    .mounts()
+                    .iter()
+                    .map(|m| {
+                        (
+                            m.folder_fileid(),
+                            m.spec.name.as_bytes().to_vec(),
+                            self.folder_attr(m),
+                        )
+                    })
+                    .collect())
+            }
+            Node::Folder(m) => (m, 0),
+            Node::Extra(m, low, e) if e.kind == Kind::Dir => (m, low),
+            _ => return Err(nfsstat3::NFS3ERR_NOTDIR),
+        };
+        let mut out: Vec<(fileid3, Vec<u8>, fattr3)> = Vec::new();
+        if parent == 0 {
+            out.extend(
+                m.files
+                    .iter()
+                    .map(|f| (f.fileid, f.name.as_bytes().to_vec(), self.file_attr(&m, f))),
+            );
         }
-        let m = self.mount_of(dir).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        if dir != m.folder_fileid() {
-            return Err(nfsstat3::NFS3ERR_NOTDIR);
+        if let Some(folder) = &m.folder {
+            for (low, e) in folder.list(parent) {
+                let a = self.extra_attr(&m, low, &e);
+                out.push((a.fileid, e.name.into_bytes(), a));
+            }
         }
-        Ok(m.files
-            .iter()
-            .map(|f| (f.fileid, f.name.as_bytes().to_vec(), self.file_attr(&m, f)))
-            .collect())
+        Ok(out)
     }
+
+    /// A folder that may change: the mount (read-write), the folder's low id (0: the mount's
+    /// folder) and the mount's folder files.
+    fn dir_for_change(
+        &self,
+        dir: &FileHandleU64,
+    ) -> Result<(Arc<LiveMount>, u32, Arc<FolderFiles>), nfsstat3> {
+        let (m, low) = match self.node(dir.as_u64())? {
+            Node::Root => return Err(nfsstat3::NFS3ERR_ACCES),
+            Node::Folder(m) => (m, 0),
+            Node::Extra(m, low, e) if e.kind == Kind::Dir => (m, low),
+            _ => return Err(nfsstat3::NFS3ERR_NOTDIR),
+        };
+        if m.spec.read_only {
+            return Err(nfsstat3::NFS3ERR_ROFS);
+        }
+        let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_ROFS)?;
+        Ok((m, low, folder))
+    }
+}
+
+/// What a file id names.
+enum Node {
+    Root,
+    Folder(Arc<LiveMount>),
+    /// A file of the backup: index into the mount's `files`.
+    Backup(Arc<LiveMount>, usize),
+    /// A file or folder the hypervisor made (or the config of a read-write mount).
+    Extra(Arc<LiveMount>, u32, Entry),
+}
+
+/// A name for a new file: a single component, UTF-8 (the namespace is stored as JSON).
+fn new_name(name: &filename3<'_>) -> Result<String, nfsstat3> {
+    check_name(name.as_ref())?;
+    let s = std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
+    if s == "." || s == ".." {
+        return Err(nfsstat3::NFS3ERR_EXIST);
+    }
+    Ok(s.to_string())
 }
 
 fn time(t: jiff::Timestamp) -> nfstime3 {
@@ -169,41 +259,46 @@ impl NfsReadFileSystem for DatastoreFs {
         let dir = dir.as_u64();
         let name = name.as_ref();
         check_name(name)?;
-        if dir == ROOT_FILEID {
-            return match name {
-                b"." | b".." => Ok(FileHandleU64::new(ROOT_FILEID)),
+        let h = FileHandleU64::new;
+        match self.node(dir)? {
+            Node::Root => match name {
+                b"." | b".." => Ok(h(ROOT_FILEID)),
                 n => self
                     .agent
                     .mount_by_name(n)
-                    .map(|m| FileHandleU64::new(m.folder_fileid()))
+                    .map(|m| h(m.folder_fileid()))
                     .ok_or(nfsstat3::NFS3ERR_NOENT),
-            };
-        }
-        let m = self.mount_of(dir).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        if dir != m.folder_fileid() {
-            return Err(nfsstat3::NFS3ERR_NOTDIR);
-        }
-        match name {
-            b"." => Ok(FileHandleU64::new(dir)),
-            b".." => Ok(FileHandleU64::new(ROOT_FILEID)),
-            n => m
-                .file_by_name(n)
-                .map(|f| FileHandleU64::new(f.fileid))
-                .ok_or(nfsstat3::NFS3ERR_NOENT),
+            },
+            Node::Folder(m) => match name {
+                b"." => Ok(h(dir)),
+                b".." => Ok(h(ROOT_FILEID)),
+                n => {
+                    if let Some(f) = m.file_by_name(n) {
+                        return Ok(h(f.fileid));
+                    }
+                    m.folder
+                        .as_ref()
+                        .and_then(|f| f.lookup(0, n))
+                        .map(|low| h(m.folder_fileid() | u64::from(low)))
+                        .ok_or(nfsstat3::NFS3ERR_NOENT)
+                }
+            },
+            Node::Extra(m, low, e) if e.kind == Kind::Dir => match name {
+                b"." => Ok(h(dir)),
+                b".." => Ok(h(m.folder_fileid() | u64::from(e.parent))),
+                n => m
+                    .folder
+                    .as_ref()
+                    .and_then(|f| f.lookup(low, n))
+                    .map(|c| h(m.folder_fileid() | u64::from(c)))
+                    .ok_or(nfsstat3::NFS3ERR_NOENT),
+            },
+            _ => Err(nfsstat3::NFS3ERR_NOTDIR),
         }
     }
 
     async fn getattr(&self, id: &FileHandleU64) -> Result<fattr3, nfsstat3> {
-        let id = id.as_u64();
-        if id == ROOT_FILEID {
-            return Ok(self.root_attr());
-        }
-        let m = self.mount_of(id).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        if id == m.folder_fileid() {
-            return Ok(self.folder_attr(&m));
-        }
-        let f = m.file_by_id(id).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        Ok(self.file_attr(&m, f))
+        Ok(self.node_attr(&self.node(id.as_u64())?))
     }
 
     async fn read(
@@ -212,18 +307,29 @@ impl NfsReadFileSystem for DatastoreFs {
         offset: u64,
         count: u32,
     ) -> Result<(Vec<u8>, bool), nfsstat3> {
-        let fileid = id.as_u64();
-        if fileid == ROOT_FILEID {
-            return Err(nfsstat3::NFS3ERR_ISDIR);
-        }
-        let m = self.mount_of(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        if fileid == m.folder_fileid() {
-            return Err(nfsstat3::NFS3ERR_ISDIR);
-        }
-        let f = m.file_by_id(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
         let metrics = self.agent.metrics();
+        let count = count.min(MAX_IO);
+        let (m, name, result) = match self.node(id.as_u64())? {
+            Node::Root | Node::Folder(_) => return Err(nfsstat3::NFS3ERR_ISDIR),
+            Node::Backup(m, i) => {
+                let r = m.files[i]
+                    .read(offset, count)
+                    .await
+                    .map_err(|e| (e.to_string(), super::errors::overlay_to_nfsstat(&e)));
+                let name = m.files[i].name.clone();
+                (m, name, r)
+            }
+            Node::Extra(m, low, e) => {
+                let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_STALE)?;
+                let r = folder
+                    .read(low, offset, count)
+                    .await
+                    .map_err(|e| (e.to_string(), super::errors::files_to_nfsstat(&e)));
+                (m, e.name, r)
+            }
+        };
         let label = Metrics::label(&m.spec.name);
-        match f.read(offset, count.min(MAX_IO)).await {
+        match result {
             Ok((data, eof)) => {
                 metrics.reads.get_or_create(&label).inc();
                 metrics
@@ -232,10 +338,10 @@ impl NfsReadFileSystem for DatastoreFs {
                     .inc_by(data.len() as u64);
                 Ok((data.to_vec(), eof))
             }
-            Err(e) => {
+            Err((text, status)) => {
                 metrics.errors.get_or_create(&label).inc();
-                tracing::error!(mount = %m.spec.name, file = %f.name, offset, count, error = %e, "read failed");
-                Err(super::errors::overlay_to_nfsstat(&e))
+                tracing::error!(mount = %m.spec.name, file = %name, offset, count, error = %text, "read failed");
+                Err(status)
             }
         }
     }
@@ -312,56 +418,44 @@ impl ReadDirPlusIterator<FileHandleU64> for Entries {
     }
 }
 
-/// Writes go to the disks' overlays. New files, removal and renames are not supported yet
-/// (NFS3ERR_NOTSUPP; the hypervisor's own files come with the next step); the backup's files
-/// can never be removed, renamed or resized (NFS3ERR_PERM). A read-only mount refuses every
-/// change with NFS3ERR_ROFS.
-impl DatastoreFs {
-    /// The mount and file a handle names, for a change: ROFS on a read-only mount.
-    fn file_for_change(&self, id: &FileHandleU64) -> Result<(Arc<LiveMount>, usize), nfsstat3> {
-        let fileid = id.as_u64();
-        if fileid == ROOT_FILEID {
-            return Err(nfsstat3::NFS3ERR_ISDIR);
-        }
-        let m = self.mount_of(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
-        if m.spec.read_only {
-            return Err(nfsstat3::NFS3ERR_ROFS);
-        }
-        if fileid == m.folder_fileid() {
-            return Err(nfsstat3::NFS3ERR_ISDIR);
-        }
-        let idx = m
-            .files
-            .iter()
-            .position(|f| f.fileid == fileid)
-            .ok_or(nfsstat3::NFS3ERR_STALE)?;
-        Ok((m, idx))
-    }
-
-    fn dir_for_change(&self, dir: &FileHandleU64) -> Result<(), nfsstat3> {
-        let d = dir.as_u64();
-        if d != ROOT_FILEID {
-            let m = self.mount_of(d).ok_or(nfsstat3::NFS3ERR_STALE)?;
-            if m.spec.read_only {
-                return Err(nfsstat3::NFS3ERR_ROFS);
-            }
-        }
-        Ok(())
-    }
-}
-
+/// Changes: the backup's disks take writes into their overlays and can never be removed,
+/// renamed or resized (NFS3ERR_PERM); every other file and folder in a mount's folder (the
+/// config included) is the hypervisor's to create, write, resize, rename and remove. A
+/// read-only mount refuses every change with NFS3ERR_ROFS; the datastore root is not writable.
 impl NfsFileSystem for DatastoreFs {
     async fn setattr(&self, id: &FileHandleU64, s: sattr3) -> Result<fattr3, nfsstat3> {
-        let (m, idx) = self.file_for_change(id)?;
-        let f = &m.files[idx];
-        if let nfs::set_size3::Some(size) = s.size {
-            if size != f.size() {
-                return Err(nfsstat3::NFS3ERR_PERM);
+        let node = self.node(id.as_u64())?;
+        let size = match s.size {
+            nfs::set_size3::Some(v) => Some(v),
+            nfs::set_size3::None => None,
+        };
+        let mode = match s.mode {
+            nfs::set_mode3::Some(v) => Some(v),
+            nfs::set_mode3::None => None,
+        };
+        match node {
+            Node::Root => Ok(self.root_attr()),
+            Node::Folder(ref m) | Node::Backup(ref m, _) | Node::Extra(ref m, _, _)
+                if m.spec.read_only =>
+            {
+                Err(nfsstat3::NFS3ERR_ROFS)
             }
+            Node::Backup(m, i) => {
+                if size.is_some_and(|v| v != m.files[i].size()) {
+                    return Err(nfsstat3::NFS3ERR_PERM);
+                }
+                Ok(self.file_attr(&m, &m.files[i]))
+            }
+            Node::Extra(m, low, _) => {
+                let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_ROFS)?;
+                let e = folder
+                    .setattr(low, size, mode)
+                    .await
+                    .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+                Ok(self.extra_attr(&m, low, &e))
+            }
+            node @ Node::Folder(_) => Ok(self.node_attr(&node)),
         }
-        // Mode, owner and times of the backup's files are fixed; accepting the call keeps
-        // clients that touch them working.
-        Ok(self.file_attr(&m, f))
     }
 
     async fn write(
@@ -371,67 +465,155 @@ impl NfsFileSystem for DatastoreFs {
         data: &[u8],
         stable: nfs::stable_how,
     ) -> Result<(fattr3, nfs::stable_how), nfsstat3> {
-        let (m, idx) = self.file_for_change(id)?;
-        let f = &m.files[idx];
+        let node = self.node(id.as_u64())?;
         let sync = !matches!(stable, nfs::stable_how::UNSTABLE);
-        let metrics = self.agent.metrics();
-        let label = Metrics::label(&m.spec.name);
-        if let Err(e) = f.write(offset, data, sync).await {
-            metrics.errors.get_or_create(&label).inc();
-            tracing::error!(mount = %m.spec.name, file = %f.name, offset, len = data.len(), error = %e, "write failed");
-            return Err(super::errors::overlay_to_nfsstat(&e));
-        }
         let done = if sync {
             nfs::stable_how::FILE_SYNC
         } else {
             nfs::stable_how::UNSTABLE
         };
-        Ok((self.file_attr(&m, f), done))
+        let metrics = self.agent.metrics();
+        let (m, name, result) = match node {
+            Node::Root | Node::Folder(_) => return Err(nfsstat3::NFS3ERR_ISDIR),
+            Node::Backup(ref m, _) | Node::Extra(ref m, _, _) if m.spec.read_only => {
+                return Err(nfsstat3::NFS3ERR_ROFS)
+            }
+            Node::Backup(m, i) => {
+                let f = &m.files[i];
+                let r = f
+                    .write(offset, data, sync)
+                    .await
+                    .map(|()| self.file_attr(&m, f))
+                    .map_err(|e| (e.to_string(), super::errors::overlay_to_nfsstat(&e)));
+                let name = f.name.clone();
+                (m, name, r)
+            }
+            Node::Extra(m, low, e) => {
+                let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_ROFS)?;
+                let r = folder
+                    .write(low, offset, data, sync)
+                    .await
+                    .map(|entry| self.extra_attr(&m, low, &entry))
+                    .map_err(|e| (e.to_string(), super::errors::files_to_nfsstat(&e)));
+                (m, e.name, r)
+            }
+        };
+        let label = Metrics::label(&m.spec.name);
+        match result {
+            Ok(attr) => {
+                metrics.writes.get_or_create(&label).inc();
+                metrics
+                    .write_bytes
+                    .get_or_create(&label)
+                    .inc_by(data.len() as u64);
+                Ok((attr, done))
+            }
+            Err((text, status)) => {
+                metrics.errors.get_or_create(&label).inc();
+                tracing::error!(mount = %m.spec.name, file = %name, offset, len = data.len(), error = %text, "write failed");
+                Err(status)
+            }
+        }
     }
 
     async fn create(
         &self,
         d: &FileHandleU64,
-        _n: &filename3<'_>,
-        _a: sattr3,
+        n: &filename3<'_>,
+        a: sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        self.dir_for_change(d)?;
-        Err(nfsstat3::NFS3ERR_NOTSUPP)
+        let (m, parent, folder) = self.dir_for_change(d)?;
+        let name = new_name(n)?;
+        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
+            return Err(nfsstat3::NFS3ERR_EXIST);
+        }
+        let low = folder
+            .create(parent, &name, false)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+        let h = FileHandleU64::new(m.folder_fileid() | u64::from(low));
+        let attr = self.setattr(&h, a).await?;
+        Ok((h, attr))
     }
+
     async fn create_exclusive(
         &self,
         d: &FileHandleU64,
-        _n: &filename3<'_>,
+        n: &filename3<'_>,
         _v: nfs::createverf3,
     ) -> Result<FileHandleU64, nfsstat3> {
-        self.dir_for_change(d)?;
-        Err(nfsstat3::NFS3ERR_NOTSUPP)
+        let (m, parent, folder) = self.dir_for_change(d)?;
+        let name = new_name(n)?;
+        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
+            return Err(nfsstat3::NFS3ERR_EXIST);
+        }
+        let low = folder
+            .create(parent, &name, true)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+        Ok(FileHandleU64::new(m.folder_fileid() | u64::from(low)))
     }
+
     async fn mkdir(
         &self,
         d: &FileHandleU64,
-        _n: &filename3<'_>,
+        n: &filename3<'_>,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        self.dir_for_change(d)?;
-        Err(nfsstat3::NFS3ERR_NOTSUPP)
+        let (m, parent, folder) = self.dir_for_change(d)?;
+        let name = new_name(n)?;
+        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
+            return Err(nfsstat3::NFS3ERR_EXIST);
+        }
+        let low = folder
+            .mkdir(parent, &name)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+        let e = folder.get(low).ok_or(nfsstat3::NFS3ERR_SERVERFAULT)?;
+        let h = FileHandleU64::new(m.folder_fileid() | u64::from(low));
+        Ok((h, self.extra_attr(&m, low, &e)))
     }
+
     async fn remove(&self, d: &FileHandleU64, n: &filename3<'_>) -> Result<(), nfsstat3> {
-        self.dir_for_change(d)?;
-        self.lookup(d, n).await?;
-        Err(nfsstat3::NFS3ERR_PERM)
+        let (m, parent, folder) = self.dir_for_change(d)?;
+        check_name(n.as_ref())?;
+        if parent == 0 && m.file_by_name(n.as_ref()).is_some() {
+            return Err(nfsstat3::NFS3ERR_PERM);
+        }
+        let low = folder
+            .lookup(parent, n.as_ref())
+            .ok_or(nfsstat3::NFS3ERR_NOENT)?;
+        let is_dir = folder.get(low).is_some_and(|e| e.kind == Kind::Dir);
+        folder
+            .remove(parent, n.as_ref(), is_dir)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))
     }
+
     async fn rename<'a>(
         &self,
         fd: &FileHandleU64,
         fnm: &filename3<'a>,
         td: &FileHandleU64,
-        _tn: &filename3<'a>,
+        tn: &filename3<'a>,
     ) -> Result<(), nfsstat3> {
-        self.dir_for_change(fd)?;
-        self.dir_for_change(td)?;
-        self.lookup(fd, fnm).await?;
-        Err(nfsstat3::NFS3ERR_PERM)
+        let (m1, p1, folder) = self.dir_for_change(fd)?;
+        let (m2, p2, _) = self.dir_for_change(td)?;
+        if m1.spec.id != m2.spec.id {
+            return Err(nfsstat3::NFS3ERR_XDEV);
+        }
+        check_name(fnm.as_ref())?;
+        let to = new_name(tn)?;
+        if (p1 == 0 && m1.file_by_name(fnm.as_ref()).is_some())
+            || (p2 == 0 && m1.file_by_name(to.as_bytes()).is_some())
+        {
+            return Err(nfsstat3::NFS3ERR_PERM);
+        }
+        folder
+            .rename(p1, fnm.as_ref(), p2, &to)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))
     }
+
     async fn symlink<'a>(
         &self,
         d: &FileHandleU64,
@@ -442,13 +624,22 @@ impl NfsFileSystem for DatastoreFs {
         self.dir_for_change(d)?;
         Err(nfsstat3::NFS3ERR_NOTSUPP)
     }
+
     async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
-        let (m, idx) = self.file_for_change(id)?;
-        let f = &m.files[idx];
-        f.commit().await.map_err(|e| {
-            tracing::error!(mount = %m.spec.name, file = %f.name, error = %e, "commit failed");
-            super::errors::overlay_to_nfsstat(&e)
-        })
+        match self.node(id.as_u64())? {
+            Node::Backup(m, i) => m.files[i].commit().await.map_err(|e| {
+                tracing::error!(mount = %m.spec.name, file = %m.files[i].name, error = %e, "commit failed");
+                super::errors::overlay_to_nfsstat(&e)
+            }),
+            Node::Extra(m, low, _) => match &m.folder {
+                Some(f) => f
+                    .commit(low)
+                    .await
+                    .map_err(|e| super::errors::files_to_nfsstat(&e)),
+                None => Ok(()),
+            },
+            Node::Root | Node::Folder(_) => Ok(()),
+        }
     }
 }
 

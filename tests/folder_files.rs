@@ -1,0 +1,328 @@
+//! Files a hypervisor makes in a mount's folder, over the NFS protocol: what ESXi does when it
+//! powers a VM on (lock folder and file, swap file sized by SETATTR, log, config edit by
+//! writing `x.vmx~` and renaming it over `x.vmx`), and what it may not do to the backup's
+//! disks. Checked with nfs3_client (a client over TCP) and libnfs's nfs-cp/nfs-cat, across a
+//! server restart.
+
+mod common;
+
+use common::*;
+use nfs3_client::nfs3_types::nfs3::*;
+use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
+use nfs3_client::tokio::{TokioConnector, TokioIo};
+use nfs3_client::Nfs3ConnectionBuilder;
+use tokio::net::TcpStream;
+
+type Conn = nfs3_client::Nfs3Connection<TokioIo<TcpStream>>;
+
+async fn connect(server: &Server, mount: &str) -> Conn {
+    Nfs3ConnectionBuilder::new(TokioConnector, "127.0.0.1", format!("/livemount/{mount}"))
+        .mount_port(server.nfs_port)
+        .nfs3_port(server.nfs_port)
+        .credential(opaque_auth::auth_unix(&auth_unix::default()))
+        .mount()
+        .await
+        .expect("MNT of the mount's folder")
+}
+
+fn name(s: &str) -> filename3<'static> {
+    filename3::from(s.as_bytes().to_vec())
+}
+
+async fn lookup(c: &mut Conn, dir: &nfs_fh3, n: &str) -> Result<nfs_fh3, nfsstat3> {
+    match c
+        .lookup(&LOOKUP3args {
+            what: diropargs3 {
+                dir: dir.clone(),
+                name: name(n),
+            },
+        })
+        .await
+        .unwrap()
+    {
+        LOOKUP3res::Ok(ok) => Ok(ok.object),
+        LOOKUP3res::Err((e, _)) => Err(e),
+    }
+}
+
+async fn create(c: &mut Conn, dir: &nfs_fh3, n: &str) -> nfs_fh3 {
+    let args = CREATE3args {
+        where_: diropargs3 {
+            dir: dir.clone(),
+            name: name(n),
+        },
+        how: createhow3::UNCHECKED(sattr3::default()),
+    };
+    match c.create(&args).await.unwrap() {
+        CREATE3res::Ok(ok) => match ok.obj {
+            post_op_fh3::Some(h) => h,
+            post_op_fh3::None => lookup(c, dir, n).await.unwrap(),
+        },
+        CREATE3res::Err((e, _)) => panic!("CREATE {n}: {e:?}"),
+    }
+}
+
+async fn nfs_write(c: &mut Conn, fh: &nfs_fh3, offset: u64, data: &[u8]) {
+    let args = WRITE3args {
+        file: fh.clone(),
+        offset,
+        count: data.len() as u32,
+        stable: stable_how::FILE_SYNC,
+        data: data.into(),
+    };
+    assert!(
+        matches!(c.write(&args).await.unwrap(), WRITE3res::Ok(_)),
+        "WRITE"
+    );
+}
+
+async fn read_all(c: &mut Conn, fh: &nfs_fh3) -> Vec<u8> {
+    let args = READ3args {
+        file: fh.clone(),
+        offset: 0,
+        count: 1 << 20,
+    };
+    match c.read(&args).await.unwrap() {
+        READ3res::Ok(ok) => ok.data.to_vec(),
+        READ3res::Err((e, _)) => panic!("READ: {e:?}"),
+    }
+}
+
+async fn size(c: &mut Conn, fh: &nfs_fh3) -> u64 {
+    match c
+        .getattr(&GETATTR3args { object: fh.clone() })
+        .await
+        .unwrap()
+    {
+        GETATTR3res::Ok(ok) => ok.obj_attributes.size,
+        GETATTR3res::Err(e) => panic!("GETATTR: {e:?}"),
+    }
+}
+
+async fn set_size(c: &mut Conn, fh: &nfs_fh3, sz: u64) -> nfsstat3 {
+    let attr = sattr3 {
+        size: set_size3::Some(sz),
+        ..sattr3::default()
+    };
+    match c
+        .setattr(&SETATTR3args {
+            object: fh.clone(),
+            new_attributes: attr,
+            guard: sattrguard3::None,
+        })
+        .await
+        .unwrap()
+    {
+        SETATTR3res::Ok(_) => nfsstat3::NFS3_OK,
+        SETATTR3res::Err((e, _)) => e,
+    }
+}
+
+async fn rename(c: &mut Conn, dir: &nfs_fh3, from: &str, to: &str) -> nfsstat3 {
+    let args = RENAME3args {
+        from: diropargs3 {
+            dir: dir.clone(),
+            name: name(from),
+        },
+        to: diropargs3 {
+            dir: dir.clone(),
+            name: name(to),
+        },
+    };
+    match c.rename(&args).await.unwrap() {
+        RENAME3res::Ok(_) => nfsstat3::NFS3_OK,
+        RENAME3res::Err((e, _)) => e,
+    }
+}
+
+async fn remove(c: &mut Conn, dir: &nfs_fh3, n: &str) -> nfsstat3 {
+    match c
+        .remove(&REMOVE3args {
+            object: diropargs3 {
+                dir: dir.clone(),
+                name: name(n),
+            },
+        })
+        .await
+        .unwrap()
+    {
+        REMOVE3res::Ok(_) => nfsstat3::NFS3_OK,
+        REMOVE3res::Err((e, _)) => e,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protected() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = mixed_disk(2 * MIB, 51);
+    write(&t.path().join("src.raw"), &raw);
+    convert(
+        &t.path().join("src.raw"),
+        &t.path().join("web.vmdk"),
+        "vmdk",
+        &["-o", "subformat=monolithicFlat"],
+    );
+    let vmx = esxi_config(t.path(), "web", &["web.vmdk"]);
+    let repo = t.path().join("repo");
+    livemount_ok(&["repo", "init", repo.to_str().unwrap()]);
+    livemount_ok(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--config",
+        vmx.to_str().unwrap(),
+    ]);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "web", "--name", "web-lm"]);
+
+    let mut c = connect(&server, "web-lm").await;
+    let dir = c.root_nfs_fh3();
+    // Lock folder and file, swap file sized by SETATTR, a log.
+    let lck = match c
+        .mkdir(&MKDIR3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: name(".lck-00000000000000a1"),
+            },
+            attributes: sattr3::default(),
+        })
+        .await
+        .unwrap()
+    {
+        MKDIR3res::Ok(ok) => match ok.obj {
+            post_op_fh3::Some(h) => h,
+            post_op_fh3::None => panic!("no handle"),
+        },
+        MKDIR3res::Err((e, _)) => panic!("MKDIR: {e:?}"),
+    };
+    create(&mut c, &lck, "lock").await;
+    let swap = create(&mut c, &dir, "web-5f2a.vswp").await;
+    assert_eq!(set_size(&mut c, &swap, 256 << 20).await, nfsstat3::NFS3_OK);
+    assert_eq!(size(&mut c, &swap).await, 256 << 20);
+    let log = create(&mut c, &dir, "vmware.log").await;
+    nfs_write(&mut c, &log, 0, b"2026-11-22T05:20:00Z| vmx| power on\n").await;
+    // Config edit: write web.vmx~, rename it over web.vmx.
+    let vmx_fh = lookup(&mut c, &dir, "web.vmx").await.unwrap();
+    let mut edited = read_all(&mut c, &vmx_fh).await;
+    assert!(
+        String::from_utf8_lossy(&edited).contains("displayName = \"web-lm\""),
+        "the served config is rewritten"
+    );
+    edited.extend_from_slice(b"tools.syncTime = \"FALSE\"\n");
+    let tilde = create(&mut c, &dir, "web.vmx~").await;
+    nfs_write(&mut c, &tilde, 0, &edited).await;
+    assert_eq!(
+        rename(&mut c, &dir, "web.vmx~", "web.vmx").await,
+        nfsstat3::NFS3_OK
+    );
+
+    // The backup's disks: no resize, no remove, no rename, nothing renamed over them.
+    let flat = lookup(&mut c, &dir, "web-flat.vmdk").await.unwrap();
+    assert_eq!(
+        set_size(&mut c, &flat, 1 << 20).await,
+        nfsstat3::NFS3ERR_PERM
+    );
+    assert_eq!(
+        remove(&mut c, &dir, "web-flat.vmdk").await,
+        nfsstat3::NFS3ERR_PERM
+    );
+    assert_eq!(
+        rename(&mut c, &dir, "web.vmdk", "x.vmdk").await,
+        nfsstat3::NFS3ERR_PERM
+    );
+    assert_eq!(
+        rename(&mut c, &dir, "vmware.log", "web-flat.vmdk").await,
+        nfsstat3::NFS3ERR_PERM
+    );
+    // Names that try to escape are refused; a non-empty folder is not removed.
+    assert_eq!(
+        lookup(&mut c, &dir, "../web-lm").await.unwrap_err(),
+        nfsstat3::NFS3ERR_ACCES
+    );
+    assert_eq!(
+        remove(&mut c, &dir, ".lck-00000000000000a1").await,
+        nfsstat3::NFS3ERR_NOTEMPTY
+    );
+    drop(c);
+    drop(server);
+
+    // After a restart (the server was killed): everything is as it was.
+    let server = Server::start(&repo, &state, "off", &[]);
+    let mut c = connect(&server, "web-lm").await;
+    let dir = c.root_nfs_fh3();
+    let vmx_fh = lookup(&mut c, &dir, "web.vmx").await.unwrap();
+    assert_eq!(
+        read_all(&mut c, &vmx_fh).await,
+        edited,
+        "the config edit survived"
+    );
+    assert!(lookup(&mut c, &dir, "web.vmx~").await.is_err());
+    let swap = lookup(&mut c, &dir, "web-5f2a.vswp").await.unwrap();
+    assert_eq!(size(&mut c, &swap).await, 256 << 20);
+    let log = lookup(&mut c, &dir, "vmware.log").await.unwrap();
+    assert_eq!(
+        read_all(&mut c, &log).await,
+        b"2026-11-22T05:20:00Z| vmx| power on\n"
+    );
+    assert_eq!(remove(&mut c, &dir, "vmware.log").await, nfsstat3::NFS3_OK);
+    assert!(lookup(&mut c, &dir, "vmware.log").await.is_err());
+    drop(c);
+
+    // libnfs writes a new file and lists it with the backup's files.
+    write(&t.path().join("nvram"), b"NVRAM contents");
+    let out = client(
+        "nfs-cp",
+        &[
+            t.path().join("nvram").to_str().unwrap(),
+            &server.libnfs_url("web-lm/web.nvram"),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "nfs-cp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing =
+        String::from_utf8(client("nfs-ls", &[&server.libnfs_url("web-lm")]).stdout).unwrap();
+    for n in [
+        "web.vmx",
+        "web.vmdk",
+        "web-flat.vmdk",
+        "web.nvram",
+        "web-5f2a.vswp",
+        ".lck-00000000000000a1",
+    ] {
+        assert!(listing.contains(n), "{n} missing from:\n{listing}");
+    }
+    let back = client("nfs-cat", &[&server.libnfs_url("web-lm/web.nvram")]);
+    assert_eq!(back.stdout, b"NVRAM contents");
+
+    // A read-only mount refuses every change.
+    server.cli(&["mount", "web", "--name", "web-ro", "--read-only"]);
+    let mut c = connect(&server, "web-ro").await;
+    let dir = c.root_nfs_fh3();
+    let args = CREATE3args {
+        where_: diropargs3 {
+            dir: dir.clone(),
+            name: name("x.lck"),
+        },
+        how: createhow3::UNCHECKED(sattr3::default()),
+    };
+    assert!(matches!(
+        c.create(&args).await.unwrap(),
+        CREATE3res::Err((nfsstat3::NFS3ERR_ROFS, _))
+    ));
+    let flat = lookup(&mut c, &dir, "web-flat.vmdk").await.unwrap();
+    let w = WRITE3args {
+        file: flat,
+        offset: 0,
+        count: 1,
+        stable: stable_how::FILE_SYNC,
+        data: (&[1u8][..]).into(),
+    };
+    assert!(matches!(
+        c.write(&w).await.unwrap(),
+        WRITE3res::Err((nfsstat3::NFS3ERR_ROFS, _))
+    ));
+}
