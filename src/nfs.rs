@@ -8,6 +8,7 @@
 mod errors;
 mod front;
 mod fs;
+mod fsstat;
 pub mod portmap;
 
 pub use errors::{overlay_to_nfsstat, to_nfsstat};

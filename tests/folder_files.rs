@@ -298,6 +298,25 @@ async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protect
     let back = client("nfs-cat", &[&server.libnfs_url("web-lm/web.nvram")]);
     assert_eq!(back.stdout, b"NVRAM contents");
 
+    // FSSTAT reports the space of the filesystem holding the state directory (where writes
+    // land), not nfs3_server's fixed 1 TiB.
+    let mut c = connect(&server, "web-lm").await;
+    let dir = c.root_nfs_fh3();
+    let fs = match c.fsstat(&FSSTAT3args { fsroot: dir }).await.unwrap() {
+        FSSTAT3res::Ok(ok) => ok,
+        FSSTAT3res::Err(e) => panic!("FSSTAT: {e:?}"),
+    };
+    let vfs = rustix::fs::statvfs(&state).unwrap();
+    assert_eq!(fs.tbytes, vfs.f_blocks * vfs.f_frsize, "total bytes");
+    let avail = vfs.f_bavail * vfs.f_frsize;
+    assert!(
+        fs.abytes.abs_diff(avail) < 1 << 30,
+        "available {} vs {avail}",
+        fs.abytes
+    );
+    assert!(fs.abytes <= fs.fbytes && fs.fbytes <= fs.tbytes);
+    drop(c);
+
     // A read-only mount refuses every change.
     server.cli(&["mount", "web", "--name", "web-ro", "--read-only"]);
     let mut c = connect(&server, "web-ro").await;

@@ -15,6 +15,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::fs::{DatastoreFs, MAX_IO};
+use super::fsstat;
 
 /// Largest fragment accepted: a WRITE of `MAX_IO` bytes plus its RPC and NFS headers.
 pub const MAX_FRAGMENT: usize = MAX_IO as usize + 64 * 1024;
@@ -88,6 +90,8 @@ pub struct NfsServer {
     export: Arc<String>,
     allow: AllowList,
     permits: Arc<Semaphore>,
+    /// Where the mounts' writes land: FSSTAT reports this filesystem's space.
+    state_dir: Arc<PathBuf>,
 }
 
 impl NfsServer {
@@ -100,6 +104,7 @@ impl NfsServer {
     ) -> io::Result<NfsServer> {
         let listener = TcpListener::bind(addr).await?;
         let export = format!("/{}", export.trim_matches('/'));
+        let state_dir = Arc::new(fs.state_dir().to_path_buf());
         let mut context = RPCContext::test_ctx(&export, fs);
         context.local_port = listener.local_addr()?.port();
         Ok(NfsServer {
@@ -108,6 +113,7 @@ impl NfsServer {
             export: Arc::new(export),
             allow,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            state_dir,
         })
     }
 
@@ -143,9 +149,10 @@ impl NfsServer {
             let mut context = self.context.clone();
             context.client_addr = peer.to_string();
             let export = self.export.clone();
+            let state_dir = self.state_dir.clone();
             let cancel = cancel.child_token();
             tasks.spawn(async move {
-                serve_connection(socket, peer, context, export, cancel).await;
+                serve_connection(socket, peer, context, export, state_dir, cancel).await;
                 drop(permit);
             });
         }
@@ -157,13 +164,16 @@ async fn serve_connection(
     peer: SocketAddr,
     context: RPCContext<DatastoreFs>,
     export: Arc<String>,
+    state_dir: Arc<PathBuf>,
     cancel: CancellationToken,
 ) {
     let _ = socket.set_nodelay(true);
     let (read, write) = socket.into_split();
     let (tx, rx) = mpsc::channel(RECORD_QUEUE);
+    let pending = Arc::new(fsstat::Pending::default());
+    let calls = pending.clone();
     let framer = tokio::spawn(async move {
-        match frame_records(read, tx, &export).await {
+        match frame_records(read, tx, &export, &calls).await {
             Ok(()) => {}
             // Clients close by resetting as often as not.
             Err(e)
@@ -181,6 +191,14 @@ async fn serve_connection(
         rx,
         current: Bytes::new(),
         write,
+        assembling: Vec::new(),
+        streaming: 0,
+        sending: Vec::new(),
+        sent: 0,
+        owed: 0,
+        continuation: false,
+        pending,
+        state_dir,
     };
     tokio::select! {
         _ = cancel.cancelled() => {}
@@ -199,6 +217,7 @@ async fn frame_records(
     mut read: OwnedReadHalf,
     tx: mpsc::Sender<Bytes>,
     export: &str,
+    fsstat_calls: &fsstat::Pending,
 ) -> io::Result<()> {
     loop {
         let mut record = BytesMut::new();
@@ -227,6 +246,7 @@ async fn frame_records(
                 break;
             }
         }
+        fsstat_calls.note_call(&record);
         let body = rewrite_mount_root(record.freeze(), export);
         let mut framed = BytesMut::with_capacity(body.len() + 4);
         framed.put_u32(0x8000_0000 | body.len() as u32);
@@ -292,11 +312,32 @@ fn put_xdr_string(out: &mut BytesMut, s: &[u8]) {
     out.put_bytes(0, s.len().next_multiple_of(4) - s.len());
 }
 
-/// The stream nfs3_server reads and writes: whole records in, replies straight to the socket.
+/// Replies up to this size are assembled whole so that FSSTAT replies can be corrected; larger
+/// ones (READ data) stream straight to the socket.
+const SMALL_REPLY: usize = 512;
+
+/// The stream nfs3_server reads and writes: whole records in; replies out to the socket, small
+/// ones assembled first so that [`fsstat::Pending`] can correct FSSTAT figures.
+///
+/// Write-side rule: a `poll_write` that returns `Pending` has not consumed the caller's bytes
+/// (the caller retries with the same slice); bytes absorbed into a record that could not be
+/// sent yet are `owed` and acknowledged on the next call, once the record is out.
 struct RecordIo {
     rx: mpsc::Receiver<Bytes>,
     current: Bytes,
     write: OwnedWriteHalf,
+    /// The reply fragment being assembled (header first).
+    assembling: Vec<u8>,
+    /// Body bytes of a large fragment still to pass straight through.
+    streaming: usize,
+    /// A complete small reply going out, and how much of it has.
+    sending: Vec<u8>,
+    sent: usize,
+    owed: usize,
+    /// The previous fragment was not the last of its record.
+    continuation: bool,
+    pending: Arc<fsstat::Pending>,
+    state_dir: Arc<PathBuf>,
 }
 
 impl AsyncRead for RecordIo {
@@ -325,14 +366,92 @@ impl AsyncWrite for RecordIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.write).poll_write(cx, buf)
+        let this = &mut *self;
+        loop {
+            // 1. A complete small reply (or a large one's header) goes out first.
+            if this.sent < this.sending.len() {
+                match Pin::new(&mut this.write).poll_write(cx, &this.sending[this.sent..]) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(Ok(n)) => this.sent += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                continue;
+            }
+            if this.owed > 0 {
+                return Poll::Ready(Ok(std::mem::take(&mut this.owed)));
+            }
+            // 2. The body of a large reply passes straight through.
+            if this.streaming > 0 {
+                let n = buf.len().min(this.streaming);
+                return match Pin::new(&mut this.write).poll_write(cx, &buf[..n]) {
+                    Poll::Ready(Ok(w)) => {
+                        this.streaming -= w;
+                        Poll::Ready(Ok(w))
+                    }
+                    other => other,
+                };
+            }
+            if buf.is_empty() {
+                return Poll::Ready(Ok(0));
+            }
+            // 3. Absorb bytes of the next fragment: its header, then (if small) its body.
+            let have = this.assembling.len();
+            let take = if have < 4 {
+                (4 - have).min(buf.len())
+            } else {
+                (4 + frag_len(&this.assembling) - have).min(buf.len())
+            };
+            this.assembling.extend_from_slice(&buf[..take]);
+            if this.assembling.len() < 4 {
+                return Poll::Ready(Ok(take));
+            }
+            let len = frag_len(&this.assembling);
+            let last = this.assembling[0] & 0x80 != 0;
+            if this.assembling.len() == 4 && len > SMALL_REPLY {
+                // Large: send the header, then stream the body.
+                this.sending = std::mem::take(&mut this.assembling);
+                this.sent = 0;
+                this.owed = take;
+                this.streaming = len;
+                this.continuation = !last;
+                continue;
+            }
+            if this.assembling.len() < 4 + len {
+                return Poll::Ready(Ok(take));
+            }
+            let mut record = std::mem::take(&mut this.assembling);
+            if !this.continuation {
+                let dir = this.state_dir.clone();
+                this.pending
+                    .patch_reply(&mut record[4..], || fsstat::space(&dir));
+            }
+            this.continuation = !last;
+            this.sending = record;
+            this.sent = 0;
+            this.owed = take;
+        }
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.write).poll_flush(cx)
+        let this = &mut *self;
+        while this.sent < this.sending.len() {
+            match Pin::new(&mut this.write).poll_write(cx, &this.sending[this.sent..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => this.sent += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Pin::new(&mut this.write).poll_flush(cx)
     }
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.write).poll_shutdown(cx)
     }
+}
+
+/// The length in a fragment header (the first four bytes of `b`).
+fn frag_len(b: &[u8]) -> usize {
+    (u32::from_be_bytes([b[0], b[1], b[2], b[3]]) & 0x7fff_ffff) as usize
 }
 
 #[cfg(test)]

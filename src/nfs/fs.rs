@@ -53,6 +53,11 @@ impl DatastoreFs {
         }
     }
 
+    /// The state directory, where every mount's writes land.
+    pub fn state_dir(&self) -> &std::path::Path {
+        self.agent.state_dir()
+    }
+
     fn mount_of(&self, fileid: u64) -> Option<Arc<LiveMount>> {
         self.agent.mount_by_id(u32::try_from(fileid >> 32).ok()?)
     }
