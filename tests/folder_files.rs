@@ -163,15 +163,7 @@ async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protect
         &["-o", "subformat=monolithicFlat"],
     );
     let vmx = esxi_config(t.path(), "web", &["web.vmdk"]);
-    let repo = t.path().join("repo");
-    livemount_ok(&["repo", "init", repo.to_str().unwrap()]);
-    livemount_ok(&[
-        "backup",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--config",
-        vmx.to_str().unwrap(),
-    ]);
+    let repo = repo_with_backup(t.path(), &vmx);
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "web", "--name", "web-lm"]);

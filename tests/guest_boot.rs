@@ -6,31 +6,10 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::*;
-
-/// Builds the guest image once per target directory.
-fn guest_image() -> PathBuf {
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-image");
-    let img = out.join("guest.img");
-    let _lock = {
-        std::fs::create_dir_all(&out).unwrap();
-        let f = std::fs::File::create(out.join(".lock")).unwrap();
-        f.lock().unwrap();
-        f
-    };
-    if !img.exists() {
-        let status =
-            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest"))
-                .arg(&out)
-                .status()
-                .expect("running scripts/build-guest (scripts/install-deps installs its tools)");
-        assert!(status.success(), "scripts/build-guest failed");
-    }
-    img
-}
 
 fn boot(image: &str, log: &Path, drive_opts: &str, extra: &[&str]) -> (bool, String) {
     let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/boot-guest"))
@@ -55,15 +34,7 @@ fn guest_boots_its_whole_disk_from_a_live_mount_over_nfs() {
     let t = tempfile::tempdir().unwrap();
     std::fs::copy(&image, t.path().join("guest.img")).unwrap();
     let cfg = kvm_config(t.path(), "lmguest", &[("guest.img", "raw")]);
-    let repo = t.path().join("repo");
-    livemount_ok(&["repo", "init", repo.to_str().unwrap()]);
-    livemount_ok(&[
-        "backup",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let repo = repo_with_backup(t.path(), &cfg);
 
     let _port111 = port_111_lock();
     let server = Server::start(&repo, &t.path().join("state"), "127.0.0.1:111", &[]);

@@ -40,14 +40,7 @@ fn virsh_defines_and_boots_the_rewritten_domain_xml_from_the_live_mount() {
     );
 
     let t = tempfile::tempdir().unwrap();
-    let image = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-image/guest.img");
-    if !image.exists() {
-        let s = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest"))
-            .arg(image.parent().unwrap())
-            .status()
-            .unwrap();
-        assert!(s.success(), "scripts/build-guest failed");
-    }
+    let image = guest_image();
     std::fs::copy(&image, t.path().join("guest.img")).unwrap();
     let console = t.path().join("console.log");
     let vm = format!("lmvirt{}", std::process::id());
@@ -64,15 +57,7 @@ fn virsh_defines_and_boots_the_rewritten_domain_xml_from_the_live_mount() {
     );
     let cfg = t.path().join(format!("{vm}.xml"));
     write(&cfg, xml.as_bytes());
-    let repo = t.path().join("repo");
-    livemount_ok(&["repo", "init", repo.to_str().unwrap()]);
-    livemount_ok(&[
-        "backup",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let repo = repo_with_backup(t.path(), &cfg);
 
     let _port111 = port_111_lock();
     let server = Server::start(&repo, &t.path().join("state"), "127.0.0.1:111", &[]);

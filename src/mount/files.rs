@@ -221,60 +221,54 @@ impl FolderFiles {
         name: &str,
         exclusive: bool,
     ) -> Result<u32, FilesError> {
-        self.check_parent(parent)?;
-        if let Some(id) = self.lookup(parent, name.as_bytes()) {
-            return if exclusive {
-                Err(FilesError::Exists)
-            } else {
-                Ok(id)
-            };
-        }
-        let id = self
-            .change(|t| {
-                if t.entries.len() >= MAX_ENTRIES {
-                    return Err(FilesError::Full);
-                }
-                let id = t.next;
-                t.next += 1;
-                t.entries.insert(
-                    id,
-                    Entry {
-                        name: name.to_string(),
-                        parent,
-                        kind: Kind::File,
-                        mode: 0o644,
-                        mtime: jiff::Timestamp::now(),
-                        size: 0,
-                    },
-                );
-                Ok(id)
-            })
-            .await?;
-        let path = self.data_path(id);
-        blocking(move || write_synced(&path, &[])).await?;
-        Ok(id)
+        self.add_entry(parent, name, Kind::File, exclusive).await
     }
 
     pub async fn mkdir(&self, parent: u32, name: &str) -> Result<u32, FilesError> {
+        self.add_entry(parent, name, Kind::Dir, true).await
+    }
+
+    /// Adds an entry. The name is checked inside the serialised change, so two concurrent
+    /// creates of one name make one entry. A regular file's data file is made lazily (a missing
+    /// one reads as empty), so a crash between the two leaves nothing inconsistent.
+    async fn add_entry(
+        &self,
+        parent: u32,
+        name: &str,
+        kind: Kind,
+        exclusive: bool,
+    ) -> Result<u32, FilesError> {
         self.check_parent(parent)?;
-        if self.lookup(parent, name.as_bytes()).is_some() {
-            return Err(FilesError::Exists);
-        }
         self.change(|t| {
+            let existing = t
+                .entries
+                .iter()
+                .find(|(_, e)| e.parent == parent && e.name == name);
+            if let Some((id, e)) = existing {
+                return if exclusive || e.kind != kind || kind == Kind::Dir {
+                    Err(FilesError::Exists)
+                } else {
+                    Ok(*id)
+                };
+            }
             if t.entries.len() >= MAX_ENTRIES {
                 return Err(FilesError::Full);
             }
             let id = t.next;
             t.next += 1;
+            let (mode, size) = match kind {
+                Kind::File => (0o644, 0),
+                Kind::Dir => (0o755, 4096),
+            };
             t.entries.insert(
                 id,
                 Entry {
                     name: name.to_string(),
                     parent,
-                    kind: Kind::Dir,
-                    mode: 0o755,
+                    kind,
+                    mode,
                     mtime: jiff::Timestamp::now(),
-                    size: 4096,
+                    size,
                 },
             );
             Ok(id)
@@ -377,10 +371,7 @@ impl FolderFiles {
             }
             let path = self.data_path(id);
             blocking(move || {
-                let f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err(&path))?;
+                let f = open_data(&path)?;
                 f.set_len(s).map_err(io_err(&path))?;
                 f.sync_all().map_err(io_err(&path))
             })
@@ -416,8 +407,13 @@ impl FolderFiles {
         }
         let path = self.data_path(id);
         let data = blocking(move || {
-            let f = File::open(&path).map_err(io_err(&path))?;
             let mut buf = vec![0u8; (end - offset) as usize];
+            let f = match File::open(&path) {
+                Ok(f) => f,
+                // Never written: its bytes are zeros.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(buf),
+                Err(e) => return Err(io_err(&path)(e)),
+            };
             // Past the data file's end (a size set larger than what was written) reads zeros.
             let mut done = 0;
             while done < buf.len() {
@@ -454,10 +450,7 @@ impl FolderFiles {
         let path = self.data_path(id);
         let bytes = data.to_vec();
         blocking(move || {
-            let f = OpenOptions::new()
-                .write(true)
-                .open(&path)
-                .map_err(io_err(&path))?;
+            let f = open_data(&path)?;
             f.write_all_at(&bytes, offset).map_err(io_err(&path))?;
             if sync {
                 f.sync_data().map_err(io_err(&path))?;
@@ -484,13 +477,23 @@ impl FolderFiles {
         if self.get(id).is_none_or(|e| e.kind == Kind::Dir) {
             return Ok(());
         }
-        blocking(move || {
-            File::open(&path)
-                .and_then(|f| f.sync_data())
-                .map_err(io_err(&path))
+        blocking(move || match File::open(&path) {
+            Ok(f) => f.sync_data().map_err(io_err(&path)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io_err(&path)(e)),
         })
         .await
     }
+}
+
+/// A regular file's data file, made if it does not exist yet.
+fn open_data(path: &Path) -> Result<File, FilesError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(io_err(path))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), FilesError> {
@@ -520,6 +523,29 @@ fn save_bytes(dir: &Path, bytes: &[u8]) -> Result<(), FilesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn concurrent_creates_of_one_name_make_one_entry() {
+        let t = tempfile::tempdir().unwrap();
+        let f = std::sync::Arc::new(FolderFiles::open(t.path(), "x.vmx", 1, b"x").unwrap());
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let f = f.clone();
+                tokio::spawn(async move { f.create(0, "vmware.log", false).await.unwrap() })
+            })
+            .collect();
+        let mut ids = std::collections::HashSet::new();
+        for t in tasks {
+            ids.insert(t.await.unwrap());
+        }
+        assert_eq!(ids.len(), 1, "one file, whoever won");
+        assert_eq!(f.list(0).len(), 2);
+        // Never written: reads as empty, then as zeros once sized.
+        let id = *ids.iter().next().unwrap();
+        assert_eq!(f.read(id, 0, 10).await.unwrap().0.len(), 0);
+        f.setattr(id, Some(5), None).await.unwrap();
+        assert_eq!(&f.read(id, 0, 10).await.unwrap().0[..], &[0u8; 5]);
+    }
 
     #[tokio::test]
     async fn esxi_config_edit_lock_files_and_swap_survive_reopening() {

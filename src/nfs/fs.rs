@@ -207,6 +207,23 @@ impl DatastoreFs {
     }
 }
 
+impl DatastoreFs {
+    /// Where a new file or folder named `n` goes in folder `d`: refused on a read-only mount,
+    /// for a bad name, or for a name the backup's files already have.
+    fn place_for_new(
+        &self,
+        d: &FileHandleU64,
+        n: &filename3<'_>,
+    ) -> Result<(Arc<LiveMount>, u32, Arc<FolderFiles>, String), nfsstat3> {
+        let (m, parent, folder) = self.dir_for_change(d)?;
+        let name = new_name(n)?;
+        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
+            return Err(nfsstat3::NFS3ERR_EXIST);
+        }
+        Ok((m, parent, folder, name))
+    }
+}
+
 /// What a file id names.
 enum Node {
     Root,
@@ -527,11 +544,7 @@ impl NfsFileSystem for DatastoreFs {
         n: &filename3<'_>,
         a: sattr3,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let (m, parent, folder) = self.dir_for_change(d)?;
-        let name = new_name(n)?;
-        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
-            return Err(nfsstat3::NFS3ERR_EXIST);
-        }
+        let (m, parent, folder, name) = self.place_for_new(d, n)?;
         let low = folder
             .create(parent, &name, false)
             .await
@@ -547,11 +560,7 @@ impl NfsFileSystem for DatastoreFs {
         n: &filename3<'_>,
         _v: nfs::createverf3,
     ) -> Result<FileHandleU64, nfsstat3> {
-        let (m, parent, folder) = self.dir_for_change(d)?;
-        let name = new_name(n)?;
-        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
-            return Err(nfsstat3::NFS3ERR_EXIST);
-        }
+        let (m, parent, folder, name) = self.place_for_new(d, n)?;
         let low = folder
             .create(parent, &name, true)
             .await
@@ -564,11 +573,7 @@ impl NfsFileSystem for DatastoreFs {
         d: &FileHandleU64,
         n: &filename3<'_>,
     ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let (m, parent, folder) = self.dir_for_change(d)?;
-        let name = new_name(n)?;
-        if parent == 0 && m.file_by_name(name.as_bytes()).is_some() {
-            return Err(nfsstat3::NFS3ERR_EXIST);
-        }
+        let (m, parent, folder, name) = self.place_for_new(d, n)?;
         let low = folder
             .mkdir(parent, &name)
             .await

@@ -275,3 +275,36 @@ pub fn port_111_lock() -> std::fs::File {
     f.lock().unwrap();
     f
 }
+
+/// The project's test guest image (built once per target directory by scripts/build-guest).
+pub fn guest_image() -> PathBuf {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest-image");
+    let img = out.join("guest.img");
+    std::fs::create_dir_all(&out).unwrap();
+    let lock = std::fs::File::create(out.join(".lock")).unwrap();
+    lock.lock().unwrap();
+    if !img.exists() {
+        let status =
+            Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest"))
+                .arg(&out)
+                .status()
+                .expect("running scripts/build-guest (scripts/install-deps installs its tools)");
+        assert!(status.success(), "scripts/build-guest failed");
+    }
+    img
+}
+
+/// Makes a repository in `dir/repo` and backs up the VM whose config is `config`; returns the
+/// repository's path.
+pub fn repo_with_backup(dir: &Path, config: &Path) -> PathBuf {
+    let repo = dir.join("repo");
+    livemount_ok(&["repo", "init", repo.to_str().unwrap()]);
+    livemount_ok(&[
+        "backup",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    repo
+}
