@@ -12,6 +12,7 @@
 
 pub mod files;
 pub mod overlay;
+pub mod readahead;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -93,6 +94,7 @@ pub enum Content {
     Disk {
         image: DiskImage,
         overlay: Option<Arc<Overlay>>,
+        readahead: Arc<readahead::ReadAhead>,
     },
 }
 
@@ -142,6 +144,7 @@ impl MountFile {
             Content::Disk {
                 image,
                 overlay: Some(o),
+                ..
             } => o.write(image, offset, data, sync).await,
             _ => Err(OverlayError::NotWritable {
                 file: self.name.clone(),
@@ -170,12 +173,15 @@ impl MountFile {
             }
             Content::Disk {
                 image,
-                overlay: None,
-            } => image.read_at(offset, count as usize).await?,
-            Content::Disk {
-                image,
-                overlay: Some(o),
-            } => o.read(image, offset, count as usize).await?,
+                overlay,
+                readahead,
+            } => {
+                readahead.on_read(image, offset, u64::from(count));
+                match overlay {
+                    None => image.read_at(offset, count as usize).await?,
+                    Some(o) => o.read(image, offset, count as usize).await?,
+                }
+            }
         };
         let eof = offset.saturating_add(data.len() as u64) >= size;
         Ok((data, eof))
@@ -275,7 +281,14 @@ impl LiveMount {
                     })?;
                 Some(Arc::new(o))
             };
-            add(data, Content::Disk { image, overlay });
+            add(
+                data,
+                Content::Disk {
+                    image,
+                    overlay,
+                    readahead: Arc::default(),
+                },
+            );
         }
         Ok(LiveMount {
             spec,

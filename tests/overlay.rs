@@ -13,30 +13,33 @@ use proptest::prelude::*;
 
 /// A backed-up disk (64 KiB chunks, size not a multiple of 4 KiB) read through a cache.
 fn disk(dir: &std::path::Path) -> (tokio::runtime::Runtime, DiskImage, Vec<u8>) {
+    let (rt, image, data, _) = disk_and_cache(dir);
+    (rt, image, data)
+}
+
+/// The same, with the cache the disk reads through.
+fn disk_and_cache(
+    dir: &std::path::Path,
+) -> (tokio::runtime::Runtime, DiskImage, Vec<u8>, Arc<ChunkCache>) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let data = mixed_disk(3 * MIB + 1000, 31);
     write(&dir.join("d.img"), &data);
     let cfg = kvm_config(dir, "ov", &[("d.img", "raw")]);
     let repo = Repository::init(&dir.join("repo"), ChunkSize::new(65536).unwrap()).unwrap();
+    let cache = Arc::new(ChunkCache::new(Arc::new(repo.clone()), 8 << 20));
+    let reader: Arc<dyn ChunkReader> = cache.clone();
     let image = rt.block_on(async {
-        let s = repo
-            .backup(
-                &BackupOptions::from_config_file(&cfg, &[]).unwrap(),
-                &NoProgress,
-            )
-            .await
-            .unwrap();
-        let cache: Arc<dyn ChunkReader> =
-            Arc::new(ChunkCache::new(Arc::new(repo.clone()), 1 << 20));
+        let opts = BackupOptions::from_config_file(&cfg, &[]).unwrap();
+        let s = repo.backup(&opts, &NoProgress).await.unwrap();
         repo.snapshot(&s.snapshot)
             .await
             .unwrap()
             .disk(0)
             .await
             .unwrap()
-            .with_reader(cache)
+            .with_reader(reader)
     });
-    (rt, image, data)
+    (rt, image, data, cache)
 }
 
 fn op() -> impl Strategy<Value = (u64, usize, u8, bool)> {
@@ -101,4 +104,44 @@ fn writes_past_the_end_are_refused_and_change_nothing() {
         let all = overlay.read(&image, 0, size as usize).await.unwrap();
         assert!(all[..] == model[..]);
     });
+}
+
+#[test]
+fn sequential_reads_warm_the_chunks_ahead_and_random_ones_do_not() {
+    use livemount::mount::readahead::ReadAhead;
+    let t = tempfile::tempdir().unwrap();
+    let (rt, image, _data, cache) = disk_and_cache(t.path());
+    let cs = 65536u64;
+    let ahead_cached = |from: u64, to: u64| {
+        (from..to)
+            .filter(|b| image.chunk_of_block(*b).is_some_and(|c| cache.contains(&c)))
+            .count()
+    };
+    rt.block_on(async {
+        // Random reads: nothing is fetched beyond them.
+        let ra = ReadAhead::default();
+        for off in [5 * cs, 20 * cs, 2 * cs, 30 * cs] {
+            ra.on_read(&image, off, 4096);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(cache.stats().misses, 0, "random reads prefetch nothing");
+        // Four sequential 64 KiB reads from block 0: blocks ahead of them arrive in the cache.
+        let ra = ReadAhead::default();
+        for i in 0..4 {
+            ra.on_read(&image, i * cs, cs);
+        }
+    });
+    let nonzero_ahead = (4..8)
+        .filter(|b| image.chunk_of_block(*b).is_some())
+        .count();
+    assert!(nonzero_ahead > 0, "the fixture has data ahead");
+    let t0 = std::time::Instant::now();
+    while ahead_cached(4, 8) < nonzero_ahead && t0.elapsed().as_secs() < 5 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        ahead_cached(4, 8),
+        nonzero_ahead,
+        "every non-zero block of the window is cached"
+    );
 }

@@ -244,6 +244,15 @@ impl DiskImage {
         self.table.len()
     }
 
+    /// Fetches block `idx`'s chunk through the reader (into a cache, if the reader is one)
+    /// without returning it. Zero blocks and blocks past the end cost nothing.
+    pub async fn warm_block(&self, idx: u64) -> Result<(), RepoError> {
+        match self.table.get(idx) {
+            Some(id) => self.reader.read_chunk(&id).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
     /// Reads `len` bytes at `offset`. Shorter only when the range passes the end of the disk
     /// (empty at or past the end). A chunk that is missing or fails its check is an error naming
     /// the disk, the offset and the chunk.

@@ -1,0 +1,78 @@
+//! Read-ahead for sequential readers of a disk (a hypervisor copying it, a guest streaming a
+//! file): while reads keep arriving back to back, the next chunks are fetched into the cache
+//! before they are asked for, in a window that doubles up to [`MAX_WINDOW`] chunks.
+//!
+//! Owns: detecting a sequential stream per disk file, and the prefetches it starts.
+//! Must not: delay the read that triggered it (prefetches run as their own tasks), or grow
+//! without bound (at most [`MAX_INFLIGHT`] chunk prefetches per disk at once; further ones are
+//! skipped, not queued). A prefetch shares its fetch with any VM read of the same chunk through
+//! the cache's single-flight fill. Priority of VM reads over prefetches is the fetch
+//! scheduler's job (issue 5); this is its first, simplest client.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Semaphore;
+
+use crate::repo::DiskImage;
+
+/// Largest read-ahead window, in chunks.
+pub const MAX_WINDOW: u64 = 8;
+/// Chunk prefetches in flight per disk.
+pub const MAX_INFLIGHT: usize = 8;
+
+/// Sequential-read detection and prefetching for one disk.
+#[derive(Debug)]
+pub struct ReadAhead {
+    /// Where the last read ended.
+    last_end: AtomicU64,
+    /// Current window in chunks (0: not sequential).
+    window: AtomicU64,
+    /// Highest block already prefetched or requested, plus one.
+    ahead: AtomicU64,
+    inflight: Arc<Semaphore>,
+}
+
+impl Default for ReadAhead {
+    fn default() -> Self {
+        ReadAhead {
+            last_end: AtomicU64::new(u64::MAX),
+            window: AtomicU64::new(0),
+            ahead: AtomicU64::new(0),
+            inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+        }
+    }
+}
+
+impl ReadAhead {
+    /// Notes a read of `[offset, offset + len)` and, if the stream is sequential, starts
+    /// prefetching the chunks after it. Returns at once.
+    pub fn on_read(&self, image: &DiskImage, offset: u64, len: u64) {
+        let end = offset.saturating_add(len);
+        let previous = self.last_end.swap(end, Ordering::Relaxed);
+        if previous != offset || len == 0 {
+            self.window.store(0, Ordering::Relaxed);
+            self.ahead.store(0, Ordering::Relaxed);
+            return;
+        }
+        let window = (self.window.load(Ordering::Relaxed) * 2).clamp(1, MAX_WINDOW);
+        self.window.store(window, Ordering::Relaxed);
+        let cs = image.chunk_size().as_u64();
+        // From the block holding the next byte, `window` blocks on.
+        let first = (end / cs).max(self.ahead.load(Ordering::Relaxed));
+        let last = (end / cs + window).min(image.block_count());
+        for b in first..last {
+            let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
+                return; // enough in flight; the next read will continue from here
+            };
+            self.ahead.fetch_max(b + 1, Ordering::Relaxed);
+            let image = image.clone();
+            tokio::spawn(async move {
+                // A failed prefetch is not an error: the read that needs the chunk will fetch
+                // it and report any failure to its client.
+                let _ = image.warm_block(b).await;
+                drop(permit);
+            });
+        }
+    }
+}
