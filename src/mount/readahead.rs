@@ -24,7 +24,7 @@ pub const MAX_INFLIGHT: usize = 8;
 /// Sequential-read detection and prefetching for one disk.
 #[derive(Debug)]
 pub struct ReadAhead {
-    /// Where the last read ended.
+    /// The stream's frontier: the highest end of a read in the stream.
     last_end: AtomicU64,
     /// Current window in chunks (0: not sequential).
     window: AtomicU64,
@@ -49,15 +49,23 @@ impl ReadAhead {
     /// prefetching the chunks after it. Returns at once.
     pub fn on_read(&self, image: &DiskImage, offset: u64, len: u64) {
         let end = offset.saturating_add(len);
-        let previous = self.last_end.swap(end, Ordering::Relaxed);
-        if previous != offset || len == 0 {
+        let cs = image.chunk_size().as_u64();
+        // Part of the stream: it starts at the frontier, or (a client with several requests in
+        // flight, which arrive out of order) within the current window behind or ahead of it.
+        let frontier = self.last_end.load(Ordering::Relaxed);
+        let slack = (self.window.load(Ordering::Relaxed) + 1) * cs;
+        let in_stream = frontier != u64::MAX
+            && offset <= frontier.saturating_add(slack)
+            && offset.saturating_add(slack) >= frontier;
+        if !in_stream || len == 0 {
+            self.last_end.store(end, Ordering::Relaxed);
             self.window.store(0, Ordering::Relaxed);
             self.ahead.store(0, Ordering::Relaxed);
             return;
         }
+        let end = self.last_end.fetch_max(end, Ordering::Relaxed).max(end);
         let window = (self.window.load(Ordering::Relaxed) * 2).clamp(1, MAX_WINDOW);
         self.window.store(window, Ordering::Relaxed);
-        let cs = image.chunk_size().as_u64();
         // From the block holding the next byte, `window` blocks on.
         let first = (end / cs).max(self.ahead.load(Ordering::Relaxed));
         let last = (end / cs + window).min(image.block_count());
