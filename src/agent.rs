@@ -114,8 +114,12 @@ impl Agent {
             }
             let spec: MountSpec = serde_json::from_slice(&fs::read(&path)?)
                 .map_err(|e| anyhow::anyhow!("{}: unreadable mount spec: {e}", path.display()))?;
-            let mount = agent.open_mount(spec).await?;
-            agent.insert(mount);
+            // One mount that cannot be opened (its snapshot damaged, say) must not keep the
+            // others from being served: it is left out, loudly, and its state is kept.
+            match agent.open_mount(spec).await {
+                Ok(mount) => agent.insert(mount),
+                Err(e) => tracing::error!(spec = %path.display(), error = %e, "mount not served"),
+            }
         }
         Ok(agent)
     }
@@ -296,11 +300,18 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&m.spec.id);
         // Durable before the mount goes: whatever the VM had acknowledged.
+        let sync_err = |what: String| MountError::State {
+            path: self.overlay_dir(name).display().to_string(),
+            what,
+        };
         for f in &m.files {
-            f.commit().await.map_err(|e| MountError::State {
-                path: self.overlay_dir(name).display().to_string(),
-                what: e.to_string(),
-            })?;
+            f.commit().await.map_err(|e| sync_err(e.to_string()))?;
+        }
+        if let Some(folder) = &m.folder {
+            folder
+                .commit_all()
+                .await
+                .map_err(|e| sync_err(e.to_string()))?;
         }
         if !keep_writes {
             let dir = self.overlay_dir(name);

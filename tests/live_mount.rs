@@ -442,3 +442,39 @@ impl Server {
         Path::new(&format!("/proc/{}", self.child.id())).exists()
     }
 }
+
+#[test]
+fn a_mount_whose_snapshot_is_damaged_does_not_stop_the_others_after_a_restart() {
+    let f = fixture();
+    let state = f.root.join("state");
+    let server = Server::start(&f.repo, &state, "off", &[]);
+    server.cli(&["mount", "kvm01", "--name", "good"]);
+    let esx: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mount", "esx01", "--name", "bad", "--json"])).unwrap();
+    assert!(server.stop().success());
+    let id = esx["mount"]["spec"]["snapshot"].as_str().unwrap();
+    let manifest = f.repo.join("snapshots").join(format!("{id}.json"));
+    let mut bytes = std::fs::read(&manifest).unwrap();
+    bytes[20] ^= 1;
+    std::fs::write(&manifest, bytes).unwrap();
+
+    let server = Server::start(&f.repo, &state, "off", &[]);
+    assert!(
+        read_ok(&server, "good/a.img") == f.kvm_disks[0],
+        "the healthy mount is served"
+    );
+    let mounts = server.cli(&["mounts"]);
+    assert!(
+        mounts.contains("good") && !mounts.contains("bad"),
+        "{mounts}"
+    );
+    let log = server.log_text();
+    assert!(
+        log.contains("mount not served") && log.contains("bad.json"),
+        "{log}"
+    );
+    assert!(
+        state.join("mounts/bad.json").exists(),
+        "its state is kept for when the snapshot is repaired"
+    );
+}

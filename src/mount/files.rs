@@ -471,6 +471,22 @@ impl FolderFiles {
         Ok(e)
     }
 
+    /// Makes every file's data durable.
+    pub async fn commit_all(&self) -> Result<(), FilesError> {
+        let ids: Vec<u32> = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            t.entries
+                .iter()
+                .filter(|(_, e)| e.kind == Kind::File)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        for id in ids {
+            self.commit(id).await?;
+        }
+        Ok(())
+    }
+
     /// Makes a file's data durable.
     pub async fn commit(&self, id: u32) -> Result<(), FilesError> {
         let path = self.data_path(id);

@@ -192,11 +192,18 @@ impl Server {
             portmap,
         ];
         args.extend_from_slice(extra);
+        // One open file for both streams, appending (e.g. to the log of an earlier run of the
+        // same state directory): two separate opens would overwrite each other's lines.
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_livemount"))
             .args(&args)
             .env("LIVEMOUNT_LOG", "info")
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
             .spawn()
             .expect("starting livemount serve");
         let mut server = Server {
