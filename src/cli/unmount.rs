@@ -34,8 +34,13 @@ pub async fn run(a: UnmountArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         super::print_json(&spec)?;
     } else {
+        let writes = if a.keep_writes {
+            "its writes are kept: mount the same snapshot under this name to pick them up"
+        } else {
+            "its writes are discarded"
+        };
         println!(
-            "unmounted {} ({}); the backup is unchanged",
+            "unmounted {} ({}); {writes}; the backup is unchanged",
             spec.name, spec.snapshot_name
         );
     }
