@@ -325,6 +325,24 @@ impl Agent {
         Ok(m.spec.clone())
     }
 
+    /// Makes every mount's acknowledged writes durable (disks' overlays and folder files), as
+    /// COMMIT would. Run at a graceful stop, after the connections are closed.
+    pub async fn sync_all(&self) -> Result<(), MountError> {
+        for m in self.mounts() {
+            let err = |what: String| MountError::State {
+                path: self.overlay_dir(&m.spec.name).display().to_string(),
+                what,
+            };
+            for f in &m.files {
+                f.commit().await.map_err(|e| err(e.to_string()))?;
+            }
+            if let Some(folder) = &m.folder {
+                folder.commit_all().await.map_err(|e| err(e.to_string()))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every mount as listings show it.
     pub async fn list(&self) -> Vec<MountInfo> {
         let mut out = Vec::new();

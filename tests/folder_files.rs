@@ -337,3 +337,57 @@ async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protect
         WRITE3res::Err((nfsstat3::NFS3ERR_ROFS, _))
     ));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_stop_keeps_unstable_writes_that_were_never_committed() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(2 * MIB, 61));
+    let cfg = kvm_config(t.path(), "gs", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "gs", "--name", "gs"]);
+    let mut c = connect(&server, "gs").await;
+    let dir = c.root_nfs_fh3();
+    let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+    let log = create(&mut c, &dir, "vmware.log").await;
+    for (fh, off, data) in [
+        (
+            &disk,
+            12_345u64,
+            &b"written to the disk, never committed"[..],
+        ),
+        (&log, 0, b"log line\n"),
+    ] {
+        let args = WRITE3args {
+            file: fh.clone(),
+            offset: off,
+            count: data.len() as u32,
+            stable: stable_how::UNSTABLE,
+            data: data.into(),
+        };
+        assert!(matches!(c.write(&args).await.unwrap(), WRITE3res::Ok(_)));
+    }
+    drop(c);
+    assert!(server.stop().success(), "SIGTERM exits 0");
+
+    let server = Server::start(&repo, &state, "off", &[]);
+    let mut c = connect(&server, "gs").await;
+    let dir = c.root_nfs_fh3();
+    let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+    let got = match c
+        .read(&READ3args {
+            file: disk,
+            offset: 12_345,
+            count: 36,
+        })
+        .await
+        .unwrap()
+    {
+        READ3res::Ok(ok) => ok.data.to_vec(),
+        READ3res::Err((e, _)) => panic!("READ: {e:?}"),
+    };
+    assert_eq!(&got[..], b"written to the disk, never committed");
+    let log = lookup(&mut c, &dir, "vmware.log").await.unwrap();
+    assert_eq!(read_all(&mut c, &log).await, b"log line\n");
+}

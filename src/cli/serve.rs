@@ -221,5 +221,11 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     tasks.close();
     tasks.wait().await;
     let _ = std::fs::remove_file(state.join(control::ADDR_FILE));
+    // Nothing is serving now: make every acknowledged write durable, committed or not.
+    agent
+        .sync_all()
+        .await
+        .context("syncing the mounts' writes at stop")?;
+    println!("livemount: stopped; every mount's writes are on disk");
     Ok(ExitCode::SUCCESS)
 }
