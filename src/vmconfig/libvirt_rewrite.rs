@@ -579,11 +579,7 @@ impl<'t> Rewriter<'t, '_> {
         let start = edit_tag(self.raw(first), &[("type", kind)], &[]);
         let children = self.children(first);
         let indent = self.indent(&children);
-        let has = |wanted: &str| {
-            children
-                .iter()
-                .any(|child| matches!(child, Child::Element { name, .. } if *name == wanted))
-        };
+        let has = |wanted: &str| has_child(&children, wanted);
         let (has_driver, has_source) = (has("driver"), has("source"));
         if first == last {
             self.out.put(&opened(&start));
@@ -658,11 +654,7 @@ impl<'t> Rewriter<'t, '_> {
         let link = (!self.how.keep_network).then_some("<link state='down'/>");
         let children = self.children(first);
         let indent = self.indent(&children);
-        let has = |wanted: &str| {
-            children
-                .iter()
-                .any(|child| matches!(child, Child::Element { name, .. } if *name == wanted))
-        };
+        let has = |wanted: &str| has_child(&children, wanted);
         let (has_mac, has_link) = (has("mac"), has("link"));
         let last_element = children
             .iter()
@@ -715,6 +707,13 @@ impl<'t> Rewriter<'t, '_> {
             self.out.put(self.raw(last));
         }
     }
+}
+
+/// Whether `children` holds an element named `wanted`.
+fn has_child(children: &[Child<'_>], wanted: &str) -> bool {
+    children
+        .iter()
+        .any(|child| matches!(child, Child::Element { name, .. } if *name == wanted))
 }
 
 #[cfg(test)]
