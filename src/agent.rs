@@ -140,6 +140,11 @@ impl Agent {
         &self.state
     }
 
+    /// The export path (`/livemount`).
+    pub fn export(&self) -> &str {
+        &self.datastore.export
+    }
+
     pub fn started(&self) -> jiff::Timestamp {
         self.started
     }

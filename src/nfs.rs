@@ -1,16 +1,21 @@
-//! The NFS adapter: nfs3_server's traits over live mounts, and the transport front.
+//! The NFS server: NFSv3 and MOUNT v3 over live mounts, and the portmapper.
 //!
-//! Owns: the datastore namespace as NFSv3 sees it ([`DatastoreFs`]), the mapping of errors to
-//! `nfsstat3` (in `errors.rs`, one place), the TCP front ([`NfsServer`]: accept loop, allow-list,
-//! framing, limits, shutdown).
+//! Owns: the datastore namespace as NFSv3 sees it ([`DatastoreFs`]), file handles and the write
+//! verifier (`handle.rs`), ONC RPC headers (`rpc.rs`), the NFS and MOUNT procedures
+//! (`dispatch.rs`), the mapping of errors to `nfsstat3` (in `errors.rs`, one place), the TCP
+//! front ([`NfsServer`]: accept loop, allow-list, framing, limits, shutdown).
 //! Must not: know about chunks; everything below goes through `mount`.
 
+mod dispatch;
 mod errors;
 mod front;
 mod fs;
 mod fsstat;
+mod handle;
 pub mod portmap;
+mod rpc;
 
 pub use errors::{overlay_to_nfsstat, to_nfsstat};
-pub use front::{AllowList, NfsServer, MAX_CONNECTIONS, MAX_FRAGMENT};
+pub use front::{AllowList, NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};
 pub use fs::{DatastoreFs, MAX_IO};
+pub use handle::Identity;

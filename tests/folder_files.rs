@@ -151,6 +151,22 @@ async fn remove(c: &mut Conn, dir: &nfs_fh3, n: &str) -> nfsstat3 {
     }
 }
 
+async fn rmdir(c: &mut Conn, dir: &nfs_fh3, n: &str) -> nfsstat3 {
+    match c
+        .rmdir(&RMDIR3args {
+            object: diropargs3 {
+                dir: dir.clone(),
+                name: name(n),
+            },
+        })
+        .await
+        .unwrap()
+    {
+        RMDIR3res::Ok(_) => nfsstat3::NFS3_OK,
+        RMDIR3res::Err((e, _)) => e,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protected() {
     let t = tempfile::tempdir().unwrap();
@@ -233,8 +249,18 @@ async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protect
         nfsstat3::NFS3ERR_ACCES
     );
     assert_eq!(
-        remove(&mut c, &dir, ".lck-00000000000000a1").await,
+        rmdir(&mut c, &dir, ".lck-00000000000000a1").await,
         nfsstat3::NFS3ERR_NOTEMPTY
+    );
+    assert_eq!(
+        remove(&mut c, &dir, ".lck-00000000000000a1").await,
+        nfsstat3::NFS3ERR_ISDIR,
+        "REMOVE of a folder"
+    );
+    assert_eq!(
+        rmdir(&mut c, &dir, "vmware.log").await,
+        nfsstat3::NFS3ERR_NOTDIR,
+        "RMDIR of a file"
     );
     drop(c);
     drop(server);

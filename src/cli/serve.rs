@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::agent::{Agent, Datastore};
 use crate::control::{self, ApiAddr, ApiState};
 use crate::nfs::portmap::{Mapping, Portmapper};
-use crate::nfs::{AllowList, DatastoreFs, NfsServer};
+use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::repo::Repository;
 
 #[derive(Debug, Args)]
@@ -136,11 +136,21 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         export: export.clone(),
     };
     let agent = Arc::new(Agent::open(repo, datastore, &state, cache_bytes).await?);
+    let identity = Identity::load(&state).with_context(|| {
+        format!(
+            "state directory {}: cannot load the datastore identity",
+            state.display()
+        )
+    })?;
+    if !identity.resumed {
+        tracing::info!("new write verifier: clients resend writes they have not seen committed");
+    }
     let fs = Arc::new(DatastoreFs::new(
         agent.clone(),
         file.allow_auth_none.unwrap_or(false),
+        identity.clone(),
     ));
-    let nfs = NfsServer::bind(nfs_addr, fs, &export, allow.clone())
+    let nfs = NfsServer::bind(nfs_addr, fs, allow.clone())
         .await
         .with_context(|| format!("cannot listen for NFS on {nfs_addr}"))?;
     let nfs_port = nfs.local_addr()?.port();
@@ -226,6 +236,9 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .sync_all()
         .await
         .context("syncing the mounts' writes at stop")?;
+    identity
+        .mark_clean_stop(&state)
+        .context("recording the clean stop")?;
     println!("livemount: stopped; every mount's writes are on disk");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! The one place repository errors become NFS status codes.
 
-use nfs3_server::nfs3_types::nfs3::nfsstat3;
+use nfs3_types::nfs3::nfsstat3;
 
 use crate::mount::files::FilesError;
 use crate::mount::overlay::OverlayError;

@@ -1,26 +1,19 @@
-//! The datastore as nfs3_server sees it: `NfsReadFileSystem` + `NfsFileSystem` over the agent's
-//! live mounts.
+//! The datastore as NFSv3 sees it, over the agent's live mounts: what each file id names, its
+//! attributes, and every operation, in NFS terms (file ids in, `nfsstat3` out).
 //!
-//! Owns: the namespace (root folder -> one folder per mount -> the mount's files), attributes,
-//! READ, READDIR(PLUS), FSINFO, and which calls are refused. Names are single components: `/`,
-//! NUL, empty and over-long names are refused; `.` and `..` resolve within the datastore and can
-//! never leave it.
-//! Must not: touch chunks or the repository directly (reads go through `mount`), or hold a lock
-//! across an await.
-//!
-//! This step serves mounts read-only: every change is NFS3ERR_ROFS. The per-mount overlay for the
-//! VM's writes is the next step of issue 3.
+//! Owns: the namespace (root folder -> one folder per mount -> the mount's files), handles
+//! (through [`Identity`]), attributes, reads, writes, folder changes, and which calls are
+//! refused. Names are single components: `/`, NUL, empty and over-long names are refused; `.`
+//! and `..` resolve within the datastore and can never leave it.
+//! Must not: touch chunks or the repository directly (reads go through `mount`), know about XDR
+//! (`dispatch` does), or hold a lock across an await.
 
 use std::sync::Arc;
 
-use nfs3_server::nfs3_types::nfs3::{
-    self as nfs, fattr3, fileid3, filename3, ftype3, nfspath3, nfsstat3, nfstime3, sattr3,
-    specdata3, FSINFO3resok,
-};
-use nfs3_server::nfs3_types::rpc::auth_unix;
-use nfs3_server::vfs::{
-    DirEntryPlus, FileHandleU64, NextResult, NfsFileSystem, NfsReadFileSystem, ReadDirPlusIterator,
-};
+use bytes::Bytes;
+use nfs3_types::nfs3::{fattr3, fileid3, ftype3, nfsstat3, nfstime3, specdata3};
+
+use super::handle::{Identity, HANDLE_LEN};
 
 use crate::agent::Agent;
 use crate::metrics::Metrics;
@@ -28,7 +21,7 @@ use crate::mount::files::{Entry, FolderFiles, Kind};
 use crate::mount::{LiveMount, MountFile, ROOT_FILEID};
 
 /// Longest name accepted in LOOKUP (NAME_MAX of common file systems).
-const MAX_NAME: usize = 255;
+pub const MAX_NAME: usize = 255;
 /// Largest READ and WRITE the server offers (FSINFO rtmax/wtmax).
 pub const MAX_IO: u32 = 1024 * 1024;
 
@@ -37,10 +30,11 @@ pub struct DatastoreFs {
     agent: Arc<Agent>,
     fsid: u64,
     allow_auth_none: bool,
+    identity: Identity,
 }
 
 impl DatastoreFs {
-    pub fn new(agent: Arc<Agent>, allow_auth_none: bool) -> Self {
+    pub fn new(agent: Arc<Agent>, allow_auth_none: bool, identity: Identity) -> Self {
         let id = agent.repo().id().as_bytes();
         let mut b = [0u8; 8];
         for (i, c) in id.iter().enumerate() {
@@ -50,7 +44,22 @@ impl DatastoreFs {
             agent,
             fsid: u64::from_le_bytes(b),
             allow_auth_none,
+            identity,
         }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The export path (`/livemount`).
+    pub fn export(&self) -> &str {
+        self.agent.export()
+    }
+
+    /// Calls without an AUTH_SYS credential are served (config `allow_auth_none`).
+    pub fn allows_auth_none(&self) -> bool {
+        self.allow_auth_none
     }
 
     /// The state directory, where every mount's writes land.
@@ -184,6 +193,7 @@ impl DatastoreFs {
                 out.push((a.fileid, e.name.into_bytes(), a));
             }
         }
+        out.sort_by_key(|e| e.0);
         Ok(out)
     }
 
@@ -191,9 +201,9 @@ impl DatastoreFs {
     /// folder) and the mount's folder files.
     fn dir_for_change(
         &self,
-        dir: &FileHandleU64,
+        dir: u64,
     ) -> Result<(Arc<LiveMount>, u32, Arc<FolderFiles>), nfsstat3> {
-        let (m, low) = match self.node(dir.as_u64())? {
+        let (m, low) = match self.node(dir)? {
             Node::Root => return Err(nfsstat3::NFS3ERR_ACCES),
             Node::Folder(m) => (m, 0),
             Node::Extra(m, low, e) if e.kind == Kind::Dir => (m, low),
@@ -212,8 +222,8 @@ impl DatastoreFs {
     /// for a bad name, or for a name the backup's files already have.
     fn place_for_new(
         &self,
-        d: &FileHandleU64,
-        n: &filename3<'_>,
+        d: u64,
+        n: &[u8],
     ) -> Result<(Arc<LiveMount>, u32, Arc<FolderFiles>, String), nfsstat3> {
         let (m, parent, folder) = self.dir_for_change(d)?;
         let name = new_name(n)?;
@@ -235,9 +245,9 @@ enum Node {
 }
 
 /// A name for a new file: a single component, UTF-8 (the namespace is stored as JSON).
-fn new_name(name: &filename3<'_>) -> Result<String, nfsstat3> {
-    check_name(name.as_ref())?;
-    let s = std::str::from_utf8(name.as_ref()).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
+fn new_name(name: &[u8]) -> Result<String, nfsstat3> {
+    check_name(name)?;
+    let s = std::str::from_utf8(name).map_err(|_| nfsstat3::NFS3ERR_INVAL)?;
     if s == "." || s == ".." {
         return Err(nfsstat3::NFS3ERR_EXIST);
     }
@@ -262,76 +272,154 @@ fn check_name(name: &[u8]) -> Result<(), nfsstat3> {
     Ok(())
 }
 
-impl NfsReadFileSystem for DatastoreFs {
-    type Handle = FileHandleU64;
+/// How CREATE treats a name that exists (RFC 1813 `createmode3`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// Use the existing file.
+    Unchecked,
+    /// Fail with NFS3ERR_EXIST.
+    Guarded,
+    /// Fail with NFS3ERR_EXIST (the verifier is not kept).
+    Exclusive,
+}
 
-    fn root_dir(&self) -> FileHandleU64 {
-        FileHandleU64::new(ROOT_FILEID)
+/// Attributes a client asks to set; the others (owner, times) are not kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+}
+
+/// Figures for FSINFO.
+#[derive(Debug, Clone, Copy)]
+pub struct FsInfo {
+    pub rtmax: u32,
+    pub pref: u32,
+    pub maxfilesize: u64,
+}
+
+impl DatastoreFs {
+    /// The handle of the datastore root.
+    pub fn root_handle(&self) -> [u8; HANDLE_LEN] {
+        self.identity.handle(ROOT_FILEID, 0)
     }
 
-    fn authorize(&self, auth: Option<&auth_unix>) -> bool {
-        auth.is_some() || self.allow_auth_none
+    /// The handle of a file id, if it names something that exists.
+    pub fn handle_of(&self, fileid: u64) -> Option<[u8; HANDLE_LEN]> {
+        if fileid == ROOT_FILEID {
+            return Some(self.root_handle());
+        }
+        let m = self.mount_of(fileid)?;
+        Some(self.identity.handle(fileid, stamp(&m)))
     }
 
-    async fn lookup(
-        &self,
-        dir: &FileHandleU64,
-        name: &filename3<'_>,
-    ) -> Result<FileHandleU64, nfsstat3> {
-        let dir = dir.as_u64();
-        let name = name.as_ref();
+    /// The file id a client's handle names; NFS3ERR_STALE if it names nothing that exists now
+    /// (another datastore, an unmounted mount, a removed file).
+    pub fn resolve(&self, handle: &[u8]) -> Result<u64, nfsstat3> {
+        let (fileid, mount_stamp) = self.identity.parse(handle)?;
+        if fileid == ROOT_FILEID {
+            return if mount_stamp == 0 {
+                Ok(fileid)
+            } else {
+                Err(nfsstat3::NFS3ERR_STALE)
+            };
+        }
+        let m = self.mount_of(fileid).ok_or(nfsstat3::NFS3ERR_STALE)?;
+        if stamp(&m) != mount_stamp {
+            return Err(nfsstat3::NFS3ERR_STALE);
+        }
+        self.node(fileid)?;
+        Ok(fileid)
+    }
+
+    /// What MOUNT's MNT answers for `path`: the export (`/livemount`, or `""`/`"/"`, which
+    /// clients send for an export's root) or a mount's folder in it (`/livemount/NAME`).
+    pub fn mount_path(&self, path: &[u8]) -> Result<u64, nfsstat3> {
+        let export = self.agent.export().as_bytes();
+        let rest = match path {
+            b"" | b"/" => return Ok(ROOT_FILEID),
+            p if p.strip_suffix(b"/").unwrap_or(p) == export => return Ok(ROOT_FILEID),
+            p => p.strip_prefix(export).ok_or(nfsstat3::NFS3ERR_NOENT)?,
+        };
+        let name = rest.strip_prefix(b"/").ok_or(nfsstat3::NFS3ERR_NOENT)?;
+        let name = name.strip_suffix(b"/").unwrap_or(name);
         check_name(name)?;
-        let h = FileHandleU64::new;
+        self.agent
+            .mount_by_name(name)
+            .map(|m| m.folder_fileid())
+            .ok_or(nfsstat3::NFS3ERR_NOENT)
+    }
+
+    pub fn lookup(&self, dir: u64, name: &[u8]) -> Result<u64, nfsstat3> {
+        check_name(name)?;
         match self.node(dir)? {
             Node::Root => match name {
-                b"." | b".." => Ok(h(ROOT_FILEID)),
+                b"." | b".." => Ok(ROOT_FILEID),
                 n => self
                     .agent
                     .mount_by_name(n)
-                    .map(|m| h(m.folder_fileid()))
+                    .map(|m| m.folder_fileid())
                     .ok_or(nfsstat3::NFS3ERR_NOENT),
             },
             Node::Folder(m) => match name {
-                b"." => Ok(h(dir)),
-                b".." => Ok(h(ROOT_FILEID)),
+                b"." => Ok(dir),
+                b".." => Ok(ROOT_FILEID),
                 n => {
                     if let Some(f) = m.file_by_name(n) {
-                        return Ok(h(f.fileid));
+                        return Ok(f.fileid);
                     }
                     m.folder
                         .as_ref()
                         .and_then(|f| f.lookup(0, n))
-                        .map(|low| h(m.folder_fileid() | u64::from(low)))
+                        .map(|low| m.folder_fileid() | u64::from(low))
                         .ok_or(nfsstat3::NFS3ERR_NOENT)
                 }
             },
             Node::Extra(m, low, e) if e.kind == Kind::Dir => match name {
-                b"." => Ok(h(dir)),
-                b".." => Ok(h(m.folder_fileid() | u64::from(e.parent))),
+                b"." => Ok(dir),
+                b".." => Ok(m.folder_fileid() | u64::from(e.parent)),
                 n => m
                     .folder
                     .as_ref()
                     .and_then(|f| f.lookup(low, n))
-                    .map(|c| h(m.folder_fileid() | u64::from(c)))
+                    .map(|c| m.folder_fileid() | u64::from(c))
                     .ok_or(nfsstat3::NFS3ERR_NOENT),
             },
             _ => Err(nfsstat3::NFS3ERR_NOTDIR),
         }
     }
 
-    async fn getattr(&self, id: &FileHandleU64) -> Result<fattr3, nfsstat3> {
-        Ok(self.node_attr(&self.node(id.as_u64())?))
+    pub fn getattr(&self, id: u64) -> Result<fattr3, nfsstat3> {
+        Ok(self.node_attr(&self.node(id)?))
     }
 
-    async fn read(
-        &self,
-        id: &FileHandleU64,
-        offset: u64,
-        count: u32,
-    ) -> Result<(Vec<u8>, bool), nfsstat3> {
+    /// Which of the ACCESS bits in `asked` are granted: reading and looking up everywhere;
+    /// changing only what a read-write mount lets change (never the backup's disks' size or
+    /// name, never the datastore root).
+    pub fn access(&self, id: u64, asked: u32) -> Result<u32, nfsstat3> {
+        use nfs3_types::nfs3::{
+            ACCESS3_DELETE, ACCESS3_EXECUTE, ACCESS3_EXTEND, ACCESS3_LOOKUP, ACCESS3_MODIFY,
+            ACCESS3_READ,
+        };
+        let read = ACCESS3_READ | ACCESS3_LOOKUP | ACCESS3_EXECUTE;
+        let granted = match self.node(id)? {
+            Node::Root => read,
+            Node::Folder(m) | Node::Extra(m, _, _) if m.spec.read_only => read,
+            Node::Backup(m, _) if m.spec.read_only => read,
+            Node::Folder(_) => read | ACCESS3_MODIFY | ACCESS3_EXTEND | ACCESS3_DELETE,
+            Node::Backup(m, i) if m.files[i].is_writable() => read | ACCESS3_MODIFY,
+            Node::Backup(..) => read,
+            Node::Extra(..) => read | ACCESS3_MODIFY | ACCESS3_EXTEND | ACCESS3_DELETE,
+        };
+        Ok(asked & granted)
+    }
+
+    /// Reads up to `count` bytes (at most [`MAX_IO`]) at `offset`; the flag says the read
+    /// reached the end of the file. A failed read is logged with mount, file and offset.
+    pub async fn read(&self, id: u64, offset: u64, count: u32) -> Result<(Bytes, bool), nfsstat3> {
         let metrics = self.agent.metrics();
         let count = count.min(MAX_IO);
-        let (m, name, result) = match self.node(id.as_u64())? {
+        let (m, name, result) = match self.node(id)? {
             Node::Root | Node::Folder(_) => return Err(nfsstat3::NFS3ERR_ISDIR),
             Node::Backup(m, i) => {
                 let r = m.files[i]
@@ -340,6 +428,10 @@ impl NfsReadFileSystem for DatastoreFs {
                     .map_err(|e| (e.to_string(), super::errors::overlay_to_nfsstat(&e)));
                 let name = m.files[i].name.clone();
                 (m, name, r)
+            }
+            Node::Extra(m, _, e) if e.kind == Kind::Dir => {
+                drop(m);
+                return Err(nfsstat3::NFS3ERR_ISDIR);
             }
             Node::Extra(m, low, e) => {
                 let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_STALE)?;
@@ -358,7 +450,7 @@ impl NfsReadFileSystem for DatastoreFs {
                     .read_bytes
                     .get_or_create(&label)
                     .inc_by(data.len() as u64);
-                Ok((data.to_vec(), eof))
+                Ok((data, eof))
             }
             Err((text, status)) => {
                 metrics.errors.get_or_create(&label).inc();
@@ -368,134 +460,17 @@ impl NfsReadFileSystem for DatastoreFs {
         }
     }
 
-    async fn readdirplus(
+    /// Writes `data` at `offset`; with `sync` the data is durable when this returns. Returns
+    /// the attributes after the write.
+    pub async fn write(
         &self,
-        dir: &FileHandleU64,
-        cookie: u64,
-    ) -> Result<impl ReadDirPlusIterator<FileHandleU64>, nfsstat3> {
-        let entries = self.entries(dir.as_u64())?;
-        let start = usize::try_from(cookie).map_err(|_| nfsstat3::NFS3ERR_BAD_COOKIE)?;
-        if start > entries.len() {
-            return Err(nfsstat3::NFS3ERR_BAD_COOKIE);
-        }
-        Ok(Entries {
-            entries,
-            next: start,
-        })
-    }
-
-    async fn readlink(&self, _id: &FileHandleU64) -> Result<nfspath3<'_>, nfsstat3> {
-        Err(nfsstat3::NFS3ERR_INVAL)
-    }
-
-    async fn fsinfo(&self, root: &FileHandleU64) -> Result<FSINFO3resok, nfsstat3> {
-        let attr = self.getattr(root).await.ok();
-        let largest = self
-            .agent
-            .mounts()
-            .iter()
-            .flat_map(|m| m.files.iter().map(|f| f.size()).collect::<Vec<_>>())
-            .max()
-            .unwrap_or(0);
-        let pref = self.agent.repo().chunk_size().bytes().min(MAX_IO);
-        Ok(FSINFO3resok {
-            obj_attributes: attr.map_or(nfs::post_op_attr::None, nfs::post_op_attr::Some),
-            rtmax: MAX_IO,
-            rtpref: pref,
-            rtmult: 4096,
-            wtmax: MAX_IO,
-            wtpref: pref,
-            wtmult: 4096,
-            dtpref: 64 * 1024,
-            // At least the largest disk; 64 TiB leaves room for disks mounted later.
-            maxfilesize: largest.max(64 << 40),
-            time_delta: nfstime3 {
-                seconds: 0,
-                nseconds: 1,
-            },
-            properties: nfs::FSF3_HOMOGENEOUS | nfs::FSF3_CANSETTIME,
-        })
-    }
-}
-
-/// A folder listing being returned; the cookie of an entry is its position plus one.
-struct Entries {
-    entries: Vec<(fileid3, Vec<u8>, fattr3)>,
-    next: usize,
-}
-
-impl ReadDirPlusIterator<FileHandleU64> for Entries {
-    async fn next(&mut self) -> NextResult<DirEntryPlus<FileHandleU64>> {
-        let Some((fileid, name, attr)) = self.entries.get(self.next).cloned() else {
-            return NextResult::Eof;
-        };
-        self.next += 1;
-        NextResult::Ok(DirEntryPlus {
-            fileid,
-            name: name.into(),
-            cookie: self.next as u64,
-            name_attributes: Some(attr),
-            name_handle: Some(FileHandleU64::new(fileid)),
-        })
-    }
-}
-
-/// Changes: the backup's disks take writes into their overlays and can never be removed,
-/// renamed or resized (NFS3ERR_PERM); every other file and folder in a mount's folder (the
-/// config included) is the hypervisor's to create, write, resize, rename and remove. A
-/// read-only mount refuses every change with NFS3ERR_ROFS; the datastore root is not writable.
-impl NfsFileSystem for DatastoreFs {
-    async fn setattr(&self, id: &FileHandleU64, s: sattr3) -> Result<fattr3, nfsstat3> {
-        let node = self.node(id.as_u64())?;
-        let size = match s.size {
-            nfs::set_size3::Some(v) => Some(v),
-            nfs::set_size3::None => None,
-        };
-        let mode = match s.mode {
-            nfs::set_mode3::Some(v) => Some(v),
-            nfs::set_mode3::None => None,
-        };
-        match node {
-            Node::Root => Ok(self.root_attr()),
-            Node::Folder(ref m) | Node::Backup(ref m, _) | Node::Extra(ref m, _, _)
-                if m.spec.read_only =>
-            {
-                Err(nfsstat3::NFS3ERR_ROFS)
-            }
-            Node::Backup(m, i) => {
-                if size.is_some_and(|v| v != m.files[i].size()) {
-                    return Err(nfsstat3::NFS3ERR_PERM);
-                }
-                Ok(self.file_attr(&m, &m.files[i]))
-            }
-            Node::Extra(m, low, _) => {
-                let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_ROFS)?;
-                let e = folder
-                    .setattr(low, size, mode)
-                    .await
-                    .map_err(|e| super::errors::files_to_nfsstat(&e))?;
-                Ok(self.extra_attr(&m, low, &e))
-            }
-            node @ Node::Folder(_) => Ok(self.node_attr(&node)),
-        }
-    }
-
-    async fn write(
-        &self,
-        id: &FileHandleU64,
+        id: u64,
         offset: u64,
         data: &[u8],
-        stable: nfs::stable_how,
-    ) -> Result<(fattr3, nfs::stable_how), nfsstat3> {
-        let node = self.node(id.as_u64())?;
-        let sync = !matches!(stable, nfs::stable_how::UNSTABLE);
-        let done = if sync {
-            nfs::stable_how::FILE_SYNC
-        } else {
-            nfs::stable_how::UNSTABLE
-        };
+        sync: bool,
+    ) -> Result<fattr3, nfsstat3> {
         let metrics = self.agent.metrics();
-        let (m, name, result) = match node {
+        let (m, name, result) = match self.node(id)? {
             Node::Root | Node::Folder(_) => return Err(nfsstat3::NFS3ERR_ISDIR),
             Node::Backup(ref m, _) | Node::Extra(ref m, _, _) if m.spec.read_only => {
                 return Err(nfsstat3::NFS3ERR_ROFS)
@@ -528,7 +503,7 @@ impl NfsFileSystem for DatastoreFs {
                     .write_bytes
                     .get_or_create(&label)
                     .inc_by(data.len() as u64);
-                Ok((attr, done))
+                Ok(attr)
             }
             Err((text, status)) => {
                 metrics.errors.get_or_create(&label).inc();
@@ -538,119 +513,172 @@ impl NfsFileSystem for DatastoreFs {
         }
     }
 
-    async fn create(
-        &self,
-        d: &FileHandleU64,
-        n: &filename3<'_>,
-        a: sattr3,
-    ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let (m, parent, folder, name) = self.place_for_new(d, n)?;
-        let low = folder
-            .create(parent, &name, false)
-            .await
-            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
-        let h = FileHandleU64::new(m.folder_fileid() | u64::from(low));
-        let attr = self.setattr(&h, a).await?;
-        Ok((h, attr))
-    }
-
-    async fn create_exclusive(
-        &self,
-        d: &FileHandleU64,
-        n: &filename3<'_>,
-        _v: nfs::createverf3,
-    ) -> Result<FileHandleU64, nfsstat3> {
-        let (m, parent, folder, name) = self.place_for_new(d, n)?;
-        let low = folder
-            .create(parent, &name, true)
-            .await
-            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
-        Ok(FileHandleU64::new(m.folder_fileid() | u64::from(low)))
-    }
-
-    async fn mkdir(
-        &self,
-        d: &FileHandleU64,
-        n: &filename3<'_>,
-    ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        let (m, parent, folder, name) = self.place_for_new(d, n)?;
-        let low = folder
-            .mkdir(parent, &name)
-            .await
-            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
-        let e = folder.get(low).ok_or(nfsstat3::NFS3ERR_SERVERFAULT)?;
-        let h = FileHandleU64::new(m.folder_fileid() | u64::from(low));
-        Ok((h, self.extra_attr(&m, low, &e)))
-    }
-
-    async fn remove(&self, d: &FileHandleU64, n: &filename3<'_>) -> Result<(), nfsstat3> {
-        let (m, parent, folder) = self.dir_for_change(d)?;
-        check_name(n.as_ref())?;
-        if parent == 0 && m.file_by_name(n.as_ref()).is_some() {
-            return Err(nfsstat3::NFS3ERR_PERM);
-        }
-        let low = folder
-            .lookup(parent, n.as_ref())
-            .ok_or(nfsstat3::NFS3ERR_NOENT)?;
-        let is_dir = folder.get(low).is_some_and(|e| e.kind == Kind::Dir);
-        folder
-            .remove(parent, n.as_ref(), is_dir)
-            .await
-            .map_err(|e| super::errors::files_to_nfsstat(&e))
-    }
-
-    async fn rename<'a>(
-        &self,
-        fd: &FileHandleU64,
-        fnm: &filename3<'a>,
-        td: &FileHandleU64,
-        tn: &filename3<'a>,
-    ) -> Result<(), nfsstat3> {
-        let (m1, p1, folder) = self.dir_for_change(fd)?;
-        let (m2, p2, _) = self.dir_for_change(td)?;
-        if m1.spec.id != m2.spec.id {
-            return Err(nfsstat3::NFS3ERR_XDEV);
-        }
-        check_name(fnm.as_ref())?;
-        let to = new_name(tn)?;
-        if (p1 == 0 && m1.file_by_name(fnm.as_ref()).is_some())
-            || (p2 == 0 && m1.file_by_name(to.as_bytes()).is_some())
-        {
-            return Err(nfsstat3::NFS3ERR_PERM);
-        }
-        folder
-            .rename(p1, fnm.as_ref(), p2, &to)
-            .await
-            .map_err(|e| super::errors::files_to_nfsstat(&e))
-    }
-
-    async fn symlink<'a>(
-        &self,
-        d: &FileHandleU64,
-        _n: &filename3<'a>,
-        _t: &nfspath3<'a>,
-        _a: &sattr3,
-    ) -> Result<(FileHandleU64, fattr3), nfsstat3> {
-        self.dir_for_change(d)?;
-        Err(nfsstat3::NFS3ERR_NOTSUPP)
-    }
-
-    async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
-        match self.node(id.as_u64())? {
+    /// Makes a file's acknowledged writes durable.
+    pub async fn commit(&self, id: u64) -> Result<(), nfsstat3> {
+        match self.node(id)? {
             Node::Backup(m, i) => m.files[i].commit().await.map_err(|e| {
                 tracing::error!(mount = %m.spec.name, file = %m.files[i].name, error = %e, "commit failed");
                 super::errors::overlay_to_nfsstat(&e)
             }),
             Node::Extra(m, low, _) => match &m.folder {
-                Some(f) => f
-                    .commit(low)
-                    .await
-                    .map_err(|e| super::errors::files_to_nfsstat(&e)),
+                Some(f) => f.commit(low).await.map_err(|e| {
+                    tracing::error!(mount = %m.spec.name, error = %e, "commit failed");
+                    super::errors::files_to_nfsstat(&e)
+                }),
                 None => Ok(()),
             },
             Node::Root | Node::Folder(_) => Ok(()),
         }
     }
+
+    /// Changes: the backup's disks take writes into their overlays and can never be removed,
+    /// renamed or resized (NFS3ERR_PERM); every other file and folder in a mount's folder (the
+    /// config included) is the hypervisor's to create, write, resize, rename and remove. A
+    /// read-only mount refuses every change with NFS3ERR_ROFS; the datastore root cannot be
+    /// changed (NFS3ERR_ACCES).
+    pub async fn setattr(&self, id: u64, s: SetAttr) -> Result<fattr3, nfsstat3> {
+        let node = self.node(id)?;
+        if s == SetAttr::default() {
+            return Ok(self.node_attr(&node));
+        }
+        match node {
+            Node::Root => Err(nfsstat3::NFS3ERR_ACCES),
+            Node::Folder(ref m) | Node::Backup(ref m, _) | Node::Extra(ref m, _, _)
+                if m.spec.read_only =>
+            {
+                Err(nfsstat3::NFS3ERR_ROFS)
+            }
+            Node::Backup(m, i) => {
+                if s.size.is_some_and(|v| v != m.files[i].size()) {
+                    return Err(nfsstat3::NFS3ERR_PERM);
+                }
+                Ok(self.file_attr(&m, &m.files[i]))
+            }
+            Node::Extra(m, low, _) => {
+                let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_ROFS)?;
+                let e = folder
+                    .setattr(low, s.size, s.mode)
+                    .await
+                    .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+                Ok(self.extra_attr(&m, low, &e))
+            }
+            node @ Node::Folder(_) => Ok(self.node_attr(&node)),
+        }
+    }
+
+    /// Creates a regular file; returns its file id.
+    pub async fn create(
+        &self,
+        dir: u64,
+        name: &[u8],
+        mode: CreateMode,
+        attrs: SetAttr,
+    ) -> Result<u64, nfsstat3> {
+        let (m, parent, folder, name) = self.place_for_new(dir, name)?;
+        let low = folder
+            .create(parent, &name, mode != CreateMode::Unchecked)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+        let id = m.folder_fileid() | u64::from(low);
+        self.setattr(id, attrs).await?;
+        Ok(id)
+    }
+
+    pub async fn mkdir(&self, dir: u64, name: &[u8]) -> Result<u64, nfsstat3> {
+        let (m, parent, folder, name) = self.place_for_new(dir, name)?;
+        let low = folder
+            .mkdir(parent, &name)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+        Ok(m.folder_fileid() | u64::from(low))
+    }
+
+    /// Refuses what this datastore does not make (symbolic links, device files, hard links)
+    /// with the error a client should see for that folder.
+    pub fn refuse_special(&self, dir: u64) -> nfsstat3 {
+        match self.dir_for_change(dir) {
+            Ok(_) => nfsstat3::NFS3ERR_NOTSUPP,
+            Err(e) => e,
+        }
+    }
+
+    /// REMOVE (`rmdir` false) or RMDIR (`rmdir` true).
+    pub async fn remove(&self, dir: u64, name: &[u8], rmdir: bool) -> Result<(), nfsstat3> {
+        let (m, parent, folder) = self.dir_for_change(dir)?;
+        check_name(name)?;
+        if name == b"." || name == b".." {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        if parent == 0 && m.file_by_name(name).is_some() {
+            return Err(nfsstat3::NFS3ERR_PERM);
+        }
+        folder
+            .remove(parent, name, rmdir)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))
+    }
+
+    pub async fn rename(
+        &self,
+        from_dir: u64,
+        from: &[u8],
+        to_dir: u64,
+        to: &[u8],
+    ) -> Result<(), nfsstat3> {
+        let (m1, p1, folder) = self.dir_for_change(from_dir)?;
+        let (m2, p2, _) = self.dir_for_change(to_dir)?;
+        if m1.spec.id != m2.spec.id {
+            return Err(nfsstat3::NFS3ERR_XDEV);
+        }
+        check_name(from)?;
+        if from == b"." || from == b".." {
+            return Err(nfsstat3::NFS3ERR_INVAL);
+        }
+        let to = new_name(to)?;
+        if (p1 == 0 && m1.file_by_name(from).is_some())
+            || (p2 == 0 && m1.file_by_name(to.as_bytes()).is_some())
+        {
+            return Err(nfsstat3::NFS3ERR_PERM);
+        }
+        folder
+            .rename(p1, from, p2, &to)
+            .await
+            .map_err(|e| super::errors::files_to_nfsstat(&e))
+    }
+
+    /// The entries of folder `dir` after `cookie` (0: from the start), in file id order. An
+    /// entry's cookie is its file id, so a listing resumes at the right place across restarts
+    /// and while other entries come and go.
+    pub fn readdir(
+        &self,
+        dir: u64,
+        cookie: u64,
+    ) -> Result<Vec<(fileid3, Vec<u8>, fattr3)>, nfsstat3> {
+        let mut entries = self.entries(dir)?;
+        entries.retain(|e| e.0 > cookie);
+        Ok(entries)
+    }
+
+    pub fn fsinfo(&self) -> FsInfo {
+        let largest = self
+            .agent
+            .mounts()
+            .iter()
+            .flat_map(|m| m.files.iter().map(|f| f.size()).collect::<Vec<_>>())
+            .max()
+            .unwrap_or(0);
+        FsInfo {
+            rtmax: MAX_IO,
+            pref: self.agent.repo().chunk_size().bytes().min(MAX_IO),
+            // At least the largest disk; 64 TiB leaves room for disks mounted later.
+            maxfilesize: largest.max(64 << 40),
+        }
+    }
+}
+
+/// A mount's stamp in handles: its creation time in nanoseconds (never 0).
+fn stamp(m: &LiveMount) -> u64 {
+    (m.spec.created.as_nanosecond() as u64).max(1)
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@
 //! more than the stated limits because a peer announced a large length.
 //!
 //! XDR: reply headers, `mapping`, `pmaplist`, fragment headers and strings use the types of
-//! `nfs3_types` (re-exported by `nfs3_server`). The *call* header is decoded by hand with a
+//! `nfs3_types`. The *call* header is decoded by hand with a
 //! bounded slice reader because `nfs3_types`' `call_body` decoder rejects auth flavors it does
 //! not know (e.g. RPCSEC_GSS) and its `Opaque` decoder allocates the announced length before
 //! checking it against the input.
@@ -21,18 +21,20 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use nfs3_server::nfs3_types::portmap::{mapping, pmaplist, IPPROTO_TCP, IPPROTO_UDP, PROGRAM};
-use nfs3_server::nfs3_types::rpc::{
+use nfs3_types::portmap::{mapping, pmaplist, IPPROTO_TCP, IPPROTO_UDP, PROGRAM};
+use nfs3_types::rpc::{
     accept_stat_data, accepted_reply, auth_stat, fragment_header, msg_body, opaque_auth,
     rejected_reply, reply_body, rpc_msg, RPC_VERSION_2,
 };
-use nfs3_server::nfs3_types::xdr_codec::{List, Opaque, Pack, Unpack};
+use nfs3_types::xdr_codec::{List, Opaque, Pack, Unpack};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
+
+use super::rpc::{Reader, MAX_AUTH_BODY};
 
 /// Largest accepted TCP fragment and TCP record (sum of fragments), in bytes.
 const MAX_RECORD: usize = 64 * 1024;
@@ -44,8 +46,6 @@ const MAX_CONNECTIONS: usize = 64;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most mappings a portmapper serves (keeps every DUMP reply well under one UDP datagram).
 const MAX_MAPPINGS: usize = 64;
-/// Largest credential or verifier body (RFC 5531: 400 bytes).
-const MAX_AUTH_BODY: usize = 400;
 /// Largest string accepted in rpcbind arguments (netid, universal address, owner).
 const MAX_ARG_STRING: usize = 1024;
 /// Attempts to find a port number free on both TCP and UDP when binding port 0.
@@ -408,38 +408,6 @@ fn frame_reply(reply: &[u8]) -> Option<Vec<u8>> {
     Some(frame)
 }
 
-/// Bounded XDR reader over a message slice; every read checks the remaining length first.
-struct Reader<'a> {
-    buf: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn u32(&mut self) -> Option<u32> {
-        let (head, rest) = self.buf.split_first_chunk::<4>()?;
-        self.buf = rest;
-        Some(u32::from_be_bytes(*head))
-    }
-
-    /// Variable-length opaque or string of at most `max` bytes (padding skipped).
-    fn opaque(&mut self, max: usize) -> Option<&'a [u8]> {
-        let len = usize::try_from(self.u32()?).ok()?;
-        if len > max {
-            return None;
-        }
-        let padded = len.checked_add(3)? & !3;
-        if padded > self.buf.len() {
-            return None;
-        }
-        let (data, rest) = self.buf.split_at(padded);
-        self.buf = rest;
-        data.get(..len)
-    }
-
-    fn rest(&self) -> &'a [u8] {
-        self.buf
-    }
-}
-
 /// rpcbind v3/v4 `rpcb` entry (RFC 1833), packed with `nfs3_types`' XDR primitives.
 #[derive(Debug)]
 struct Rpcb<'a> {
@@ -455,7 +423,7 @@ impl Pack for Rpcb<'_> {
         8 + self.netid.packed_size() + self.addr.packed_size() + self.owner.packed_size()
     }
 
-    fn pack(&self, out: &mut impl io::Write) -> nfs3_server::nfs3_types::xdr_codec::Result<usize> {
+    fn pack(&self, out: &mut impl io::Write) -> nfs3_types::xdr_codec::Result<usize> {
         Ok(self.prog.pack(out)?
             + self.vers.pack(out)?
             + self.netid.pack(out)?
@@ -482,7 +450,7 @@ impl Pack for RpcbEntry<'_> {
             + self.proto.packed_size()
     }
 
-    fn pack(&self, out: &mut impl io::Write) -> nfs3_server::nfs3_types::xdr_codec::Result<usize> {
+    fn pack(&self, out: &mut impl io::Write) -> nfs3_types::xdr_codec::Result<usize> {
         Ok(self.maddr.pack(out)?
             + self.netid.pack(out)?
             + self.semantics.pack(out)?
@@ -493,7 +461,7 @@ impl Pack for RpcbEntry<'_> {
 
 /// Decodes `rpcb` arguments with bounded strings; only the fields we use are returned.
 fn decode_rpcb(args: &[u8]) -> Option<(u32, u32, &[u8])> {
-    let mut r = Reader { buf: args };
+    let mut r = Reader::new(args);
     let prog = r.u32()?;
     let vers = r.u32()?;
     let netid = r.opaque(MAX_ARG_STRING)?;
@@ -562,7 +530,7 @@ impl Shared {
     /// Decodes one RPC message and builds the reply. `None`: not a call we can even answer
     /// (too short for a header, or a REPLY) — UDP ignores it, TCP closes the connection.
     fn handle(&self, msg: &[u8], ctx: &CallCtx) -> Option<Vec<u8>> {
-        let mut r = Reader { buf: msg };
+        let mut r = Reader::new(msg);
         let xid = r.u32()?;
         if r.u32()? != 0 {
             return None; // not a CALL
@@ -774,8 +742,8 @@ mod tests {
     use nfs3_client::io::{AsyncRead as ClientRead, AsyncWrite as ClientWrite};
     use nfs3_client::rpc::RpcClient;
     use nfs3_client::{PortmapError, PortmapperClient};
-    use nfs3_server::nfs3_types::rpc::{call_body, reject_stat};
-    use nfs3_server::nfs3_types::xdr_codec::Void;
+    use nfs3_types::rpc::{call_body, reject_stat};
+    use nfs3_types::xdr_codec::Void;
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
     use tokio::task::JoinHandle;
@@ -963,10 +931,8 @@ mod tests {
         Io(TcpStream::connect(addr).await.expect("connect"))
     }
 
-    impl nfs3_server::nfs3_types::xdr_codec::Unpack for Rpcb<'static> {
-        fn unpack(
-            r: &mut impl io::Read,
-        ) -> nfs3_server::nfs3_types::xdr_codec::Result<(Self, usize)> {
+    impl nfs3_types::xdr_codec::Unpack for Rpcb<'static> {
+        fn unpack(r: &mut impl io::Read) -> nfs3_types::xdr_codec::Result<(Self, usize)> {
             let (prog, a) = u32::unpack(r)?;
             let (vers, b) = u32::unpack(r)?;
             let (netid, c) = Opaque::unpack(r)?;
@@ -983,10 +949,8 @@ mod tests {
         }
     }
 
-    impl nfs3_server::nfs3_types::xdr_codec::Unpack for RpcbEntry<'static> {
-        fn unpack(
-            r: &mut impl io::Read,
-        ) -> nfs3_server::nfs3_types::xdr_codec::Result<(Self, usize)> {
+    impl nfs3_types::xdr_codec::Unpack for RpcbEntry<'static> {
+        fn unpack(r: &mut impl io::Read) -> nfs3_types::xdr_codec::Result<(Self, usize)> {
             let (maddr, a) = Opaque::unpack(r)?;
             let (netid, b) = Opaque::unpack(r)?;
             let (semantics, c) = u32::unpack(r)?;

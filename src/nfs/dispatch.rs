@@ -1,0 +1,723 @@
+//! The NFSv3 (RFC 1813) and MOUNT v3 programs: decode a call's arguments, run it on the
+//! [`DatastoreFs`], encode the reply.
+//!
+//! Owns: argument decoding (by hand, with the bounded [`Reader`]: a length a client announces is
+//! checked against the bytes that are there before anything is used), the reply layout
+//! (results packed with `nfs3_types`), per-call authentication (AUTH_SYS unless AUTH_NONE is
+//! allowed), weak cache consistency data, and the size limits of READDIR(PLUS) replies.
+//! Must not: decide what a call means for the datastore (that is `fs`), block, or panic on any
+//! input. A READ's data is not copied: the reply carries the cache's `Bytes` to the socket.
+
+use std::io;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use nfs3_types::nfs3::{
+    self as nfs, cookieverf3, entry3, entryplus3, fattr3, nfs_fh3, nfsstat3, nfstime3, wcc_attr,
+    wcc_data, writeverf3, Nfs3Option,
+};
+use nfs3_types::xdr_codec::{List, Opaque, Pack};
+
+use super::fs::{CreateMode, DatastoreFs, SetAttr, MAX_IO};
+use super::rpc::{self, Accept, AuthStat, Call, Cred, Reader};
+
+pub const NFS_PROGRAM: u32 = 100_003;
+pub const MOUNT_PROGRAM: u32 = 100_005;
+/// Longest path MNT takes (RFC 1813 MNTPATHLEN).
+const MNT_PATH_LEN: usize = 1024;
+/// Longest file handle a client may send (NFS3_FHSIZE).
+const FH_MAX: usize = 64;
+
+/// A reply: its header and results, then (for READ) data that goes out as it is, followed by
+/// XDR padding.
+#[derive(Debug)]
+pub struct Reply {
+    pub head: BytesMut,
+    pub data: Bytes,
+}
+
+impl Reply {
+    fn new(head: BytesMut) -> Self {
+        Reply {
+            head,
+            data: Bytes::new(),
+        }
+    }
+
+    /// Length of the whole reply on the wire (without the record mark).
+    pub fn wire_len(&self) -> usize {
+        self.head.len() + self.data.len().next_multiple_of(4)
+    }
+}
+
+/// Answers one call record. `None`: nothing can be answered (not a call at all).
+pub async fn handle(fs: &DatastoreFs, record: &[u8]) -> Option<Reply> {
+    let call = match rpc::parse_call(record) {
+        Ok(c) => c,
+        Err(bad) => return rpc::reply_to_bad_call(&bad).map(Reply::new),
+    };
+    let xid = call.xid;
+    let authorized = match call.cred {
+        Cred::Sys { .. } => true,
+        Cred::None => fs.allows_auth_none() || call.proc_ == 0,
+        Cred::Other(_) => call.proc_ == 0,
+    };
+    let (accept, results) = match (call.prog, call.vers) {
+        (NFS_PROGRAM | MOUNT_PROGRAM, _) if !authorized => {
+            tracing::debug!(prog = call.prog, cred = ?call.cred, "call refused: AUTH_SYS required");
+            return Some(Reply::new(rpc::auth_error(xid, AuthStat::TooWeak)));
+        }
+        (NFS_PROGRAM, 3) => match nfs_call(fs, &call).await {
+            Some(r) => (Accept::Success, r),
+            None => (Accept::GarbageArgs, Results::default()),
+        },
+        (NFS_PROGRAM, _) => (Accept::ProgMismatch { low: 3, high: 3 }, Results::default()),
+        (MOUNT_PROGRAM, 3) => match mount_call(fs, &call) {
+            Some(r) => (Accept::Success, r),
+            None => (Accept::GarbageArgs, Results::default()),
+        },
+        (MOUNT_PROGRAM, _) => (Accept::ProgMismatch { low: 3, high: 3 }, Results::default()),
+        _ => (Accept::ProgUnavail, Results::default()),
+    };
+    let (accept, results) = match results.unavail {
+        true => (Accept::ProcUnavail, Results::default()),
+        false => (accept, results),
+    };
+    let mut head = BytesMut::with_capacity(32 + results.body.len());
+    rpc::put_accepted(&mut head, xid, accept);
+    head.extend_from_slice(&results.body);
+    Some(Reply {
+        head,
+        data: results.data,
+    })
+}
+
+/// A procedure's results: the encoded body and, for READ, its data.
+#[derive(Default)]
+struct Results {
+    body: BytesMut,
+    data: Bytes,
+    /// No such procedure.
+    unavail: bool,
+}
+
+impl Results {
+    fn packed<T: Pack>(value: &T) -> Results {
+        let mut body = BytesMut::with_capacity(value.packed_size());
+        pack(&mut body, value);
+        Results {
+            body,
+            ..Results::default()
+        }
+    }
+
+    fn unavail() -> Results {
+        Results {
+            unavail: true,
+            ..Results::default()
+        }
+    }
+}
+
+fn pack<T: Pack>(out: &mut BytesMut, value: &T) {
+    // Packing into memory cannot fail: every length here fits in 32 bits.
+    let mut w = out.writer();
+    if let Err(e) = value.pack(&mut w) {
+        tracing::error!(error = %e, "cannot encode a reply");
+    }
+}
+
+fn fh(fs: &DatastoreFs, fileid: u64) -> Option<nfs_fh3> {
+    fs.handle_of(fileid).map(|h| nfs_fh3 {
+        data: Opaque::owned(h.to_vec()),
+    })
+}
+
+fn post_op(fs: &DatastoreFs, id: Option<u64>) -> nfs::post_op_attr {
+    match id.and_then(|id| fs.getattr(id).ok()) {
+        Some(a) => Nfs3Option::Some(a),
+        None => Nfs3Option::None,
+    }
+}
+
+fn pre_op(attr: Option<&fattr3>) -> nfs::pre_op_attr {
+    match attr {
+        Some(a) => Nfs3Option::Some(wcc_attr {
+            size: a.size,
+            mtime: a.mtime,
+            ctime: a.ctime,
+        }),
+        None => Nfs3Option::None,
+    }
+}
+
+/// Weak cache consistency data for `id`: `before` as read before the change, after as now.
+fn wcc(fs: &DatastoreFs, id: Option<u64>, before: Option<&fattr3>) -> wcc_data {
+    wcc_data {
+        before: pre_op(before),
+        after: post_op(fs, id),
+    }
+}
+
+fn status(out: &mut BytesMut, s: nfsstat3) {
+    out.put_u32(s as u32);
+}
+
+/// An error reply whose failure body is one `post_op_attr`.
+fn fail_attr(fs: &DatastoreFs, s: nfsstat3, id: Option<u64>) -> Results {
+    let mut body = BytesMut::new();
+    status(&mut body, s);
+    pack(&mut body, &post_op(fs, id));
+    Results {
+        body,
+        ..Results::default()
+    }
+}
+
+/// An error reply whose failure body is one `wcc_data`.
+fn fail_wcc(fs: &DatastoreFs, s: nfsstat3, id: Option<u64>, before: Option<&fattr3>) -> Results {
+    let mut body = BytesMut::new();
+    status(&mut body, s);
+    pack(&mut body, &wcc(fs, id, before));
+    Results {
+        body,
+        ..Results::default()
+    }
+}
+
+/// Decoders for the argument pieces RFC 1813 shares between procedures.
+trait NfsArgs<'a> {
+    fn fh(&mut self) -> Option<&'a [u8]>;
+    fn name(&mut self) -> Option<&'a [u8]>;
+    fn sattr(&mut self) -> Option<SetAttr>;
+}
+
+impl<'a> NfsArgs<'a> for Reader<'a> {
+    fn fh(&mut self) -> Option<&'a [u8]> {
+        self.opaque(FH_MAX)
+    }
+
+    /// A file name of any length the record holds (over-long names get NAMETOOLONG from `fs`).
+    fn name(&mut self) -> Option<&'a [u8]> {
+        self.opaque(usize::MAX)
+    }
+
+    fn sattr(&mut self) -> Option<SetAttr> {
+        let mode = if self.bool()? {
+            Some(self.u32()?)
+        } else {
+            None
+        };
+        for _ in 0..2 {
+            // uid, gid: not kept.
+            if self.bool()? {
+                self.u32()?;
+            }
+        }
+        let size = if self.bool()? {
+            Some(self.u64()?)
+        } else {
+            None
+        };
+        for _ in 0..2 {
+            // atime, mtime: DONT_CHANGE, SET_TO_SERVER_TIME, SET_TO_CLIENT_TIME + time.
+            match self.u32()? {
+                0 | 1 => {}
+                2 => {
+                    self.u32()?;
+                    self.u32()?;
+                }
+                _ => return None,
+            }
+        }
+        Some(SetAttr { size, mode })
+    }
+}
+
+/// Runs an NFSv3 procedure. `None`: the arguments could not be decoded (GARBAGE_ARGS).
+async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
+    let mut r = Reader::new(call.args);
+    let r = &mut r;
+    Some(match call.proc_ {
+        0 => Results::default(),
+        1 => {
+            let h = r.fh()?;
+            match fs.resolve(h).and_then(|id| fs.getattr(id)) {
+                Ok(a) => Results::packed(&nfs::GETATTR3res::Ok(nfs::GETATTR3resok {
+                    obj_attributes: a,
+                })),
+                Err(s) => {
+                    let mut body = BytesMut::new();
+                    status(&mut body, s);
+                    Results {
+                        body,
+                        ..Results::default()
+                    }
+                }
+            }
+        }
+        2 => setattr(fs, r).await?,
+        3 => {
+            let (dir, name) = (r.fh()?, r.name()?);
+            let dir = match fs.resolve(dir) {
+                Ok(d) => d,
+                Err(s) => return Some(fail_attr(fs, s, None)),
+            };
+            match fs.lookup(dir, name) {
+                Ok(id) => match fh(fs, id) {
+                    Some(object) => Results::packed(&nfs::LOOKUP3res::Ok(nfs::LOOKUP3resok {
+                        object,
+                        obj_attributes: post_op(fs, Some(id)),
+                        dir_attributes: post_op(fs, Some(dir)),
+                    })),
+                    None => fail_attr(fs, nfsstat3::NFS3ERR_STALE, Some(dir)),
+                },
+                Err(s) => fail_attr(fs, s, Some(dir)),
+            }
+        }
+        4 => {
+            let (h, asked) = (r.fh()?, r.u32()?);
+            match fs.resolve(h).and_then(|id| Ok((id, fs.access(id, asked)?))) {
+                Ok((id, access)) => Results::packed(&nfs::ACCESS3res::Ok(nfs::ACCESS3resok {
+                    obj_attributes: post_op(fs, Some(id)),
+                    access,
+                })),
+                Err(s) => fail_attr(fs, s, None),
+            }
+        }
+        5 => {
+            // READLINK: there are no symbolic links.
+            let id = fs.resolve(r.fh()?).ok();
+            fail_attr(fs, nfsstat3::NFS3ERR_INVAL, id)
+        }
+        6 => read(fs, r).await?,
+        7 => write(fs, r).await?,
+        8 => create(fs, r).await?,
+        9 => {
+            let (dir, name, _attrs) = (r.fh()?, r.name()?, r.sattr()?);
+            let dir = match fs.resolve(dir) {
+                Ok(d) => d,
+                Err(s) => return Some(fail_wcc(fs, s, None, None)),
+            };
+            let before = fs.getattr(dir).ok();
+            match fs.mkdir(dir, name).await {
+                Ok(id) => Results::packed(&nfs::MKDIR3res::Ok(nfs::MKDIR3resok {
+                    obj: fh(fs, id).map_or(Nfs3Option::None, Nfs3Option::Some),
+                    obj_attributes: post_op(fs, Some(id)),
+                    dir_wcc: wcc(fs, Some(dir), before.as_ref()),
+                })),
+                Err(s) => fail_wcc(fs, s, Some(dir), before.as_ref()),
+            }
+        }
+        // SYMLINK, MKNOD: not made here. Only the folder is decoded.
+        10 | 11 => {
+            let (dir, _name) = (r.fh()?, r.name()?);
+            match fs.resolve(dir) {
+                Ok(d) => fail_wcc(fs, fs.refuse_special(d), Some(d), None),
+                Err(s) => fail_wcc(fs, s, None, None),
+            }
+        }
+        12 | 13 => {
+            let (dir, name) = (r.fh()?, r.name()?);
+            let dir = match fs.resolve(dir) {
+                Ok(d) => d,
+                Err(s) => return Some(fail_wcc(fs, s, None, None)),
+            };
+            let before = fs.getattr(dir).ok();
+            match fs.remove(dir, name, call.proc_ == 13).await {
+                Ok(()) => {
+                    let mut body = BytesMut::new();
+                    status(&mut body, nfsstat3::NFS3_OK);
+                    pack(&mut body, &wcc(fs, Some(dir), before.as_ref()));
+                    Results {
+                        body,
+                        ..Results::default()
+                    }
+                }
+                Err(s) => fail_wcc(fs, s, Some(dir), before.as_ref()),
+            }
+        }
+        14 => {
+            let (from_dir, from, to_dir, to) = (r.fh()?, r.name()?, r.fh()?, r.name()?);
+            let (fd, td) = (fs.resolve(from_dir), fs.resolve(to_dir));
+            let (b1, b2) = (
+                fd.as_ref().ok().and_then(|d| fs.getattr(*d).ok()),
+                td.as_ref().ok().and_then(|d| fs.getattr(*d).ok()),
+            );
+            let result = match (fd, td) {
+                (Ok(f), Ok(t)) => fs.rename(f, from, t, to).await,
+                (Err(s), _) | (_, Err(s)) => Err(s),
+            };
+            let mut body = BytesMut::new();
+            status(&mut body, result.err().unwrap_or(nfsstat3::NFS3_OK));
+            pack(&mut body, &wcc(fs, fd.ok(), b1.as_ref()));
+            pack(&mut body, &wcc(fs, td.ok(), b2.as_ref()));
+            Results {
+                body,
+                ..Results::default()
+            }
+        }
+        15 => {
+            // LINK: no hard links.
+            let (file, dir, _name) = (r.fh()?, r.fh()?, r.name()?);
+            let file = fs.resolve(file).ok();
+            let s = match fs.resolve(dir) {
+                Ok(d) => fs.refuse_special(d),
+                Err(s) => s,
+            };
+            let mut body = BytesMut::new();
+            status(&mut body, s);
+            pack(&mut body, &post_op(fs, file));
+            pack(&mut body, &wcc_data::default());
+            Results {
+                body,
+                ..Results::default()
+            }
+        }
+        16 => {
+            let (dir, cookie, _verf, count) = (r.fh()?, r.u64()?, r.fixed::<8>()?, r.u32()?);
+            readdir(fs, dir, cookie, None, count)
+        }
+        17 => {
+            let (dir, cookie, _verf) = (r.fh()?, r.u64()?, r.fixed::<8>()?);
+            let (dircount, maxcount) = (r.u32()?, r.u32()?);
+            readdir(fs, dir, cookie, Some(dircount), maxcount)
+        }
+        18 => {
+            let id = match fs.resolve(r.fh()?) {
+                Ok(id) => id,
+                Err(s) => return Some(fail_attr(fs, s, None)),
+            };
+            let (total, free, avail) = super::fsstat::space(fs.state_dir()).unwrap_or((0, 0, 0));
+            let (files, ffree, favail) = super::fsstat::files(fs.state_dir()).unwrap_or((0, 0, 0));
+            Results::packed(&nfs::FSSTAT3res::Ok(nfs::FSSTAT3resok {
+                obj_attributes: post_op(fs, Some(id)),
+                tbytes: total,
+                fbytes: free,
+                abytes: avail,
+                tfiles: files,
+                ffiles: ffree,
+                afiles: favail,
+                invarsec: 0,
+            }))
+        }
+        19 => {
+            let id = match fs.resolve(r.fh()?) {
+                Ok(id) => id,
+                Err(s) => return Some(fail_attr(fs, s, None)),
+            };
+            let info = fs.fsinfo();
+            Results::packed(&nfs::FSINFO3res::Ok(nfs::FSINFO3resok {
+                obj_attributes: post_op(fs, Some(id)),
+                rtmax: info.rtmax,
+                rtpref: info.pref,
+                rtmult: 4096,
+                wtmax: info.rtmax,
+                wtpref: info.pref,
+                wtmult: 4096,
+                dtpref: 64 * 1024,
+                maxfilesize: info.maxfilesize,
+                time_delta: nfstime3 {
+                    seconds: 0,
+                    nseconds: 1,
+                },
+                properties: nfs::FSF3_HOMOGENEOUS | nfs::FSF3_CANSETTIME,
+            }))
+        }
+        20 => {
+            let id = match fs.resolve(r.fh()?) {
+                Ok(id) => id,
+                Err(s) => return Some(fail_attr(fs, s, None)),
+            };
+            Results::packed(&nfs::PATHCONF3res::Ok(nfs::PATHCONF3resok {
+                obj_attributes: post_op(fs, Some(id)),
+                linkmax: 1,
+                name_max: super::fs::MAX_NAME as u32,
+                no_trunc: true,
+                chown_restricted: true,
+                case_insensitive: false,
+                case_preserving: true,
+            }))
+        }
+        21 => {
+            let (h, _offset, _count) = (r.fh()?, r.u64()?, r.u32()?);
+            let id = match fs.resolve(h) {
+                Ok(id) => id,
+                Err(s) => return Some(fail_wcc(fs, s, None, None)),
+            };
+            let before = fs.getattr(id).ok();
+            match fs.commit(id).await {
+                Ok(()) => Results::packed(&nfs::COMMIT3res::Ok(nfs::COMMIT3resok {
+                    file_wcc: wcc(fs, Some(id), before.as_ref()),
+                    verf: writeverf3(fs.identity().verifier()),
+                })),
+                Err(s) => fail_wcc(fs, s, Some(id), before.as_ref()),
+            }
+        }
+        _ => Results::unavail(),
+    })
+}
+
+async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+    let (h, attrs) = (r.fh()?, r.sattr()?);
+    let guard = if r.bool()? {
+        Some(nfstime3 {
+            seconds: r.u32()?,
+            nseconds: r.u32()?,
+        })
+    } else {
+        None
+    };
+    let id = match fs.resolve(h) {
+        Ok(id) => id,
+        Err(s) => return Some(fail_wcc(fs, s, None, None)),
+    };
+    let before = fs.getattr(id).ok();
+    if let (Some(g), Some(b)) = (guard, &before) {
+        if g != b.ctime {
+            return Some(fail_wcc(fs, nfsstat3::NFS3ERR_NOT_SYNC, Some(id), Some(b)));
+        }
+    }
+    Some(match fs.setattr(id, attrs).await {
+        Ok(_) => Results::packed(&nfs::SETATTR3res::Ok(nfs::SETATTR3resok {
+            obj_wcc: wcc(fs, Some(id), before.as_ref()),
+        })),
+        Err(s) => fail_wcc(fs, s, Some(id), before.as_ref()),
+    })
+}
+
+async fn read(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+    let (h, offset, count) = (r.fh()?, r.u64()?, r.u32()?);
+    let id = match fs.resolve(h) {
+        Ok(id) => id,
+        Err(s) => return Some(fail_attr(fs, s, None)),
+    };
+    Some(match fs.read(id, offset, count).await {
+        Ok((data, eof)) => {
+            let mut body = BytesMut::with_capacity(128);
+            status(&mut body, nfsstat3::NFS3_OK);
+            pack(&mut body, &post_op(fs, Some(id)));
+            body.put_u32(data.len() as u32);
+            body.put_u32(u32::from(eof));
+            body.put_u32(data.len() as u32);
+            Results {
+                body,
+                data,
+                unavail: false,
+            }
+        }
+        Err(s) => fail_attr(fs, s, Some(id)),
+    })
+}
+
+async fn write(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+    let (h, offset, count, stable) = (r.fh()?, r.u64()?, r.u32()?, r.u32()?);
+    let data = r.opaque(usize::MAX)?;
+    if stable > 2 || (count as usize) > data.len() {
+        return None;
+    }
+    // A client may send more than wtmax; it is told how much was written and sends the rest.
+    let data = &data[..(count.min(MAX_IO) as usize)];
+    let id = match fs.resolve(h) {
+        Ok(id) => id,
+        Err(s) => return Some(fail_wcc(fs, s, None, None)),
+    };
+    let before = fs.getattr(id).ok();
+    let sync = stable != 0;
+    Some(match fs.write(id, offset, data, sync).await {
+        Ok(after) => Results::packed(&nfs::WRITE3res::Ok(nfs::WRITE3resok {
+            file_wcc: wcc_data {
+                before: pre_op(before.as_ref()),
+                after: Nfs3Option::Some(after),
+            },
+            count: data.len() as u32,
+            committed: if sync {
+                nfs::stable_how::FILE_SYNC
+            } else {
+                nfs::stable_how::UNSTABLE
+            },
+            verf: writeverf3(fs.identity().verifier()),
+        })),
+        Err(s) => fail_wcc(fs, s, Some(id), before.as_ref()),
+    })
+}
+
+async fn create(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+    let (dir, name) = (r.fh()?, r.name()?);
+    let (mode, attrs) = match r.u32()? {
+        0 => (CreateMode::Unchecked, r.sattr()?),
+        1 => (CreateMode::Guarded, r.sattr()?),
+        2 => {
+            r.fixed::<8>()?;
+            (CreateMode::Exclusive, SetAttr::default())
+        }
+        _ => return None,
+    };
+    let dir = match fs.resolve(dir) {
+        Ok(d) => d,
+        Err(s) => return Some(fail_wcc(fs, s, None, None)),
+    };
+    let before = fs.getattr(dir).ok();
+    Some(match fs.create(dir, name, mode, attrs).await {
+        Ok(id) => Results::packed(&nfs::CREATE3res::Ok(nfs::CREATE3resok {
+            obj: fh(fs, id).map_or(Nfs3Option::None, Nfs3Option::Some),
+            obj_attributes: post_op(fs, Some(id)),
+            dir_wcc: wcc(fs, Some(dir), before.as_ref()),
+        })),
+        Err(s) => fail_wcc(fs, s, Some(dir), before.as_ref()),
+    })
+}
+
+/// READDIR (`dircount` None) and READDIRPLUS. Entries are added while the reply stays within
+/// `maxcount` bytes (and, for READDIRPLUS, the names and cookies within `dircount`).
+fn readdir(
+    fs: &DatastoreFs,
+    dir: &[u8],
+    cookie: u64,
+    dircount: Option<u32>,
+    maxcount: u32,
+) -> Results {
+    let dir = match fs.resolve(dir) {
+        Ok(d) => d,
+        Err(s) => return fail_attr(fs, s, None),
+    };
+    let entries = match fs.readdir(dir, cookie) {
+        Ok(e) => e,
+        Err(s) => return fail_attr(fs, s, Some(dir)),
+    };
+    let dir_attributes = post_op(fs, Some(dir));
+    // RPC header, status, attributes, verifier, end of list, eof.
+    let mut used = 24 + 4 + dir_attributes.packed_size() + 8 + 4 + 4;
+    let mut dir_used = 0usize;
+    let limit = maxcount as usize;
+    let total = entries.len();
+    let mut plain = Vec::new();
+    let mut plus = Vec::new();
+    for (fileid, name, attr) in entries {
+        let name_len = 4 + name.len().next_multiple_of(4);
+        let dir_part = 8 + name_len + 8;
+        let size = match dircount {
+            None => 4 + dir_part,
+            Some(_) => 4 + dir_part + 4 + 84 + 4 + 4 + super::handle::HANDLE_LEN,
+        };
+        let over_dir = dircount.is_some_and(|d| dir_used + dir_part > d as usize);
+        if used + size > limit || over_dir {
+            break;
+        }
+        used += size;
+        dir_used += dir_part;
+        match dircount {
+            None => plain.push(entry3 {
+                fileid,
+                name: name.into(),
+                cookie: fileid,
+            }),
+            Some(_) => plus.push(entryplus3 {
+                fileid,
+                name: name.into(),
+                cookie: fileid,
+                name_attributes: Nfs3Option::Some(attr),
+                name_handle: fh(fs, fileid).map_or(Nfs3Option::None, Nfs3Option::Some),
+            }),
+        }
+    }
+    let sent = plain.len() + plus.len();
+    if sent == 0 && total > 0 {
+        return fail_attr(fs, nfsstat3::NFS3ERR_TOOSMALL, Some(dir));
+    }
+    let eof = sent == total;
+    let cookieverf = cookieverf3([0; 8]);
+    match dircount {
+        None => Results::packed(&nfs::READDIR3res::Ok(nfs::READDIR3resok {
+            dir_attributes,
+            cookieverf,
+            reply: nfs::dirlist3 {
+                entries: List(plain),
+                eof,
+            },
+        })),
+        Some(_) => Results::packed(&nfs::READDIRPLUS3res::Ok(nfs::READDIRPLUS3resok {
+            dir_attributes,
+            cookieverf,
+            reply: nfs::dirlistplus3 {
+                entries: List(plus),
+                eof,
+            },
+        })),
+    }
+}
+
+/// MOUNT v3 (RFC 1813 appendix I): NULL, MNT, DUMP (empty: mounts are not tracked per
+/// client), UMNT, UMNTALL (nothing to forget), EXPORT (the one export, open to the hosts the
+/// allow-list lets connect).
+fn mount_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
+    let mut r = Reader::new(call.args);
+    let mut body = BytesMut::new();
+    match call.proc_ {
+        0 | 4 => {}
+        1 => {
+            let path = r.opaque(MNT_PATH_LEN)?;
+            match fs
+                .mount_path(path)
+                .and_then(|id| fs.handle_of(id).ok_or(nfsstat3::NFS3ERR_STALE))
+            {
+                Ok(h) => {
+                    body.put_u32(0); // MNT3_OK
+                    rpc::put_opaque(&mut body, &h);
+                    body.put_u32(1); // one flavor: AUTH_SYS
+                    body.put_u32(rpc::AUTH_SYS);
+                }
+                Err(s) => {
+                    tracing::info!(path = %String::from_utf8_lossy(path), "MNT of a path that is not exported");
+                    body.put_u32(mount_status(s));
+                }
+            }
+        }
+        2 => body.put_u32(0), // empty mount list
+        3 => {
+            r.opaque(MNT_PATH_LEN)?;
+        }
+        5 => {
+            body.put_u32(1); // one export
+            rpc::put_opaque(&mut body, fs.export().as_bytes());
+            body.put_u32(0); // no groups
+            body.put_u32(0); // end of list
+        }
+        _ => return Some(Results::unavail()),
+    }
+    Some(Results {
+        body,
+        ..Results::default()
+    })
+}
+
+/// MOUNT's `mountstat3` for an NFS status.
+fn mount_status(s: nfsstat3) -> u32 {
+    match s {
+        nfsstat3::NFS3ERR_NOENT => 2,
+        nfsstat3::NFS3ERR_ACCES => 13,
+        nfsstat3::NFS3ERR_NOTDIR => 20,
+        nfsstat3::NFS3ERR_NAMETOOLONG => 63,
+        _ => 10006, // MNT3ERR_SERVERFAULT
+    }
+}
+
+/// Writes a reply as one record (record mark, head, data, padding), vectored.
+pub async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    reply: Reply,
+) -> io::Result<()> {
+    use bytes::Buf;
+    use tokio::io::AsyncWriteExt;
+    let pad = reply.data.len().next_multiple_of(4) - reply.data.len();
+    let len = u32::try_from(reply.wire_len())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "reply too large"))?;
+    let mark = (0x8000_0000u32 | len).to_be_bytes();
+    let mut buf = (&mark[..])
+        .chain(&reply.head[..])
+        .chain(&reply.data[..])
+        .chain(&[0u8; 3][..pad]);
+    while buf.has_remaining() {
+        w.write_all_buf(&mut buf).await?;
+    }
+    Ok(())
+}
