@@ -5,6 +5,8 @@
 
 #![allow(dead_code)]
 
+pub mod nfs;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -184,13 +186,12 @@ impl Server {
             repo.to_str().unwrap(),
             "--state",
             state.to_str().unwrap(),
-            "--nfs",
-            "127.0.0.1:0",
-            "--api",
-            "127.0.0.1:0",
-            "--portmap",
-            portmap,
         ];
+        // A test that restarts a server under running clients gives it a fixed `--nfs`.
+        if !extra.contains(&"--nfs") {
+            args.extend_from_slice(&["--nfs", "127.0.0.1:0"]);
+        }
+        args.extend_from_slice(&["--api", "127.0.0.1:0", "--portmap", portmap]);
         args.extend_from_slice(extra);
         // One open file for both streams, appending (e.g. to the log of an earlier run of the
         // same state directory): two separate opens would overwrite each other's lines.
@@ -252,6 +253,12 @@ impl Server {
     }
 
     /// Stops the server with SIGTERM and waits for it.
+    /// Kills the server with SIGKILL (no chance to sync or say goodbye).
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
     pub fn stop(mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
