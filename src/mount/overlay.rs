@@ -240,15 +240,38 @@ impl Overlay {
                 .map_err(|source| OverlayError::Io { path: name, source })
         })
         .await?;
-        {
+        // The bits are set only now that the data is in the file (a read that sees a bit reads
+        // the data). The words that changed go to the bitmap file at once, without fsync: a
+        // process that is killed leaves them in the page cache, so an UNSTABLE write survives
+        // `kill -9` (only a machine crash can lose it, and that changes the write verifier).
+        let changed = {
             let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+            let mut changed = false;
             for b in start_b..end_b {
                 if let Some(w) = bits.words.get_mut((b / 64) as usize) {
+                    changed |= *w & (1 << (b % 64)) == 0;
                     *w |= 1 << (b % 64);
                 }
                 let page = (b / 64) * 8 / PAGE;
                 bits.dirty.insert(page);
             }
+            let (w0, w1) = ((start_b / 64) as usize, ((end_b - 1) / 64) as usize);
+            changed.then(|| {
+                let bytes: Vec<u8> = bits.words[w0..=w1.min(bits.words.len() - 1)]
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect();
+                (w0 as u64 * 8, bytes)
+            })
+        };
+        if let Some((at, bytes)) = changed {
+            let (bitmap, name) = (self.bitmap.clone(), self.name.clone());
+            blocking(move || {
+                bitmap
+                    .write_all_at(&bytes, at)
+                    .map_err(|source| OverlayError::Io { path: name, source })
+            })
+            .await?;
         }
         self.written.fetch_add(1, Ordering::SeqCst);
         drop(_serial);

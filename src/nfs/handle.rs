@@ -11,10 +11,13 @@
 //! run, so handles survive restarts and `kill -9`.
 //!
 //! The write verifier (RFC 1813 WRITE/COMMIT) must change exactly when UNSTABLE writes may have
-//! been lost. A graceful stop makes every write durable and then leaves a `clean-stop` file
-//! holding the verifier; the next start takes the verifier from it (and removes the file), so
-//! clients resend nothing. Any other start (first start, after `kill -9` or a crash) makes a new
-//! verifier, and clients resend every write they have not seen committed.
+//! been lost. An UNSTABLE write is in the page cache (data and overlay bitmap) when it is
+//! acknowledged, so a killed process loses none of them; only a machine crash can. The verifier
+//! is therefore kept in `write-verifier` with the kernel's boot id, and kept across restarts of
+//! the same boot. After a reboot it changes, and clients resend every write they have not seen
+//! committed, unless the server stopped gracefully first: a graceful stop makes every write
+//! durable and leaves a `clean-stop` file, and the next start keeps the verifier whatever the
+//! boot.
 
 use std::fs;
 use std::io;
@@ -26,13 +29,15 @@ use nfs3_types::nfs3::nfsstat3;
 pub const HANDLE_LEN: usize = 24;
 const TAG_FILE: &str = "datastore-id";
 const CLEAN_STOP_FILE: &str = "clean-stop";
+const VERIFIER_FILE: &str = "write-verifier";
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The datastore's identity and this run's write verifier.
 #[derive(Debug, Clone)]
 pub struct Identity {
     tag: [u8; 8],
     verifier: [u8; 8],
-    /// The verifier came from a clean stop (clients' unstable writes are all durable).
+    /// The verifier is the previous run's (a clean stop, or a restart within the same boot).
     pub resumed: bool,
 }
 
@@ -83,6 +88,12 @@ impl Identity {
     /// Loads (or makes) the datastore tag and this run's verifier from the state directory.
     /// Call once at start, before serving.
     pub fn load(state: &Path) -> io::Result<Identity> {
+        let boot = fs::read_to_string(BOOT_ID).unwrap_or_default();
+        Identity::load_on_boot(state, boot.trim())
+    }
+
+    /// [`Identity::load`] for a machine whose boot id is `boot` (empty: unknown).
+    pub fn load_on_boot(state: &Path, boot: &str) -> io::Result<Identity> {
         let tag = match read8(&state.join(TAG_FILE))? {
             Some(t) => t,
             None => {
@@ -92,11 +103,23 @@ impl Identity {
             }
         };
         let clean = state.join(CLEAN_STOP_FILE);
-        let (verifier, resumed) = match read8(&clean) {
-            Ok(Some(v)) => (v, true),
-            // No clean stop (or an unreadable marker): unstable writes may be lost.
-            Ok(None) | Err(_) => (random8(), false),
+        let last = match fs::read(state.join(VERIFIER_FILE)) {
+            Ok(b) if b.len() > 8 => Some((
+                <[u8; 8]>::try_from(&b[..8]).unwrap_or_default(),
+                b[8..].to_vec(),
+            )),
+            _ => None,
         };
+        let same_boot = |b: &[u8]| !boot.is_empty() && b == boot.as_bytes();
+        let (verifier, resumed) = match (read8(&clean), last) {
+            (Ok(Some(v)), _) => (v, true),
+            (_, Some((v, b))) if same_boot(&b) => (v, true),
+            // First start, a reboot since, or unreadable state: unstable writes may be lost.
+            _ => (random8(), false),
+        };
+        let mut record = verifier.to_vec();
+        record.extend_from_slice(boot.as_bytes());
+        write_durable(state, VERIFIER_FILE, &record)?;
         match fs::remove_file(&clean) {
             Ok(()) => fs::File::open(state)?.sync_all()?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
@@ -169,21 +192,30 @@ mod tests {
     }
 
     #[test]
-    fn tag_is_kept_and_verifier_survives_only_a_clean_stop() {
+    fn tag_is_kept_and_verifier_changes_only_when_writes_may_be_lost() {
         let dir = tempfile::tempdir().unwrap();
-        let first = Identity::load(dir.path()).unwrap();
+        let first = Identity::load_on_boot(dir.path(), "boot-1").unwrap();
         assert!(!first.resumed);
-        // A crash: no clean-stop marker, so a new verifier, same tag (same handles).
-        let second = Identity::load(dir.path()).unwrap();
+        // A process crash on the same boot: the page cache kept every write.
+        let second = Identity::load_on_boot(dir.path(), "boot-1").unwrap();
         assert_eq!(second.tag, first.tag);
-        assert_ne!(second.verifier, first.verifier);
+        assert_eq!(second.verifier, first.verifier);
         assert_eq!(second.parse(&first.handle(5, 6)), Ok((5, 6)));
-        // A clean stop keeps the verifier, once.
-        second.mark_clean_stop(dir.path()).unwrap();
-        let third = Identity::load(dir.path()).unwrap();
-        assert!(third.resumed);
-        assert_eq!(third.verifier, second.verifier);
-        let fourth = Identity::load(dir.path()).unwrap();
-        assert_ne!(fourth.verifier, third.verifier);
+        // A reboot: same handles, new verifier.
+        let third = Identity::load_on_boot(dir.path(), "boot-2").unwrap();
+        assert_eq!(third.tag, first.tag);
+        assert_ne!(third.verifier, second.verifier);
+        assert!(!third.resumed);
+        // A clean stop keeps the verifier even across a reboot, once.
+        third.mark_clean_stop(dir.path()).unwrap();
+        let fourth = Identity::load_on_boot(dir.path(), "boot-3").unwrap();
+        assert!(fourth.resumed);
+        assert_eq!(fourth.verifier, third.verifier);
+        let fifth = Identity::load_on_boot(dir.path(), "boot-4").unwrap();
+        assert_ne!(fifth.verifier, fourth.verifier);
+        // An unknown boot id never counts as the same boot.
+        let sixth = Identity::load_on_boot(dir.path(), "").unwrap();
+        let seventh = Identity::load_on_boot(dir.path(), "").unwrap();
+        assert_ne!(sixth.verifier, seventh.verifier);
     }
 }
