@@ -11,6 +11,8 @@ mod errors;
 mod front;
 mod fs;
 mod fsstat;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handle;
 pub mod portmap;
 mod rpc;

@@ -253,6 +253,10 @@ impl Server {
     }
 
     /// Stops the server with SIGTERM and waits for it.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills the server with SIGKILL (no chance to sync or say goodbye).
     pub fn kill(mut self) {
         self.child.kill().unwrap();
