@@ -68,6 +68,9 @@ pub struct MountRequest {
     pub read_only: bool,
     #[serde(default)]
     pub keep_network: bool,
+    /// Only these hosts (addresses or CIDRs) may use the mount; empty: all the server allows.
+    #[serde(default)]
+    pub hosts: Vec<String>,
 }
 
 /// A mount as listings show it.
@@ -267,6 +270,15 @@ impl Agent {
             None => format!("{}-lm{id}", sanitize(&info.vm.name)),
         };
         check_name(&name)?;
+        let hosts = req
+            .hosts
+            .iter()
+            .map(|h| {
+                h.parse::<ipnet::IpNet>()
+                    .or_else(|_| h.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| MountError::BadHost { value: h.clone() })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         if mounts.iter().any(|m| m.spec.name == name) {
             return Err(MountError::Exists { name });
         }
@@ -278,6 +290,7 @@ impl Agent {
             read_only: req.read_only,
             keep_network: req.keep_network,
             created: jiff::Timestamp::now(),
+            hosts,
         };
         let mount = self.open_mount(spec.clone()).await?;
         self.persist(&spec)?;

@@ -43,6 +43,10 @@ pub enum MountError {
     },
     #[error("mount {mount}: cannot rewrite the VM's config: {what}")]
     Config { mount: String, what: String },
+    #[error(
+        "--allow {value:?} is not an address or a CIDR such as 10.1.0.0/16; nothing was mounted"
+    )]
+    BadHost { value: String },
     #[error("mount state {path}: {what}")]
     State { path: String, what: String },
 }
@@ -61,6 +65,9 @@ pub struct MountSpec {
     /// Keep the VM's NICs connected (default: disconnected, so it cannot clash with production).
     pub keep_network: bool,
     pub created: jiff::Timestamp,
+    /// Only these client networks may use the mount (empty: every client the server allows).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<ipnet::IpNet>,
 }
 
 /// Checks a mount name: it becomes a folder name in the datastore.
@@ -201,6 +208,15 @@ pub struct LiveMount {
 }
 
 impl LiveMount {
+    /// Whether a client at `ip` may use this mount (`mount --allow`).
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        let ip = match ip {
+            std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+            v4 => v4,
+        };
+        self.spec.hosts.is_empty() || self.spec.hosts.iter().any(|n| n.contains(&ip))
+    }
+
     /// The file id of this mount's folder.
     pub fn folder_fileid(&self) -> u64 {
         u64::from(self.spec.id) << 32

@@ -43,6 +43,10 @@ pub struct MountArgs {
     /// clash with the production one.
     #[arg(long, value_enum, default_value = "disconnect")]
     network: Network,
+    /// Only this host (an address, or a CIDR such as 10.1.0.0/16) may use the mount; repeat
+    /// for more [default: every host the server allows].
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -56,6 +60,7 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         name: a.name.clone(),
         read_only: a.read_only,
         keep_network: matches!(a.network, Network::Keep),
+        hosts: a.allow.clone(),
     };
     let client = Client::from_state(&a.state.state)?;
     let reply: MountReply = client

@@ -72,7 +72,7 @@ impl IntoResponse for ApiError {
 impl From<MountError> for ApiError {
     fn from(e: MountError) -> Self {
         let code = match &e {
-            MountError::BadName { .. } => StatusCode::BAD_REQUEST,
+            MountError::BadName { .. } | MountError::BadHost { .. } => StatusCode::BAD_REQUEST,
             MountError::Exists { .. } => StatusCode::CONFLICT,
             MountError::NotFound { .. } => StatusCode::NOT_FOUND,
             MountError::Repo { source, .. } => match source {

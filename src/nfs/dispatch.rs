@@ -9,6 +9,7 @@
 //! input. A READ's data is not copied: the reply carries the cache's `Bytes` to the socket.
 
 use std::io;
+use std::net::IpAddr;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use nfs3_types::nfs3::{
@@ -50,7 +51,7 @@ impl Reply {
 }
 
 /// Answers one call record. `None`: nothing can be answered (not a call at all).
-pub async fn handle(fs: &DatastoreFs, record: &[u8]) -> Option<Reply> {
+pub async fn handle(fs: &DatastoreFs, record: &[u8], ip: IpAddr) -> Option<Reply> {
     let call = match rpc::parse_call(record) {
         Ok(c) => c,
         Err(bad) => return rpc::reply_to_bad_call(&bad).map(Reply::new),
@@ -66,12 +67,12 @@ pub async fn handle(fs: &DatastoreFs, record: &[u8]) -> Option<Reply> {
             tracing::debug!(prog = call.prog, cred = ?call.cred, "call refused: AUTH_SYS required");
             return Some(Reply::new(rpc::auth_error(xid, AuthStat::TooWeak)));
         }
-        (NFS_PROGRAM, 3) => match nfs_call(fs, &call).await {
+        (NFS_PROGRAM, 3) => match nfs_call(fs, &call, ip).await {
             Some(r) => (Accept::Success, r),
             None => (Accept::GarbageArgs, Results::default()),
         },
         (NFS_PROGRAM, _) => (Accept::ProgMismatch { low: 3, high: 3 }, Results::default()),
-        (MOUNT_PROGRAM, 3) => match mount_call(fs, &call) {
+        (MOUNT_PROGRAM, 3) => match mount_call(fs, &call, ip) {
             Some(r) => (Accept::Success, r),
             None => (Accept::GarbageArgs, Results::default()),
         },
@@ -234,14 +235,14 @@ impl<'a> NfsArgs<'a> for Reader<'a> {
 }
 
 /// Runs an NFSv3 procedure. `None`: the arguments could not be decoded (GARBAGE_ARGS).
-async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
+async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> {
     let mut r = Reader::new(call.args);
     let r = &mut r;
     Some(match call.proc_ {
         0 => Results::default(),
         1 => {
             let h = r.fh()?;
-            match fs.resolve(h).and_then(|id| fs.getattr(id)) {
+            match fs.resolve(h, ip).and_then(|id| fs.getattr(id)) {
                 Ok(a) => Results::packed(&nfs::GETATTR3res::Ok(nfs::GETATTR3resok {
                     obj_attributes: a,
                 })),
@@ -255,14 +256,19 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
                 }
             }
         }
-        2 => setattr(fs, r).await?,
+        2 => setattr(fs, r, ip).await?,
         3 => {
             let (dir, name) = (r.fh()?, r.name()?);
-            let dir = match fs.resolve(dir) {
+            let dir = match fs.resolve(dir, ip) {
                 Ok(d) => d,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
-            match fs.lookup(dir, name) {
+            match fs
+                .lookup(dir, name)
+                .and_then(|id| match fs.host_allowed(id, ip) {
+                    true => Ok(id),
+                    false => Err(nfsstat3::NFS3ERR_ACCES),
+                }) {
                 Ok(id) => match fh(fs, id) {
                     Some(object) => Results::packed(&nfs::LOOKUP3res::Ok(nfs::LOOKUP3resok {
                         object,
@@ -276,7 +282,10 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         }
         4 => {
             let (h, asked) = (r.fh()?, r.u32()?);
-            match fs.resolve(h).and_then(|id| Ok((id, fs.access(id, asked)?))) {
+            match fs
+                .resolve(h, ip)
+                .and_then(|id| Ok((id, fs.access(id, asked)?)))
+            {
                 Ok((id, access)) => Results::packed(&nfs::ACCESS3res::Ok(nfs::ACCESS3resok {
                     obj_attributes: post_op(fs, Some(id)),
                     access,
@@ -286,15 +295,15 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         }
         5 => {
             // READLINK: there are no symbolic links.
-            let id = fs.resolve(r.fh()?).ok();
+            let id = fs.resolve(r.fh()?, ip).ok();
             fail_attr(fs, nfsstat3::NFS3ERR_INVAL, id)
         }
-        6 => read(fs, r).await?,
-        7 => write(fs, r).await?,
-        8 => create(fs, r).await?,
+        6 => read(fs, r, ip).await?,
+        7 => write(fs, r, ip).await?,
+        8 => create(fs, r, ip).await?,
         9 => {
             let (dir, name, _attrs) = (r.fh()?, r.name()?, r.sattr()?);
-            let dir = match fs.resolve(dir) {
+            let dir = match fs.resolve(dir, ip) {
                 Ok(d) => d,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
@@ -311,14 +320,14 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         // SYMLINK, MKNOD: not made here. Only the folder is decoded.
         10 | 11 => {
             let (dir, _name) = (r.fh()?, r.name()?);
-            match fs.resolve(dir) {
+            match fs.resolve(dir, ip) {
                 Ok(d) => fail_wcc(fs, fs.refuse_special(d), Some(d), None),
                 Err(s) => fail_wcc(fs, s, None, None),
             }
         }
         12 | 13 => {
             let (dir, name) = (r.fh()?, r.name()?);
-            let dir = match fs.resolve(dir) {
+            let dir = match fs.resolve(dir, ip) {
                 Ok(d) => d,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
@@ -338,7 +347,7 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         }
         14 => {
             let (from_dir, from, to_dir, to) = (r.fh()?, r.name()?, r.fh()?, r.name()?);
-            let (fd, td) = (fs.resolve(from_dir), fs.resolve(to_dir));
+            let (fd, td) = (fs.resolve(from_dir, ip), fs.resolve(to_dir, ip));
             let (b1, b2) = (
                 fd.as_ref().ok().and_then(|d| fs.getattr(*d).ok()),
                 td.as_ref().ok().and_then(|d| fs.getattr(*d).ok()),
@@ -359,8 +368,8 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         15 => {
             // LINK: no hard links.
             let (file, dir, _name) = (r.fh()?, r.fh()?, r.name()?);
-            let file = fs.resolve(file).ok();
-            let s = match fs.resolve(dir) {
+            let file = fs.resolve(file, ip).ok();
+            let s = match fs.resolve(dir, ip) {
                 Ok(d) => fs.refuse_special(d),
                 Err(s) => s,
             };
@@ -375,15 +384,15 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         }
         16 => {
             let (dir, cookie, _verf, count) = (r.fh()?, r.u64()?, r.fixed::<8>()?, r.u32()?);
-            readdir(fs, dir, cookie, None, count)
+            readdir(fs, ip, dir, cookie, None, count)
         }
         17 => {
             let (dir, cookie, _verf) = (r.fh()?, r.u64()?, r.fixed::<8>()?);
             let (dircount, maxcount) = (r.u32()?, r.u32()?);
-            readdir(fs, dir, cookie, Some(dircount), maxcount)
+            readdir(fs, ip, dir, cookie, Some(dircount), maxcount)
         }
         18 => {
-            let id = match fs.resolve(r.fh()?) {
+            let id = match fs.resolve(r.fh()?, ip) {
                 Ok(id) => id,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
@@ -401,7 +410,7 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
             }))
         }
         19 => {
-            let id = match fs.resolve(r.fh()?) {
+            let id = match fs.resolve(r.fh()?, ip) {
                 Ok(id) => id,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
@@ -424,7 +433,7 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
             }))
         }
         20 => {
-            let id = match fs.resolve(r.fh()?) {
+            let id = match fs.resolve(r.fh()?, ip) {
                 Ok(id) => id,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
@@ -440,7 +449,7 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         }
         21 => {
             let (h, _offset, _count) = (r.fh()?, r.u64()?, r.u32()?);
-            let id = match fs.resolve(h) {
+            let id = match fs.resolve(h, ip) {
                 Ok(id) => id,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
@@ -457,7 +466,7 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
     })
 }
 
-async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
     let (h, attrs) = (r.fh()?, r.sattr()?);
     let guard = if r.bool()? {
         Some(nfstime3 {
@@ -467,7 +476,7 @@ async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
     } else {
         None
     };
-    let id = match fs.resolve(h) {
+    let id = match fs.resolve(h, ip) {
         Ok(id) => id,
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
@@ -485,9 +494,9 @@ async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
     })
 }
 
-async fn read(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+async fn read(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
     let (h, offset, count) = (r.fh()?, r.u64()?, r.u32()?);
-    let id = match fs.resolve(h) {
+    let id = match fs.resolve(h, ip) {
         Ok(id) => id,
         Err(s) => return Some(fail_attr(fs, s, None)),
     };
@@ -509,7 +518,7 @@ async fn read(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
     })
 }
 
-async fn write(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
     let (h, offset, count, stable) = (r.fh()?, r.u64()?, r.u32()?, r.u32()?);
     let data = r.opaque(usize::MAX)?;
     if stable > 2 || (count as usize) > data.len() {
@@ -517,7 +526,7 @@ async fn write(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
     }
     // A client may send more than wtmax; it is told how much was written and sends the rest.
     let data = &data[..(count.min(MAX_IO) as usize)];
-    let id = match fs.resolve(h) {
+    let id = match fs.resolve(h, ip) {
         Ok(id) => id,
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
@@ -541,7 +550,7 @@ async fn write(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
     })
 }
 
-async fn create(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
+async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
     let (dir, name) = (r.fh()?, r.name()?);
     let (mode, attrs) = match r.u32()? {
         0 => (CreateMode::Unchecked, r.sattr()?),
@@ -552,7 +561,7 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
         }
         _ => return None,
     };
-    let dir = match fs.resolve(dir) {
+    let dir = match fs.resolve(dir, ip) {
         Ok(d) => d,
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
@@ -571,17 +580,22 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>) -> Option<Results> {
 /// `maxcount` bytes (and, for READDIRPLUS, the names and cookies within `dircount`).
 fn readdir(
     fs: &DatastoreFs,
+    ip: IpAddr,
     dir: &[u8],
     cookie: u64,
     dircount: Option<u32>,
     maxcount: u32,
 ) -> Results {
-    let dir = match fs.resolve(dir) {
+    let dir = match fs.resolve(dir, ip) {
         Ok(d) => d,
         Err(s) => return fail_attr(fs, s, None),
     };
     let entries = match fs.readdir(dir, cookie) {
-        Ok(e) => e,
+        // The root lists only the mounts this client may use.
+        Ok(mut e) => {
+            e.retain(|(id, _, _)| fs.host_allowed(*id, ip));
+            e
+        }
         Err(s) => return fail_attr(fs, s, Some(dir)),
     };
     let dir_attributes = post_op(fs, Some(dir));
@@ -649,7 +663,7 @@ fn readdir(
 /// MOUNT v3 (RFC 1813 appendix I): NULL, MNT, DUMP (empty: mounts are not tracked per
 /// client), UMNT, UMNTALL (nothing to forget), EXPORT (the one export, open to the hosts the
 /// allow-list lets connect).
-fn mount_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
+fn mount_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> {
     let mut r = Reader::new(call.args);
     let mut body = BytesMut::new();
     match call.proc_ {
@@ -657,7 +671,7 @@ fn mount_call(fs: &DatastoreFs, call: &Call<'_>) -> Option<Results> {
         1 => {
             let path = r.opaque(MNT_PATH_LEN)?;
             match fs
-                .mount_path(path)
+                .mount_path(path, ip)
                 .and_then(|id| fs.handle_of(id).ok_or(nfsstat3::NFS3ERR_STALE))
             {
                 Ok(h) => {

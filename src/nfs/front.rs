@@ -179,7 +179,7 @@ async fn serve_connection(
         };
         let (fs, tx) = (fs.clone(), tx.clone());
         calls.spawn(async move {
-            match dispatch::handle(&fs, &record).await {
+            match dispatch::handle(&fs, &record, peer.ip()).await {
                 Some(reply) => {
                     let _ = tx.send((reply, permit)).await;
                 }

@@ -8,6 +8,7 @@
 //! Must not: touch chunks or the repository directly (reads go through `mount`), know about XDR
 //! (`dispatch` does), or hold a lock across an await.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -314,8 +315,9 @@ impl DatastoreFs {
     }
 
     /// The file id a client's handle names; NFS3ERR_STALE if it names nothing that exists now
-    /// (another datastore, an unmounted mount, a removed file).
-    pub fn resolve(&self, handle: &[u8]) -> Result<u64, nfsstat3> {
+    /// (another datastore, an unmounted mount, a removed file), NFS3ERR_ACCES if its mount is
+    /// limited to other hosts than `ip`.
+    pub fn resolve(&self, handle: &[u8], ip: IpAddr) -> Result<u64, nfsstat3> {
         let (fileid, mount_stamp) = self.identity.parse(handle)?;
         if fileid == ROOT_FILEID {
             return if mount_stamp == 0 {
@@ -328,13 +330,21 @@ impl DatastoreFs {
         if stamp(&m) != mount_stamp {
             return Err(nfsstat3::NFS3ERR_STALE);
         }
+        if !m.allows(ip) {
+            return Err(nfsstat3::NFS3ERR_ACCES);
+        }
         self.node(fileid)?;
         Ok(fileid)
     }
 
+    /// Whether a client at `ip` may use what `fileid` names (`mount --allow`).
+    pub fn host_allowed(&self, fileid: u64, ip: IpAddr) -> bool {
+        fileid == ROOT_FILEID || self.mount_of(fileid).is_some_and(|m| m.allows(ip))
+    }
+
     /// What MOUNT's MNT answers for `path`: the export (`/livemount`, or `""`/`"/"`, which
     /// clients send for an export's root) or a mount's folder in it (`/livemount/NAME`).
-    pub fn mount_path(&self, path: &[u8]) -> Result<u64, nfsstat3> {
+    pub fn mount_path(&self, path: &[u8], ip: IpAddr) -> Result<u64, nfsstat3> {
         let export = self.agent.export().as_bytes();
         let rest = match path {
             b"" | b"/" => return Ok(ROOT_FILEID),
@@ -344,10 +354,14 @@ impl DatastoreFs {
         let name = rest.strip_prefix(b"/").ok_or(nfsstat3::NFS3ERR_NOENT)?;
         let name = name.strip_suffix(b"/").unwrap_or(name);
         check_name(name)?;
-        self.agent
+        let m = self
+            .agent
             .mount_by_name(name)
-            .map(|m| m.folder_fileid())
-            .ok_or(nfsstat3::NFS3ERR_NOENT)
+            .ok_or(nfsstat3::NFS3ERR_NOENT)?;
+        if !m.allows(ip) {
+            return Err(nfsstat3::NFS3ERR_ACCES);
+        }
+        Ok(m.folder_fileid())
     }
 
     pub fn lookup(&self, dir: u64, name: &[u8]) -> Result<u64, nfsstat3> {

@@ -60,6 +60,7 @@ impl Harness {
             name: Some("fz".into()),
             read_only: false,
             keep_network: false,
+            hosts: Vec::new(),
         }))?;
         let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");
         let fs = Arc::new(DatastoreFs::new(Arc::new(agent), false, identity));
@@ -99,20 +100,20 @@ impl Harness {
     /// Answers one call record; returns the reply's length (0: no reply).
     pub fn call(&self, record: &[u8]) -> usize {
         self.rt
-            .block_on(dispatch::handle(&self.fs, record))
+            .block_on(dispatch::handle(&self.fs, record, LOCALHOST))
             .map_or(0, |r| r.wire_len())
     }
 
     /// Answers one call record; returns the reply's header and results (not READ data).
     pub fn reply(&self, record: &[u8]) -> Option<Vec<u8>> {
         self.rt
-            .block_on(dispatch::handle(&self.fs, record))
+            .block_on(dispatch::handle(&self.fs, record, LOCALHOST))
             .map(|r| r.head.to_vec())
     }
 
     /// Handles of the mount's folder and its disk, for [`seed_calls`].
     pub fn handles(&self) -> (Vec<u8>, Vec<u8>) {
-        let dir = self.fs.mount_path(b"/livemount/fz").unwrap_or(0);
+        let dir = self.fs.mount_path(b"/livemount/fz", LOCALHOST).unwrap_or(0);
         let disk = self.fs.lookup(dir, b"d.img").unwrap_or(0);
         let h = |id| {
             self.fs
@@ -129,6 +130,8 @@ impl Drop for Harness {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+const LOCALHOST: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
 /// A call record: RPC header with an AUTH_SYS credential (uid 0), then `args`.
 pub fn call_record(xid: u32, prog: u32, vers: u32, proc_: u32, args: &[u8]) -> Vec<u8> {

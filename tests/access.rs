@@ -1,0 +1,155 @@
+//! Access control on the NFS port: the server's `--allow` list, a mount limited to chosen hosts
+//! (`mount --allow`), and AUTH_SYS required. Clients connect from chosen loopback addresses
+//! (127.0.0.1 and 127.0.0.2) with raw RPC records.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::*;
+use livemount::nfs::fuzzing::call_record;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+const NFS: u32 = 100_003;
+const MOUNT: u32 = 100_005;
+
+async fn connect_from(src: &str, port: u16) -> std::io::Result<TcpStream> {
+    let s = TcpSocket::new_v4()?;
+    s.bind(format!("{src}:0").parse::<SocketAddr>().unwrap())?;
+    s.connect(([127, 0, 0, 1], port).into()).await
+}
+
+/// Sends one record and reads the reply record; `None` if the server closed the connection.
+async fn rpc(s: &mut TcpStream, record: &[u8]) -> Option<Vec<u8>> {
+    let mut framed = (0x8000_0000u32 | record.len() as u32)
+        .to_be_bytes()
+        .to_vec();
+    framed.extend_from_slice(record);
+    s.write_all(&framed).await.ok()?;
+    let mut mark = [0u8; 4];
+    s.read_exact(&mut mark).await.ok()?;
+    let mut reply = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
+    s.read_exact(&mut reply).await.ok()?;
+    Some(reply)
+}
+
+fn word(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes(b[at..at + 4].try_into().unwrap())
+}
+
+fn xdr_string(s: &[u8]) -> Vec<u8> {
+    let mut out = (s.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(s);
+    out.resize(4 + s.len().next_multiple_of(4), 0);
+    out
+}
+
+/// MNT of `path`: Ok(handle) or Err(mountstat3).
+async fn mnt(s: &mut TcpStream, path: &str) -> Result<Vec<u8>, u32> {
+    let reply = rpc(
+        s,
+        &call_record(1, MOUNT, 3, 1, &xdr_string(path.as_bytes())),
+    )
+    .await
+    .expect("a MNT reply");
+    assert_eq!(word(&reply, 20), 0, "accepted");
+    match word(&reply, 24) {
+        0 => {
+            let len = word(&reply, 28) as usize;
+            Ok(reply[32..32 + len].to_vec())
+        }
+        e => Err(e),
+    }
+}
+
+/// GETATTR: the NFS status.
+async fn getattr(s: &mut TcpStream, fh: &[u8]) -> u32 {
+    let reply = rpc(s, &call_record(2, NFS, 3, 1, &xdr_string(fh)))
+        .await
+        .expect("a GETATTR reply");
+    assert_eq!(word(&reply, 20), 0, "accepted");
+    word(&reply, 24)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mounts_limited_to_hosts_and_the_server_allow_list_refuse_everyone_else() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 5));
+    let cfg = kvm_config(t.path(), "ac", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "ac", "--name", "open"]);
+    server.cli(&["mount", "ac", "--name", "only2", "--allow", "127.0.0.2"]);
+    let port = server.nfs_port;
+
+    // A bad host is a clear error, and nothing is mounted.
+    let out = livemount(&[
+        "mount",
+        "ac",
+        "--name",
+        "bad",
+        "--allow",
+        "10.0.0.0/33",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("10.0.0.0/33") && err.contains("CIDR"), "{err}");
+    assert!(!server.cli(&["mounts"]).contains("bad"));
+
+    // 127.0.0.2 may use both mounts.
+    let mut two = connect_from("127.0.0.2", port).await.unwrap();
+    let h2 = mnt(&mut two, "/livemount/only2").await.unwrap();
+    assert_eq!(getattr(&mut two, &h2).await, 0);
+    let ho = mnt(&mut two, "/livemount/open").await.unwrap();
+    assert_eq!(getattr(&mut two, &ho).await, 0);
+
+    // 127.0.0.1 may use only the open one: MNT refused, a handle it got elsewhere refused,
+    // and the mount is not listed.
+    let mut one = connect_from("127.0.0.1", port).await.unwrap();
+    assert_eq!(mnt(&mut one, "/livemount/only2").await.unwrap_err(), 13);
+    assert_eq!(getattr(&mut one, &h2).await, 13, "NFS3ERR_ACCES");
+    assert_eq!(getattr(&mut one, &ho).await, 0);
+    let listing = client(
+        "nfs-ls",
+        &[&format!(
+            "nfs://127.0.0.1/livemount/?nfsport={port}&mountport={port}&version=3"
+        )],
+    );
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("open") && !listing.contains("only2"),
+        "{listing}"
+    );
+
+    // AUTH_NONE is refused (AUTH_ERROR, AUTH_TOOWEAK) for everything but NULL.
+    let mut none = call_record(3, NFS, 3, 1, &xdr_string(&ho));
+    let cred_len = word(&none, 28) as usize;
+    none.splice(24..32 + cred_len, [0u8; 8]);
+    let reply = rpc(&mut one, &none).await.unwrap();
+    assert_eq!(
+        (word(&reply, 8), word(&reply, 12), word(&reply, 16)),
+        (1, 1, 5)
+    );
+    drop((one, two));
+    assert!(server.stop().success());
+
+    // The server's own allow-list: only 127.0.0.2 may connect at all.
+    let server = Server::start(&repo, &state, "off", &["--allow", "127.0.0.2/32"]);
+    let port = server.nfs_port;
+    let mut one = connect_from("127.0.0.1", port).await.unwrap();
+    assert!(
+        rpc(
+            &mut one,
+            &call_record(4, MOUNT, 3, 1, &xdr_string(b"/livemount"))
+        )
+        .await
+        .is_none(),
+        "a connection from outside the allow-list is closed"
+    );
+    let mut two = connect_from("127.0.0.2", port).await.unwrap();
+    assert!(mnt(&mut two, "/livemount").await.is_ok());
+}
