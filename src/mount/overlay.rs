@@ -281,6 +281,23 @@ impl Overlay {
         Ok(())
     }
 
+    /// The current bytes of bitmap pages: (file offset, bytes) each.
+    fn page_bytes(&self, pages: &[u64]) -> Vec<(u64, Vec<u8>)> {
+        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        pages
+            .iter()
+            .map(|p| {
+                let w0 = ((p * PAGE / 8) as usize).min(bits.words.len());
+                let w1 = (w0 + (PAGE / 8) as usize).min(bits.words.len());
+                let bytes = bits.words[w0..w1]
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .collect();
+                (p * PAGE, bytes)
+            })
+            .collect()
+    }
+
     /// Makes every write so far durable: data first, then the bitmap pages that name it.
     pub async fn commit(&self) -> Result<(), OverlayError> {
         let target = self.written.load(Ordering::SeqCst);
@@ -289,36 +306,34 @@ impl Overlay {
             return Ok(()); // a commit that ran while we waited covered our writes
         }
         let now = self.written.load(Ordering::SeqCst);
-        let (pages, words) = {
+        let pages: Vec<u64> = {
             let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-            let pages: Vec<u64> = std::mem::take(&mut bits.dirty).into_iter().collect();
-            let words: Vec<(u64, Vec<u8>)> = pages
-                .iter()
-                .map(|p| {
-                    let w0 = (p * PAGE / 8) as usize;
-                    let w1 = (w0 + (PAGE / 8) as usize).min(bits.words.len());
-                    let bytes = bits.words[w0..w1]
-                        .iter()
-                        .flat_map(|w| w.to_le_bytes())
-                        .collect();
-                    (p * PAGE, bytes)
-                })
-                .collect();
-            (pages, words)
+            std::mem::take(&mut bits.dirty).into_iter().collect()
         };
         let (data, bitmap, name) = (self.data.clone(), self.bitmap.clone(), self.name.clone());
-        let result = blocking(move || {
-            let err = |source| OverlayError::Io {
-                path: name.clone(),
-                source,
-            };
-            data.sync_data().map_err(err)?;
-            for (off, bytes) in &words {
-                bitmap.write_all_at(bytes, *off).map_err(err)?;
-            }
-            bitmap.sync_data().map_err(err)?;
-            Ok(())
-        })
+        let err = move |source| OverlayError::Io {
+            path: name.clone(),
+            source,
+        };
+        let result = async {
+            let e = err.clone();
+            blocking(move || data.sync_data().map_err(e)).await?;
+            // The pages as they are now, written under the writers' lock: a write's own update
+            // of its bitmap words (made so that `kill -9` loses nothing) is never overwritten by
+            // an older copy of the page.
+            let _writers = self.writes.lock().await;
+            let words = self.page_bytes(&pages);
+            let (b, e) = (bitmap.clone(), err.clone());
+            blocking(move || {
+                for (off, bytes) in &words {
+                    b.write_all_at(bytes, *off).map_err(&e)?;
+                }
+                Ok(())
+            })
+            .await?;
+            drop(_writers);
+            blocking(move || bitmap.sync_data().map_err(err)).await
+        }
         .await;
         match result {
             Ok(()) => {
