@@ -145,3 +145,46 @@ fn sequential_reads_warm_the_chunks_ahead_and_random_ones_do_not() {
         "every non-zero block of the window is cached"
     );
 }
+
+/// Reopening on the same boot (a killed process) keeps every write, committed or not; after a
+/// reboot (the live bitmap's boot id differs) only committed writes count, and the durable
+/// bitmap never names data that was not synced. The first COMMIT after reopening syncs.
+#[test]
+fn uncommitted_writes_survive_a_killed_process_and_only_committed_ones_a_reboot() {
+    let t = tempfile::tempdir().unwrap();
+    let (rt, image, model) = disk(t.path());
+    let size = model.len() as u64;
+    let ov_dir = t.path().join("ov");
+    let overlay = Overlay::open(&ov_dir, "disk0", size).unwrap();
+    rt.block_on(async {
+        overlay.write(&image, 0, &[1; 4096], false).await.unwrap();
+        overlay.commit().await.unwrap();
+        overlay.write(&image, 8192, &[2; 100], false).await.unwrap();
+    });
+    drop(overlay); // as if killed: no commit
+    let again = Overlay::open(&ov_dir, "disk0", size).unwrap();
+    let mut want = model.clone();
+    want[..4096].fill(1);
+    want[8192..8292].fill(2);
+    let all = rt.block_on(again.read(&image, 0, size as usize)).unwrap();
+    assert!(all[..] == want[..], "same boot: both writes are there");
+    assert_eq!(again.written_blocks(), 2);
+    drop(again);
+
+    // A reboot: the live bitmap carries another boot id.
+    let live = ov_dir.join("disk0.live");
+    let mut bytes = std::fs::read(&live).unwrap();
+    bytes[..8].copy_from_slice(b"another-");
+    std::fs::write(&live, bytes).unwrap();
+    let rebooted = Overlay::open(&ov_dir, "disk0", size).unwrap();
+    let mut want = model.clone();
+    want[..4096].fill(1);
+    let all = rt
+        .block_on(rebooted.read(&image, 0, size as usize))
+        .unwrap();
+    assert!(
+        all[..] == want[..],
+        "after a reboot: only the committed write"
+    );
+    assert_eq!(rebooted.written_blocks(), 1);
+}

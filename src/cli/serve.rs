@@ -154,6 +154,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen for NFS on {nfs_addr}"))?;
     let nfs_port = nfs.local_addr()?.port();
+    let undrained = nfs.undrained();
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -236,9 +237,13 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .sync_all()
         .await
         .context("syncing the mounts' writes at stop")?;
-    identity
-        .mark_clean_stop(&state)
-        .context("recording the clean stop")?;
+    if undrained.load(std::sync::atomic::Ordering::SeqCst) {
+        tracing::warn!("some calls were aborted at the stop: the write verifier will change");
+    } else {
+        identity
+            .mark_clean_stop(&state)
+            .context("recording the clean stop")?;
+    }
     println!("livemount: stopped; every mount's writes are on disk");
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,9 @@
 //! A disk's overlay: the blocks a VM wrote, kept apart from the backup.
 //!
-//! Owns: two files per disk in the mount's overlay folder, `N.data` (sparse, the disk's size;
-//! written blocks at their own offsets) and `N.bitmap` (one bit per 4 KiB block, set once the
-//! block's data is durable), and the read and write paths over them.
+//! Owns: three files per disk in the mount's overlay folder, `N.data` (sparse, the disk's size;
+//! written blocks at their own offsets), `N.bitmap` (one bit per 4 KiB block, set once the
+//! block's data is durable) and `N.live` (the kernel's boot id, then the bitmap as the writes
+//! left it, durable or not), and the read and write paths over them.
 //! Must not: touch the backup: reads fall through to the [`DiskImage`] for blocks not written.
 //!
 //! Ordering rules:
@@ -11,8 +12,15 @@
 //! - Writes to one disk are serialised (an async mutex), which keeps read-modify-write of
 //!   partial blocks atomic; reads never wait for it.
 //! - Durability: data is fdatasynced before the bitmap pages naming it are written and synced.
-//!   UNSTABLE writes set bits in memory only; `commit` makes them durable. Concurrent commits
-//!   share one sync: a commit that finds its writes already synced returns at once.
+//!   Concurrent commits share one sync: a commit that finds its writes already synced returns
+//!   at once. The first commit after opening always syncs (writes of an earlier process may
+//!   still be only in the page cache).
+//! - A killed process loses no acknowledged write: each write also writes the bitmap words it
+//!   touched to `N.live` (page cache, no fsync) before it is acknowledged. At open, `N.live` is
+//!   merged into the bitmap only if it was written on the same boot of the machine (then the
+//!   page cache holds its data too); after a reboot it is discarded, the durable bitmap is
+//!   what counts, and the NFS write verifier changes so that clients resend what they had not
+//!   seen committed. A bit in `N.bitmap` therefore never reaches the disk before its data.
 //! - Bitmap bits are only ever set, never cleared (the disk's size is fixed).
 
 use std::collections::BTreeSet;
@@ -31,6 +39,16 @@ use crate::repo::{DiskImage, RepoError};
 pub const BLOCK: u64 = 4096;
 /// Bitmap bytes written per dirty page at commit.
 const PAGE: u64 = 4096;
+/// `N.live` starts with the boot id it was written on, in this many bytes.
+const LIVE_HEADER: u64 = 64;
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The kernel's boot id (empty if unknown: then no boot is "the same").
+pub fn boot_id() -> String {
+    std::fs::read_to_string(BOOT_ID)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
 
 /// An overlay error: the backup could not be read, or the overlay's files failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +81,7 @@ pub struct Overlay {
     size: u64,
     data: Arc<File>,
     bitmap: Arc<File>,
+    live: Arc<File>,
     bits: Mutex<Bits>,
     writes: tokio::sync::Mutex<()>,
     /// Incremented by every write; `synced` is the highest value made durable.
@@ -122,21 +141,53 @@ impl Overlay {
         bitmap
             .read_exact_at(&mut raw[..n], 0)
             .map_err(io_err(&bitmap_path))?;
-        let words = raw
+        let mut words: Vec<u64> = raw
             .chunks_exact(8)
             .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect();
+        // The live bitmap: merged if written on this boot, else started afresh.
+        let live_path = dir.join(format!("{stem}.live"));
+        let live = open(&live_path)?;
+        let boot = boot_id();
+        let mut header = [0u8; LIVE_HEADER as usize];
+        let have = live.metadata().map_err(io_err(&live_path))?.len();
+        let same_boot = !boot.is_empty()
+            && boot.len() <= LIVE_HEADER as usize
+            && have >= LIVE_HEADER
+            && live.read_exact_at(&mut header, 0).is_ok()
+            && header.starts_with(boot.as_bytes())
+            && header[boot.len()..].iter().all(|b| *b == 0);
+        let mut dirty = BTreeSet::new();
+        if same_boot {
+            let n = ((have - LIVE_HEADER) as usize).min(raw.len());
+            raw.fill(0);
+            live.read_exact_at(&mut raw[..n], LIVE_HEADER)
+                .map_err(io_err(&live_path))?;
+            for (i, c) in raw.chunks_exact(8).enumerate() {
+                let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+                if w & !words[i] != 0 {
+                    words[i] |= w;
+                    dirty.insert(i as u64 * 8 / PAGE);
+                }
+            }
+        } else {
+            let mut h = [0u8; LIVE_HEADER as usize];
+            let b = boot.as_bytes();
+            let n = b.len().min(LIVE_HEADER as usize);
+            h[..n].copy_from_slice(&b[..n]);
+            live.set_len(0).map_err(io_err(&live_path))?;
+            live.write_all_at(&h, 0).map_err(io_err(&live_path))?;
+        }
         Ok(Overlay {
             name: data_path.display().to_string(),
             size,
             data: Arc::new(data),
             bitmap: Arc::new(bitmap),
-            bits: Mutex::new(Bits {
-                words,
-                dirty: BTreeSet::new(),
-            }),
+            live: Arc::new(live),
+            bits: Mutex::new(Bits { words, dirty }),
             writes: tokio::sync::Mutex::new(()),
-            written: AtomicU64::new(0),
+            // One more than `synced`: the first commit always syncs.
+            written: AtomicU64::new(1),
             synced: tokio::sync::Mutex::new(0),
         })
     }
@@ -241,61 +292,36 @@ impl Overlay {
         })
         .await?;
         // The bits are set only now that the data is in the file (a read that sees a bit reads
-        // the data). The words that changed go to the bitmap file at once, without fsync: a
-        // process that is killed leaves them in the page cache, so an UNSTABLE write survives
-        // `kill -9` (only a machine crash can lose it, and that changes the write verifier).
-        let changed = {
+        // the data). The words go to `N.live` before the write is acknowledged, every time
+        // (also when no bit changed: an earlier write of them may have failed).
+        let (at, bytes) = {
             let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-            let mut changed = false;
             for b in start_b..end_b {
                 if let Some(w) = bits.words.get_mut((b / 64) as usize) {
-                    changed |= *w & (1 << (b % 64)) == 0;
                     *w |= 1 << (b % 64);
                 }
                 let page = (b / 64) * 8 / PAGE;
                 bits.dirty.insert(page);
             }
             let (w0, w1) = ((start_b / 64) as usize, ((end_b - 1) / 64) as usize);
-            changed.then(|| {
-                let bytes: Vec<u8> = bits.words[w0..=w1.min(bits.words.len() - 1)]
-                    .iter()
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect();
-                (w0 as u64 * 8, bytes)
-            })
+            let bytes: Vec<u8> = bits.words[w0..=w1.min(bits.words.len() - 1)]
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect();
+            (LIVE_HEADER + w0 as u64 * 8, bytes)
         };
-        if let Some((at, bytes)) = changed {
-            let (bitmap, name) = (self.bitmap.clone(), self.name.clone());
-            blocking(move || {
-                bitmap
-                    .write_all_at(&bytes, at)
-                    .map_err(|source| OverlayError::Io { path: name, source })
-            })
-            .await?;
-        }
+        let (live, name) = (self.live.clone(), self.name.clone());
+        blocking(move || {
+            live.write_all_at(&bytes, at)
+                .map_err(|source| OverlayError::Io { path: name, source })
+        })
+        .await?;
         self.written.fetch_add(1, Ordering::SeqCst);
         drop(_serial);
         if sync {
             self.commit().await?;
         }
         Ok(())
-    }
-
-    /// The current bytes of bitmap pages: (file offset, bytes) each.
-    fn page_bytes(&self, pages: &[u64]) -> Vec<(u64, Vec<u8>)> {
-        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-        pages
-            .iter()
-            .map(|p| {
-                let w0 = ((p * PAGE / 8) as usize).min(bits.words.len());
-                let w1 = (w0 + (PAGE / 8) as usize).min(bits.words.len());
-                let bytes = bits.words[w0..w1]
-                    .iter()
-                    .flat_map(|w| w.to_le_bytes())
-                    .collect();
-                (p * PAGE, bytes)
-            })
-            .collect()
     }
 
     /// Makes every write so far durable: data first, then the bitmap pages that name it.
@@ -306,34 +332,27 @@ impl Overlay {
             return Ok(()); // a commit that ran while we waited covered our writes
         }
         let now = self.written.load(Ordering::SeqCst);
-        let pages: Vec<u64> = {
+        // The pages as they are before the data sync: every bit in them names data that the
+        // sync makes durable.
+        let (pages, words) = {
             let mut bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::take(&mut bits.dirty).into_iter().collect()
+            let pages: Vec<u64> = std::mem::take(&mut bits.dirty).into_iter().collect();
+            let words = page_bytes(&bits.words, &pages);
+            (pages, words)
         };
         let (data, bitmap, name) = (self.data.clone(), self.bitmap.clone(), self.name.clone());
-        let err = move |source| OverlayError::Io {
-            path: name.clone(),
-            source,
-        };
-        let result = async {
-            let e = err.clone();
-            blocking(move || data.sync_data().map_err(e)).await?;
-            // The pages as they are now, written under the writers' lock: a write's own update
-            // of its bitmap words (made so that `kill -9` loses nothing) is never overwritten by
-            // an older copy of the page.
-            let _writers = self.writes.lock().await;
-            let words = self.page_bytes(&pages);
-            let (b, e) = (bitmap.clone(), err.clone());
-            blocking(move || {
-                for (off, bytes) in &words {
-                    b.write_all_at(bytes, *off).map_err(&e)?;
-                }
-                Ok(())
-            })
-            .await?;
-            drop(_writers);
-            blocking(move || bitmap.sync_data().map_err(err)).await
-        }
+        let result = blocking(move || {
+            let err = |source| OverlayError::Io {
+                path: name.clone(),
+                source,
+            };
+            data.sync_data().map_err(err)?;
+            for (off, bytes) in &words {
+                bitmap.write_all_at(bytes, *off).map_err(err)?;
+            }
+            bitmap.sync_data().map_err(err)?;
+            Ok(())
+        })
         .await;
         match result {
             Ok(()) => {
@@ -348,4 +367,17 @@ impl Overlay {
             }
         }
     }
+}
+
+/// The bytes of bitmap pages: (file offset, bytes) each.
+fn page_bytes(words: &[u64], pages: &[u64]) -> Vec<(u64, Vec<u8>)> {
+    pages
+        .iter()
+        .map(|p| {
+            let w0 = ((p * PAGE / 8) as usize).min(words.len());
+            let w1 = (w0 + (PAGE / 8) as usize).min(words.len());
+            let bytes = words[w0..w1].iter().flat_map(|w| w.to_le_bytes()).collect();
+            (p * PAGE, bytes)
+        })
+        .collect()
 }

@@ -429,7 +429,8 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Resul
                     seconds: 0,
                     nseconds: 1,
                 },
-                properties: nfs::FSF3_HOMOGENEOUS | nfs::FSF3_CANSETTIME,
+                // Not FSF3_CANSETTIME: SETATTR does not keep times.
+                properties: nfs::FSF3_HOMOGENEOUS,
             }))
         }
         20 => {

@@ -15,6 +15,7 @@
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -85,6 +87,7 @@ pub struct NfsServer {
     fs: Arc<DatastoreFs>,
     allow: AllowList,
     permits: Arc<Semaphore>,
+    undrained: Arc<AtomicBool>,
 }
 
 impl NfsServer {
@@ -100,7 +103,15 @@ impl NfsServer {
             fs,
             allow,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            undrained: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// Set when, at a stop, some connection's calls did not finish within the drain time and
+    /// were aborted: a write among them may have been applied after the final sync, so the stop
+    /// must not count as clean.
+    pub fn undrained(&self) -> Arc<AtomicBool> {
+        self.undrained.clone()
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -134,24 +145,29 @@ impl NfsServer {
             };
             let fs = self.fs.clone();
             let cancel = cancel.child_token();
+            let undrained = self.undrained.clone();
             tasks.spawn(async move {
-                serve_connection(socket, peer, fs, cancel).await;
+                if !serve_connection(socket, peer, fs, cancel).await {
+                    undrained.store(true, Ordering::SeqCst);
+                }
                 drop(permit);
             });
         }
     }
 }
 
+/// Serves one connection until it closes or `cancel` fires. Returns false if calls in flight
+/// had to be aborted at the end.
 async fn serve_connection(
     socket: TcpStream,
     peer: SocketAddr,
     fs: Arc<DatastoreFs>,
     cancel: CancellationToken,
-) {
+) -> bool {
     let _ = socket.set_nodelay(true);
     let (mut read, mut write) = socket.into_split();
     let (tx, mut rx) = mpsc::channel::<(Reply, OwnedSemaphorePermit)>(IN_FLIGHT);
-    let writer = tokio::spawn(async move {
+    let mut writer = tokio::spawn(async move {
         while let Some((reply, permit)) = rx.recv().await {
             dispatch::write_reply(&mut write, reply).await?;
             drop(permit);
@@ -159,8 +175,9 @@ async fn serve_connection(
         Ok::<_, io::Error>(())
     });
     let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
-    let calls = TaskTracker::new();
+    let mut calls = JoinSet::new();
     let ended = loop {
+        while calls.try_join_next().is_some() {}
         let permit = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
             p = in_flight.clone().acquire_owned() => match p {
@@ -200,18 +217,26 @@ async fn serve_connection(
         }
         Err(e) => tracing::warn!(%peer, error = %e, "connection closed"),
     }
-    // Answer what is in flight (a graceful stop waits for it, bounded), then close.
+    // Answer what is in flight (a graceful stop waits for it, bounded), then close. Calls
+    // still running after that are aborted, so none finishes after the server's final sync.
     drop(tx);
-    calls.close();
-    if tokio::time::timeout(DRAIN, calls.wait()).await.is_err() {
-        tracing::warn!(%peer, "calls still running at close; their replies are dropped");
+    let mut drained = true;
+    let finish = async { while calls.join_next().await.is_some() {} };
+    if tokio::time::timeout(DRAIN, finish).await.is_err() {
+        tracing::warn!(%peer, "calls still running at close are aborted; their clients will resend");
+        calls.abort_all();
+        drained = false;
     }
-    match tokio::time::timeout(DRAIN, writer).await {
+    match tokio::time::timeout(DRAIN, &mut writer).await {
         Ok(Ok(Ok(()))) => {}
         Ok(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "reply not sent"),
         Ok(Err(e)) => tracing::error!(%peer, error = %e, "reply writer failed"),
-        Err(_) => tracing::warn!(%peer, "client not taking replies at close"),
+        Err(_) => {
+            tracing::warn!(%peer, "client not taking replies at close");
+            writer.abort();
+        }
     }
+    drained
 }
 
 /// Reads one whole record (all its fragments). `None`: the client closed between records.
@@ -235,9 +260,16 @@ async fn read_record(read: &mut OwnedReadHalf) -> io::Result<Option<Bytes>> {
                 format!("record fragment of {len} bytes is over the {MAX_RECORD}-byte limit"),
             ));
         }
-        let start = record.len();
-        record.resize(start + len, 0);
-        read.read_exact(&mut record[start..]).await?;
+        // The buffer grows with the bytes that arrive, not with the length announced.
+        let mut left = len;
+        while left > 0 {
+            record.reserve(left.min(64 * 1024));
+            let n = (&mut *read).take(left as u64).read_buf(&mut record).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            left -= n;
+        }
         if last {
             return Ok(Some(record.freeze()));
         }

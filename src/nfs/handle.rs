@@ -30,7 +30,6 @@ pub const HANDLE_LEN: usize = 24;
 const TAG_FILE: &str = "datastore-id";
 const CLEAN_STOP_FILE: &str = "clean-stop";
 const VERIFIER_FILE: &str = "write-verifier";
-const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
 
 /// The datastore's identity and this run's write verifier.
 #[derive(Debug, Clone)]
@@ -88,8 +87,7 @@ impl Identity {
     /// Loads (or makes) the datastore tag and this run's verifier from the state directory.
     /// Call once at start, before serving.
     pub fn load(state: &Path) -> io::Result<Identity> {
-        let boot = fs::read_to_string(BOOT_ID).unwrap_or_default();
-        Identity::load_on_boot(state, boot.trim())
+        Identity::load_on_boot(state, &crate::mount::overlay::boot_id())
     }
 
     /// [`Identity::load`] for a machine whose boot id is `boot` (empty: unknown).

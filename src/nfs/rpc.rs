@@ -95,7 +95,7 @@ pub enum Cred {
         uid: u32,
         gid: u32,
     },
-    /// A flavor we do not take (RPCSEC_GSS, AUTH_DH, ...), or a malformed AUTH_SYS body.
+    /// A flavor we do not take (RPCSEC_GSS, AUTH_DH, ...).
     Other(u32),
 }
 
@@ -136,12 +136,11 @@ pub fn parse_call(record: &[u8]) -> Result<Call<'_>, BadCall> {
     let (Some(prog), Some(vers), Some(proc_)) = (r.u32(), r.u32(), r.u32()) else {
         return Err(BadCall::Unanswerable);
     };
-    let bad = BadCall::BadCred { xid };
     let flavor = r.u32().ok_or(BadCall::Unanswerable)?;
-    let body = r.opaque(MAX_AUTH_BODY).ok_or(bad)?;
+    let body = r.opaque(MAX_AUTH_BODY).ok_or(BadCall::BadCred { xid })?;
     let cred = match flavor {
         AUTH_NONE => Cred::None,
-        AUTH_SYS => auth_sys(body).unwrap_or(Cred::Other(AUTH_SYS)),
+        AUTH_SYS => auth_sys(body).ok_or(BadCall::BadCred { xid })?,
         other => Cred::Other(other),
     };
     let verifier_ok = r.u32().is_some() && r.opaque(MAX_AUTH_BODY).is_some();
@@ -294,6 +293,13 @@ pub mod tests {
         let mut huge = rec.clone();
         huge[28..32].copy_from_slice(&u32::MAX.to_be_bytes()); // credential length
         assert_eq!(parse_call(&huge).unwrap_err(), BadCall::BadCred { xid: 9 });
+        // An AUTH_SYS body that does not parse (its gid count says 17) is a bad credential.
+        let mut bad_sys = rec.clone();
+        bad_sys[52..56].copy_from_slice(&17u32.to_be_bytes());
+        assert_eq!(
+            parse_call(&bad_sys).unwrap_err(),
+            BadCall::BadCred { xid: 9 }
+        );
         let mut v1 = rec.clone();
         v1[8..12].copy_from_slice(&1u32.to_be_bytes());
         assert_eq!(
