@@ -9,7 +9,7 @@
 //! |---|---|---|
 //! | `livemount_nfs_reads_total`, `livemount_nfs_read_bytes_total` | mount | NFS READs served and their bytes |
 //! | `livemount_nfs_writes_total`, `livemount_nfs_write_bytes_total` | mount | NFS WRITEs and their bytes |
-//! | `livemount_nfs_errors_total` | mount | READs and WRITEs answered with an error |
+//! | `livemount_nfs_errors_total` | mount, file | READs and WRITEs answered with an error (the log line names the offset and chunk) |
 //! | `livemount_cache_hits_total`, `livemount_cache_misses_total` | mount | chunk lookups in the read cache |
 //! | `livemount_repo_fetch_seconds` | mount | histogram: time to fetch, decode and verify a missed chunk |
 //! | `livemount_cache_bytes`, `livemount_mounts` | | cache fill, number of mounts (sampled at scrape) |
@@ -35,6 +35,13 @@ pub struct MountLabel {
     pub mount: String,
 }
 
+/// The labels of per-file metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FileLabel {
+    pub mount: String,
+    pub file: String,
+}
+
 type Hist = Family<MountLabel, Histogram, fn() -> Histogram>;
 
 fn fetch_histogram() -> Histogram {
@@ -49,7 +56,7 @@ pub struct Metrics {
     pub read_bytes: Family<MountLabel, Counter>,
     pub writes: Family<MountLabel, Counter>,
     pub write_bytes: Family<MountLabel, Counter>,
-    pub errors: Family<MountLabel, Counter>,
+    pub errors: Family<FileLabel, Counter>,
     pub hits: Family<MountLabel, Counter>,
     pub misses: Family<MountLabel, Counter>,
     pub fetch_seconds: Hist,
@@ -140,6 +147,13 @@ impl Metrics {
     pub fn label(mount: &str) -> MountLabel {
         MountLabel {
             mount: mount.to_string(),
+        }
+    }
+
+    pub fn file_label(mount: &str, file: &str) -> FileLabel {
+        FileLabel {
+            mount: mount.to_string(),
+            file: file.to_string(),
         }
     }
 }

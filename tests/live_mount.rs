@@ -351,6 +351,58 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
         read_ok(&server, "kvm01-lm1/a.img") == f.kvm_disks[0],
         "other disks keep working"
     );
+    // The failures are counted per mount and file on /metrics.
+    let api: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.state.join("api.json")).unwrap()).unwrap();
+    let metrics_url = format!("{}/metrics", api["url"].as_str().unwrap());
+    let metrics = ureq::get(&metrics_url)
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("livemount_nfs_errors_total{mount=\"kvm01-lm1\",file=\"b.img\"}"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("file=\"a.img\"}"), "{metrics}");
+
+    // A missing chunk (fresh server, so not in the cache): the same, for that disk only.
+    assert!(server.stop().success());
+    let image_a = {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let repo = livemount::repo::Repository::open(&f.repo).unwrap();
+            let info = repo
+                .resolve(&livemount::repo::SnapshotSpec::new("kvm01", None))
+                .await
+                .unwrap();
+            let image = repo
+                .snapshot(&info.id)
+                .await
+                .unwrap()
+                .disk(0)
+                .await
+                .unwrap();
+            (0..image.block_count())
+                .filter_map(|b| image.chunk_of_block(b))
+                .filter(|c| !snap.contains(c))
+                .collect::<Vec<_>>()
+        })
+    };
+    let gone = image_a[0].to_hex();
+    std::fs::remove_file(f.repo.join("chunks").join(&gone[..2]).join(&gone)).unwrap();
+    let server = Server::start(&f.repo, &f.root.join("state"), "off", &[]);
+    let out = nfs_cat(&server, "kvm01-lm1/a.img");
+    assert!(!out.status.success(), "reading past a missing chunk fails");
+    assert!(
+        f.kvm_disks[0].starts_with(&out.stdout),
+        "whatever arrived is the right bytes"
+    );
+    assert!(
+        server.log_text().contains(&gone),
+        "the log names the missing chunk"
+    );
 }
 
 #[test]

@@ -467,7 +467,10 @@ impl DatastoreFs {
                 Ok((data, eof))
             }
             Err((text, status)) => {
-                metrics.errors.get_or_create(&label).inc();
+                metrics
+                    .errors
+                    .get_or_create(&Metrics::file_label(&m.spec.name, &name))
+                    .inc();
                 tracing::error!(mount = %m.spec.name, file = %name, offset, count, error = %text, "read failed");
                 Err(status)
             }
@@ -520,7 +523,10 @@ impl DatastoreFs {
                 Ok(attr)
             }
             Err((text, status)) => {
-                metrics.errors.get_or_create(&label).inc();
+                metrics
+                    .errors
+                    .get_or_create(&Metrics::file_label(&m.spec.name, &name))
+                    .inc();
                 tracing::error!(mount = %m.spec.name, file = %name, offset, len = data.len(), error = %text, "write failed");
                 Err(status)
             }
