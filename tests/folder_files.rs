@@ -260,3 +260,53 @@ async fn a_graceful_stop_keeps_unstable_writes_that_were_never_committed() {
     let log = lookup(&mut c, &dir, "vmware.log").await.unwrap();
     assert_eq!(read_all(&mut c, &log).await, b"log line\n");
 }
+
+/// An exclusive CREATE resent after a lost reply (same verifier) succeeds with the same file;
+/// another verifier finds the name taken (RFC 1813 EXCLUSIVE), also after a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn exclusive_create_is_idempotent_for_its_own_verifier() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 61));
+    let cfg = kvm_config(t.path(), "ex", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "ex", "--name", "ex"]);
+    async fn create(c: &mut Conn, verf: &[u8; 8]) -> Result<nfs_fh3, nfsstat3> {
+        let args = CREATE3args {
+            where_: diropargs3 {
+                dir: c.root_nfs_fh3(),
+                name: name(".lck-1"),
+            },
+            how: createhow3::EXCLUSIVE(createverf3(*verf)),
+        };
+        match c.create(&args).await.unwrap() {
+            CREATE3res::Ok(ok) => match ok.obj {
+                post_op_fh3::Some(h) => Ok(h),
+                post_op_fh3::None => panic!("CREATE gave no handle"),
+            },
+            CREATE3res::Err((e, _)) => Err(e),
+        }
+    }
+    let mut c = connect(&server, "ex").await;
+    let first = create(&mut c, b"verifier").await.unwrap();
+    assert_eq!(
+        create(&mut c, b"verifier").await,
+        Ok(first.clone()),
+        "resent: same file"
+    );
+    assert_eq!(
+        create(&mut c, b"another!").await,
+        Err(nfsstat3::NFS3ERR_EXIST),
+        "another verifier"
+    );
+    drop(c);
+    server.kill();
+    let server = Server::start(&repo, &state, "off", &[]);
+    let mut c = connect(&server, "ex").await;
+    assert_eq!(
+        create(&mut c, b"verifier").await,
+        Ok(first),
+        "resent after a restart"
+    );
+}

@@ -47,6 +47,9 @@ pub struct Entry {
     pub mtime: jiff::Timestamp,
     /// Logical size of a regular file (its data file may be sparse).
     pub size: u64,
+    /// The verifier of the exclusive create that made it, so that a resent create succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verf: Option<[u8; 8]>,
 }
 
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -147,6 +150,7 @@ impl FolderFiles {
                         mode: 0o644,
                         mtime: jiff::Timestamp::now(),
                         size: config.len() as u64,
+                        verf: None,
                     },
                 );
                 save_table(dir, &t)?;
@@ -221,11 +225,24 @@ impl FolderFiles {
         name: &str,
         exclusive: bool,
     ) -> Result<u32, FilesError> {
-        self.add_entry(parent, name, Kind::File, exclusive).await
+        self.add_entry(parent, name, Kind::File, exclusive, None)
+            .await
+    }
+
+    /// An exclusive create (NFS `createmode3` EXCLUSIVE): fails if the name exists, unless it
+    /// was made by a create with the same verifier (a client resending after a lost reply).
+    pub async fn create_exclusive(
+        &self,
+        parent: u32,
+        name: &str,
+        verf: [u8; 8],
+    ) -> Result<u32, FilesError> {
+        self.add_entry(parent, name, Kind::File, true, Some(verf))
+            .await
     }
 
     pub async fn mkdir(&self, parent: u32, name: &str) -> Result<u32, FilesError> {
-        self.add_entry(parent, name, Kind::Dir, true).await
+        self.add_entry(parent, name, Kind::Dir, true, None).await
     }
 
     /// Adds an entry. The name is checked inside the serialised change, so two concurrent
@@ -237,6 +254,7 @@ impl FolderFiles {
         name: &str,
         kind: Kind,
         exclusive: bool,
+        verf: Option<[u8; 8]>,
     ) -> Result<u32, FilesError> {
         self.check_parent(parent)?;
         self.change(|t| {
@@ -245,6 +263,9 @@ impl FolderFiles {
                 .iter()
                 .find(|(_, e)| e.parent == parent && e.name == name);
             if let Some((id, e)) = existing {
+                if verf.is_some() && e.verf == verf && e.kind == kind {
+                    return Ok(*id);
+                }
                 return if exclusive || e.kind != kind || kind == Kind::Dir {
                     Err(FilesError::Exists)
                 } else {
@@ -269,6 +290,7 @@ impl FolderFiles {
                     mode,
                     mtime: jiff::Timestamp::now(),
                     size,
+                    verf,
                 },
             );
             Ok(id)

@@ -556,10 +556,7 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resu
     let (mode, attrs) = match r.u32()? {
         0 => (CreateMode::Unchecked, r.sattr()?),
         1 => (CreateMode::Guarded, r.sattr()?),
-        2 => {
-            r.fixed::<8>()?;
-            (CreateMode::Exclusive, SetAttr::default())
-        }
+        2 => (CreateMode::Exclusive(r.fixed::<8>()?), SetAttr::default()),
         _ => return None,
     };
     let dir = match fs.resolve(dir, ip) {

@@ -280,8 +280,8 @@ pub enum CreateMode {
     Unchecked,
     /// Fail with NFS3ERR_EXIST.
     Guarded,
-    /// Fail with NFS3ERR_EXIST (the verifier is not kept).
-    Exclusive,
+    /// Fail with NFS3ERR_EXIST unless the file was made by a create with this verifier.
+    Exclusive([u8; 8]),
 }
 
 /// Attributes a client asks to set; the others (owner, times) are not kept.
@@ -595,10 +595,12 @@ impl DatastoreFs {
         attrs: SetAttr,
     ) -> Result<u64, nfsstat3> {
         let (m, parent, folder, name) = self.place_for_new(dir, name)?;
-        let low = folder
-            .create(parent, &name, mode != CreateMode::Unchecked)
-            .await
-            .map_err(|e| super::errors::files_to_nfsstat(&e))?;
+        let made = match mode {
+            CreateMode::Unchecked => folder.create(parent, &name, false).await,
+            CreateMode::Guarded => folder.create(parent, &name, true).await,
+            CreateMode::Exclusive(v) => folder.create_exclusive(parent, &name, v).await,
+        };
+        let low = made.map_err(|e| super::errors::files_to_nfsstat(&e))?;
         let id = m.folder_fileid() | u64::from(low);
         self.setattr(id, attrs).await?;
         Ok(id)
