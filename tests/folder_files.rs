@@ -160,7 +160,7 @@ async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protect
     assert_eq!(back.stdout, b"NVRAM contents");
 
     // FSSTAT reports the space of the filesystem holding the state directory (where writes
-    // land), not nfs3_server's fixed 1 TiB.
+    // land), not a made-up figure.
     let mut c = connect(&server, "web-lm").await;
     let dir = c.root_nfs_fh3();
     let fs = match c.fsstat(&FSSTAT3args { fsroot: dir }).await.unwrap() {
