@@ -295,30 +295,33 @@ fn clones_of_one_snapshot_share_the_read_cache() {
     );
 }
 
+/// The chunks of disk `disk` of the latest snapshot of `kvm01`, block by block.
+fn chunks_of_disk(repo: &Path, disk: usize) -> Vec<livemount::repo::ChunkId> {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let repo = livemount::repo::Repository::open(repo).unwrap();
+        let info = repo
+            .resolve(&livemount::repo::SnapshotSpec::new("kvm01", None))
+            .await
+            .unwrap();
+        let image = repo
+            .snapshot(&info.id)
+            .await
+            .unwrap()
+            .disk(disk)
+            .await
+            .unwrap();
+        (0..image.block_count())
+            .filter_map(|b| image.chunk_of_block(b))
+            .collect()
+    })
+}
+
 #[test]
 fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
     let f = fixture();
     // Corrupt every chunk of disk b: any read of b must fail, reads of a must still work.
-    let snap = {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let repo = livemount::repo::Repository::open(&f.repo).unwrap();
-            let info = repo
-                .resolve(&livemount::repo::SnapshotSpec::new("kvm01", None))
-                .await
-                .unwrap();
-            let image = repo
-                .snapshot(&info.id)
-                .await
-                .unwrap()
-                .disk(1)
-                .await
-                .unwrap();
-            (0..image.block_count())
-                .filter_map(|b| image.chunk_of_block(b))
-                .collect::<Vec<_>>()
-        })
-    };
+    let snap = chunks_of_disk(&f.repo, 1);
     for c in &snap {
         let hex = c.to_hex();
         let p = f.repo.join("chunks").join(&hex[..2]).join(&hex);
@@ -369,27 +372,10 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
 
     // A missing chunk (fresh server, so not in the cache): the same, for that disk only.
     assert!(server.stop().success());
-    let image_a = {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async {
-            let repo = livemount::repo::Repository::open(&f.repo).unwrap();
-            let info = repo
-                .resolve(&livemount::repo::SnapshotSpec::new("kvm01", None))
-                .await
-                .unwrap();
-            let image = repo
-                .snapshot(&info.id)
-                .await
-                .unwrap()
-                .disk(0)
-                .await
-                .unwrap();
-            (0..image.block_count())
-                .filter_map(|b| image.chunk_of_block(b))
-                .filter(|c| !snap.contains(c))
-                .collect::<Vec<_>>()
-        })
-    };
+    let image_a: Vec<_> = chunks_of_disk(&f.repo, 0)
+        .into_iter()
+        .filter(|c| !snap.contains(c))
+        .collect();
     let gone = image_a[0].to_hex();
     std::fs::remove_file(f.repo.join("chunks").join(&gone[..2]).join(&gone)).unwrap();
     let server = Server::start(&f.repo, &f.root.join("state"), "off", &[]);

@@ -251,28 +251,10 @@ pub fn put_opaque(out: &mut BytesMut, b: &[u8]) {
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
 
-    /// A call record with an AUTH_SYS credential (uid 0) and the given arguments.
-    pub fn call(xid: u32, prog: u32, vers: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
-        let mut b = BytesMut::new();
-        for w in [xid, MSG_CALL, RPC_VERSION, prog, vers, proc_] {
-            b.put_u32(w);
-        }
-        let mut cred = BytesMut::new();
-        cred.put_u32(0);
-        put_opaque(&mut cred, b"host");
-        cred.put_u32(0);
-        cred.put_u32(0);
-        cred.put_u32(0);
-        b.put_u32(AUTH_SYS);
-        put_opaque(&mut b, &cred);
-        b.put_u32(AUTH_NONE);
-        b.put_u32(0);
-        b.extend_from_slice(args);
-        b.to_vec()
-    }
+    use crate::nfs::fuzzing::call_record as call;
 
     #[test]
     fn parses_a_call_and_its_credential() {
