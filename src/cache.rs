@@ -1,78 +1,175 @@
 //! The block read cache: decoded chunks kept in memory, shared by every mount.
 //!
-//! Owns: a moka cache keyed by chunk digest (so a chunk shared by several disks, snapshots or
-//! mounts is cached once), weighted by bytes and bounded by `--cache-size`; single-flight fills
-//! (one repository fetch per missed chunk however many readers wait for it); hit/miss counters.
+//! Owns: two moka caches keyed by chunk digest (so a chunk shared by several disks, snapshots or
+//! mounts is cached once), weighted by bytes and together bounded by `--cache-size`:
+//! - the main cache (moka's TinyLFU admission: a disk copied end to end does not flush the
+//!   blocks running VMs read again and again) holds what VM reads and read-ahead fetched;
+//! - the staging area (a quarter of the size, plain LRU, which admits everything) holds
+//!   pre-staged chunks until a VM reads them; they are then added to the main cache too.
+//!   Pre-staging can evict only other pre-staged chunks, never a block a running VM uses.
+//!
+//! Also owns single-flight fills: one repository fetch per missed chunk however many readers
+//! wait for it, and the fetch runs as its own task (a reader that goes away does not cancel it).
+//! Every fetch waits for a slot of the [`FetchScheduler`] in the class of the most urgent of
+//! its readers: a VM read that needs a chunk a pre-stager asked for raises that fetch's class.
 //! Must not: cache errors (a failed fetch is retried by the next reader), or know about NFS.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::future::{BoxFuture, FutureExt, Shared};
 
+use crate::fetch::{Demand, FetchClass, FetchScheduler, SchedulerStats};
 use crate::repo::{ChunkId, ChunkReader, RepoError};
 
 /// Counters of a cache, as `/metrics` and `livemount status` show them.
 #[derive(Debug, Default, Clone, Copy, serde::Serialize, serde::Deserialize)]
 pub struct CacheStats {
     pub hits: u64,
+    /// Repository fetches started (one per missed chunk, however many readers waited for it).
     pub misses: u64,
     /// Repository fetches that failed (digest mismatch, missing chunk, I/O).
     pub fetch_errors: u64,
-    /// Bytes in the cache now (approximately: moka applies evictions lazily).
+    /// Bytes in the cache now, staging area included (approximately: moka applies evictions
+    /// lazily).
     pub bytes: u64,
     pub capacity: u64,
+    /// Chunks fetched by pre-staging into the staging area.
+    #[serde(default)]
+    pub staged: u64,
+    /// Reads served from the staging area.
+    #[serde(default)]
+    pub staged_hits: u64,
+}
+
+type Fill = Shared<BoxFuture<'static, Result<Bytes, Arc<RepoError>>>>;
+
+/// A fetch under way: who wants it most, and its result to come.
+struct Pending {
+    demand: Arc<Demand>,
+    fill: Fill,
 }
 
 /// A read-through chunk cache in front of a [`ChunkReader`].
 pub struct ChunkCache {
-    cache: moka::future::Cache<ChunkId, Bytes>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    main: moka::sync::Cache<ChunkId, Bytes>,
+    staging: moka::sync::Cache<ChunkId, Bytes>,
+    pending: Mutex<HashMap<ChunkId, Pending>>,
     source: Arc<dyn ChunkReader>,
+    sched: Arc<FetchScheduler>,
     capacity: u64,
+    staging_capacity: u64,
     hits: AtomicU64,
     misses: AtomicU64,
     errors: AtomicU64,
+    staged: AtomicU64,
+    staged_hits: AtomicU64,
 }
 
 impl std::fmt::Debug for ChunkCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChunkCache")
-            .field("capacity", &self.capacity)
+            .field("capacity", &self.inner.capacity)
             .finish_non_exhaustive()
     }
 }
 
+/// Repository fetches at once, and how many of them only VM reads may use.
+pub const FETCH_SLOTS: usize = 16;
+pub const VM_RESERVED_SLOTS: usize = 4;
+
 impl ChunkCache {
-    /// A cache of at most `capacity_bytes` of decoded chunks over `source`.
+    /// A cache of at most `capacity_bytes` of decoded chunks over `source`, fetching through a
+    /// scheduler of [`FETCH_SLOTS`] slots.
     pub fn new(source: Arc<dyn ChunkReader>, capacity_bytes: u64) -> Self {
-        let cache = moka::future::Cache::builder()
-            .max_capacity(capacity_bytes)
-            .weigher(|_: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX))
+        Self::with_scheduler(
+            source,
+            capacity_bytes,
+            FetchScheduler::new(FETCH_SLOTS, VM_RESERVED_SLOTS),
+        )
+    }
+
+    pub fn with_scheduler(
+        source: Arc<dyn ChunkReader>,
+        capacity_bytes: u64,
+        sched: Arc<FetchScheduler>,
+    ) -> Self {
+        let staging_capacity = capacity_bytes / 4;
+        let weigher = |_: &ChunkId, v: &Bytes| u32::try_from(v.len()).unwrap_or(u32::MAX);
+        let main = moka::sync::Cache::builder()
+            .max_capacity(capacity_bytes - staging_capacity)
+            .weigher(weigher)
+            .build();
+        let staging = moka::sync::Cache::builder()
+            .max_capacity(staging_capacity)
+            .weigher(weigher)
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
             .build();
         ChunkCache {
-            cache,
-            source,
-            capacity: capacity_bytes,
-            hits: AtomicU64::new(0),
-            misses: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
+            inner: Arc::new(Inner {
+                main,
+                staging,
+                pending: Mutex::new(HashMap::new()),
+                source,
+                sched,
+                capacity: capacity_bytes,
+                staging_capacity,
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
+                errors: AtomicU64::new(0),
+                staged: AtomicU64::new(0),
+                staged_hits: AtomicU64::new(0),
+            }),
         }
     }
 
     pub fn stats(&self) -> CacheStats {
+        let i = &self.inner;
         CacheStats {
-            hits: self.hits.load(Relaxed),
-            misses: self.misses.load(Relaxed),
-            fetch_errors: self.errors.load(Relaxed),
-            bytes: self.cache.weighted_size(),
-            capacity: self.capacity,
+            hits: i.hits.load(Relaxed),
+            misses: i.misses.load(Relaxed),
+            fetch_errors: i.errors.load(Relaxed),
+            bytes: i.main.weighted_size() + i.staging.weighted_size(),
+            capacity: i.capacity,
+            staged: i.staged.load(Relaxed),
+            staged_hits: i.staged_hits.load(Relaxed),
         }
     }
 
-    /// Whether a chunk is cached now.
+    pub fn scheduler(&self) -> &Arc<FetchScheduler> {
+        &self.inner.sched
+    }
+
+    pub fn scheduler_stats(&self) -> SchedulerStats {
+        self.inner.sched.stats()
+    }
+
+    /// Bytes the staging area holds at most: a pre-stager stages no more than this at once.
+    pub fn staging_capacity(&self) -> u64 {
+        self.inner.staging_capacity
+    }
+
+    /// Whether a chunk is cached now (in either part).
     pub fn contains(&self, id: &ChunkId) -> bool {
-        self.cache.contains_key(id)
+        self.inner.main.contains_key(id) || self.inner.staging.contains_key(id)
+    }
+
+    /// Brings a chunk into the staging area ahead of a VM's read of it, in the pre-staging
+    /// class. Returns false (and fetches nothing) if it is cached already.
+    pub async fn stage(&self, id: &ChunkId) -> Result<bool, RepoError> {
+        if self.contains(id) {
+            return Ok(false);
+        }
+        self.read_traced(id, FetchClass::Prestage)
+            .await
+            .map(|_| true)
     }
 }
 
@@ -85,42 +182,118 @@ pub enum Access {
 }
 
 impl ChunkCache {
-    /// Reads a chunk and says whether the cache had it.
-    pub async fn read_traced(&self, id: &ChunkId) -> Result<(Bytes, Access), RepoError> {
-        if let Some(b) = self.cache.get(id).await {
-            self.hits.fetch_add(1, Relaxed);
+    /// Reads a chunk on behalf of `class` and says whether the cache had it.
+    pub async fn read_traced(
+        &self,
+        id: &ChunkId,
+        class: FetchClass,
+    ) -> Result<(Bytes, Access), RepoError> {
+        let i = &self.inner;
+        if let Some(b) = i.main.get(id) {
+            i.hits.fetch_add(1, Relaxed);
             return Ok((b, Access::Hit));
         }
-        // try_get_with runs one fill per key; concurrent callers wait for it and share the result.
-        let result = self
-            .cache
-            .try_get_with(*id, async {
-                self.misses.fetch_add(1, Relaxed);
-                self.source.read_chunk(id).await
-            })
-            .await;
-        result
+        if let Some(b) = i.staging.get(id) {
+            i.hits.fetch_add(1, Relaxed);
+            if class != FetchClass::Prestage {
+                // A VM has started using it: it belongs with the VMs' blocks now. It stays in
+                // the staging area too (the bytes are shared) until that area needs the room.
+                i.staged_hits.fetch_add(1, Relaxed);
+                i.main.insert(*id, b.clone());
+            }
+            return Ok((b, Access::Hit));
+        }
+        let fill = {
+            let mut pending = i.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match pending.get(id) {
+                Some(p) => {
+                    if p.demand.raise(class) {
+                        i.sched.reconsider();
+                    }
+                    p.fill.clone()
+                }
+                None => {
+                    // A fill may have finished between the lookups above and taking the lock;
+                    // fills publish to the cache before they leave `pending`.
+                    if let Some(b) = i.main.get(id).or_else(|| i.staging.get(id)) {
+                        i.hits.fetch_add(1, Relaxed);
+                        return Ok((b, Access::Hit));
+                    }
+                    let demand = Demand::new(class);
+                    let fill = spawn_fill(i.clone(), *id, demand.clone());
+                    pending.insert(
+                        *id,
+                        Pending {
+                            demand,
+                            fill: fill.clone(),
+                        },
+                    );
+                    fill
+                }
+            }
+        };
+        fill.await
             .map(|b| (b, Access::Miss))
-            .map_err(|e: Arc<RepoError>| {
-                self.errors.fetch_add(1, Relaxed);
-                shared_error(id, &e)
-            })
+            .map_err(|e| shared_error(id, &e))
     }
+}
+
+/// Starts the one fetch of a missed chunk: a slot in its class, the fetch, then the cache part
+/// its class says (staging for pre-staging alone, main otherwise), then out of `pending`.
+fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
+    let task = tokio::spawn(async move {
+        let slot = i.sched.slot(demand.clone()).await;
+        i.misses.fetch_add(1, Relaxed);
+        let result = i.source.read_chunk(&id).await;
+        drop(slot);
+        match &result {
+            Ok(b) if demand.class() == FetchClass::Prestage => {
+                i.staged.fetch_add(1, Relaxed);
+                i.staging.insert(id, b.clone());
+            }
+            Ok(b) => i.main.insert(id, b.clone()),
+            Err(_) => {
+                i.errors.fetch_add(1, Relaxed);
+            }
+        }
+        i.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        result.map_err(Arc::new)
+    });
+    async move {
+        task.await.unwrap_or_else(|e| {
+            Err(Arc::new(RepoError::Task(format!(
+                "fetching chunk {id}: {e}"
+            ))))
+        })
+    }
+    .boxed()
+    .shared()
 }
 
 #[async_trait]
 impl ChunkReader for ChunkCache {
     async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
-        self.read_traced(id).await.map(|(b, _)| b)
+        self.read_traced(id, FetchClass::Vm).await.map(|(b, _)| b)
+    }
+
+    async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
+        self.read_traced(id, class).await.map(|(b, _)| b)
     }
 }
 
-/// moka hands every waiter the same `Arc` of the fill's error; give each its own copy.
+/// Every waiter gets the same `Arc` of the fill's error; give each its own copy.
 fn shared_error(id: &ChunkId, e: &RepoError) -> RepoError {
     match e {
         RepoError::MissingChunk { chunk } => RepoError::MissingChunk { chunk: *chunk },
         RepoError::CorruptChunk { chunk, what } => RepoError::CorruptChunk {
             chunk: *chunk,
+            what: what.clone(),
+        },
+        RepoError::Unreachable { path, what } => RepoError::Unreachable {
+            path: path.clone(),
             what: what.clone(),
         },
         other => RepoError::CorruptChunk {
@@ -200,6 +373,95 @@ mod tests {
         assert_eq!(cache.stats().fetch_errors, 2);
     }
 
+    /// A chunk source whose fetches finish only when the test lets them.
+    #[derive(Default)]
+    struct Gated {
+        open: Mutex<std::collections::HashSet<ChunkId>>,
+        started: Mutex<Vec<ChunkId>>,
+        changed: tokio::sync::Notify,
+    }
+
+    impl Gated {
+        fn open(&self, id: ChunkId) {
+            self.open.lock().unwrap().insert(id);
+            self.changed.notify_waiters();
+        }
+    }
+
+    #[async_trait]
+    impl ChunkReader for Gated {
+        async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+            self.started.lock().unwrap().push(*id);
+            loop {
+                let wait = self.changed.notified();
+                if self.open.lock().unwrap().contains(id) {
+                    return Ok(Bytes::from(id.0.to_vec()));
+                }
+                wait.await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vm_read_raises_the_prestage_fetch_it_joins_and_staged_chunks_stay_apart() {
+        let src = Arc::new(Gated::default());
+        // Two slots, one kept for VM reads: pre-staging runs one fetch at a time.
+        let cache = Arc::new(ChunkCache::with_scheduler(
+            src.clone(),
+            1 << 20,
+            FetchScheduler::new(2, 1),
+        ));
+        let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
+        let stage = |id| {
+            let c = cache.clone();
+            tokio::spawn(async move { c.stage(&id).await.unwrap() })
+        };
+        let stage_a = stage(a);
+        let stage_b = stage(b);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(*src.started.lock().unwrap(), [a], "b waits behind a");
+        // A VM needs b: its fetch is raised to the VM class and starts in the reserved slot,
+        // and the VM gets b while a is still being fetched.
+        let vm = {
+            let c = cache.clone();
+            tokio::spawn(async move { c.read_traced(&b, FetchClass::Vm).await.unwrap() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(*src.started.lock().unwrap(), [a, b]);
+        src.open(b);
+        let (bytes, access) = tokio::time::timeout(Duration::from_secs(2), vm)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((&bytes[..], access), (&[2u8; 32][..], Access::Miss));
+        assert!(
+            stage_b.await.unwrap(),
+            "the pre-stager's wait ends with the same fetch"
+        );
+        assert!(
+            cache.inner.main.contains_key(&b),
+            "fetched for a VM: main cache"
+        );
+        src.open(a);
+        assert!(stage_a.await.unwrap());
+        assert!(cache.inner.staging.contains_key(&a));
+        assert!(
+            !cache.inner.main.contains_key(&a),
+            "pre-staged only: staging area"
+        );
+        assert!(
+            !cache.stage(&a).await.unwrap(),
+            "staged already: nothing fetched"
+        );
+        // The VM reads a: a hit, and a joins the VMs' blocks.
+        let (_, access) = cache.read_traced(&a, FetchClass::Vm).await.unwrap();
+        assert_eq!(access, Access::Hit);
+        assert!(cache.inner.main.contains_key(&a));
+        let st = cache.stats();
+        assert_eq!((st.misses, st.staged, st.staged_hits), (2, 1, 1), "{st:?}");
+        assert_eq!(cache.scheduler_stats().started, [1, 1, 0]);
+    }
+
     #[tokio::test]
     async fn cache_stays_within_its_byte_bound() {
         let src = Arc::new(Counting {
@@ -210,7 +472,8 @@ mod tests {
         for i in 1..=100u8 {
             cache.read_chunk(&ChunkId([i; 32])).await.unwrap();
         }
-        cache.cache.run_pending_tasks().await;
+        cache.inner.main.run_pending_tasks();
+        cache.inner.staging.run_pending_tasks();
         assert!(cache.stats().bytes <= 32 * 10, "{:?}", cache.stats());
     }
 }

@@ -7,17 +7,23 @@
 //!   ingest (backup), the read API, verify, restore.
 //! - [`vmconfig`]: `.vmx` and libvirt XML parsing (no I/O).
 //! - [`disk`]: source disk formats in (raw, VMDK, qcow2) and VMDK descriptors out.
+//! - [`cache`] and [`fetch`]: the shared read cache and the fetch scheduler behind it (VM reads
+//!   first, then pre-staging, then background work).
+//! - [`mount`], [`agent`], [`nfs`], [`control`]: live mounts, the media agent's state, the NFS
+//!   server and the control API.
 //!
 //! Data flow of a backup: VM config -> `vmconfig` -> disks opened by `disk` -> `repo::ingest`
 //! cuts blocks, hashes, deduplicates, compresses -> `ChunkStore` -> manifest.
-//! Data flow of a read (what a live mount will do): `DiskImage::read_at` -> block table ->
-//! `ChunkReader` (later: the read cache) -> `ChunkStore` -> decode and verify.
+//! Data flow of a read: NFS READ -> the mount's overlay -> `DiskImage::read_at` -> block table
+//! -> `ChunkReader` (the read cache; on a miss a scheduler slot) -> `ChunkStore` -> decode and
+//! verify.
 
 pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod fetch;
 pub mod metrics;
 pub mod mount;
 pub mod nfs;

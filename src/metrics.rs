@@ -27,6 +27,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::cache::{Access, ChunkCache};
+use crate::fetch::FetchClass;
 use crate::repo::{ChunkId, ChunkReader, RepoError};
 
 /// The label of per-mount metrics.
@@ -179,8 +180,12 @@ impl MountReader {
 #[async_trait]
 impl ChunkReader for MountReader {
     async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        self.read_chunk_as(id, FetchClass::Vm).await
+    }
+
+    async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
         let start = Instant::now();
-        let (bytes, access) = self.cache.read_traced(id).await?;
+        let (bytes, access) = self.cache.read_traced(id, class).await?;
         match access {
             Access::Hit => {
                 self.metrics.hits.get_or_create(&self.label).inc();

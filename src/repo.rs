@@ -27,6 +27,7 @@ mod local;
 mod manifest;
 mod read;
 mod restore;
+mod slow;
 mod store;
 mod verify;
 
@@ -40,6 +41,7 @@ pub use manifest::{DiskManifest, Manifest, SnapshotId, VmInfo};
 pub use read::{ChunkReader, DiskImage, Repository, Snapshot};
 pub(crate) use restore::{descriptor_for, plan_files};
 pub use restore::{RestoreSummary, RestoredDisk};
+pub use slow::{SlowStore, Slowness};
 pub use store::{ChunkId, ChunkStore};
 pub use verify::{BadChunk, ChunkProblem, VerifyReport};
 
@@ -83,6 +85,9 @@ pub enum RepoError {
     BadRepository { path: PathBuf, what: String },
     #[error("invalid chunk size {given}: it must be a power of two from 64KiB to 4MiB")]
     BadChunkSize { given: String },
+    /// The repository as a whole cannot be reached (its directory gone, its storage down).
+    #[error("repository {path} cannot be reached: {what}")]
+    Unreachable { path: PathBuf, what: String },
     #[error("chunk {chunk} is missing from the repository")]
     MissingChunk { chunk: ChunkId },
     #[error("chunk {chunk} is corrupt: {what}")]

@@ -15,7 +15,7 @@ use crate::agent::{Agent, Datastore};
 use crate::control::{self, ApiAddr, ApiState};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
-use crate::repo::Repository;
+use crate::repo::{Repository, Slowness};
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -73,6 +73,18 @@ pub struct ServeConfig {
     pub advertise: Option<String>,
     /// Accept AUTH_NONE calls (default false: AUTH_SYS required).
     pub allow_auth_none: Option<bool>,
+    /// Slow every repository read down on purpose (tests and benchmarks of cold storage).
+    pub slow_repository: Option<SlowRepoConfig>,
+}
+
+/// `[slow_repository]`: reproduce slow backup storage with a local repository.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlowRepoConfig {
+    /// Added to every fetch, e.g. `"5ms"`.
+    pub latency: Option<String>,
+    /// Shared read bandwidth per second, e.g. `"200MB"`.
+    pub bandwidth: Option<String>,
 }
 
 pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
@@ -120,7 +132,13 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         AllowList::parse(&allow_items).map_err(|e| anyhow::anyhow!("--allow: {e}"))?
     };
 
-    let repo = Repository::open(&repo_dir)?;
+    let mut repo = Repository::open(&repo_dir)?;
+    if let Some(slow) = &file.slow_repository {
+        let how = Slowness::parse(slow.latency.as_deref(), slow.bandwidth.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::warn!(latency = ?how.latency, bandwidth = ?how.bandwidth, "repository reads slowed on purpose ([slow_repository] in the config)");
+        repo = repo.slowed(how);
+    }
     let advertise = a.advertise.or(file.advertise).unwrap_or_else(|| {
         if nfs_addr.ip().is_unspecified() {
             std::fs::read_to_string("/proc/sys/kernel/hostname")

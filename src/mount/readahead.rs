@@ -6,14 +6,15 @@
 //! Must not: delay the read that triggered it (prefetches run as their own tasks), or grow
 //! without bound (at most [`MAX_INFLIGHT`] chunk prefetches per disk at once; further ones are
 //! skipped, not queued). A prefetch shares its fetch with any VM read of the same chunk through
-//! the cache's single-flight fill. Priority of VM reads over prefetches is the fetch
-//! scheduler's job (issue 5); this is its first, simplest client.
+//! the cache's single-flight fill. Prefetches run in the scheduler's background class, so VM
+//! reads overtake them (see [`crate::fetch`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use crate::fetch::FetchClass;
 use crate::repo::DiskImage;
 
 /// Largest read-ahead window, in chunks.
@@ -78,7 +79,7 @@ impl ReadAhead {
             tokio::spawn(async move {
                 // A failed prefetch is not an error: the read that needs the chunk will fetch
                 // it and report any failure to its client.
-                let _ = image.warm_block(b).await;
+                let _ = image.warm_block(b, FetchClass::Background).await;
                 drop(permit);
             });
         }

@@ -44,6 +44,7 @@ pub fn to_nfsstat(e: &RepoError) -> nfsstat3 {
         RepoError::Io { .. }
         | RepoError::File { .. }
         | RepoError::MissingChunk { .. }
+        | RepoError::Unreachable { .. }
         | RepoError::CorruptChunk { .. }
         | RepoError::CorruptManifest { .. }
         | RepoError::BadRepository { .. }

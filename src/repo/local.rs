@@ -203,10 +203,25 @@ impl LocalStore {
 impl ChunkStore for LocalStore {
     async fn get_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
         let path = self.chunk_path(id);
+        let root = self.root.clone();
         let id = *id;
         blocking(move || match fs::read(&path) {
             Ok(v) => Ok(Bytes::from(v)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(RepoError::MissingChunk { chunk: id }),
+            // A chunk is missing only from a repository that is there: a directory that went
+            // away (an unmounted share, a moved folder) is the repository being unreachable.
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                match root.join(CONFIG_FILE).try_exists() {
+                    Ok(true) => Err(RepoError::MissingChunk { chunk: id }),
+                    Ok(false) => Err(RepoError::Unreachable {
+                        path: root,
+                        what: format!("its {CONFIG_FILE} is gone (is its storage mounted?)"),
+                    }),
+                    Err(e) => Err(RepoError::Unreachable {
+                        path: root,
+                        what: e.to_string(),
+                    }),
+                }
+            }
             Err(e) => Err(RepoError::io(&path, e)),
         })
         .await

@@ -13,6 +13,8 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 
+use crate::fetch::FetchClass;
+
 use super::local::{LocalStore, RepoConfig, WriteLock};
 use super::manifest::{BlockTable, DiskManifest, Manifest, SnapshotId, MAX_CONFIG_BYTES};
 use super::{blocking, codec, ChunkId, ChunkSize, ChunkStore, RepoError};
@@ -25,6 +27,13 @@ const READ_FETCH_CONCURRENCY: usize = 8;
 pub trait ChunkReader: Send + Sync {
     /// The chunk's uncompressed bytes, checked against its digest.
     async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError>;
+
+    /// The same, fetched in `class` by readers that schedule fetches (the cache); others ignore
+    /// the class.
+    async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
+        let _ = class;
+        self.read_chunk(id).await
+    }
 }
 
 /// An open repository. Cheap to clone.
@@ -59,6 +68,19 @@ impl Repository {
                 config,
             }),
         })
+    }
+
+    /// The same repository with every read slowed as `how` says (see [`super::SlowStore`]).
+    pub fn slowed(self, how: super::Slowness) -> Repository {
+        let store: Arc<dyn ChunkStore> =
+            Arc::new(super::SlowStore::new(self.inner.store.clone(), how));
+        Repository {
+            inner: Arc::new(Inner {
+                local: self.inner.local.clone(),
+                store,
+                config: self.inner.config.clone(),
+            }),
+        }
     }
 
     pub fn path(&self) -> &Path {
@@ -244,11 +266,12 @@ impl DiskImage {
         self.table.len()
     }
 
-    /// Fetches block `idx`'s chunk through the reader (into a cache, if the reader is one)
-    /// without returning it. Zero blocks and blocks past the end cost nothing.
-    pub async fn warm_block(&self, idx: u64) -> Result<(), RepoError> {
+    /// Fetches block `idx`'s chunk through the reader (into a cache, if the reader is one) in
+    /// fetch class `class`, without returning it. Zero blocks and blocks past the end cost
+    /// nothing.
+    pub async fn warm_block(&self, idx: u64, class: FetchClass) -> Result<(), RepoError> {
         match self.table.get(idx) {
-            Some(id) => self.reader.read_chunk(&id).await.map(|_| ()),
+            Some(id) => self.reader.read_chunk_as(&id, class).await.map(|_| ()),
             None => Ok(()),
         }
     }

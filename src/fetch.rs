@@ -1,0 +1,347 @@
+//! The fetch scheduler: every repository fetch the cache makes waits here for a slot, in strict
+//! class order. VM reads first, then pre-staging, then background work (read-ahead, relocation).
+//!
+//! Owns: the number of fetches in flight (bounded), the queue of fetches waiting for a slot, and
+//! the order in which they get one. A waiting fetch's class can be raised while it waits (a VM
+//! read that needs a chunk a pre-stager asked for first), and it is then served as that class.
+//! Must not: know about chunks, caches or mounts; it only hands out [`Slot`]s.
+//!
+//! Guarantees, tested below:
+//! - a fetch is never queued behind a fetch of a lower class (lower = later in [`FetchClass`]);
+//! - the last [`FetchScheduler::reserve`] slots are for VM reads only, so a VM read finds a free
+//!   slot even while pre-staging or background work keeps every slot they may use busy: at worst
+//!   it waits behind other VM reads, never behind a queued or in-flight background fetch;
+//! - within a class, first come first served.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+/// Why a chunk is fetched, in priority order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FetchClass {
+    /// A read a VM (an NFS client) is waiting for.
+    Vm = 0,
+    /// Warming a mount's boot set before or while its VM starts.
+    Prestage = 1,
+    /// Read-ahead and relocation: nobody waits for these now.
+    Background = 2,
+}
+
+impl FetchClass {
+    const ALL: [FetchClass; 3] = [FetchClass::Vm, FetchClass::Prestage, FetchClass::Background];
+
+    fn from_u8(v: u8) -> FetchClass {
+        Self::ALL[usize::from(v.min(2))]
+    }
+}
+
+/// The class of one pending fetch, shared by everyone waiting for it; it can only rise.
+#[derive(Debug)]
+pub struct Demand(AtomicU8);
+
+impl Demand {
+    pub fn new(class: FetchClass) -> Arc<Demand> {
+        Arc::new(Demand(AtomicU8::new(class as u8)))
+    }
+
+    pub fn class(&self) -> FetchClass {
+        FetchClass::from_u8(self.0.load(Ordering::Acquire))
+    }
+
+    /// Raises the class to `class` if that is higher; returns whether it rose.
+    pub fn raise(&self, class: FetchClass) -> bool {
+        self.0.fetch_min(class as u8, Ordering::AcqRel) > class as u8
+    }
+}
+
+/// Hands out fetch slots in class order.
+#[derive(Debug)]
+pub struct FetchScheduler {
+    limit: usize,
+    reserve: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    in_flight: usize,
+    next_seq: u64,
+    waiting: Vec<Waiter>,
+    /// Slots handed out so far, by class (for tests and `/metrics`).
+    granted: [u64; 3],
+}
+
+#[derive(Debug)]
+struct Waiter {
+    seq: u64,
+    demand: Arc<Demand>,
+    wake: oneshot::Sender<Slot>,
+}
+
+/// Counters of a scheduler.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SchedulerStats {
+    pub in_flight: usize,
+    pub waiting: usize,
+    /// Fetches started, by class: VM, pre-stage, background.
+    pub started: [u64; 3],
+}
+
+/// Permission to run one fetch; the slot is given back when this is dropped.
+#[derive(Debug)]
+pub struct Slot {
+    sched: Option<Arc<FetchScheduler>>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(s) = self.sched.take() {
+            let mut st = s.lock();
+            st.in_flight -= 1;
+            s.grant(&mut st);
+        }
+    }
+}
+
+impl FetchScheduler {
+    /// At most `limit` fetches at once, the last `reserve` of them for VM reads only
+    /// (`reserve` is clamped to `0..limit`).
+    pub fn new(limit: usize, reserve: usize) -> Arc<FetchScheduler> {
+        let limit = limit.max(1);
+        Arc::new(FetchScheduler {
+            limit,
+            reserve: reserve.min(limit - 1),
+            state: Mutex::new(State::default()),
+        })
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn reserve(&self) -> usize {
+        self.reserve
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        let st = self.lock();
+        SchedulerStats {
+            in_flight: st.in_flight,
+            waiting: st.waiting.iter().filter(|w| !w.wake.is_closed()).count(),
+            started: st.granted,
+        }
+    }
+
+    /// Waits for a slot for a fetch of `demand`'s class (read again each time slots are handed
+    /// out, so a raised class takes effect at once).
+    pub async fn slot(self: &Arc<Self>, demand: Arc<Demand>) -> Slot {
+        let rx = {
+            let mut st = self.lock();
+            let class = demand.class();
+            let queued_ahead = st
+                .waiting
+                .iter()
+                .any(|w| !w.wake.is_closed() && w.demand.class() <= class);
+            if !queued_ahead && st.in_flight < self.cap(class) {
+                return self.take(&mut st, class);
+            }
+            let (tx, rx) = oneshot::channel();
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            st.waiting.push(Waiter {
+                seq,
+                demand,
+                wake: tx,
+            });
+            rx
+        };
+        match rx.await {
+            Ok(slot) => slot,
+            // Unreachable while `self` lives (waiters are only dropped when they are granted
+            // or when their receiver is gone); wait for a new slot rather than panic.
+            Err(_) => Box::pin(self.slot(Demand::new(FetchClass::Vm))).await,
+        }
+    }
+
+    /// Hands out free slots after a waiter's class was raised.
+    pub fn reconsider(self: &Arc<Self>) {
+        let mut st = self.lock();
+        self.grant(&mut st);
+    }
+
+    /// How many slots a fetch of `class` may find busy and still start.
+    fn cap(&self, class: FetchClass) -> usize {
+        match class {
+            FetchClass::Vm => self.limit,
+            _ => self.limit - self.reserve,
+        }
+    }
+
+    fn take(self: &Arc<Self>, st: &mut State, class: FetchClass) -> Slot {
+        st.in_flight += 1;
+        st.granted[class as usize] += 1;
+        Slot {
+            sched: Some(self.clone()),
+        }
+    }
+
+    /// Gives free slots to waiters, best class first, oldest first within a class; stops at
+    /// the first waiter that may not start (nobody behind it may overtake it).
+    fn grant(self: &Arc<Self>, st: &mut State) {
+        st.waiting.retain(|w| !w.wake.is_closed());
+        loop {
+            let Some(best) = st
+                .waiting
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, w)| (w.demand.class(), w.seq))
+                .map(|(i, w)| (i, w.demand.class()))
+            else {
+                return;
+            };
+            let (i, class) = best;
+            if st.in_flight >= self.cap(class) {
+                return;
+            }
+            let w = st.waiting.swap_remove(i);
+            let slot = self.take(st, class);
+            if let Err(mut slot) = w.wake.send(slot) {
+                // The waiter went away just now: take the slot back without re-entering.
+                slot.sched = None;
+                st.in_flight -= 1;
+                st.granted[class as usize] -= 1;
+            }
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    async fn settle() {
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Starts a task that takes a slot of `class` and reports it on `done`.
+    fn request(
+        s: &Arc<FetchScheduler>,
+        demand: Arc<Demand>,
+        label: &'static str,
+        done: &tokio::sync::mpsc::UnboundedSender<(&'static str, Slot)>,
+    ) {
+        let s = s.clone();
+        let done = done.clone();
+        tokio::spawn(async move {
+            let slot = s.slot(demand).await;
+            let _ = done.send((label, slot));
+        });
+    }
+
+    #[tokio::test]
+    async fn a_vm_read_overtakes_every_queued_background_fetch() {
+        let s = FetchScheduler::new(4, 1);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // Background work fills the three slots it may use and queues 100 more.
+        for _ in 0..103 {
+            request(&s, Demand::new(FetchClass::Background), "bg", &tx);
+        }
+        settle().await;
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(s.stats().in_flight, 3);
+        // A VM read arrives: the reserved slot is free, it starts at once.
+        request(&s, Demand::new(FetchClass::Vm), "vm", &tx);
+        let (label, vm_slot) = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(label, "vm");
+        // With every slot busy, a second VM read and more pre-staging queue; when one slot
+        // frees, the VM read gets it. Pre-staging and background start only while at least
+        // the reserved slot is free: pre-staging first, then background.
+        request(&s, Demand::new(FetchClass::Prestage), "pre", &tx);
+        settle().await;
+        request(&s, Demand::new(FetchClass::Vm), "vm2", &tx);
+        settle().await;
+        drop(vm_slot);
+        let vm2 = rx.recv().await.unwrap();
+        assert_eq!(vm2.0, "vm2");
+        drop(vm2);
+        settle().await;
+        assert_eq!(
+            s.stats().in_flight,
+            3,
+            "nothing but a VM read may take the last slot"
+        );
+        drop(held.pop());
+        let pre = rx.recv().await.unwrap();
+        assert_eq!(pre.0, "pre");
+        drop(held.pop());
+        let bg = rx.recv().await.unwrap();
+        assert_eq!(bg.0, "bg");
+        assert_eq!(s.stats().started, [2, 1, 4]);
+        assert_eq!(s.stats().in_flight, 3);
+    }
+
+    #[tokio::test]
+    async fn a_raised_demand_is_served_in_its_new_class() {
+        let s = FetchScheduler::new(2, 1);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        request(&s, Demand::new(FetchClass::Prestage), "pre0", &tx);
+        let first = rx.recv().await.unwrap();
+        // pre1 waits (pre-staging may use one slot); then a VM read needs pre1's chunk.
+        let d = Demand::new(FetchClass::Prestage);
+        request(&s, d.clone(), "pre1", &tx);
+        settle().await;
+        assert_eq!(s.stats().waiting, 1);
+        assert!(d.raise(FetchClass::Vm));
+        assert!(!d.raise(FetchClass::Background), "a class never drops");
+        s.reconsider();
+        // It now runs in the slot kept for VM reads, without waiting for pre0.
+        let (label, _slot) = tokio::time::timeout(Duration::from_secs(1), rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(label, "pre1");
+        drop(first);
+    }
+
+    #[tokio::test]
+    async fn same_class_is_first_come_first_served_and_gone_waiters_are_skipped() {
+        let s = FetchScheduler::new(1, 0);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let hold = s.slot(Demand::new(FetchClass::Vm)).await;
+        let gone = {
+            let s = s.clone();
+            tokio::spawn(async move { s.slot(Demand::new(FetchClass::Vm)).await })
+        };
+        settle().await;
+        for label in ["a", "b", "c"] {
+            request(&s, Demand::new(FetchClass::Vm), label, &tx);
+            settle().await;
+        }
+        gone.abort();
+        settle().await;
+        drop(hold);
+        for want in ["a", "b", "c"] {
+            let (label, slot) = rx.recv().await.unwrap();
+            assert_eq!(label, want);
+            drop(slot);
+        }
+        let st = s.stats();
+        assert_eq!((st.in_flight, st.waiting), (0, 0));
+    }
+}
