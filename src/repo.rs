@@ -108,10 +108,11 @@ pub enum RepoError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("disk {disk} at offset {offset}: {source}")]
+    #[error("disk {disk} at offset {offset}, chunk {chunk}: {source}")]
     Read {
         disk: String,
         offset: u64,
+        chunk: ChunkId,
         #[source]
         source: Box<RepoError>,
     },

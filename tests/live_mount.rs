@@ -355,15 +355,7 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
         "other disks keep working"
     );
     // The failures are counted per mount and file on /metrics.
-    let api: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(server.state.join("api.json")).unwrap()).unwrap();
-    let metrics_url = format!("{}/metrics", api["url"].as_str().unwrap());
-    let metrics = ureq::get(&metrics_url)
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap();
+    let metrics = metrics(&server);
     assert!(
         metrics.contains("livemount_nfs_errors_total{mount=\"kvm01-lm1\",file=\"b.img\"}"),
         "{metrics}"
@@ -389,6 +381,84 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
         server.log_text().contains(&gone),
         "the log names the missing chunk"
     );
+}
+
+/// /metrics of a running server, as text.
+fn metrics(server: &Server) -> String {
+    let api: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(server.state.join("api.json")).unwrap()).unwrap();
+    ureq::get(&format!("{}/metrics", api["url"].as_str().unwrap()))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap()
+}
+
+#[test]
+fn an_unreachable_repository_fails_uncached_reads_only_and_then_comes_back() {
+    use common::nfs::*;
+    use nfs3_client::nfs3_types::nfs3::{nfsstat3, stable_how};
+    let f = fixture();
+    let server = Server::start(&f.repo, &f.root.join("state"), "off", &[]);
+    server.cli(&["mount", "kvm01", "--name", "vm-a"]);
+    server.cli(&["mount", "kvm01", "--name", "vm-b"]);
+    // vm-b has read its disk b (now in the read cache); nobody has read disk a.
+    assert!(read_ok(&server, "vm-b/b.img") == f.kvm_disks[1]);
+    // The repository's storage goes away (an unmounted share looks the same).
+    let away = f.root.join("repo-away");
+    std::fs::rename(&f.repo, &away).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let step = 256 * 1024u32;
+        let mut c = connect(&server, "vm-a").await;
+        let dir = c.root_nfs_fh3();
+        let a = lookup(&mut c, &dir, "a.img").await.unwrap();
+        let mut failed = 0;
+        for off in (0..f.kvm_disks[0].len() as u64).step_by(step as usize) {
+            match read_at(&mut c, &a, off, step).await {
+                // Zero blocks need no fetch: they still read, and as zeros they are right.
+                Ok(data) => assert_eq!(data, f.kvm_disks[0][off as usize..][..data.len()]),
+                Err(e) => {
+                    assert_eq!(e, nfsstat3::NFS3ERR_IO, "at {off}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(failed > 0, "reads that need the repository fail");
+        // The other mount keeps working from the cache: reads and writes.
+        let mut c = connect(&server, "vm-b").await;
+        let dir = c.root_nfs_fh3();
+        let b = lookup(&mut c, &dir, "b.img").await.unwrap();
+        assert_eq!(
+            read_at(&mut c, &b, 0, step).await.unwrap(),
+            f.kvm_disks[1][..step as usize]
+        );
+        let data = vec![0x5a; 4096];
+        write_how(&mut c, &b, 8192, &data, stable_how::FILE_SYNC)
+            .await
+            .unwrap();
+        assert_eq!(read_at(&mut c, &b, 8192, 4096).await.unwrap(), data);
+    });
+    let log = server.log_text();
+    assert!(
+        log.contains("read failed")
+            && log.contains("vm-a")
+            && log.contains("a.img")
+            && log.contains("cannot be reached")
+            && log.contains(", chunk "),
+        "the log names the mount, file, offset and chunk: {log}"
+    );
+    let m = metrics(&server);
+    assert!(
+        m.contains("livemount_nfs_errors_total{mount=\"vm-a\",file=\"a.img\"}"),
+        "{m}"
+    );
+    assert!(!m.contains("mount=\"vm-b\",file="), "{m}");
+    // The storage comes back: the same reads succeed, nothing restarted.
+    std::fs::rename(&away, &f.repo).unwrap();
+    assert!(read_ok(&server, "vm-a/a.img") == f.kvm_disks[0]);
+    assert!(server.child_alive());
 }
 
 #[test]

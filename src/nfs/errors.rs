@@ -83,6 +83,7 @@ mod tests {
                 RepoError::Read {
                     disk: "d".into(),
                     offset: 5,
+                    chunk: ChunkId([1; 32]),
                     source: Box::new(corrupt),
                 },
                 nfsstat3::NFS3ERR_IO,

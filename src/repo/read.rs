@@ -327,7 +327,7 @@ impl DiskImage {
         self.reader
             .read_chunk(id)
             .await
-            .map_err(|e| self.read_error(offset, e))
+            .map_err(|e| self.read_error(offset, id, e))
     }
 
     /// A chunk must be exactly as long as its block; anything else is a corrupt repository.
@@ -346,6 +346,7 @@ impl DiskImage {
         }
         Err(self.read_error(
             offset,
+            id,
             RepoError::CorruptChunk {
                 chunk: *id,
                 what: format!(
@@ -358,10 +359,11 @@ impl DiskImage {
         ))
     }
 
-    fn read_error(&self, offset: u64, e: RepoError) -> RepoError {
+    fn read_error(&self, offset: u64, chunk: &ChunkId, e: RepoError) -> RepoError {
         RepoError::Read {
             disk: self.name.clone(),
             offset,
+            chunk: *chunk,
             source: Box::new(e),
         }
     }
