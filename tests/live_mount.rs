@@ -497,6 +497,56 @@ fn malformed_connections_are_cut_and_the_server_keeps_serving() {
 }
 
 #[test]
+fn serve_refuses_bad_settings_with_an_error_naming_them_and_creates_nothing() {
+    let f = fixture();
+    let state = f.root.join("state");
+    let repo = f.repo.to_str().unwrap();
+    let config = |name: &str, text: &str| {
+        let p = f.root.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let unknown = config("unknown.toml", "cache = \"1GiB\"\n");
+    let slow = config("slow.toml", "[slow_repository]\nlatency = \"soon\"\n");
+    let nothing = f.root.join("nothing");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--config", &unknown], "unknown field `cache`"),
+        (vec!["--config", &slow], "slow_repository.latency \"soon\""),
+        (vec!["--cache-size", "lots"], "--cache-size \"lots\""),
+        (vec!["--allow", "10.0.0.0/33"], "--allow"),
+        (vec!["--portmap", "here"], "--portmap \"here\""),
+        (
+            vec!["--config", "/nonexistent/serve.toml"],
+            "/nonexistent/serve.toml",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["serve", "--repo", repo, "--state", state.to_str().unwrap()];
+        args.extend_from_slice(&["--nfs", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+        args.extend_from_slice(&extra);
+        let out = livemount(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{extra:?} was accepted");
+        assert!(err.contains(want), "{extra:?}: {err}");
+        assert!(!state.exists(), "{extra:?} created the state directory");
+    }
+    // A repository that is not there: named, with what to do.
+    let out = livemount(&[
+        "serve",
+        "--repo",
+        nothing.to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not a livemount repository") && err.contains("repo init"),
+        "{err}"
+    );
+    assert!(!state.exists() && !nothing.exists());
+}
+
+#[test]
 fn mount_errors_name_the_problem_and_change_nothing() {
     let f = fixture();
     let server = Server::start(&f.repo, &f.root.join("state"), "off", &[]);

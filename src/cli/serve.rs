@@ -108,6 +108,13 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .portmap
         .or(file.portmap)
         .unwrap_or_else(|| "0.0.0.0:111".into());
+    let portmap_addr: Option<SocketAddr> = match portmap.as_str() {
+        "off" => None,
+        text => Some(
+            text.parse()
+                .with_context(|| format!("--portmap {text:?}: give ADDR:PORT or off"))?,
+        ),
+    };
     let api_addr = a.api.or(file.api).unwrap_or(([127, 0, 0, 1], 7480).into());
     let cache_text = a
         .cache_size
@@ -176,11 +183,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
-    let portmap_on = portmap != "off";
-    if portmap_on {
-        let addr: SocketAddr = portmap
-            .parse()
-            .with_context(|| format!("--portmap {portmap:?}: give ADDR:PORT or off"))?;
+    let portmap_on = portmap_addr.is_some();
+    if let Some(addr) = portmap_addr {
         let mappings = [(100_003, 3), (100_005, 3), (100_005, 1)]
             .into_iter()
             .map(|(prog, vers)| Mapping {
