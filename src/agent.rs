@@ -4,6 +4,7 @@
 //! State directory layout:
 //! ```text
 //! mounts/NAME.json   one MountSpec per live mount (tmp, fsync, rename, fsync folder)
+//! profiles/VM.json   boot profiles learned from the mounts' boot windows (see `profile`)
 //! api-token          the control API's bearer token, mode 0600
 //! api.json           where the control API listens, for the CLI
 //! ```
@@ -22,6 +23,8 @@ use bytes::Bytes;
 use crate::cache::ChunkCache;
 use crate::metrics::{Metrics, MountReader};
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
+use crate::prestage::{BootWindow, Learning, Prestage, PrestageStatus, WindowStatus};
+use crate::profile::{plan, Profile, ProfileStore};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
 use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
 
@@ -35,6 +38,12 @@ pub struct Agent {
     mounts: RwLock<BTreeMap<u32, Arc<LiveMount>>>,
     changes: tokio::sync::Mutex<()>,
     started: jiff::Timestamp,
+    /// How new mounts record their boot; `None`: they do not.
+    learning: Option<Learning>,
+    profiles: ProfileStore,
+    /// Held while a profile is read, merged and written, so concurrent boots of one VM (its
+    /// clones) each count.
+    learn_lock: Arc<std::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -71,6 +80,27 @@ pub struct MountRequest {
     /// Only these hosts (addresses or CIDRs) may use the mount; empty: all the server allows.
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Pre-stage the boot set from a profile (`wait` is the client's business: for the server
+    /// it is `background`).
+    #[serde(default)]
+    pub prestage: PrestageMode,
+}
+
+/// `mount --prestage`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PrestageMode {
+    Wait,
+    #[default]
+    Background,
+    Off,
+}
+
+/// A mount's boot: its window and its pre-staging, when it has them.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct BootInfo {
+    pub window: Option<WindowStatus>,
+    pub prestage: Option<PrestageStatus>,
 }
 
 /// A mount as listings show it.
@@ -81,6 +111,8 @@ pub struct MountInfo {
     pub hypervisor: crate::vmconfig::Hypervisor,
     pub config: String,
     pub files: Vec<MountFileInfo>,
+    #[serde(default)]
+    pub boot: BootInfo,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -97,6 +129,7 @@ impl Agent {
         datastore: Datastore,
         state: &Path,
         cache_bytes: u64,
+        learning: Option<Learning>,
     ) -> anyhow::Result<Agent> {
         fs::create_dir_all(state.join("mounts"))?;
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
@@ -109,6 +142,9 @@ impl Agent {
             mounts: RwLock::new(BTreeMap::new()),
             changes: tokio::sync::Mutex::new(()),
             started: jiff::Timestamp::now(),
+            learning,
+            profiles: ProfileStore::new(state),
+            learn_lock: Arc::default(),
         };
         for entry in fs::read_dir(state.join("mounts"))? {
             let path = entry?.path();
@@ -119,7 +155,7 @@ impl Agent {
                 .map_err(|e| anyhow::anyhow!("{}: unreadable mount spec: {e}", path.display()))?;
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the
             // others from being served: it is left out, loudly, and its state is kept.
-            match agent.open_mount(spec).await {
+            match agent.open_mount(spec, false).await {
                 Ok(mount) => agent.insert(mount),
                 Err(e) => tracing::error!(spec = %path.display(), error = %e, "mount not served"),
             }
@@ -175,7 +211,13 @@ impl Agent {
             .cloned()
     }
 
-    async fn open_mount(&self, spec: MountSpec) -> Result<LiveMount, MountError> {
+    /// The boot profiles in the state directory.
+    pub fn profiles(&self) -> &ProfileStore {
+        &self.profiles
+    }
+
+    /// Opens a mount; `fresh`: made now (its VM has yet to boot), not brought back at a start.
+    async fn open_mount(&self, spec: MountSpec, fresh: bool) -> Result<LiveMount, MountError> {
         let err = |source| MountError::Repo {
             mount: spec.name.clone(),
             source,
@@ -183,16 +225,18 @@ impl Agent {
         let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
         let config = self.config_for_mount(&spec, &snapshot, config)?;
+        let window = self.learning.filter(|_| fresh).map(BootWindow::new);
         let reader: Arc<dyn ChunkReader> = Arc::new(MountReader::new(
             self.cache.clone(),
             self.metrics.clone(),
             &spec.name,
+            window.clone(),
         ));
         let overlays = self.overlay_dir(&spec.name);
         if !spec.read_only {
             self.claim_overlays(&overlays, &spec)?;
         }
-        LiveMount::open(spec, &snapshot, reader, config, &overlays).await
+        LiveMount::open(spec, &snapshot, reader, config, &overlays, window).await
     }
 
     /// The config as the mount serves it: a new name (the mount's), UUID and MAC addresses,
@@ -292,12 +336,49 @@ impl Agent {
             created: jiff::Timestamp::now(),
             hosts,
         };
-        let mount = self.open_mount(spec.clone()).await?;
+        let mount = self.open_mount(spec.clone(), true).await?;
         self.persist(&spec)?;
+        let mount = Arc::new(mount);
+        if req.prestage != PrestageMode::Off {
+            self.start_prestage(&mount);
+        }
+        if let Some(w) = &mount.window {
+            tokio::spawn(watch_window(w.clone(), mount.clone(), self.learner()));
+        }
         let out = describe(&mount, &info);
-        self.insert(mount);
+        self.mounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(spec.id, mount);
         tracing::info!(mount = %spec.name, snapshot = %spec.snapshot_name, "mounted");
         Ok(out)
+    }
+
+    /// Starts warming the mount's boot set, if there is a profile to follow (the VM's own, or
+    /// one it shares enough boot chunks with). At most the staging area's size is planned.
+    fn start_prestage(&self, mount: &Arc<LiveMount>) {
+        let (profiles, bad) = self.profiles.list();
+        for e in bad {
+            tracing::warn!(error = %e, "boot profile skipped");
+        }
+        let cs = self.repo.chunk_size().as_u64();
+        let max = usize::try_from(self.cache.staging_capacity() / cs).unwrap_or(usize::MAX);
+        let Some((source, chunks)) = plan(&mount.vm, &profiles, &mount.blocks(), max) else {
+            return;
+        };
+        tracing::info!(mount = %mount.spec.name, ?source, chunks = chunks.len(), "pre-staging the boot set");
+        let p = Prestage::new(source, chunks, cs);
+        if mount.prestage.set(p.clone()).is_ok() {
+            tokio::spawn(p.run(self.cache.clone()));
+        }
+    }
+
+    fn learner(&self) -> Learner {
+        Learner {
+            store: self.profiles.clone(),
+            lock: self.learn_lock.clone(),
+            chunk_size: self.repo.chunk_size().as_u64(),
+        }
     }
 
     /// Removes a mount. Its writes are discarded unless `keep_writes`, in which case they stay in
@@ -310,6 +391,13 @@ impl Agent {
             .ok_or_else(|| MountError::NotFound {
                 name: name.to_string(),
             })?;
+        if let Some(p) = m.prestage.get() {
+            p.cancel();
+        }
+        // The VM has stopped: its boot, if still recorded, is over.
+        if let Some(w) = &m.window {
+            self.learner().learn(w, &m).await;
+        }
         let path = self.spec_path(&m.spec.name);
         fs::remove_file(&path).map_err(|e| state_err(&path, e))?;
         fsync_dir(&self.state.join("mounts"))?;
@@ -423,6 +511,58 @@ impl Agent {
     }
 }
 
+/// Merges ended boot windows into profiles.
+#[derive(Clone)]
+struct Learner {
+    store: ProfileStore,
+    lock: Arc<std::sync::Mutex<()>>,
+    chunk_size: u64,
+}
+
+impl Learner {
+    /// Ends the window and merges its trace into the VM's profile. Failures are logged: a
+    /// profile is an optimisation, never a reason for a mount or unmount to fail.
+    async fn learn(&self, w: &BootWindow, m: &LiveMount) {
+        let Some(trace) = w.end() else {
+            return;
+        };
+        let status = w.status();
+        let (me, vm, mount) = (self.clone(), m.vm.clone(), m.spec.name.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let _held = me.lock.lock().unwrap_or_else(|p| p.into_inner());
+            let now = jiff::Timestamp::now();
+            let old = me
+                .store
+                .load(&vm)?
+                .filter(|p| p.chunk_size == me.chunk_size)
+                .unwrap_or_else(|| Profile::new(&vm, me.chunk_size, now));
+            let merged = old.merge(&trace, now);
+            me.store.save(&merged).map(|path| (path, merged))
+        })
+        .await;
+        match result {
+            Ok(Ok((path, p))) => tracing::info!(
+                mount = %mount, profile = %path.display(), boots = p.boots, blocks = p.blocks.len(),
+                window_blocks = status.blocks, hits = status.hits, misses = status.misses,
+                "boot window ended; profile updated"
+            ),
+            Ok(Err(e)) => tracing::warn!(mount = %mount, error = %e, "boot profile not updated"),
+            Err(e) => tracing::error!(mount = %mount, error = %e, "boot profile task failed"),
+        }
+    }
+}
+
+/// Ends a mount's boot window when it is due (quiet, or at its limit) and learns from it.
+async fn watch_window(w: Arc<BootWindow>, m: Arc<LiveMount>, learner: Learner) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+    while w.recording() {
+        tick.tick().await;
+        if w.due(std::time::Instant::now()) {
+            learner.learn(&w, &m).await;
+        }
+    }
+}
+
 fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
     MountInfo {
         spec: m.spec.clone(),
@@ -445,6 +585,10 @@ fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
                 })
             }))
             .collect(),
+        boot: BootInfo {
+            window: m.window.as_ref().map(|w| w.status()),
+            prestage: m.prestage.get().map(|p| p.status()),
+        },
     }
 }
 

@@ -16,6 +16,7 @@ mod backup;
 mod backups;
 mod mount;
 mod mounts;
+mod profile;
 mod progress;
 mod repo_init;
 mod restore;
@@ -58,6 +59,9 @@ enum Command {
     Unmount(unmount::UnmountArgs),
     /// Show the running server's state.
     Status(status::StatusArgs),
+    /// Boot profiles: what each VM reads while booting, learned from its live mounts.
+    #[command(subcommand)]
+    Profile(profile::ProfileCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +123,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Mounts(a) => mounts::run(a).await,
         Command::Unmount(a) => unmount::run(a).await,
         Command::Status(a) => status::run(a).await,
+        Command::Profile(c) => profile::run(c),
     }
 }
 

@@ -27,5 +27,8 @@ pub mod fetch;
 pub mod metrics;
 pub mod mount;
 pub mod nfs;
+pub mod prestage;
+pub mod profile;
 pub mod repo;
+pub mod units;
 pub mod vmconfig;

@@ -13,6 +13,9 @@
 //! | `livemount_cache_hits_total`, `livemount_cache_misses_total` | mount | chunk lookups in the read cache |
 //! | `livemount_repo_fetch_seconds` | mount | histogram: time to fetch, decode and verify a missed chunk |
 //! | `livemount_cache_bytes`, `livemount_mounts` | | cache fill, number of mounts (sampled at scrape) |
+//! | `livemount_fetch_slots_busy`, `livemount_fetches_waiting` | | the fetch scheduler now (sampled) |
+//! | `livemount_boot_set_chunks`, `livemount_prestaged_chunks` | mount | the boot set being pre-staged, and how much of it is cached (sampled) |
+//! | `livemount_boot_window_hits`, `livemount_boot_window_misses` | mount | the VM's chunk reads during its boot window, from the cache or not (sampled) |
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -28,6 +31,7 @@ use prometheus_client::registry::Registry;
 
 use crate::cache::{Access, ChunkCache};
 use crate::fetch::FetchClass;
+use crate::prestage::BootWindow;
 use crate::repo::{ChunkId, ChunkReader, RepoError};
 
 /// The label of per-mount metrics.
@@ -63,6 +67,30 @@ pub struct Metrics {
     pub fetch_seconds: Hist,
     cache_bytes: Gauge,
     mounts: Gauge,
+    slots_busy: Gauge,
+    waiting: Gauge,
+    boot_set: Family<MountLabel, Gauge>,
+    prestaged: Family<MountLabel, Gauge>,
+    window_hits: Family<MountLabel, Gauge>,
+    window_misses: Family<MountLabel, Gauge>,
+}
+
+/// Values read at scrape time.
+#[derive(Debug, Default)]
+pub struct Sample {
+    pub cache_bytes: u64,
+    pub mounts: usize,
+    pub slots_busy: usize,
+    pub waiting: usize,
+    pub boots: Vec<BootSample>,
+}
+
+/// A mount's boot, at scrape time.
+#[derive(Debug, Default)]
+pub struct BootSample {
+    pub mount: String,
+    pub boot_set: Option<(u64, u64)>,
+    pub window: Option<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -91,6 +119,12 @@ impl Metrics {
             fetch_seconds: Family::new_with_constructor(fetch_histogram as fn() -> Histogram),
             cache_bytes: Gauge::default(),
             mounts: Gauge::default(),
+            slots_busy: Gauge::default(),
+            waiting: Gauge::default(),
+            boot_set: Family::default(),
+            prestaged: Family::default(),
+            window_hits: Family::default(),
+            window_misses: Family::default(),
             registry: Registry::default(),
         };
         registry.register("nfs_reads", "NFS READs served", m.reads.clone());
@@ -131,14 +165,65 @@ impl Metrics {
             m.cache_bytes.clone(),
         );
         registry.register("mounts", "live mounts", m.mounts.clone());
+        registry.register(
+            "fetch_slots_busy",
+            "repository fetches running now",
+            m.slots_busy.clone(),
+        );
+        registry.register(
+            "fetches_waiting",
+            "repository fetches waiting for a slot",
+            m.waiting.clone(),
+        );
+        registry.register(
+            "boot_set_chunks",
+            "chunks in the boot set being pre-staged",
+            m.boot_set.clone(),
+        );
+        registry.register(
+            "prestaged_chunks",
+            "chunks of the boot set dealt with so far (fetched, cached already or failed)",
+            m.prestaged.clone(),
+        );
+        registry.register(
+            "boot_window_hits",
+            "the VM's chunk reads from the cache during its boot window",
+            m.window_hits.clone(),
+        );
+        registry.register(
+            "boot_window_misses",
+            "the VM's chunk reads that waited for the repository during its boot window",
+            m.window_misses.clone(),
+        );
         Metrics { registry, ..m }
     }
 
     /// The text exposition, with the sampled gauges brought up to date.
-    pub fn render(&self, cache_bytes: u64, mounts: usize) -> String {
-        self.cache_bytes
-            .set(i64::try_from(cache_bytes).unwrap_or(i64::MAX));
-        self.mounts.set(i64::try_from(mounts).unwrap_or(i64::MAX));
+    pub fn render(&self, s: &Sample) -> String {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.cache_bytes.set(g(s.cache_bytes));
+        self.mounts.set(g(s.mounts as u64));
+        self.slots_busy.set(g(s.slots_busy as u64));
+        self.waiting.set(g(s.waiting as u64));
+        for f in [
+            &self.boot_set,
+            &self.prestaged,
+            &self.window_hits,
+            &self.window_misses,
+        ] {
+            f.clear(); // mounts that went away leave no stale series
+        }
+        for b in &s.boots {
+            let l = Self::label(&b.mount);
+            if let Some((set, done)) = b.boot_set {
+                self.boot_set.get_or_create(&l).set(g(set));
+                self.prestaged.get_or_create(&l).set(g(done));
+            }
+            if let Some((hits, misses)) = b.window {
+                self.window_hits.get_or_create(&l).set(g(hits));
+                self.window_misses.get_or_create(&l).set(g(misses));
+            }
+        }
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -165,14 +250,22 @@ pub struct MountReader {
     cache: Arc<ChunkCache>,
     metrics: Arc<Metrics>,
     label: MountLabel,
+    /// The mount's boot window, which counts the VM's hits and misses while it records.
+    window: Option<Arc<BootWindow>>,
 }
 
 impl MountReader {
-    pub fn new(cache: Arc<ChunkCache>, metrics: Arc<Metrics>, mount: &str) -> Self {
+    pub fn new(
+        cache: Arc<ChunkCache>,
+        metrics: Arc<Metrics>,
+        mount: &str,
+        window: Option<Arc<BootWindow>>,
+    ) -> Self {
         MountReader {
             cache,
             metrics,
             label: Metrics::label(mount),
+            window,
         }
     }
 }
@@ -186,6 +279,9 @@ impl ChunkReader for MountReader {
     async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
         let start = Instant::now();
         let (bytes, access) = self.cache.read_traced(id, class).await?;
+        if let (Some(w), FetchClass::Vm) = (&self.window, class) {
+            w.on_access(id, access == Access::Hit);
+        }
         match access {
             Access::Hit => {
                 self.metrics.hits.get_or_create(&self.label).inc();
@@ -213,8 +309,25 @@ mod tests {
         m.reads.get_or_create(&l).inc();
         m.read_bytes.get_or_create(&l).inc_by(4096);
         m.fetch_seconds.get_or_create(&l).observe(0.002);
-        let text = m.render(123, 1);
+        let mut sample = Sample {
+            cache_bytes: 123,
+            mounts: 1,
+            slots_busy: 2,
+            waiting: 5,
+            boots: vec![BootSample {
+                mount: "web01-lm1".into(),
+                boot_set: Some((40, 12)),
+                window: Some((30, 3)),
+            }],
+        };
+        let text = m.render(&sample);
         for needle in [
+            "livemount_fetch_slots_busy 2",
+            "livemount_fetches_waiting 5",
+            "livemount_boot_set_chunks{mount=\"web01-lm1\"} 40",
+            "livemount_prestaged_chunks{mount=\"web01-lm1\"} 12",
+            "livemount_boot_window_hits{mount=\"web01-lm1\"} 30",
+            "livemount_boot_window_misses{mount=\"web01-lm1\"} 3",
             "livemount_nfs_reads_total{mount=\"web01-lm1\"} 1",
             "livemount_nfs_read_bytes_total{mount=\"web01-lm1\"} 4096",
             "livemount_repo_fetch_seconds_count{mount=\"web01-lm1\"} 1",
@@ -224,5 +337,11 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle}:\n{text}");
         }
+        sample.boots.clear();
+        let text = m.render(&sample);
+        assert!(
+            !text.contains("boot_set_chunks{"),
+            "a gone mount leaves no series:\n{text}"
+        );
     }
 }

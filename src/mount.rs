@@ -14,14 +14,19 @@ pub mod files;
 pub mod overlay;
 pub mod readahead;
 
+use std::collections::HashSet;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 
 use overlay::{Overlay, OverlayError};
 
-use crate::repo::{descriptor_for, plan_files, DiskImage, RepoError, Snapshot, SnapshotId};
+use crate::prestage::{BootWindow, Prestage};
+use crate::profile::BlockMap;
+use crate::repo::{
+    descriptor_for, plan_files, ChunkId, DiskImage, RepoError, Snapshot, SnapshotId,
+};
 
 /// The file id of the datastore's root folder.
 pub const ROOT_FILEID: u64 = 1;
@@ -102,6 +107,10 @@ pub enum Content {
         image: DiskImage,
         overlay: Option<Arc<Overlay>>,
         readahead: Arc<readahead::ReadAhead>,
+        /// The disk's number in the mount (the order of the snapshot's disks).
+        index: usize,
+        /// The mount's boot window, while the VM's first boot from it is recorded.
+        window: Option<Arc<BootWindow>>,
     },
 }
 
@@ -182,7 +191,12 @@ impl MountFile {
                 image,
                 overlay,
                 readahead,
+                index,
+                window,
             } => {
+                if let Some(w) = window {
+                    w.on_read(*index, &self.name, image, offset, u64::from(count));
+                }
                 readahead.on_read(image, offset, u64::from(count));
                 match overlay {
                     None => image.read_at(offset, count as usize).await?,
@@ -205,6 +219,13 @@ pub struct LiveMount {
     pub config_name: String,
     /// Files the hypervisor makes, and the config (read-write mounts only).
     pub folder: Option<Arc<files::FolderFiles>>,
+    /// The backed-up VM's name (its boot profile's name).
+    pub vm: String,
+    /// The boot window of a mount made by this server run (not of one brought back at a
+    /// restart: its VM is running already).
+    pub window: Option<Arc<BootWindow>>,
+    /// Pre-staging of the boot set, when there was a profile to follow.
+    pub prestage: OnceLock<Arc<Prestage>>,
 }
 
 impl LiveMount {
@@ -240,6 +261,7 @@ impl LiveMount {
         reader: Arc<dyn crate::repo::ChunkReader>,
         config: Bytes,
         overlays: &Path,
+        window: Option<Arc<BootWindow>>,
     ) -> Result<LiveMount, MountError> {
         let m = &snapshot.manifest;
         let err = |source| MountError::Repo {
@@ -303,6 +325,8 @@ impl LiveMount {
                     image,
                     overlay,
                     readahead: Arc::default(),
+                    index: i,
+                    window: window.clone(),
                 },
             );
         }
@@ -311,7 +335,52 @@ impl LiveMount {
             files,
             config_name,
             folder,
+            vm: m.vm.name.clone(),
+            window,
+            prestage: OnceLock::new(),
         })
+    }
+}
+
+/// A mount's disks as pre-staging plans over them.
+pub struct MountBlocks<'a> {
+    mount: &'a LiveMount,
+    chunks: OnceLock<HashSet<ChunkId>>,
+}
+
+impl LiveMount {
+    pub fn blocks(&self) -> MountBlocks<'_> {
+        MountBlocks {
+            mount: self,
+            chunks: OnceLock::new(),
+        }
+    }
+
+    fn disk_images(&self) -> impl Iterator<Item = (&str, &DiskImage)> {
+        self.files.iter().filter_map(|f| match &f.content {
+            Content::Disk { image, .. } => Some((f.name.as_str(), image)),
+            Content::Bytes(_) => None,
+        })
+    }
+}
+
+impl BlockMap for MountBlocks<'_> {
+    fn chunk_at(&self, disk: &str, block: u64) -> Option<ChunkId> {
+        let (_, image) = self.mount.disk_images().find(|(n, _)| *n == disk)?;
+        image.chunk_of_block(block)
+    }
+
+    fn has_chunk(&self, chunk: &ChunkId) -> bool {
+        self.chunks
+            .get_or_init(|| {
+                self.mount
+                    .disk_images()
+                    .flat_map(|(_, image)| {
+                        (0..image.block_count()).filter_map(|b| image.chunk_of_block(b))
+                    })
+                    .collect()
+            })
+            .contains(chunk)
     }
 }
 

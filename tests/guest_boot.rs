@@ -107,3 +107,97 @@ fn guest_boots_its_whole_disk_from_a_live_mount_over_nfs() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The VM's boot-window cache hits and misses so far, from `livemount mounts --json`.
+fn window(server: &Server, mount: &str) -> (u64, u64) {
+    let mounts: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
+    let m = mounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["spec"]["name"] == mount)
+        .unwrap_or_else(|| panic!("no mount {mount}: {mounts}"));
+    let w = &m["boot"]["window"];
+    (w["hits"].as_u64().unwrap(), w["misses"].as_u64().unwrap())
+}
+
+/// Boot profiles end to end, against a repository slowed to a few ms per fetch: a first boot
+/// (cold, no profile) learns the guest's profile; after a restart (empty cache) a mount with
+/// `--prestage wait` has its boot set cached before the VM starts, and the VM's reads during
+/// its boot window hit the cache more than 95 % of the time.
+#[test]
+fn a_learned_boot_profile_prestages_the_next_boot() {
+    let image = guest_image();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), "lmguest", &[("guest.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let config = t.path().join("serve.toml");
+    std::fs::write(
+        &config,
+        "[slow_repository]\nlatency = \"4ms\"\nbandwidth = \"200MB\"\n",
+    )
+    .unwrap();
+    let extra = ["--config", config.to_str().unwrap()];
+    let state = t.path().join("state");
+    let log = t.path().join("serial.log");
+    let url = "nfs://127.0.0.1/livemount/lmguest-lm1/guest.img";
+    let _port111 = port_111_lock();
+
+    // First boot: nothing to pre-stage, every first read waits for the slow repository.
+    let server = Server::start(&repo, &state, "127.0.0.1:111", &extra);
+    let out = server.cli(&["mount", "lmguest", "--prestage", "wait"]);
+    assert!(out.contains("no boot profile for this VM yet"), "{out}");
+    let (ok, text) = boot(url, &log, ",snapshot=on", &[]);
+    assert!(ok, "{text}\nserver:\n{}", server.log_text());
+    // (Read-ahead serves the guest's sequential file reads; its first reads of the boot loader,
+    // kernel and scattered blocks wait for the repository.)
+    let (hits, misses) = window(&server, "lmguest-lm1");
+    eprintln!("first boot, cold: {hits} hits, {misses} misses");
+    assert!(
+        misses as f64 > 0.1 * (hits + misses) as f64,
+        "cold first boot: {hits} hits, {misses} misses"
+    );
+    // Unmounting ends the boot window: the profile is written.
+    server.cli(&["unmount", "lmguest-lm1"]);
+    let profile: serde_json::Value =
+        serde_json::from_str(&server.cli(&["profile", "show", "lmguest", "--json"])).unwrap();
+    assert_eq!(profile["boots"], 1, "{profile}");
+    let blocks = profile["blocks"].as_array().unwrap().len();
+    assert!(blocks > 10, "the boot read tens of MB: {profile}");
+    if let Some(keep) = std::env::var_os("LIVEMOUNT_SAVE_PROFILE") {
+        std::fs::copy(state.join("profiles/lmguest.json"), keep).unwrap();
+    }
+    assert!(server.stop().success());
+
+    // A fresh server (empty cache); the profile is in the state directory.
+    let server = Server::start(&repo, &state, "127.0.0.1:111", &extra);
+    let reply: serde_json::Value = serde_json::from_str(&server.cli(&[
+        "mount",
+        "lmguest",
+        "--name",
+        "lmguest-lm1",
+        "--prestage",
+        "wait",
+        "--json",
+    ]))
+    .unwrap();
+    let p = &reply["mount"]["boot"]["prestage"];
+    assert_eq!(p["finished"], true, "{reply}");
+    assert_eq!(p["chunks"].as_u64().unwrap(), blocks as u64, "{reply}");
+    assert_eq!(p["failed"], 0, "{reply}");
+    let (ok, text) = boot(url, &log, ",snapshot=on", &[]);
+    assert!(ok, "{text}\nserver:\n{}", server.log_text());
+    let (hits, misses) = window(&server, "lmguest-lm1");
+    let ratio = hits as f64 / (hits + misses) as f64;
+    eprintln!(
+        "second boot, pre-staged: {hits} hits, {misses} misses ({:.1} %)",
+        ratio * 100.0
+    );
+    assert!(ratio > 0.95, "{hits} hits, {misses} misses");
+    server.cli(&["unmount", "lmguest-lm1"]);
+    let profile: serde_json::Value =
+        serde_json::from_str(&server.cli(&["profile", "show", "lmguest", "--json"])).unwrap();
+    assert_eq!(profile["boots"], 2, "the second boot is merged too");
+}

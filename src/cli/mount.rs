@@ -3,11 +3,18 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::time::{Duration, Instant};
+
 use clap::{Args, ValueEnum};
 
 use super::human;
-use crate::agent::MountRequest;
+use super::progress::Bar;
+use crate::agent::{BootInfo, MountInfo, MountRequest, PrestageMode};
 use crate::control::{Client, MountReply};
+use crate::prestage::PrestageStatus;
+use crate::profile::Source;
+use crate::repo::Progress;
+use crate::units::parse_duration;
 
 /// `--state`, shared by the commands that talk to a running server.
 #[derive(Debug, Clone, Args)]
@@ -47,13 +54,30 @@ pub struct MountArgs {
     /// for more [default: every host the server allows].
     #[arg(long, value_name = "CIDR")]
     allow: Vec<String>,
+    /// Pre-stage the VM's boot set into the read cache from its boot profile (or one it
+    /// shares most boot blocks with): `wait` returns once it is cached (or at
+    /// --prestage-timeout), `background` returns at once, `off` does not pre-stage.
+    #[arg(long, value_enum, default_value = "background")]
+    prestage: Prestage,
+    /// With `--prestage wait`: the longest wait, e.g. 90s.
+    #[arg(long, value_name = "DURATION", default_value = "300s")]
+    prestage_timeout: String,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Prestage {
+    Wait,
+    Background,
+    Off,
+}
+
 pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
     let at = a.at.as_deref().map(crate::repo::parse_time).transpose()?;
+    let timeout = parse_duration(&a.prestage_timeout)
+        .map_err(|e| anyhow::anyhow!("--prestage-timeout {:?}: {e}", a.prestage_timeout))?;
     let req = MountRequest {
         snapshot: a.snapshot.clone(),
         at,
@@ -61,15 +85,28 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         read_only: a.read_only,
         keep_network: matches!(a.network, Network::Keep),
         hosts: a.allow.clone(),
+        prestage: match a.prestage {
+            Prestage::Wait => PrestageMode::Wait,
+            Prestage::Background => PrestageMode::Background,
+            Prestage::Off => PrestageMode::Off,
+        },
     };
     let client = Client::from_state(&a.state.state)?;
-    let reply: MountReply = client
+    let mut reply: MountReply = client
+        .clone()
         .request(
             "POST",
             "/v1/mounts".into(),
             Some(serde_json::to_value(&req)?),
         )
         .await?;
+    if a.prestage == Prestage::Wait {
+        if let Some(boot) =
+            wait_for_prestage(&client, &reply.mount.spec.name, timeout, a.json).await?
+        {
+            reply.mount.boot = boot;
+        }
+    }
     if a.json {
         super::print_json(&reply)?;
         return Ok(ExitCode::SUCCESS);
@@ -102,5 +139,82 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
     for u in &reply.attach.disk_urls {
         println!("  {u}");
     }
+    match &m.boot.prestage {
+        Some(p) => println!("pre-staging: {}", describe_prestage(p)),
+        None if a.prestage != Prestage::Off => {
+            println!("pre-staging: no boot profile for this VM yet (its first boot here makes one)")
+        }
+        None => {}
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One line about pre-staging, for `mount` and `mounts`.
+pub fn describe_prestage(p: &PrestageStatus) -> String {
+    let from = match &p.source {
+        Source::Own { vm } => format!("profile of {vm}"),
+        Source::Borrowed { vm, shared_percent } => {
+            format!("profile of {vm} ({shared_percent}% of its boot blocks shared)")
+        }
+    };
+    format!(
+        "{}/{} chunks ({}) from the {from}{}{}",
+        p.done(),
+        p.chunks,
+        human(p.bytes),
+        if p.cached > 0 {
+            format!(", {} cached already", p.cached)
+        } else {
+            String::new()
+        },
+        if p.finished {
+            format!(", done in {:.1} s", p.seconds)
+        } else {
+            ", running".into()
+        }
+    )
+}
+
+/// Polls the mount until its boot set is cached or `timeout` passes, with a progress bar.
+/// `None`: the mount has nothing to pre-stage.
+async fn wait_for_prestage(
+    client: &Client,
+    name: &str,
+    timeout: Duration,
+    quiet: bool,
+) -> anyhow::Result<Option<BootInfo>> {
+    let bar = Bar::new("pre-staging", false, quiet);
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mounts: Vec<MountInfo> = client
+            .clone()
+            .request("GET", "/v1/mounts".into(), None)
+            .await?;
+        let Some(m) = mounts.into_iter().find(|m| m.spec.name == name) else {
+            anyhow::bail!("mount {name} went away while its boot set was pre-staged");
+        };
+        let Some(p) = &m.boot.prestage else {
+            bar.finish();
+            return Ok(None);
+        };
+        bar.set_total(p.chunks);
+        bar.set_position(p.done());
+        if p.finished {
+            bar.finish();
+            return Ok(Some(m.boot));
+        }
+        if Instant::now() >= deadline {
+            bar.finish();
+            eprintln!(
+                "warning: pre-staging of {name} not finished after {}; it goes on in the background",
+                humantime(timeout)
+            );
+            return Ok(Some(m.boot));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn humantime(d: Duration) -> String {
+    format!("{:.0} s", d.as_secs_f64())
 }

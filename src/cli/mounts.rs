@@ -43,6 +43,24 @@ pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
             if m.spec.read_only { "ro" } else { "rw" },
             human(disks)
         );
+        if let Some(w) = &m.boot.window {
+            let total = w.hits + w.misses;
+            println!(
+                "  boot window: {}, {} blocks, cache hits {}/{}{}",
+                w.state,
+                w.blocks,
+                w.hits,
+                total,
+                if total > 0 {
+                    format!(" ({:.1} %)", 100.0 * w.hits as f64 / total as f64)
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if let Some(p) = &m.boot.prestage {
+            println!("  pre-staging: {}", super::mount::describe_prestage(p));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -30,6 +30,11 @@ impl Bar {
         Bar(bar)
     }
 
+    /// Sets how much is done (for work polled rather than counted).
+    pub fn set_position(&self, n: u64) {
+        self.0.set_position(n);
+    }
+
     pub fn finish(&self) {
         self.0.finish_and_clear();
     }

@@ -15,7 +15,9 @@ use crate::agent::{Agent, Datastore};
 use crate::control::{self, ApiAddr, ApiState};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
+use crate::prestage::Learning;
 use crate::repo::{Repository, Slowness};
+use crate::units::parse_duration;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -75,6 +77,38 @@ pub struct ServeConfig {
     pub allow_auth_none: Option<bool>,
     /// Slow every repository read down on purpose (tests and benchmarks of cold storage).
     pub slow_repository: Option<SlowRepoConfig>,
+    /// Boot windows and profiles.
+    pub profiles: Option<ProfilesConfig>,
+}
+
+/// `[profiles]`: how new mounts learn their VM's boot.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfilesConfig {
+    /// Record boot windows and learn profiles (default true).
+    pub learn: Option<bool>,
+    /// Longest boot window (default `"120s"`).
+    pub window: Option<String>,
+    /// A window ends after this long without a block read for the first time (default `"15s"`).
+    pub quiet: Option<String>,
+}
+
+impl ProfilesConfig {
+    fn learning(&self) -> anyhow::Result<Option<Learning>> {
+        if self.learn == Some(false) {
+            return Ok(None);
+        }
+        let mut l = Learning::default();
+        if let Some(t) = &self.window {
+            l.limit =
+                parse_duration(t).map_err(|e| anyhow::anyhow!("profiles.window {t:?}: {e}"))?;
+        }
+        if let Some(t) = &self.quiet {
+            l.quiet =
+                parse_duration(t).map_err(|e| anyhow::anyhow!("profiles.quiet {t:?}: {e}"))?;
+        }
+        Ok(Some(l))
+    }
 }
 
 /// `[slow_repository]`: reproduce slow backup storage with a local repository.
@@ -139,6 +173,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         AllowList::parse(&allow_items).map_err(|e| anyhow::anyhow!("--allow: {e}"))?
     };
 
+    let learning = file.profiles.unwrap_or_default().learning()?;
     let mut repo = Repository::open(&repo_dir)?;
     if let Some(slow) = &file.slow_repository {
         let how = Slowness::parse(slow.latency.as_deref(), slow.bandwidth.as_deref())
@@ -160,7 +195,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         host: advertise.clone(),
         export: export.clone(),
     };
-    let agent = Arc::new(Agent::open(repo, datastore, &state, cache_bytes).await?);
+    let agent = Arc::new(Agent::open(repo, datastore, &state, cache_bytes, learning).await?);
     let identity = Identity::load(&state).with_context(|| {
         format!(
             "state directory {}: cannot load the datastore identity",

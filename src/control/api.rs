@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, MountInfo, MountRequest};
 use crate::cache::CacheStats;
+use crate::metrics::{BootSample, Sample};
 use crate::mount::MountError;
 
 /// What the API handlers share.
@@ -140,10 +141,29 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
-    let text = s
-        .agent
-        .metrics()
-        .render(s.agent.cache().stats().bytes, s.agent.mounts().len());
+    let mounts = s.agent.mounts();
+    let sched = s.agent.cache().scheduler_stats();
+    let sample = Sample {
+        cache_bytes: s.agent.cache().stats().bytes,
+        mounts: mounts.len(),
+        slots_busy: sched.in_flight,
+        waiting: sched.waiting,
+        boots: mounts
+            .iter()
+            .map(|m| BootSample {
+                mount: m.spec.name.clone(),
+                boot_set: m.prestage.get().map(|p| {
+                    let st = p.status();
+                    (st.chunks, st.done())
+                }),
+                window: m.window.as_ref().map(|w| {
+                    let st = w.status();
+                    (st.hits, st.misses)
+                }),
+            })
+            .collect(),
+    };
+    let text = s.agent.metrics().render(&sample);
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use super::{ApiAddr, ADDR_FILE, TOKEN_FILE};
 
 /// A client of a running `livemount serve`.
+#[derive(Clone)]
 pub struct Client {
     url: String,
     token: String,

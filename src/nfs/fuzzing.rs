@@ -14,6 +14,7 @@ use super::dispatch::{self, MOUNT_PROGRAM, NFS_PROGRAM};
 use super::fs::DatastoreFs;
 use super::handle::Identity;
 use super::rpc::{put_opaque, AUTH_NONE, AUTH_SYS};
+use crate::agent::PrestageMode;
 use crate::agent::{Agent, Datastore, MountRequest};
 use crate::repo::{BackupOptions, ChunkSize, NoProgress, Repository};
 
@@ -53,13 +54,14 @@ impl Harness {
             export: "/livemount".into(),
         };
         let state = dir.join("state");
-        let agent = rt.block_on(Agent::open(repo, datastore, &state, 16 << 20))?;
+        let agent = rt.block_on(Agent::open(repo, datastore, &state, 16 << 20, None))?;
         rt.block_on(agent.mount(&MountRequest {
             snapshot: "fz".into(),
             at: None,
             name: Some("fz".into()),
             read_only: false,
             keep_network: false,
+            prestage: PrestageMode::Off,
             hosts: Vec::new(),
         }))?;
         let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");

@@ -32,15 +32,8 @@ impl Slowness {
     pub fn parse(latency: Option<&str>, bandwidth: Option<&str>) -> Result<Slowness, String> {
         let latency = match latency {
             None => Duration::ZERO,
-            Some(t) => {
-                let span: jiff::Span = t
-                    .parse()
-                    .map_err(|e| format!("slow_repository.latency {t:?}: {e} (try \"5ms\")"))?;
-                let d = jiff::SignedDuration::try_from(span)
-                    .map_err(|e| format!("slow_repository.latency {t:?}: {e}"))?;
-                Duration::try_from(d)
-                    .map_err(|_| format!("slow_repository.latency {t:?} is negative"))?
-            }
+            Some(t) => crate::units::parse_duration(t)
+                .map_err(|e| format!("slow_repository.latency {t:?}: {e}"))?,
         };
         let bandwidth = match bandwidth {
             None => None,
