@@ -11,12 +11,24 @@
 //! - the last [`FetchScheduler::reserve`] slots are for VM reads only, so a VM read finds a free
 //!   slot even while pre-staging or background work keeps every slot they may use busy: at worst
 //!   it waits behind other VM reads, never behind a queued or in-flight background fetch;
-//! - within a class, first come first served.
+//! - within a class, first come first served;
+//! - while VM reads are active (one is running, or one ended less than [`VM_HOLD`] ago),
+//!   pre-staging and background work together keep at most one fetch in flight: on a store
+//!   whose bandwidth is the limit, in-flight fetches are served in turn, and a VM read should
+//!   find at most one lower-class transfer ahead of it. When the VM is quiet they use every
+//!   slot they may.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How long after a VM read ends VM reads count as active.
+pub const VM_HOLD: Duration = Duration::from_millis(200);
+/// Lower-class fetches in flight at most while VM reads are active.
+pub const LOWER_WHILE_VM_ACTIVE: usize = 1;
 
 /// Why a chunk is fetched, in priority order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -62,12 +74,16 @@ impl Demand {
 pub struct FetchScheduler {
     limit: usize,
     reserve: usize,
+    hold: Duration,
     state: Mutex<State>,
 }
 
 #[derive(Debug, Default)]
 struct State {
     in_flight: usize,
+    /// VM-class fetches in flight, and when the last one ended.
+    vm_in_flight: usize,
+    vm_ended: Option<Instant>,
     next_seq: u64,
     waiting: Vec<Waiter>,
     /// Slots handed out so far, by class (for tests and `/metrics`).
@@ -94,6 +110,7 @@ pub struct SchedulerStats {
 #[derive(Debug)]
 pub struct Slot {
     sched: Option<Arc<FetchScheduler>>,
+    class: FetchClass,
 }
 
 impl Drop for Slot {
@@ -101,6 +118,10 @@ impl Drop for Slot {
         if let Some(s) = self.sched.take() {
             let mut st = s.lock();
             st.in_flight -= 1;
+            if self.class == FetchClass::Vm {
+                st.vm_in_flight -= 1;
+                st.vm_ended = Some(Instant::now());
+            }
             s.grant(&mut st);
         }
     }
@@ -110,10 +131,17 @@ impl FetchScheduler {
     /// At most `limit` fetches at once, the last `reserve` of them for VM reads only
     /// (`reserve` is clamped to `0..limit`).
     pub fn new(limit: usize, reserve: usize) -> Arc<FetchScheduler> {
+        Self::with_hold(limit, reserve, VM_HOLD)
+    }
+
+    /// The same, with VM reads counting as active for `hold` after one ends (zero: only while
+    /// one runs).
+    pub fn with_hold(limit: usize, reserve: usize, hold: Duration) -> Arc<FetchScheduler> {
         let limit = limit.max(1);
         Arc::new(FetchScheduler {
             limit,
             reserve: reserve.min(limit - 1),
+            hold,
             state: Mutex::new(State::default()),
         })
     }
@@ -145,7 +173,7 @@ impl FetchScheduler {
                 .waiting
                 .iter()
                 .any(|w| !w.wake.is_closed() && w.demand.class() <= class);
-            if !queued_ahead && st.in_flight < self.cap(class) {
+            if !queued_ahead && st.in_flight < self.cap(&st, class) {
                 return self.take(&mut st, class);
             }
             let (tx, rx) = oneshot::channel();
@@ -173,18 +201,31 @@ impl FetchScheduler {
     }
 
     /// How many slots a fetch of `class` may find busy and still start.
-    fn cap(&self, class: FetchClass) -> usize {
-        match class {
-            FetchClass::Vm => self.limit,
-            _ => self.limit - self.reserve,
+    fn cap(&self, st: &State, class: FetchClass) -> usize {
+        if class == FetchClass::Vm {
+            return self.limit;
+        }
+        let vm_active = st.vm_in_flight > 0
+            || st
+                .vm_ended
+                .is_some_and(|t| t.elapsed() < self.hold && !self.hold.is_zero());
+        if vm_active {
+            // Lower classes may hold at most this many of the busy slots.
+            (st.vm_in_flight + LOWER_WHILE_VM_ACTIVE).min(self.limit - self.reserve)
+        } else {
+            self.limit - self.reserve
         }
     }
 
     fn take(self: &Arc<Self>, st: &mut State, class: FetchClass) -> Slot {
         st.in_flight += 1;
+        if class == FetchClass::Vm {
+            st.vm_in_flight += 1;
+        }
         st.granted[class as usize] += 1;
         Slot {
             sched: Some(self.clone()),
+            class,
         }
     }
 
@@ -203,7 +244,7 @@ impl FetchScheduler {
                 return;
             };
             let (i, class) = best;
-            if st.in_flight >= self.cap(class) {
+            if st.in_flight >= self.cap(st, class) {
                 return;
             }
             let w = st.waiting.swap_remove(i);
@@ -212,6 +253,9 @@ impl FetchScheduler {
                 // The waiter went away just now: take the slot back without re-entering.
                 slot.sched = None;
                 st.in_flight -= 1;
+                if class == FetchClass::Vm {
+                    st.vm_in_flight -= 1;
+                }
                 st.granted[class as usize] -= 1;
             }
         }
@@ -250,7 +294,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_vm_read_overtakes_every_queued_background_fetch() {
-        let s = FetchScheduler::new(4, 1);
+        // (No hold after VM reads here: the next test is about that.)
+        let s = FetchScheduler::with_hold(4, 1, Duration::ZERO);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // Background work fills the three slots it may use and queues 100 more.
         for _ in 0..103 {
@@ -294,6 +339,49 @@ mod tests {
         assert_eq!(bg.0, "bg");
         assert_eq!(s.stats().started, [2, 1, 4]);
         assert_eq!(s.stats().in_flight, 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_vm_reads_are_active_lower_classes_keep_one_fetch_in_flight() {
+        let s = FetchScheduler::with_hold(8, 2, Duration::from_millis(200));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        for _ in 0..20 {
+            request(&s, Demand::new(FetchClass::Prestage), "pre", &tx);
+        }
+        settle().await;
+        let mut pre = Vec::new();
+        for _ in 0..6 {
+            pre.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(
+            s.stats().in_flight,
+            6,
+            "a quiet VM: pre-staging uses its 6 slots"
+        );
+        let vm = s.slot(Demand::new(FetchClass::Vm)).await;
+        // The VM is active: as pre-stage fetches end, only one at a time is started again.
+        pre.truncate(0);
+        settle().await;
+        let next = rx.recv().await.unwrap();
+        settle().await;
+        assert_eq!(
+            s.stats().in_flight,
+            2,
+            "the VM read and one pre-stage fetch"
+        );
+        drop(vm);
+        drop(next);
+        settle().await;
+        assert_eq!(
+            s.stats().in_flight,
+            1,
+            "still one within the hold after the VM read"
+        );
+        // The hold passes; at the next slot handed back pre-staging takes its slots again.
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        drop(rx.recv().await.unwrap());
+        settle().await;
+        assert_eq!(s.stats().in_flight, 6);
     }
 
     #[tokio::test]
