@@ -76,11 +76,30 @@ pub struct RepoArgs {
     /// The repository directory.
     #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR")]
     pub repo: PathBuf,
+    /// Slow every read of the repository on purpose, as LATENCY,BANDWIDTH (e.g. 5ms,200MB):
+    /// for benchmarks against cold storage, as serve's [slow_repository] does.
+    #[arg(
+        long,
+        env = "LIVEMOUNT_SLOW_REPOSITORY",
+        hide = true,
+        value_name = "LATENCY,BANDWIDTH"
+    )]
+    pub slow_repository: Option<String>,
 }
 
 impl RepoArgs {
     pub fn open(&self) -> Result<Repository, RepoError> {
-        Repository::open(&self.repo)
+        let repo = Repository::open(&self.repo)?;
+        let Some(text) = &self.slow_repository else {
+            return Ok(repo);
+        };
+        let (latency, bandwidth) = text.split_once(',').unwrap_or((text.as_str(), ""));
+        let how = crate::repo::Slowness::parse(
+            Some(latency),
+            (!bandwidth.is_empty()).then_some(bandwidth),
+        )
+        .map_err(|e| RepoError::Invalid(format!("--slow-repository {text:?}: {e}")))?;
+        Ok(repo.slowed(how))
     }
 }
 

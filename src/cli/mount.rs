@@ -211,7 +211,8 @@ async fn wait_for_prestage(
             );
             return Ok(Some(m.boot));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // Polled often: the VM is started right after this returns.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
