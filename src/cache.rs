@@ -241,6 +241,7 @@ impl ChunkCache {
 /// Starts the one fetch of a missed chunk: a slot in its class, the fetch, then the cache part
 /// its class says (staging for pre-staging alone, main otherwise), then out of `pending`.
 fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
+    let after = i.clone();
     let task = tokio::spawn(async move {
         let slot = i.sched.slot(demand.clone()).await;
         i.misses.fetch_add(1, Relaxed);
@@ -264,6 +265,13 @@ fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
     });
     async move {
         task.await.unwrap_or_else(|e| {
+            // The fill task died before it could leave `pending`: take it out here, or every
+            // later reader of this chunk would get this error forever.
+            after
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&id);
             Err(Arc::new(RepoError::Task(format!(
                 "fetching chunk {id}: {e}"
             ))))
@@ -460,6 +468,29 @@ mod tests {
         let st = cache.stats();
         assert_eq!((st.misses, st.staged, st.staged_hits), (2, 1, 1), "{st:?}");
         assert_eq!(cache.scheduler_stats().started, [1, 1, 0]);
+    }
+
+    /// A source whose first fetch panics.
+    #[derive(Default)]
+    struct PanicsOnce(std::sync::atomic::AtomicBool);
+
+    #[async_trait]
+    impl ChunkReader for PanicsOnce {
+        async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+            if !self.0.swap(true, Relaxed) {
+                panic!("a bug in a fetch");
+            }
+            Ok(Bytes::from(id.0.to_vec()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_fill_that_panics_is_an_error_for_its_readers_only() {
+        let cache = ChunkCache::new(Arc::new(PanicsOnce::default()), 1 << 20);
+        let id = ChunkId([4; 32]);
+        let e = cache.read_chunk(&id).await.unwrap_err().to_string();
+        assert!(e.contains(&id.to_hex()), "{e}");
+        assert_eq!(&cache.read_chunk(&id).await.unwrap()[..], &[4; 32]);
     }
 
     #[tokio::test]
