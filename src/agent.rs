@@ -156,7 +156,7 @@ impl Agent {
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the
             // others from being served: it is left out, loudly, and its state is kept.
             match agent.open_mount(spec, false).await {
-                Ok(mount) => agent.insert(mount),
+                Ok(mount) => agent.insert(Arc::new(mount)),
                 Err(e) => tracing::error!(spec = %path.display(), error = %e, "mount not served"),
             }
         }
@@ -188,9 +188,9 @@ impl Agent {
         self.started
     }
 
-    fn insert(&self, mount: LiveMount) {
+    fn insert(&self, mount: Arc<LiveMount>) {
         let mut map = self.mounts.write().unwrap_or_else(|p| p.into_inner());
-        map.insert(mount.spec.id, Arc::new(mount));
+        map.insert(mount.spec.id, mount);
     }
 
     /// Every mount, in id order.
@@ -346,10 +346,7 @@ impl Agent {
             tokio::spawn(watch_window(w.clone(), mount.clone(), self.learner()));
         }
         let out = describe(&mount, &info);
-        self.mounts
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(spec.id, mount);
+        self.insert(mount);
         tracing::info!(mount = %spec.name, snapshot = %spec.snapshot_name, "mounted");
         Ok(out)
     }

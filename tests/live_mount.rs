@@ -298,23 +298,8 @@ fn clones_of_one_snapshot_share_the_read_cache() {
 /// The chunks of disk `disk` of the latest snapshot of `kvm01`, block by block.
 fn chunks_of_disk(repo: &Path, disk: usize) -> Vec<livemount::repo::ChunkId> {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let repo = livemount::repo::Repository::open(repo).unwrap();
-        let info = repo
-            .resolve(&livemount::repo::SnapshotSpec::new("kvm01", None))
-            .await
-            .unwrap();
-        let image = repo
-            .snapshot(&info.id)
-            .await
-            .unwrap()
-            .disk(disk)
-            .await
-            .unwrap();
-        (0..image.block_count())
-            .filter_map(|b| image.chunk_of_block(b))
-            .collect()
-    })
+    let repo = livemount::repo::Repository::open(repo).unwrap();
+    rt.block_on(disk_chunks(&repo, "kvm01", disk))
 }
 
 #[test]

@@ -14,7 +14,7 @@ use livemount::cache::ChunkCache;
 use livemount::fetch::FetchClass;
 use livemount::prestage::Prestage;
 use livemount::profile::Source;
-use livemount::repo::{ChunkId, Repository, Slowness, SnapshotSpec};
+use livemount::repo::{ChunkId, Repository, Slowness};
 use tokio::time::Instant;
 
 const LATENCY: Duration = Duration::from_millis(5);
@@ -37,39 +37,7 @@ fn repository(dir: &std::path::Path) -> std::path::PathBuf {
     };
     write(&dir.join("d.img"), &disk);
     let cfg = kvm_config(dir, "flood", &[("d.img", "raw")]);
-    let repo = dir.join("repo");
-    livemount_ok(&[
-        "repo",
-        "init",
-        repo.to_str().unwrap(),
-        "--chunk-size",
-        "256KiB",
-    ]);
-    livemount_ok(&[
-        "backup",
-        "--repo",
-        repo.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
-    repo
-}
-
-async fn chunks(repo: &Repository) -> Vec<ChunkId> {
-    let info = repo
-        .resolve(&SnapshotSpec::new("flood", None))
-        .await
-        .unwrap();
-    let image = repo
-        .snapshot(&info.id)
-        .await
-        .unwrap()
-        .disk(0)
-        .await
-        .unwrap();
-    (0..image.block_count())
-        .filter_map(|b| image.chunk_of_block(b))
-        .collect()
+    repo_with_backup_chunks(dir, &cfg, "256KiB")
 }
 
 /// Reads each chunk in turn as class `class`; the time each took.
@@ -97,7 +65,7 @@ async fn under_a_flood_of_prestaging_a_vm_read_stays_within_one_fetch_of_idle() 
         latency: LATENCY,
         bandwidth: Some(BANDWIDTH),
     });
-    let all = chunks(&repo).await;
+    let all = disk_chunks(&repo, "flood", 0).await;
     assert_eq!(all.len(), 384);
     let (vm, flood) = all.split_at(40);
     let source = || Arc::new(repo.clone());

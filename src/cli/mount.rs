@@ -206,16 +206,12 @@ async fn wait_for_prestage(
         if Instant::now() >= deadline {
             bar.finish();
             eprintln!(
-                "warning: pre-staging of {name} not finished after {}; it goes on in the background",
-                humantime(timeout)
+                "warning: pre-staging of {name} not finished after {:.0} s; it goes on in the background",
+                timeout.as_secs_f64()
             );
             return Ok(Some(m.boot));
         }
         // Polled often: the VM is started right after this returns.
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-fn humantime(d: Duration) -> String {
-    format!("{:.0} s", d.as_secs_f64())
 }

@@ -315,8 +315,19 @@ pub fn guest_image() -> PathBuf {
 /// Makes a repository in `dir/repo` and backs up the VM whose config is `config`; returns the
 /// repository's path.
 pub fn repo_with_backup(dir: &Path, config: &Path) -> PathBuf {
+    repo_with_backup_chunks(dir, config, "1MiB")
+}
+
+/// The same, with a repository of chunk size `chunk_size` (e.g. `256KiB`).
+pub fn repo_with_backup_chunks(dir: &Path, config: &Path, chunk_size: &str) -> PathBuf {
     let repo = dir.join("repo");
-    livemount_ok(&["repo", "init", repo.to_str().unwrap()]);
+    livemount_ok(&[
+        "repo",
+        "init",
+        repo.to_str().unwrap(),
+        "--chunk-size",
+        chunk_size,
+    ]);
     livemount_ok(&[
         "backup",
         "--repo",
@@ -325,4 +336,26 @@ pub fn repo_with_backup(dir: &Path, config: &Path) -> PathBuf {
         config.to_str().unwrap(),
     ]);
     repo
+}
+
+/// The chunk of every non-zero block of disk `disk` of VM `vm`'s latest snapshot, in order.
+pub async fn disk_chunks(
+    repo: &livemount::repo::Repository,
+    vm: &str,
+    disk: usize,
+) -> Vec<livemount::repo::ChunkId> {
+    let info = repo
+        .resolve(&livemount::repo::SnapshotSpec::new(vm, None))
+        .await
+        .unwrap();
+    let image = repo
+        .snapshot(&info.id)
+        .await
+        .unwrap()
+        .disk(disk)
+        .await
+        .unwrap();
+    (0..image.block_count())
+        .filter_map(|b| image.chunk_of_block(b))
+        .collect()
 }
