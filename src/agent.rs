@@ -12,6 +12,10 @@
 //! across an await. Mount and unmount are serialised by an async mutex so that names and ids are
 //! allocated once.
 
+mod relocations;
+
+pub use relocations::RelocateRequest;
+
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
@@ -25,6 +29,7 @@ use crate::metrics::{Metrics, MountReader};
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
 use crate::prestage::{BootWindow, Learning, Prestage, PrestageStatus, WindowStatus};
 use crate::profile::{plan, Profile, ProfileStore};
+use crate::relocate::{RelocationStatus, Relocator};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
 use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
 
@@ -44,6 +49,8 @@ pub struct Agent {
     /// Held while a profile is read, merged and written, so concurrent boots of one VM (its
     /// clones) each count.
     learn_lock: Arc<std::sync::Mutex<()>>,
+    /// Relocations by mount name: running ones, and those handed over since the start.
+    relocations: std::sync::Mutex<BTreeMap<String, Arc<Relocator>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -113,6 +120,9 @@ pub struct MountInfo {
     pub files: Vec<MountFileInfo>,
     #[serde(default)]
     pub boot: BootInfo,
+    /// Its relocation to primary storage, while one runs.
+    #[serde(default)]
+    pub relocation: Option<RelocationStatus>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -145,6 +155,7 @@ impl Agent {
             learning,
             profiles: ProfileStore::new(state),
             learn_lock: Arc::default(),
+            relocations: std::sync::Mutex::new(BTreeMap::new()),
         };
         for entry in fs::read_dir(state.join("mounts"))? {
             let path = entry?.path();
@@ -160,6 +171,8 @@ impl Agent {
                 Err(e) => tracing::error!(spec = %path.display(), error = %e, "mount not served"),
             }
         }
+        // Before any NFS client is served: the copies must see every write from the start.
+        agent.open_relocations().await?;
         Ok(agent)
     }
 
@@ -224,7 +237,7 @@ impl Agent {
         };
         let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
-        let config = self.config_for_mount(&spec, &snapshot, config)?;
+        let config = self.config_for_mount(&spec, &snapshot, config, None)?;
         let window = self.learning.filter(|_| fresh).map(BootWindow::new);
         let reader: Arc<dyn ChunkReader> = Arc::new(MountReader::new(
             self.cache.clone(),
@@ -242,12 +255,14 @@ impl Agent {
     /// The config as the mount serves it: a new name (the mount's), UUID and MAC addresses,
     /// NICs disconnected unless asked to keep them, disks pointing at the mount's files (KVM:
     /// network disks over NFS from this server). Derived from the spec alone, so a restart
-    /// serves the same bytes.
+    /// serves the same bytes. With `relocated`: the same config with KVM disks pointing at
+    /// copies of the disk files in that folder (a relocation's handover).
     fn config_for_mount(
         &self,
         spec: &MountSpec,
         snapshot: &Snapshot,
         original: Bytes,
+        relocated: Option<&Path>,
     ) -> Result<Bytes, MountError> {
         let m = &snapshot.manifest;
         let (_, names) = plan_files(m, true);
@@ -260,6 +275,13 @@ impl Agent {
             .into_iter()
             .map(|(data, desc)| match m.vm.hypervisor {
                 Hypervisor::Esxi => DiskTarget::VmdkFile(desc.unwrap_or(data)),
+                Hypervisor::Kvm if relocated.is_some() => DiskTarget::RawFile(
+                    relocated
+                        .unwrap_or(Path::new("/"))
+                        .join(&data)
+                        .display()
+                        .to_string(),
+                ),
                 Hypervisor::Kvm => DiskTarget::Nfs {
                     host: self.datastore.host.clone(),
                     path: format!("{folder}/{data}"),
@@ -382,6 +404,19 @@ impl Agent {
     /// the state directory and a later mount of the same snapshot under the same name adopts
     /// them. The backup is untouched either way.
     pub async fn unmount(&self, name: &str, keep_writes: bool) -> Result<MountSpec, MountError> {
+        if let Some(r) = self.relocation(name) {
+            if r.phase() != crate::relocate::Phase::Done {
+                return Err(MountError::Relocating {
+                    name: name.to_string(),
+                    phase: r.phase().to_string(),
+                });
+            }
+        }
+        self.remove_mount(name, keep_writes).await
+    }
+
+    /// Removes a mount (its relocation, if any, is the caller's business).
+    async fn remove_mount(&self, name: &str, keep_writes: bool) -> Result<MountSpec, MountError> {
         let _serial = self.changes.lock().await;
         let m = self
             .mount_by_name(name.as_bytes())
@@ -452,7 +487,9 @@ impl Agent {
         for m in self.mounts() {
             if let Ok(s) = self.repo.manifest(&m.spec.snapshot).await {
                 let info = SnapshotInfo::from_manifest(m.spec.snapshot, &s);
-                out.push(describe(&m, &info));
+                let mut d = describe(&m, &info);
+                d.relocation = self.relocation(&m.spec.name).map(|r| r.status());
+                out.push(d);
             }
         }
         out
@@ -586,6 +623,7 @@ fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
             window: m.window.as_ref().map(|w| w.status()),
             prestage: m.prestage.get().map(|p| p.status()),
         },
+        relocation: None,
     }
 }
 

@@ -173,6 +173,29 @@ impl ChunkCache {
     }
 }
 
+impl ChunkCache {
+    /// Reads a chunk for bulk work that must not displace the VMs' blocks (a relocation's
+    /// copy): from the cache if it is there, sharing a fill under way, else fetched through
+    /// the scheduler in `class` and not kept. Counts neither a hit nor a miss.
+    pub async fn read_through(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
+        let i = &self.inner;
+        if let Some(b) = i.main.get(id).or_else(|| i.staging.get(id)) {
+            return Ok(b);
+        }
+        let fill = i
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map(|p| p.fill.clone());
+        if let Some(fill) = fill {
+            return fill.await.map_err(|e| shared_error(id, &e));
+        }
+        let _slot = i.sched.slot(Demand::new(class)).await;
+        i.source.read_chunk(id).await
+    }
+}
+
 /// Whether a lookup was served from the cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {

@@ -18,6 +18,7 @@ mod mount;
 mod mounts;
 mod profile;
 mod progress;
+mod relocate;
 mod repo_init;
 mod restore;
 mod serve;
@@ -57,6 +58,8 @@ enum Command {
     Mounts(mounts::MountsArgs),
     /// Remove a live mount; the backup is unchanged.
     Unmount(unmount::UnmountArgs),
+    /// Move a live-mounted VM's disks to primary storage while it runs, then hand over.
+    Relocate(relocate::RelocateArgs),
     /// Show the running server's state.
     Status(status::StatusArgs),
     /// Boot profiles: what each VM reads while booting, learned from its live mounts.
@@ -141,6 +144,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Mount(a) => mount::run(a).await,
         Command::Mounts(a) => mounts::run(a).await,
         Command::Unmount(a) => unmount::run(a).await,
+        Command::Relocate(a) => relocate::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Profile(c) => profile::run(c),
     }

@@ -200,16 +200,25 @@ impl FetchScheduler {
         self.grant(&mut st);
     }
 
+    /// Whether VM reads are active now (one running, or one ended less than the hold ago).
+    pub fn vm_active(&self) -> bool {
+        let st = self.lock();
+        self.vm_active_in(&st)
+    }
+
+    fn vm_active_in(&self, st: &State) -> bool {
+        st.vm_in_flight > 0
+            || st
+                .vm_ended
+                .is_some_and(|t| t.elapsed() < self.hold && !self.hold.is_zero())
+    }
+
     /// How many slots a fetch of `class` may find busy and still start.
     fn cap(&self, st: &State, class: FetchClass) -> usize {
         if class == FetchClass::Vm {
             return self.limit;
         }
-        let vm_active = st.vm_in_flight > 0
-            || st
-                .vm_ended
-                .is_some_and(|t| t.elapsed() < self.hold && !self.hold.is_zero());
-        if vm_active {
+        if self.vm_active_in(st) {
             // Lower classes may hold at most this many of the busy slots.
             (st.vm_in_flight + LOWER_WHILE_VM_ACTIVE).min(self.limit - self.reserve)
         } else {

@@ -11,6 +11,7 @@
 //!   first, then pre-staging, then background work).
 //! - [`mount`], [`agent`], [`nfs`], [`control`]: live mounts, the media agent's state, the NFS
 //!   server and the control API.
+//! - [`relocate`]: moving a live-mounted VM's disks to primary storage while it runs.
 //!
 //! Data flow of a backup: VM config -> `vmconfig` -> disks opened by `disk` -> `repo::ingest`
 //! cuts blocks, hashes, deduplicates, compresses -> `ChunkStore` -> manifest.
@@ -29,6 +30,7 @@ pub mod mount;
 pub mod nfs;
 pub mod prestage;
 pub mod profile;
+pub mod relocate;
 pub mod repo;
 pub mod units;
 pub mod vmconfig;

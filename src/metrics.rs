@@ -16,6 +16,8 @@
 //! | `livemount_fetch_slots_busy`, `livemount_fetches_waiting` | | the fetch scheduler now (sampled) |
 //! | `livemount_boot_set_chunks`, `livemount_prestaged_chunks` | mount | the boot set being pre-staged, and how much of it is cached (sampled) |
 //! | `livemount_boot_window_hits`, `livemount_boot_window_misses` | mount | the VM's chunk reads during its boot window, from the cache or not (sampled) |
+//! | `livemount_relocation_copied_bytes`, `livemount_relocation_total_bytes` | mount | a relocation's progress (sampled) |
+//! | `livemount_relocation_bytes_per_second`, `livemount_relocation_eta_seconds` | mount | its speed over the last seconds and the time left at that speed (sampled) |
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -73,6 +75,10 @@ pub struct Metrics {
     prestaged: Family<MountLabel, Gauge>,
     window_hits: Family<MountLabel, Gauge>,
     window_misses: Family<MountLabel, Gauge>,
+    reloc_copied: Family<MountLabel, Gauge>,
+    reloc_total: Family<MountLabel, Gauge>,
+    reloc_speed: Family<MountLabel, Gauge>,
+    reloc_eta: Family<MountLabel, Gauge>,
 }
 
 /// Values read at scrape time.
@@ -83,6 +89,7 @@ pub struct Sample {
     pub slots_busy: usize,
     pub waiting: usize,
     pub boots: Vec<BootSample>,
+    pub relocations: Vec<crate::relocate::RelocationStatus>,
 }
 
 /// A mount's boot, at scrape time.
@@ -125,6 +132,10 @@ impl Metrics {
             prestaged: Family::default(),
             window_hits: Family::default(),
             window_misses: Family::default(),
+            reloc_copied: Family::default(),
+            reloc_total: Family::default(),
+            reloc_speed: Family::default(),
+            reloc_eta: Family::default(),
             registry: Registry::default(),
         };
         registry.register("nfs_reads", "NFS READs served", m.reads.clone());
@@ -195,6 +206,26 @@ impl Metrics {
             "the VM's chunk reads that waited for the repository during its boot window",
             m.window_misses.clone(),
         );
+        registry.register(
+            "relocation_copied_bytes",
+            "bytes of the mount's disks copied to primary storage",
+            m.reloc_copied.clone(),
+        );
+        registry.register(
+            "relocation_total_bytes",
+            "bytes of the mount's disks to copy",
+            m.reloc_total.clone(),
+        );
+        registry.register(
+            "relocation_bytes_per_second",
+            "the relocation's copy speed over the last seconds",
+            m.reloc_speed.clone(),
+        );
+        registry.register(
+            "relocation_eta_seconds",
+            "time left for the copy at its current speed",
+            m.reloc_eta.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -210,6 +241,10 @@ impl Metrics {
             &self.prestaged,
             &self.window_hits,
             &self.window_misses,
+            &self.reloc_copied,
+            &self.reloc_total,
+            &self.reloc_speed,
+            &self.reloc_eta,
         ] {
             f.clear(); // mounts that went away leave no stale series
         }
@@ -222,6 +257,17 @@ impl Metrics {
             if let Some((hits, misses)) = b.window {
                 self.window_hits.get_or_create(&l).set(g(hits));
                 self.window_misses.get_or_create(&l).set(g(misses));
+            }
+        }
+        for r in &s.relocations {
+            let l = Self::label(&r.mount);
+            self.reloc_copied.get_or_create(&l).set(g(r.copied));
+            self.reloc_total.get_or_create(&l).set(g(r.total));
+            self.reloc_speed
+                .get_or_create(&l)
+                .set(r.bytes_per_second.round() as i64);
+            if let Some(eta) = r.eta_seconds {
+                self.reloc_eta.get_or_create(&l).set(eta.ceil() as i64);
             }
         }
         let mut out = String::new();
@@ -319,6 +365,22 @@ mod tests {
                 boot_set: Some((40, 12)),
                 window: Some((30, 3)),
             }],
+            relocations: vec![crate::relocate::RelocationStatus {
+                mount: "web01-lm1".into(),
+                dest: "/primary/web01".into(),
+                phase: crate::relocate::Phase::Copying,
+                copied: 1 << 20,
+                total: 4 << 20,
+                bytes_per_second: 1e6,
+                fetched: 1 << 20,
+                eta_seconds: Some(3.1),
+                rate_limit: None,
+                verified: 0,
+                error: None,
+                started: jiff::Timestamp::UNIX_EPOCH,
+                config: None,
+                start: vec![],
+            }],
         };
         let text = m.render(&sample);
         for needle in [
@@ -333,15 +395,21 @@ mod tests {
             "livemount_repo_fetch_seconds_count{mount=\"web01-lm1\"} 1",
             "livemount_cache_bytes 123",
             "livemount_mounts 1",
+            "livemount_relocation_copied_bytes{mount=\"web01-lm1\"} 1048576",
+            "livemount_relocation_total_bytes{mount=\"web01-lm1\"} 4194304",
+            "livemount_relocation_bytes_per_second{mount=\"web01-lm1\"} 1000000",
+            "livemount_relocation_eta_seconds{mount=\"web01-lm1\"} 4",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle}:\n{text}");
         }
         sample.boots.clear();
+        sample.relocations.clear();
         let text = m.render(&sample);
         assert!(
             !text.contains("boot_set_chunks{"),
             "a gone mount leaves no series:\n{text}"
         );
+        assert!(!text.contains("relocation_copied_bytes{"), "{text}");
     }
 }

@@ -11,6 +11,7 @@
 //! persisted in the mount's spec.
 
 pub mod files;
+pub mod mirror;
 pub mod overlay;
 pub mod readahead;
 
@@ -54,6 +55,8 @@ pub enum MountError {
     BadHost { value: String },
     #[error("mount state {path}: {what}")]
     State { path: String, what: String },
+    #[error("mount {name} is being relocated ({phase}); `livemount relocate {name} --finish` hands it over, `--cancel` stops it")]
+    Relocating { name: String, phase: String },
 }
 
 /// What a mount is, as persisted in the state directory (`mounts/NAME.json`).

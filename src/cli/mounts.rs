@@ -43,6 +43,25 @@ pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
             if m.spec.read_only { "ro" } else { "rw" },
             human(disks)
         );
+        if let Some(r) = &m.relocation {
+            println!(
+                "  relocation to {}: {}, {} of {} copied{}{}",
+                r.dest.display(),
+                r.phase,
+                human(r.copied),
+                human(r.total),
+                if r.bytes_per_second > 0.0 {
+                    format!(", {:.1} MB/s", r.bytes_per_second / 1e6)
+                } else {
+                    String::new()
+                },
+                match (r.eta_seconds, &r.error) {
+                    (_, Some(e)) => format!(", error: {e}"),
+                    (Some(eta), None) => format!(", eta {eta:.0} s"),
+                    (None, None) => String::new(),
+                }
+            );
+        }
         if let Some(w) = &m.boot.window {
             let total = w.hits + w.misses;
             println!(

@@ -196,6 +196,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         export: export.clone(),
     };
     let agent = Arc::new(Agent::open(repo, datastore, &state, cache_bytes, learning).await?);
+    agent.start_relocations();
     let identity = Identity::load(&state).with_context(|| {
         format!(
             "state directory {}: cannot load the datastore identity",

@@ -11,10 +11,11 @@ use axum::routing::{delete, get};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, MountInfo, MountRequest};
+use crate::agent::{Agent, MountInfo, MountRequest, RelocateRequest};
 use crate::cache::CacheStats;
 use crate::metrics::{BootSample, Sample};
 use crate::mount::MountError;
+use crate::relocate::{RelocateError, RelocationStatus};
 
 /// What the API handlers share.
 #[derive(Clone)]
@@ -74,7 +75,7 @@ impl From<MountError> for ApiError {
     fn from(e: MountError) -> Self {
         let code = match &e {
             MountError::BadName { .. } | MountError::BadHost { .. } => StatusCode::BAD_REQUEST,
-            MountError::Exists { .. } => StatusCode::CONFLICT,
+            MountError::Exists { .. } | MountError::Relocating { .. } => StatusCode::CONFLICT,
             MountError::NotFound { .. } => StatusCode::NOT_FOUND,
             MountError::Repo { source, .. } => match source {
                 crate::repo::RepoError::NoSnapshot { .. }
@@ -90,6 +91,22 @@ impl From<MountError> for ApiError {
     }
 }
 
+impl From<RelocateError> for ApiError {
+    fn from(e: RelocateError) -> Self {
+        let code = match &e {
+            RelocateError::NoMount { .. } | RelocateError::NoRelocation { .. } => {
+                StatusCode::NOT_FOUND
+            }
+            RelocateError::Busy { .. }
+            | RelocateError::Refused(_)
+            | RelocateError::Running { .. } => StatusCode::CONFLICT,
+            RelocateError::Dest { .. } => StatusCode::BAD_REQUEST,
+            RelocateError::State { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
 /// Serves the API on `listener` until `cancel` fires.
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
@@ -100,6 +117,15 @@ pub async fn serve_api(
         .route("/v1/status", get(status))
         .route("/v1/mounts", get(list).post(mount))
         .route("/v1/mounts/{name}", delete(unmount))
+        .route(
+            "/v1/mounts/{name}/relocation",
+            axum::routing::post(relocate).delete(cancel_relocation),
+        )
+        .route(
+            "/v1/mounts/{name}/relocation/finish",
+            axum::routing::post(finish_relocation),
+        )
+        .route("/v1/relocations", get(relocations))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -162,6 +188,19 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
                 }),
             })
             .collect(),
+        relocations: s
+            .agent
+            .relocations()
+            .into_iter()
+            .filter(|r| {
+                matches!(
+                    r.phase,
+                    crate::relocate::Phase::Copying
+                        | crate::relocate::Phase::Synced
+                        | crate::relocate::Phase::Finishing
+                )
+            })
+            .collect(),
     };
     let text = s.agent.metrics().render(&sample);
     (
@@ -212,6 +251,39 @@ async fn unmount(
     Query(q): Query<UnmountQuery>,
 ) -> Result<Json<crate::mount::MountSpec>, ApiError> {
     Ok(Json(s.agent.unmount(&name, q.keep_writes).await?))
+}
+
+async fn relocate(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Json(req): Json<RelocateRequest>,
+) -> Result<Json<RelocationStatus>, ApiError> {
+    Ok(Json(s.agent.relocate(&name, &req).await?))
+}
+
+#[derive(serde::Deserialize)]
+struct FinishQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn finish_relocation(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+    Query(q): Query<FinishQuery>,
+) -> Result<Json<RelocationStatus>, ApiError> {
+    Ok(Json(s.agent.finish_relocation(&name, q.force).await?))
+}
+
+async fn cancel_relocation(
+    State(s): State<ApiState>,
+    Path(name): Path<String>,
+) -> Result<Json<RelocationStatus>, ApiError> {
+    Ok(Json(s.agent.cancel_relocation(&name).await?))
+}
+
+async fn relocations(State(s): State<ApiState>) -> Json<Vec<RelocationStatus>> {
+    Json(s.agent.relocations())
 }
 
 fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {

@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{Bytes, BytesMut};
 
+use super::mirror::Mirror;
 use crate::repo::{DiskImage, RepoError};
 
 /// Overlay block size: what a bit of the bitmap covers.
@@ -67,6 +68,8 @@ pub enum OverlayError {
         "write at {offset} + {len} passes the end of the disk ({size} bytes); disks cannot grow"
     )]
     PastEnd { offset: u64, len: u64, size: u64 },
+    #[error("{file} is being handed over to its relocated copy and takes no more writes")]
+    Fenced { file: String },
 }
 
 struct Bits {
@@ -87,6 +90,8 @@ pub struct Overlay {
     /// Incremented by every write; `synced` is the highest value made durable.
     written: AtomicU64,
     synced: tokio::sync::Mutex<u64>,
+    /// The relocation copy that the VM's writes also go to, while a relocation runs.
+    mirror: Mutex<Option<Arc<Mirror>>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -189,6 +194,7 @@ impl Overlay {
             // One more than `synced`: the first commit always syncs.
             written: AtomicU64::new(1),
             synced: tokio::sync::Mutex::new(0),
+            mirror: Mutex::new(None),
         })
     }
 
@@ -197,6 +203,97 @@ impl Overlay {
         bits.words
             .get((block / 64) as usize)
             .is_some_and(|w| w & (1 << (block % 64)) != 0)
+    }
+
+    /// Sends the VM's writes to `mirror` as well (see [`Mirror`]), from the next write on.
+    pub fn attach_mirror(&self, mirror: Arc<Mirror>) {
+        *self.mirror.lock().unwrap_or_else(|p| p.into_inner()) = Some(mirror);
+    }
+
+    /// Stops sending writes to the mirror. Waits for a write in progress, so none reaches the
+    /// mirror after this returns.
+    pub async fn detach_mirror(&self) {
+        let _serial = self.writes.lock().await;
+        *self.mirror.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Waits until no write is in progress (after a mirror was fenced: none will start).
+    pub async fn quiesce(&self) {
+        drop(self.writes.lock().await);
+    }
+
+    fn mirror(&self) -> Option<Arc<Mirror>> {
+        self.mirror
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Whether the VM wrote any block of `[offset, offset + len)`.
+    pub fn written_in(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len).min(self.size);
+        end > offset && (offset / BLOCK..end.div_ceil(BLOCK)).any(|b| self.has(b))
+    }
+
+    /// `base` (the backup's bytes of `[offset, offset + base.len())`) with the VM's written
+    /// blocks laid over it: the range as the VM sees it.
+    pub async fn compose(&self, offset: u64, base: Bytes) -> Result<Bytes, OverlayError> {
+        let end = offset + base.len() as u64;
+        let written: Vec<u64> = (offset / BLOCK..end.div_ceil(BLOCK))
+            .filter(|b| self.has(*b))
+            .collect();
+        if written.is_empty() {
+            return Ok(base);
+        }
+        let mut out = BytesMut::from(&base[..]);
+        let (data, name) = (self.data.clone(), self.name.clone());
+        let out = blocking(move || {
+            for b in written {
+                let lo = (b * BLOCK).max(offset);
+                let hi = ((b + 1) * BLOCK).min(end);
+                data.read_exact_at(&mut out[(lo - offset) as usize..(hi - offset) as usize], lo)
+                    .map_err(|source| OverlayError::Io {
+                        path: name.clone(),
+                        source,
+                    })?;
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(out.freeze())
+    }
+
+    /// Copies `[offset, offset + len)` as the VM sees it into `mirror` and moves its frontier
+    /// past it, with no write of the VM in between (the write lock is held). `base` is the
+    /// backup's bytes of the range (`len` of them), or `None` for a zero block.
+    pub async fn copy_to_mirror(
+        &self,
+        mirror: &Arc<Mirror>,
+        offset: u64,
+        len: u64,
+        base: Option<Bytes>,
+    ) -> Result<(), OverlayError> {
+        let _serial = self.writes.lock().await;
+        let view = match base {
+            None if !self.written_in(offset, len) => None,
+            None => Some(
+                self.compose(offset, Bytes::from(vec![0u8; len as usize]))
+                    .await?,
+            ),
+            Some(b) => Some(self.compose(offset, b).await?),
+        };
+        let m = mirror.clone();
+        blocking(move || {
+            match view {
+                Some(v) => m.put(offset, &v),
+                None => m.put_hole(offset, len),
+            }
+            .map_err(|source| OverlayError::Io {
+                path: m.path().display().to_string(),
+                source,
+            })
+        })
+        .await
     }
 
     /// How many blocks the VM has written.
@@ -268,6 +365,12 @@ impl Overlay {
             return Ok(());
         }
         let _serial = self.writes.lock().await;
+        let mirror = self.mirror();
+        if mirror.as_ref().is_some_and(|m| m.is_fenced()) {
+            return Err(OverlayError::Fenced {
+                file: self.name.clone(),
+            });
+        }
         // Widen to whole blocks, filling the edges that the write does not cover.
         let start_b = offset / BLOCK;
         let end_b = end.div_ceil(BLOCK);
@@ -286,11 +389,19 @@ impl Overlay {
         buf[(offset - lo) as usize..(end - lo) as usize].copy_from_slice(data);
         let file = self.data.clone();
         let name = self.name.clone();
-        blocking(move || {
+        let buf = blocking(move || {
             file.write_all_at(&buf, lo)
-                .map_err(|source| OverlayError::Io { path: name, source })
+                .map_err(|source| OverlayError::Io { path: name, source })?;
+            Ok(buf)
         })
         .await?;
+        if let Some(m) = mirror {
+            blocking(move || {
+                m.on_write(lo, &buf);
+                Ok(())
+            })
+            .await?;
+        }
         // The bits are set only now that the data is in the file (a read that sees a bit reads
         // the data). The words go to `N.live` before the write is acknowledged, every time
         // (also when no bit changed: an earlier write of them may have failed).
@@ -341,12 +452,20 @@ impl Overlay {
             (pages, words)
         };
         let (data, bitmap, name) = (self.data.clone(), self.bitmap.clone(), self.name.clone());
+        let mirror = self.mirror();
         let result = blocking(move || {
             let err = |source| OverlayError::Io {
                 path: name.clone(),
                 source,
             };
             data.sync_data().map_err(err)?;
+            if let Some(m) = &mirror {
+                // The relocation copy is as durable as the overlay (a failure there fails the
+                // relocation, not the VM's commit).
+                if let Err(e) = m.sync() {
+                    m.fail(format!("syncing {}: {e}", m.path().display()));
+                }
+            }
             for (off, bytes) in &words {
                 bitmap.write_all_at(bytes, *off).map_err(err)?;
             }

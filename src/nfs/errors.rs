@@ -33,6 +33,7 @@ pub fn overlay_to_nfsstat(e: &OverlayError) -> nfsstat3 {
         OverlayError::Io { .. } => nfsstat3::NFS3ERR_IO,
         OverlayError::NotWritable { .. } => nfsstat3::NFS3ERR_ACCES,
         OverlayError::PastEnd { .. } => nfsstat3::NFS3ERR_FBIG,
+        OverlayError::Fenced { .. } => nfsstat3::NFS3ERR_ROFS,
     }
 }
 

@@ -1,0 +1,280 @@
+//! Relocation through the real server and a real NFS client: the copy follows the VM's writes
+//! through a SIGKILL and a restart, resumes where it was, and the handover's copy equals the
+//! mount's final view; a cancelled relocation leaves the mount as it was; bad requests change
+//! nothing.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::nfs::*;
+use common::*;
+
+const SIZE: u64 = 48 << 20;
+
+/// A server over a repository holding one KVM VM with a 48 MiB mixed disk, mounted as `vm-lm1`.
+fn setup(t: &Path) -> (Vec<u8>, std::path::PathBuf) {
+    let disk = mixed_disk(SIZE, 7);
+    write(&t.join("disk.img"), &disk);
+    let cfg = kvm_config(t, "vm", &[("disk.img", "raw")]);
+    (disk, repo_with_backup(t, &cfg))
+}
+
+fn relocation(server: &Server, mount: &str) -> Option<serde_json::Value> {
+    let mounts: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
+    mounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["spec"]["name"] == mount)
+        .map(|m| m["relocation"].clone())
+        .filter(|r| !r.is_null())
+}
+
+fn wait_for_phase(server: &Server, mount: &str, phase: &str) -> serde_json::Value {
+    let t0 = Instant::now();
+    loop {
+        let r = relocation(server, mount).expect("a relocation");
+        if r["phase"] == phase {
+            return r;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "relocation not {phase}: {r}\n{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Writes `n` random 4 KiB..64 KiB pieces through NFS (FILE_SYNC) into the mount's disk and
+/// the model, spread over the whole disk.
+fn write_some(server: &Server, model: &mut [u8], rng: &mut Rng, n: usize) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = connect(server, "vm-lm1").await;
+        let root = c.root_nfs_fh3();
+        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
+        for _ in 0..n {
+            let len = 512 * (1 + rng.below(128)) as usize;
+            let off = rng.below(SIZE - len as u64) & !511;
+            let mut data = vec![0u8; len];
+            rng.fill(&mut data);
+            nfs_write(&mut c, &fh, off, &data).await;
+            model[off as usize..off as usize + len].copy_from_slice(&data);
+        }
+    });
+}
+
+#[test]
+fn a_relocation_follows_writes_through_a_kill_and_hands_over_an_exact_copy() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut model, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let dest = t.path().join("primary/vm");
+    let mut rng = Rng::new(99);
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    write_some(&server, &mut model, &mut rng, 40);
+
+    // 48 MiB at 8 MB/s: about six seconds, so the kill lands mid-copy.
+    let out = server.cli(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        "8",
+    ]);
+    assert!(out.contains("relocating vm-lm1"), "{out}");
+    // Unmounting a mount that is being relocated is refused and changes nothing.
+    let refused = livemount(&["unmount", "vm-lm1", "--state", state.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("being relocated"),
+        "{refused:?}"
+    );
+    std::thread::sleep(Duration::from_millis(2500));
+    write_some(&server, &mut model, &mut rng, 40);
+    let before = relocation(&server, "vm-lm1").unwrap();
+    assert_eq!(before["phase"], "copying", "{before}");
+    server.kill();
+
+    // Restart: the copy resumes from its last checkpoint, not from zero.
+    let server = Server::start(&repo, &state, "off", &[]);
+    let after = relocation(&server, "vm-lm1").expect("the relocation is back");
+    let copied = after["copied"].as_u64().unwrap();
+    assert!(
+        copied > 0 && copied < SIZE,
+        "resumed at {copied} of {SIZE}: {after}"
+    );
+    write_some(&server, &mut model, &mut rng, 40);
+    let synced = wait_for_phase(&server, "vm-lm1", "synced");
+    assert_eq!(synced["copied"], SIZE, "{synced}");
+    // In sync: writes now go to both.
+    write_some(&server, &mut model, &mut rng, 40);
+
+    // The VM "still runs" (it just wrote): the handover is refused, nothing changes.
+    let refused = livemount(&[
+        "relocate",
+        "--finish",
+        "vm-lm1",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("still writes"),
+        "{refused:?}"
+    );
+    std::thread::sleep(Duration::from_millis(3200));
+    let out = server.cli(&["relocate", "--finish", "vm-lm1"]);
+    assert!(
+        out.contains("handed over") && out.contains("virsh define"),
+        "{out}"
+    );
+
+    // The copy equals the mount's final view, byte for byte; zero blocks are holes.
+    let copy = std::fs::read(dest.join("disk.img")).unwrap();
+    assert!(
+        copy == model,
+        "the relocated disk differs from the mount's view"
+    );
+    let meta = std::fs::metadata(dest.join("disk.img")).unwrap();
+    assert!(
+        meta.blocks() * 512 < SIZE,
+        "zero blocks should be holes: {} bytes allocated",
+        meta.blocks() * 512
+    );
+    // The config points at the copy.
+    let xml = std::fs::read_to_string(dest.join("vm.xml")).unwrap();
+    assert!(
+        xml.contains(&format!(
+            "<source file='{}'/>",
+            dest.join("disk.img").display()
+        )),
+        "{xml}"
+    );
+    // The mount is retired, its overlay and the relocation's record gone.
+    let mounts = server.cli(&["mounts"]);
+    assert!(!mounts.contains("vm-lm1"), "{mounts}");
+    assert!(!state.join("overlays/vm-lm1").exists());
+    assert!(!state.join("relocations/vm-lm1.json").exists());
+    // And the backup is untouched.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    server.cli(&["mount", "vm", "--name", "fresh", "--read-only"]);
+    let fresh = rt.block_on(async {
+        let mut c = connect(&server, "fresh").await;
+        let root = c.root_nfs_fh3();
+        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
+        let mut out = Vec::new();
+        while (out.len() as u64) < SIZE {
+            out.extend(
+                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    });
+    assert!(
+        fresh == std::fs::read(t.path().join("disk.img")).unwrap(),
+        "backup changed"
+    );
+}
+
+#[test]
+fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut model, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let dest = t.path().join("primary/vm");
+    let mut rng = Rng::new(5);
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    write_some(&server, &mut model, &mut rng, 20);
+    server.cli(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        "4",
+    ]);
+    std::thread::sleep(Duration::from_millis(1000));
+    write_some(&server, &mut model, &mut rng, 20);
+    let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert!(!dest.exists(), "the partial copy is removed");
+    assert!(relocation(&server, "vm-lm1").is_none());
+    assert!(!state.join("relocations/vm-lm1.json").exists());
+    // The mount is as it was: every byte, and it takes writes.
+    write_some(&server, &mut model, &mut rng, 20);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(async {
+        let mut c = connect(&server, "vm-lm1").await;
+        let root = c.root_nfs_fh3();
+        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
+        let mut out = Vec::new();
+        while (out.len() as u64) < SIZE {
+            out.extend(
+                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    });
+    assert!(seen == model, "the mount's view changed");
+    server.cli(&["unmount", "vm-lm1"]);
+}
+
+#[test]
+fn bad_relocation_requests_are_refused_and_change_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    let st = state.to_str().unwrap();
+    let busy = t.path().join("busy");
+    std::fs::create_dir_all(&busy).unwrap();
+    std::fs::write(busy.join("other"), b"x").unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["relocate", "nope", "--to", "/tmp/x"],
+            "no mount named nope",
+        ),
+        (
+            vec!["relocate", "vm-lm1", "--to", busy.to_str().unwrap()],
+            "is not empty",
+        ),
+        (
+            vec!["relocate", "vm-lm1", "--to", "/tmp/x", "--rate", "0"],
+            "--rate 0",
+        ),
+        (vec!["relocate", "--finish", "vm-lm1"], "has no relocation"),
+        (vec!["relocate", "--cancel", "vm-lm1"], "has no relocation"),
+        (vec!["relocate", "vm-lm1"], "--to"),
+    ];
+    for (args, want) in cases {
+        let mut a = args.clone();
+        a.extend_from_slice(&["--state", st]);
+        let out = livemount(&a);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+    }
+    assert_eq!(std::fs::read_dir(&busy).unwrap().count(), 1);
+    assert!(
+        !state.join("relocations").exists()
+            || std::fs::read_dir(state.join("relocations"))
+                .unwrap()
+                .count()
+                == 0
+    );
+    assert!(relocation(&server, "vm-lm1").is_none());
+}
