@@ -201,3 +201,134 @@ fn a_learned_boot_profile_prestages_the_next_boot() {
         serde_json::from_str(&server.cli(&["profile", "show", "lmguest", "--json"])).unwrap();
     assert_eq!(profile["boots"], 2, "the second boot is merged too");
 }
+
+/// Relocation end to end with a real hypervisor: a guest boots from a live mount and keeps
+/// writing files and reading; meanwhile its disk is relocated, and the server is killed and
+/// restarted mid-copy. Once the guest has powered off, the handover verifies the copy; the
+/// copy equals the mount's final view, and the guest boots from it with all its files.
+#[test]
+fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
+    let image = guest_image();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), "lmguest", &[("guest.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let dest = t.path().join("primary/lmguest");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nfs = format!("127.0.0.1:{port}");
+    let args = ["--nfs", nfs.as_str()];
+    let _port111 = port_111_lock();
+    let server = Server::start(&repo, &state, "127.0.0.1:111", &args);
+    server.cli(&["mount", "lmguest", "--name", "lmguest-lm1"]);
+
+    let log = t.path().join("serial.log");
+    let guest = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            boot(
+                "nfs://127.0.0.1/livemount/lmguest-lm1/guest.img",
+                &log,
+                "",
+                &["-fw_cfg", "name=opt/livemount/busy,string=30"],
+            )
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("LIVEMOUNT-GUEST-BOOTED")
+    {
+        assert!(t0.elapsed().as_secs() < 120, "the guest did not boot");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // The guest is running: relocate it, slowly enough that the kill lands mid-copy.
+    server.cli(&[
+        "relocate",
+        "lmguest-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        "5",
+    ]);
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    server.kill();
+    let server = Server::start(&repo, &state, "127.0.0.1:111", &args);
+    let r = relocation_of(&server, "lmguest-lm1");
+    assert!(
+        r["copied"].as_u64().unwrap() > 0,
+        "the copy resumes from its checkpoint: {r}"
+    );
+
+    let (ok, text) = guest.join().unwrap();
+    assert!(ok, "{text}\nserver:\n{}", server.log_text());
+    let files = text
+        .lines()
+        .find(|l| l.starts_with("LIVEMOUNT-BUSY-FILES"))
+        .unwrap_or_else(|| panic!("no busy files: {text}"))
+        .trim()
+        .to_string();
+    let busy = text
+        .lines()
+        .find(|l| l.starts_with("LIVEMOUNT-BUSY "))
+        .unwrap_or_else(|| panic!("{text}"));
+    eprintln!("first run: {busy}; {files}");
+    assert!(!files.contains("BUSY-FILES 0 "), "{files}");
+
+    let t0 = std::time::Instant::now();
+    while relocation_of(&server, "lmguest-lm1")["phase"] != "synced" {
+        assert!(t0.elapsed().as_secs() < 120, "{}", server.log_text());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // The guest is stopped: the mount's final view, read over NFS.
+    let view = t.path().join("view.img");
+    let out = client(
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            "nfs://127.0.0.1/livemount/lmguest-lm1/guest.img",
+            view.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(std::time::Duration::from_millis(3200));
+    let out = server.cli(&["relocate", "--finish", "lmguest-lm1"]);
+    assert!(out.contains("handed over"), "{out}");
+    assert!(
+        std::fs::read(dest.join("guest.img")).unwrap() == std::fs::read(&view).unwrap(),
+        "the relocated disk differs from the mount's final view"
+    );
+    let xml = std::fs::read_to_string(dest.join("lmguest.xml")).unwrap();
+    assert!(xml.contains(&format!(
+        "<source file='{}'/>",
+        dest.join("guest.img").display()
+    )));
+
+    // The guest boots from its new home with every file it wrote.
+    let (ok, text) = boot(dest.join("guest.img").to_str().unwrap(), &log, "", &[]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains(&files),
+        "the files are in the relocated disk: want {files}\n{text}"
+    );
+}
+
+fn relocation_of(server: &Server, mount: &str) -> serde_json::Value {
+    let mounts: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
+    mounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["spec"]["name"] == mount)
+        .map(|m| m["relocation"].clone())
+        .unwrap_or_else(|| panic!("no mount {mount}: {mounts}"))
+}

@@ -301,6 +301,16 @@ pub fn guest_image() -> PathBuf {
     std::fs::create_dir_all(&out).unwrap();
     let lock = std::fs::File::create(out.join(".lock")).unwrap();
     lock.lock().unwrap();
+    // The image is rebuilt when the script that makes it changes.
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest");
+    let stamp = format!(
+        "{}",
+        blake3::hash(&std::fs::read(&script).unwrap()).to_hex()
+    );
+    let stamp_path = out.join("guest.img.script-blake3");
+    if std::fs::read_to_string(&stamp_path).ok().as_deref() != Some(stamp.as_str()) {
+        let _ = std::fs::remove_file(&img);
+    }
     if !img.exists() {
         let status =
             Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-guest"))
@@ -308,6 +318,7 @@ pub fn guest_image() -> PathBuf {
                 .status()
                 .expect("running scripts/build-guest (scripts/install-deps installs its tools)");
         assert!(status.success(), "scripts/build-guest failed");
+        std::fs::write(&stamp_path, &stamp).unwrap();
     }
     img
 }
