@@ -51,6 +51,8 @@ pub struct Agent {
     learn_lock: Arc<std::sync::Mutex<()>>,
     /// Relocations by mount name: running ones, and those handed over since the start.
     relocations: std::sync::Mutex<BTreeMap<String, Arc<Relocator>>>,
+    /// Fetch ahead of sequential readers (`read_ahead` in serve's config).
+    read_ahead: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -140,6 +142,7 @@ impl Agent {
         state: &Path,
         cache_bytes: u64,
         learning: Option<Learning>,
+        read_ahead: bool,
     ) -> anyhow::Result<Agent> {
         fs::create_dir_all(state.join("mounts"))?;
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
@@ -156,6 +159,7 @@ impl Agent {
             profiles: ProfileStore::new(state),
             learn_lock: Arc::default(),
             relocations: std::sync::Mutex::new(BTreeMap::new()),
+            read_ahead,
         };
         for entry in fs::read_dir(state.join("mounts"))? {
             let path = entry?.path();
@@ -249,7 +253,16 @@ impl Agent {
         if !spec.read_only {
             self.claim_overlays(&overlays, &spec)?;
         }
-        LiveMount::open(spec, &snapshot, reader, config, &overlays, window).await
+        LiveMount::open(
+            spec,
+            &snapshot,
+            reader,
+            config,
+            &overlays,
+            window,
+            self.read_ahead,
+        )
+        .await
     }
 
     /// The config as the mount serves it: a new name (the mount's), UUID and MAC addresses,

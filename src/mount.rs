@@ -109,7 +109,8 @@ pub enum Content {
     Disk {
         image: DiskImage,
         overlay: Option<Arc<Overlay>>,
-        readahead: Arc<readahead::ReadAhead>,
+        /// Sequential-stream detection and prefetching (none when read-ahead is off).
+        readahead: Option<Arc<readahead::ReadAhead>>,
         /// The disk's number in the mount (the order of the snapshot's disks).
         index: usize,
         /// The mount's boot window, while the VM's first boot from it is recorded.
@@ -200,7 +201,9 @@ impl MountFile {
                 if let Some(w) = window {
                     w.on_read(*index, &self.name, image, offset, u64::from(count));
                 }
-                readahead.on_read(image, offset, u64::from(count));
+                if let Some(r) = readahead {
+                    r.on_read(image, offset, u64::from(count));
+                }
                 match overlay {
                     None => image.read_at(offset, count as usize).await?,
                     Some(o) => o.read(image, offset, count as usize).await?,
@@ -265,6 +268,7 @@ impl LiveMount {
         config: Bytes,
         overlays: &Path,
         window: Option<Arc<BootWindow>>,
+        read_ahead: bool,
     ) -> Result<LiveMount, MountError> {
         let m = &snapshot.manifest;
         let err = |source| MountError::Repo {
@@ -327,7 +331,7 @@ impl LiveMount {
                 Content::Disk {
                     image,
                     overlay,
-                    readahead: Arc::default(),
+                    readahead: read_ahead.then(Arc::default),
                     index: i,
                     window: window.clone(),
                 },

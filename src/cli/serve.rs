@@ -79,6 +79,8 @@ pub struct ServeConfig {
     pub slow_repository: Option<SlowRepoConfig>,
     /// Boot windows and profiles.
     pub profiles: Option<ProfilesConfig>,
+    /// Fetch ahead of sequential readers of a disk (default true).
+    pub read_ahead: Option<bool>,
 }
 
 /// `[profiles]`: how new mounts learn their VM's boot.
@@ -195,7 +197,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         host: advertise.clone(),
         export: export.clone(),
     };
-    let agent = Arc::new(Agent::open(repo, datastore, &state, cache_bytes, learning).await?);
+    let read_ahead = file.read_ahead.unwrap_or(true);
+    if !read_ahead {
+        tracing::warn!("read-ahead is off (read_ahead = false in the config)");
+    }
+    let agent =
+        Arc::new(Agent::open(repo, datastore, &state, cache_bytes, learning, read_ahead).await?);
     agent.start_relocations();
     let identity = Identity::load(&state).with_context(|| {
         format!(
