@@ -222,18 +222,24 @@ impl Relocator {
             }
         }
         let mut jobs = Vec::new();
+        // Files made here, removed again if a later one cannot be made.
+        let mut made: Vec<PathBuf> = Vec::new();
+        let undo = |made: &[PathBuf]| {
+            for p in made {
+                let _ = fs::remove_file(p);
+            }
+        };
         for (d, f) in mount.files.iter().enumerate() {
             let Content::Disk { image, overlay, .. } = &f.content else {
                 continue;
             };
-            let copy = record
-                .disks
-                .iter()
-                .find(|c| c.file == f.name)
-                .ok_or_else(|| RelocateError::State {
+            let Some(copy) = record.disks.iter().find(|c| c.file == f.name) else {
+                undo(&made);
+                return Err(RelocateError::State {
                     path: path.display().to_string(),
                     what: format!("the record has no disk {} (file {d} of the mount)", f.name),
-                })?;
+                });
+            };
             let p = dest.join(&f.name);
             if matches!(
                 record.phase,
@@ -261,8 +267,17 @@ impl Relocator {
                     .and_then(|file| file.set_len(image.size()).map(|()| file))
             } else {
                 fs::OpenOptions::new().read(true).write(true).open(&p)
+            };
+            let file = match file {
+                Ok(file) => file,
+                Err(e) => {
+                    undo(&made);
+                    return Err(dest_err(&p, e));
+                }
+            };
+            if create {
+                made.push(p.clone());
             }
-            .map_err(|e| dest_err(&p, e))?;
             let mirror = Arc::new(Mirror::new(&p, file, image.size(), copy.copied));
             jobs.push(Job {
                 file: f.name.clone(),

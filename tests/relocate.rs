@@ -193,7 +193,15 @@ fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
     let state = t.path().join("state");
     let dest = t.path().join("primary/vm");
     let mut rng = Rng::new(5);
-    let server = Server::start(&repo, &state, "off", &[]);
+    // Read-ahead off here: the reads below check that the setting serves the same bytes.
+    let config = t.path().join("serve.toml");
+    std::fs::write(&config, "read_ahead = false\n").unwrap();
+    let server = Server::start(
+        &repo,
+        &state,
+        "off",
+        &["--config", config.to_str().unwrap()],
+    );
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     write_some(&server, &mut model, &mut rng, 20);
     server.cli(&[

@@ -128,7 +128,13 @@ impl Agent {
                 tracing::error!(record = %path.display(), "relocation record of another snapshot of this mount; record kept");
                 continue;
             }
-            let (config, start) = self.final_config(&mount, &record.dest).await?;
+            let (config, start) = match self.final_config(&mount, &record.dest).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(record = %path.display(), error = %e, "relocation cannot resume; record kept");
+                    continue;
+                }
+            };
             let r = match Relocator::open(
                 record.clone(),
                 path.clone(),

@@ -58,8 +58,9 @@ pub async fn run(a: RelocateArgs) -> anyhow::Result<ExitCode> {
     let path = format!("/v1/mounts/{}/relocation", a.mount);
     if a.cancel {
         let _: RelocationStatus = client.clone().request("DELETE", path, None).await?;
+        // Done when the record is gone; a cleanup that failed keeps it, with its error.
         let last = poll(&client, &a.mount, None, |s| {
-            s.is_none_or(|s| s.phase == Phase::Failed)
+            s.is_none_or(|s| s.phase == Phase::Failed || s.error.is_some())
         })
         .await?;
         if let Some(s) = last {
@@ -82,14 +83,19 @@ pub async fn run(a: RelocateArgs) -> anyhow::Result<ExitCode> {
             .await?;
         let bar = Some(Bar::new("verifying", true, a.json));
         let last = poll(&client, &a.mount, bar, |s| {
-            s.is_none_or(|s| matches!(s.phase, Phase::Done | Phase::Failed))
+            s.is_none_or(|s| s.phase != Phase::Finishing)
         })
         .await?;
         let Some(s) = last else {
             anyhow::bail!("the relocation of {} went away during its handover; `livemount mounts` shows whether the mount is still there", a.mount);
         };
-        if s.phase == Phase::Failed {
-            return failed(&s, a.json);
+        match s.phase {
+            Phase::Done => {}
+            Phase::Cancelling => anyhow::bail!(
+                "the relocation of {} was cancelled during its handover; the mount runs on as before",
+                a.mount
+            ),
+            _ => return failed(&s, a.json),
         }
         if a.json {
             super::print_json(&s)?;
