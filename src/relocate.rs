@@ -700,9 +700,10 @@ impl Relocator {
         Ok(())
     }
 
-    /// Writes the descriptors, the config and the mount folder's small files into `dest`.
+    /// Writes the descriptors, the config and the mount folder's small files into `dest`
+    /// (at the start, so the copy is a VM folder from the outset, and again at the handover).
     /// Returns the config's path.
-    async fn write_other_files(&self, dest: &Path) -> Result<PathBuf, String> {
+    pub(crate) async fn write_other_files(&self, dest: &Path) -> Result<PathBuf, String> {
         let mut out: Vec<(String, Bytes)> = Vec::new();
         for f in &self.mount.files {
             if let Content::Bytes(b) = &f.content {

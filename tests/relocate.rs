@@ -90,6 +90,12 @@ fn a_relocation_follows_writes_through_a_kill_and_hands_over_an_exact_copy() {
         "8",
     ]);
     assert!(out.contains("relocating vm-lm1"), "{out}");
+    // The copy is a VM folder from the start: its config points at the copied disk.
+    let xml = std::fs::read_to_string(dest.join("vm.xml")).unwrap();
+    assert!(xml.contains(&format!(
+        "<source file='{}'/>",
+        dest.join("disk.img").display()
+    )));
     // Unmounting a mount that is being relocated is refused and changes nothing.
     let refused = livemount(&["unmount", "vm-lm1", "--state", state.to_str().unwrap()]);
     assert!(!refused.status.success());

@@ -260,6 +260,10 @@ impl Agent {
                 return Err(e);
             }
         };
+        // The config next to the disks from the start (the handover writes it again).
+        if let Err(e) = r.write_other_files(dest).await {
+            tracing::warn!(mount, error = %e, "config not written yet; the handover writes it");
+        }
         self.relocations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
