@@ -501,7 +501,12 @@ impl Agent {
             if let Ok(s) = self.repo.manifest(&m.spec.snapshot).await {
                 let info = SnapshotInfo::from_manifest(m.spec.snapshot, &s);
                 let mut d = describe(&m, &info);
-                d.relocation = self.relocation(&m.spec.name).map(|r| r.status());
+                // Only this mount's own relocation (not a handed-over one of an earlier mount
+                // of the same name).
+                d.relocation = self
+                    .relocation(&m.spec.name)
+                    .filter(|r| Arc::ptr_eq(r.mount(), &m))
+                    .map(|r| r.status());
                 out.push(d);
             }
         }

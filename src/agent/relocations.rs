@@ -121,7 +121,13 @@ impl Agent {
                 anyhow::anyhow!("{}: unreadable relocation record: {e}", path.display())
             })?;
             let Some(mount) = self.mount_by_name(record.mount.as_bytes()) else {
-                tracing::error!(record = %path.display(), "relocation of a mount that is not served; record kept");
+                if record.phase == Phase::Done {
+                    // Handed over, and the mount was retired just before a crash.
+                    tracing::info!(record = %path.display(), "relocation was handed over; record removed");
+                    fs::remove_file(&path)?;
+                } else {
+                    tracing::error!(record = %path.display(), "relocation of a mount that is not served; record kept");
+                }
                 continue;
             };
             if mount.spec.snapshot != record.snapshot {
