@@ -292,3 +292,97 @@ fn bad_relocation_requests_are_refused_and_change_nothing() {
     );
     assert!(relocation(&server, "vm-lm1").is_none());
 }
+
+/// Unmounts a file system made for a test, whatever happens.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_relocation_that_runs_out_of_space_fails_and_the_mount_runs_on() {
+    let t = tempfile::tempdir().unwrap();
+    let (mut model, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let small = t.path().join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    // A 4 MiB file system for a 48 MiB disk (needs root, as the whole suite does).
+    let out = client(
+        "mount",
+        &[
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=4m",
+            "tmpfs",
+            small.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "mounting a tmpfs (root needed): {out:?}"
+    );
+    let _umount = Unmount(small.clone());
+    let dest = small.join("vm");
+    let mut rng = Rng::new(11);
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    write_some(&server, &mut model, &mut rng, 10);
+
+    let out = livemount(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--wait",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("failed") && err.contains("No space left"),
+        "{err}"
+    );
+    let r = relocation(&server, "vm-lm1").unwrap();
+    assert_eq!(r["phase"], "failed", "{r}");
+    assert_eq!(r["copied"], 0, "a failure resets progress: {r}");
+
+    // The mount runs on: every byte as before, and it takes writes.
+    write_some(&server, &mut model, &mut rng, 10);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let seen = rt.block_on(async {
+        let mut c = connect(&server, "vm-lm1").await;
+        let root = c.root_nfs_fh3();
+        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
+        let mut out = Vec::new();
+        while (out.len() as u64) < SIZE {
+            out.extend(
+                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    });
+    assert!(seen == model, "the mount's view changed");
+    // A handover of a failed relocation is refused, saying how to retry or cancel.
+    let out = livemount(&[
+        "relocate",
+        "--finish",
+        "vm-lm1",
+        "--force",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--cancel"), "{err}");
+    // Cancel removes the partial copy.
+    server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    assert!(!dest.exists(), "the partial copy is removed");
+    assert!(relocation(&server, "vm-lm1").is_none());
+    server.cli(&["unmount", "vm-lm1"]);
+}

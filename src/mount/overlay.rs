@@ -70,6 +70,12 @@ pub enum OverlayError {
     PastEnd { offset: u64, len: u64, size: u64 },
     #[error("{file} is being handed over to its relocated copy and takes no more writes")]
     Fenced { file: String },
+    #[error("relocation copy {path}: {source}")]
+    Mirror {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 struct Bits {
@@ -288,7 +294,7 @@ impl Overlay {
                 Some(v) => m.put(offset, &v),
                 None => m.put_hole(offset, len),
             }
-            .map_err(|source| OverlayError::Io {
+            .map_err(|source| OverlayError::Mirror {
                 path: m.path().display().to_string(),
                 source,
             })

@@ -34,6 +34,8 @@ pub fn overlay_to_nfsstat(e: &OverlayError) -> nfsstat3 {
         OverlayError::NotWritable { .. } => nfsstat3::NFS3ERR_ACCES,
         OverlayError::PastEnd { .. } => nfsstat3::NFS3ERR_FBIG,
         OverlayError::Fenced { .. } => nfsstat3::NFS3ERR_ROFS,
+        // Never from a VM's request (only the relocation's copy writes a mirror).
+        OverlayError::Mirror { .. } => nfsstat3::NFS3ERR_IO,
     }
 }
 

@@ -225,7 +225,9 @@ impl Relocation {
             }
             (Done, Event::Retired) => return Ok(Next::Gone),
             (Copying | Synced | Finishing | Failed | Cancelling, Event::Cancel) => {
+                // An earlier failure is history now; a cleanup failure sets it again.
                 r.phase = Cancelling;
+                r.error = None;
             }
             (Cancelling, Event::CleanedUp) => return Ok(Next::Gone),
             (Copying | Synced | Finishing | Failed, Event::Fail(why)) => {
@@ -551,6 +553,7 @@ mod tests {
                 continue;
             };
             assert_eq!(c.on_start(), Resume::CleanUp);
+            assert_eq!(c.error, None, "cancelling clears an earlier failure");
             assert_eq!(c.apply(Event::CleanedUp), Ok(Next::Gone));
         }
         assert_eq!(record(Phase::Failed).on_start(), Resume::Idle);
