@@ -357,7 +357,8 @@ impl Agent {
     /// Retires a mount whose copy is handed over: its overlay goes (every write is in the
     /// copy), then the relocation's record.
     pub(crate) async fn retire(&self, r: &Relocator) -> Result<(), RelocateError> {
-        r.detach().await;
+        // The mirrors stay attached and fenced until the mount is gone: a write accepted now
+        // would be in neither the copy nor the (about to be removed) overlay.
         let name = r.mount().spec.name.clone();
         match self.remove_mount(&name, false).await {
             Ok(_) | Err(crate::mount::MountError::NotFound { .. }) => {}
