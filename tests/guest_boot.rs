@@ -258,7 +258,7 @@ fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
     std::thread::sleep(std::time::Duration::from_secs(4));
     server.kill();
     let server = Server::start(&repo, &state, "127.0.0.1:111", &args);
-    let r = relocation_of(&server, "lmguest-lm1");
+    let r = relocation_of(&server, "lmguest-lm1").expect("a relocation");
     assert!(
         r["copied"].as_u64().unwrap() > 0,
         "the copy resumes from its checkpoint: {r}"
@@ -280,7 +280,7 @@ fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
     assert!(!files.contains("BUSY-FILES 0 "), "{files}");
 
     let t0 = std::time::Instant::now();
-    while relocation_of(&server, "lmguest-lm1")["phase"] != "synced" {
+    while relocation_of(&server, "lmguest-lm1").expect("a relocation")["phase"] != "synced" {
         assert!(t0.elapsed().as_secs() < 120, "{}", server.log_text());
         std::thread::sleep(std::time::Duration::from_millis(200));
     }
@@ -319,16 +319,4 @@ fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
         text.contains(&files),
         "the files are in the relocated disk: want {files}\n{text}"
     );
-}
-
-fn relocation_of(server: &Server, mount: &str) -> serde_json::Value {
-    let mounts: serde_json::Value =
-        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
-    mounts
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["spec"]["name"] == mount)
-        .map(|m| m["relocation"].clone())
-        .unwrap_or_else(|| panic!("no mount {mount}: {mounts}"))
 }

@@ -23,15 +23,7 @@ fn setup(t: &Path) -> (Vec<u8>, std::path::PathBuf) {
 }
 
 fn relocation(server: &Server, mount: &str) -> Option<serde_json::Value> {
-    let mounts: serde_json::Value =
-        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
-    mounts
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["spec"]["name"] == mount)
-        .map(|m| m["relocation"].clone())
-        .filter(|r| !r.is_null())
+    relocation_of(server, mount)
 }
 
 fn wait_for_phase(server: &Server, mount: &str, phase: &str) -> serde_json::Value {
@@ -170,22 +162,8 @@ fn a_relocation_follows_writes_through_a_kill_and_hands_over_an_exact_copy() {
     assert!(!state.join("overlays/vm-lm1").exists());
     assert!(!state.join("relocations/vm-lm1.json").exists());
     // And the backup is untouched.
-    let rt = tokio::runtime::Runtime::new().unwrap();
     server.cli(&["mount", "vm", "--name", "fresh", "--read-only"]);
-    let fresh = rt.block_on(async {
-        let mut c = connect(&server, "fresh").await;
-        let root = c.root_nfs_fh3();
-        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
-        let mut out = Vec::new();
-        while (out.len() as u64) < SIZE {
-            out.extend(
-                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
-                    .await
-                    .unwrap(),
-            );
-        }
-        out
-    });
+    let fresh = read_file(&server, "fresh", "disk.img", SIZE);
     assert!(
         fresh == std::fs::read(t.path().join("disk.img")).unwrap(),
         "backup changed"
@@ -227,21 +205,7 @@ fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
     assert!(!state.join("relocations/vm-lm1.json").exists());
     // The mount is as it was: every byte, and it takes writes.
     write_some(&server, &mut model, &mut rng, 20);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let seen = rt.block_on(async {
-        let mut c = connect(&server, "vm-lm1").await;
-        let root = c.root_nfs_fh3();
-        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
-        let mut out = Vec::new();
-        while (out.len() as u64) < SIZE {
-            out.extend(
-                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
-                    .await
-                    .unwrap(),
-            );
-        }
-        out
-    });
+    let seen = read_file(&server, "vm-lm1", "disk.img", SIZE);
     assert!(seen == model, "the mount's view changed");
     server.cli(&["unmount", "vm-lm1"]);
 }
@@ -353,21 +317,7 @@ fn a_relocation_that_runs_out_of_space_fails_and_the_mount_runs_on() {
 
     // The mount runs on: every byte as before, and it takes writes.
     write_some(&server, &mut model, &mut rng, 10);
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let seen = rt.block_on(async {
-        let mut c = connect(&server, "vm-lm1").await;
-        let root = c.root_nfs_fh3();
-        let fh = lookup(&mut c, &root, "disk.img").await.unwrap();
-        let mut out = Vec::new();
-        while (out.len() as u64) < SIZE {
-            out.extend(
-                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
-                    .await
-                    .unwrap(),
-            );
-        }
-        out
-    });
+    let seen = read_file(&server, "vm-lm1", "disk.img", SIZE);
     assert!(seen == model, "the mount's view changed");
     // A handover of a failed relocation is refused, saying how to retry or cancel.
     let out = livemount(&[

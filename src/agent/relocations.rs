@@ -43,16 +43,18 @@ impl Agent {
             .cloned()
     }
 
-    /// Every relocation, running or handed over since the start.
-    pub fn relocations(&self) -> Vec<RelocationStatus> {
-        let all: Vec<Arc<Relocator>> = self
-            .relocations
+    fn relocators(&self) -> Vec<Arc<Relocator>> {
+        self.relocations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
             .cloned()
-            .collect();
-        all.iter().map(|r| r.status()).collect()
+            .collect()
+    }
+
+    /// Every relocation, running or handed over since the start.
+    pub fn relocations(&self) -> Vec<RelocationStatus> {
+        self.relocators().iter().map(|r| r.status()).collect()
     }
 
     /// The config the handover writes, and how to start the VM from its new home.
@@ -171,14 +173,7 @@ impl Agent {
 
     /// Starts the tasks of the relocations brought back at open.
     pub fn start_relocations(self: &Arc<Self>) {
-        let all: Vec<Arc<Relocator>> = self
-            .relocations
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for r in all {
+        for r in self.relocators() {
             tokio::spawn(r.run(self.clone()));
         }
     }

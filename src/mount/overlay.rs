@@ -251,22 +251,8 @@ impl Overlay {
         if written.is_empty() {
             return Ok(base);
         }
-        let mut out = BytesMut::from(&base[..]);
-        let (data, name) = (self.data.clone(), self.name.clone());
-        let out = blocking(move || {
-            for b in written {
-                let lo = (b * BLOCK).max(offset);
-                let hi = ((b + 1) * BLOCK).min(end);
-                data.read_exact_at(&mut out[(lo - offset) as usize..(hi - offset) as usize], lo)
-                    .map_err(|source| OverlayError::Io {
-                        path: name.clone(),
-                        source,
-                    })?;
-            }
-            Ok(out)
-        })
-        .await?;
-        Ok(out.freeze())
+        self.lay_over(offset, BytesMut::from(&base[..]), written)
+            .await
     }
 
     /// Copies `[offset, offset + len)` as the VM sees it into `mirror` and moves its frontier
@@ -325,19 +311,29 @@ impl Overlay {
         if written.is_empty() {
             return Ok(image.read_at(offset, len).await?);
         }
-        let mut out = if written.len() as u64 == last - first + 1 {
+        let out = if written.len() as u64 == last - first + 1 {
             BytesMut::zeroed((end - offset) as usize)
         } else {
             BytesMut::from(&image.read_at(offset, len).await?[..])
         };
-        let data = self.data.clone();
-        let name = self.name.clone();
+        self.lay_over(offset, out, written).await
+    }
+
+    /// `out` (the range starting at `offset`) with the VM's `written` blocks read into it
+    /// from `N.data`.
+    async fn lay_over(
+        &self,
+        offset: u64,
+        mut out: BytesMut,
+        written: Vec<u64>,
+    ) -> Result<Bytes, OverlayError> {
+        let end = offset + out.len() as u64;
+        let (data, name) = (self.data.clone(), self.name.clone());
         let out = blocking(move || {
             for b in written {
                 let lo = (b * BLOCK).max(offset);
                 let hi = ((b + 1) * BLOCK).min(end);
-                let dst = &mut out[(lo - offset) as usize..(hi - offset) as usize];
-                data.read_exact_at(dst, lo)
+                data.read_exact_at(&mut out[(lo - offset) as usize..(hi - offset) as usize], lo)
                     .map_err(|source| OverlayError::Io {
                         path: name.clone(),
                         source,

@@ -370,3 +370,16 @@ pub async fn disk_chunks(
         .filter_map(|b| image.chunk_of_block(b))
         .collect()
 }
+
+/// A mount's relocation as `livemount mounts --json` shows it (`None`: none, or no such mount).
+pub fn relocation_of(server: &Server, mount: &str) -> Option<serde_json::Value> {
+    let mounts: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
+    mounts
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["spec"]["name"] == mount)
+        .map(|m| m["relocation"].clone())
+        .filter(|r| !r.is_null())
+}

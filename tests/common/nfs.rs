@@ -246,3 +246,21 @@ pub async fn readdirplus(
         READDIRPLUS3res::Err((e, _)) => Err(e),
     }
 }
+
+/// The whole of a mount's file FILE of SIZE bytes, read over NFS 1 MiB at a time.
+pub fn read_file(server: &Server, mount: &str, file: &str, size: u64) -> Vec<u8> {
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let mut c = connect(server, mount).await;
+        let root = c.root_nfs_fh3();
+        let fh = lookup(&mut c, &root, file).await.unwrap();
+        let mut out = Vec::new();
+        while (out.len() as u64) < size {
+            out.extend(
+                read_at(&mut c, &fh, out.len() as u64, 1 << 20)
+                    .await
+                    .unwrap(),
+            );
+        }
+        out
+    })
+}
