@@ -417,25 +417,32 @@ impl Agent {
     /// the state directory and a later mount of the same snapshot under the same name adopts
     /// them. The backup is untouched either way.
     pub async fn unmount(&self, name: &str, keep_writes: bool) -> Result<MountSpec, MountError> {
-        if let Some(r) = self.relocation(name) {
-            if r.phase() != crate::relocate::Phase::Done {
-                return Err(MountError::Relocating {
-                    name: name.to_string(),
-                    phase: r.phase().to_string(),
-                });
-            }
-        }
-        self.remove_mount(name, keep_writes).await
+        self.remove_mount(name, keep_writes, false).await
     }
 
-    /// Removes a mount (its relocation, if any, is the caller's business).
-    async fn remove_mount(&self, name: &str, keep_writes: bool) -> Result<MountSpec, MountError> {
+    /// Removes a mount. Unless `retiring` (its relocation was handed over and retires it), a
+    /// mount being relocated is refused; checked under the lock that starts relocations.
+    async fn remove_mount(
+        &self,
+        name: &str,
+        keep_writes: bool,
+        retiring: bool,
+    ) -> Result<MountSpec, MountError> {
         let _serial = self.changes.lock().await;
         let m = self
             .mount_by_name(name.as_bytes())
             .ok_or_else(|| MountError::NotFound {
                 name: name.to_string(),
             })?;
+        if let Some(r) = self.relocation(name) {
+            let own = Arc::ptr_eq(r.mount(), &m);
+            if own && !retiring && r.phase() != crate::relocate::Phase::Done {
+                return Err(MountError::Relocating {
+                    name: name.to_string(),
+                    phase: r.phase().to_string(),
+                });
+            }
+        }
         if let Some(p) = m.prestage.get() {
             p.cancel();
         }

@@ -21,7 +21,7 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -87,7 +87,8 @@ pub struct RelocationStatus {
     pub total: u64,
     /// Copy speed over the last seconds, bytes per second (holes count: they are copied too).
     pub bytes_per_second: f64,
-    /// Bytes read from the repository by this copy since the server started.
+    /// Bytes of the backup this copy read (from the read cache or the repository) since the
+    /// server started.
     pub fetched: u64,
     pub eta_seconds: Option<f64>,
     pub rate_limit: Option<u64>,
@@ -132,6 +133,10 @@ pub struct Relocator {
     fetched: AtomicU64,
     verified: AtomicU64,
     outcome: Mutex<Option<PathBuf>>,
+    /// A task carries the relocation on (see [`Relocator::drive`]).
+    running: AtomicBool,
+    /// An event was applied since the task last looked at the phase.
+    kicked: AtomicBool,
 }
 
 impl std::fmt::Debug for Relocator {
@@ -299,6 +304,8 @@ impl Relocator {
             fetched: AtomicU64::new(0),
             verified: AtomicU64::new(0),
             outcome: Mutex::new(None),
+            running: AtomicBool::new(false),
+            kicked: AtomicBool::new(false),
         });
         if matches!(r.phase(), Phase::Copying | Phase::Synced | Phase::Finishing) {
             r.attach();
@@ -435,17 +442,42 @@ impl Relocator {
         }
     }
 
-    /// The relocation's task: carries it through its phases until it is over.
-    pub async fn run(self: Arc<Self>, agent: Arc<Agent>) {
+    /// Makes sure a task carries the relocation on after an event: wakes the one that runs, or
+    /// starts one (a failed relocation, or a cleanup that failed, has none).
+    pub fn drive(self: &Arc<Self>, agent: &Arc<Agent>) {
+        self.kicked.store(true, Ordering::SeqCst);
+        if self.running.swap(true, Ordering::SeqCst) {
+            self.wake.notify_one();
+            return;
+        }
+        tokio::spawn(self.clone().run(agent.clone()));
+    }
+
+    /// The relocation's task (one at a time, started by [`Relocator::drive`]).
+    async fn run(self: Arc<Self>, agent: Arc<Agent>) {
         loop {
+            self.steps(&agent).await;
+            self.running.store(false, Ordering::SeqCst);
+            // An event applied after the last look at the phase found this task running and
+            // started none: look again.
+            if !self.kicked.load(Ordering::SeqCst) || self.running.swap(true, Ordering::SeqCst) {
+                return;
+            }
+        }
+    }
+
+    /// Carries the relocation through its phases until it is over or waits for the operator.
+    async fn steps(&self, agent: &Arc<Agent>) {
+        loop {
+            self.kicked.store(false, Ordering::SeqCst);
             let step = match self.phase() {
                 Phase::Copying => self.copy(agent.cache()).await,
                 Phase::Synced => self.follow().await,
                 // A retry or a cancel starts a new task.
                 Phase::Failed => return,
-                Phase::Finishing => self.finish(&agent).await,
+                Phase::Finishing => self.finish(agent).await,
                 Phase::Done => {
-                    if let Err(e) = agent.retire(&self).await {
+                    if let Err(e) = agent.retire(self).await {
                         tracing::error!(mount = %self.mount.spec.name, error = %e, "relocated mount not retired; it is retried at the next start");
                     }
                     return;
@@ -463,12 +495,19 @@ impl Relocator {
         }
     }
 
+    /// Records the failure, then lets the VM's writes go to its overlay alone (in that order:
+    /// a record still saying "copying" must not outlive a mirror that missed writes).
     async fn fail(&self, why: String) {
         tracing::error!(mount = %self.mount.spec.name, error = %why, "relocation failed");
-        self.detach().await;
-        if let Err(e) = self.apply(Event::Fail(why)).await {
-            tracing::error!(mount = %self.mount.spec.name, error = %e, "relocation failure not recorded");
+        if let Err(e) = self.apply(Event::Fail(why.clone())).await {
+            tracing::error!(mount = %self.mount.spec.name, error = %e, "relocation failure not recorded; a restart resumes the copy and its verify catches what was missed");
+            // Failed here at least, so the task stops instead of failing again and again.
+            let mut r = self.record.lock().unwrap_or_else(|p| p.into_inner());
+            if let Ok(Next::Keep(failed)) = r.apply(Event::Fail(why)) {
+                *r = failed;
+            }
         }
+        self.detach().await;
     }
 
     /// Synced: the copy follows the VM's writes; wait for the operator, watching the mirrors.
@@ -521,7 +560,9 @@ impl Relocator {
                     if let (Some(rate), Some(_)) = (record.rate, id) {
                         // --rate: the fetch may start once the bytes before it fit the rate.
                         let due = run_start + Duration::from_secs_f64(issued as f64 / rate as f64);
-                        tokio::time::sleep_until(due.into()).await;
+                        if !self.pace(due).await {
+                            return Ok(());
+                        }
                     }
                     if id.is_some() {
                         issued += len;
@@ -575,6 +616,21 @@ impl Relocator {
         Ok(())
     }
 
+    /// Waits until `due`, looking at the phase now and then. False: the copy is to stop
+    /// (cancelled or failed meanwhile).
+    async fn pace(&self, due: Instant) -> bool {
+        loop {
+            if !matches!(self.phase(), Phase::Copying | Phase::Finishing) {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= due {
+                return true;
+            }
+            tokio::time::sleep((due - now).min(Duration::from_millis(250))).await;
+        }
+    }
+
     async fn put(&self, job: &Job, off: u64, len: u64, base: Option<Bytes>) -> Result<(), String> {
         match &job.overlay {
             Some(o) => o
@@ -602,6 +658,10 @@ impl Relocator {
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| format!("syncing {}: {e}", job.mirror.path().display()))?;
+        if let Some(f) = job.mirror.failure() {
+            // A VM write below `upto` may have missed the copy: `upto` is not true.
+            return Err(f);
+        }
         let disk = self
             .record()
             .disks
@@ -633,6 +693,9 @@ impl Relocator {
             return Err(f);
         }
         self.verify(agent.cache()).await?;
+        if self.phase() != Phase::Finishing {
+            return Ok(()); // cancelled meanwhile
+        }
         let dest = self.record().dest;
         let config = self.write_other_files(&dest).await?;
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(config);
@@ -760,7 +823,16 @@ impl Relocator {
     async fn clean_up(&self) -> bool {
         self.detach().await;
         let r = self.record();
-        let names = planned_files(&self.mount, &self.config);
+        let mut names = planned_files(&self.mount, &self.config);
+        // The folder's small files that `write_other_files` carried over (the destination was
+        // new or empty at the start: a file of one of these names in it is ours).
+        if let Some(folder) = &self.mount.folder {
+            for (_, e) in folder.list(0) {
+                if e.kind == crate::mount::files::Kind::File && !names.contains(&e.name) {
+                    names.push(e.name);
+                }
+            }
+        }
         let dest = r.dest.clone();
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for name in names {

@@ -188,6 +188,14 @@ fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
     );
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     write_some(&server, &mut model, &mut rng, 20);
+    // A small file the hypervisor made in the folder: the relocation carries it over at once.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = connect(&server, "vm-lm1").await;
+        let root = c.root_nfs_fh3();
+        let fh = create(&mut c, &root, "vm.nvram").await;
+        nfs_write(&mut c, &fh, 0, b"nvram").await;
+    });
     server.cli(&[
         "relocate",
         "vm-lm1",
@@ -196,11 +204,16 @@ fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
         "--rate",
         "4",
     ]);
+    assert_eq!(std::fs::read(dest.join("vm.nvram")).unwrap(), b"nvram");
     std::thread::sleep(Duration::from_millis(1000));
     write_some(&server, &mut model, &mut rng, 20);
     let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
     assert!(out.contains("cancelled"), "{out}");
-    assert!(!dest.exists(), "the partial copy is removed");
+    assert!(
+        !dest.exists(),
+        "the partial copy (and the files carried over) is removed: {:?}",
+        std::fs::read_dir(&dest).map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
     assert!(relocation(&server, "vm-lm1").is_none());
     assert!(!state.join("relocations/vm-lm1.json").exists());
     // The mount is as it was: every byte, and it takes writes.
@@ -330,9 +343,74 @@ fn a_relocation_that_runs_out_of_space_fails_and_the_mount_runs_on() {
     ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("--cancel"), "{err}");
-    // Cancel removes the partial copy.
-    server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    // A cancel whose cleanup fails (here: a folder where the copy's file was) says so and keeps
+    // the record; a second cancel, once the cause is gone, removes the partial copy.
+    let copy = dest.join("disk.img");
+    std::fs::remove_file(&copy).unwrap();
+    std::fs::create_dir(&copy).unwrap();
+    let out = livemount(&[
+        "relocate",
+        "--cancel",
+        "vm-lm1",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("Is a directory"),
+        "{err}"
+    );
+    assert_eq!(
+        relocation(&server, "vm-lm1").unwrap()["phase"],
+        "cancelling"
+    );
+    std::fs::remove_dir(&copy).unwrap();
+    let out = client(
+        "timeout",
+        &[
+            "60",
+            env!("CARGO_BIN_EXE_livemount"),
+            "relocate",
+            "--cancel",
+            "vm-lm1",
+            "--state",
+            state.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "the second cancel (exit 124: it waited for a task that never ran): {out:?}"
+    );
     assert!(!dest.exists(), "the partial copy is removed");
     assert!(relocation(&server, "vm-lm1").is_none());
     server.cli(&["unmount", "vm-lm1"]);
+}
+
+#[test]
+fn a_handover_cut_short_before_the_retire_retires_the_mount_at_the_next_start() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let dest = t.path().join("primary/vm");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    server.cli(&["relocate", "vm-lm1", "--to", dest.to_str().unwrap()]);
+    wait_for_phase(&server, "vm-lm1", "synced");
+    server.stop();
+    // As if the server stopped right after the handover was recorded, before the mount was
+    // retired: the record says done, the mount is still there.
+    let record = state.join("relocations/vm-lm1.json");
+    let mut r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&record).unwrap()).unwrap();
+    r["phase"] = "done".into();
+    std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
+
+    let server = Server::start(&repo, &state, "off", &[]);
+    // Retired before any client is served: no mount to write to, no record, no overlay.
+    let mounts = server.cli(&["mounts", "--json"]);
+    assert!(!mounts.contains("vm-lm1"), "{mounts}");
+    assert!(!record.exists());
+    assert!(!state.join("overlays/vm-lm1").exists());
+    assert!(server.log_text().contains("mount retired"));
+    assert!(dest.join("disk.img").exists(), "the copy stays");
 }

@@ -136,6 +136,14 @@ impl Agent {
                 tracing::error!(record = %path.display(), "relocation record of another snapshot of this mount; record kept");
                 continue;
             }
+            if record.phase == Phase::Done {
+                // Handed over, and the server stopped before the mount was retired: retire it
+                // now, before any client is served (its writes would be in neither place).
+                self.remove_mount(&record.mount, false, true).await?;
+                fs::remove_file(&path)?;
+                tracing::info!(mount = %record.mount, "relocation was handed over; mount retired");
+                continue;
+            }
             let (config, start) = match self.final_config(&mount, &record.dest).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -174,7 +182,7 @@ impl Agent {
     /// Starts the tasks of the relocations brought back at open.
     pub fn start_relocations(self: &Arc<Self>) {
         for r in self.relocators() {
-            tokio::spawn(r.run(self.clone()));
+            r.drive(self);
         }
     }
 
@@ -194,13 +202,16 @@ impl Agent {
             let rec = r.record();
             match rec.phase {
                 Phase::Failed if rec.dest == req.to => return self.retry(&m, rec).await,
-                Phase::Done => {}
+                // A handover of an earlier mount of this name.
+                Phase::Done if !Arc::ptr_eq(r.mount(), &m) => {}
                 phase => {
+                    // (Done: handed over, the mount not retired yet; the task retries that.)
+                    r.drive(self);
                     return Err(RelocateError::Busy {
                         mount: mount.to_string(),
                         dest: rec.dest.display().to_string(),
                         phase,
-                    })
+                    });
                 }
             }
         }
@@ -269,7 +280,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(mount.to_string(), r.clone());
-        tokio::spawn(r.clone().run(self.clone()));
+        r.drive(self);
         tracing::info!(mount, dest = %dest.display(), rate = ?req.rate, "relocation started");
         Ok(r.status())
     }
@@ -292,7 +303,7 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(rec.mount.clone(), r.clone());
-        tokio::spawn(r.clone().run(self.clone()));
+        r.drive(self);
         tracing::info!(mount = %rec.mount, "relocation retried");
         Ok(r.status())
     }
@@ -332,12 +343,9 @@ impl Agent {
             .ok_or_else(|| RelocateError::NoRelocation {
                 mount: mount.to_string(),
             })?;
-        let idle = r.phase() == Phase::Failed;
         r.apply(Event::Cancel).await?;
-        if idle {
-            // A failed relocation has no task: one runs the cleanup.
-            tokio::spawn(r.clone().run(self.clone()));
-        }
+        // A failed relocation, or one whose cleanup failed, has no task: one runs the cleanup.
+        r.drive(self);
         Ok(r.status())
     }
 
@@ -355,7 +363,7 @@ impl Agent {
         // The mirrors stay attached and fenced until the mount is gone: a write accepted now
         // would be in neither the copy nor the (about to be removed) overlay.
         let name = r.mount().spec.name.clone();
-        match self.remove_mount(&name, false).await {
+        match self.remove_mount(&name, false, true).await {
             Ok(_) | Err(crate::mount::MountError::NotFound { .. }) => {}
             Err(e) => {
                 return Err(RelocateError::State {
