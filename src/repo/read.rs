@@ -237,6 +237,20 @@ impl std::fmt::Debug for DiskImage {
     }
 }
 
+/// Zeros for the unwritten parts of a disk, up to the largest chunk, are never allocated.
+/// The array is in the zero-initialised data segment: its pages are mapped only when read,
+/// and then as the kernel's shared zero page.
+static ZEROS: [u8; ChunkSize::MAX as usize] = [0; ChunkSize::MAX as usize];
+
+/// `len` zero bytes: a slice of [`ZEROS`] when it is long enough.
+pub fn zeros(len: usize) -> Bytes {
+    if len <= ZEROS.len() {
+        Bytes::from_static(&ZEROS[..len])
+    } else {
+        Bytes::from(vec![0u8; len])
+    }
+}
+
 impl DiskImage {
     /// The same disk, its chunks read through `reader` (a cache, say) instead.
     pub fn with_reader(mut self, reader: Arc<dyn ChunkReader>) -> Self {
@@ -296,7 +310,7 @@ impl DiskImage {
                 (end - block_start) as usize,
             );
             return match self.table.get(blocks.start) {
-                None => Ok(Bytes::from(vec![0u8; hi - lo])),
+                None => Ok(zeros(hi - lo)),
                 Some(id) => {
                     let chunk = self.fetch(&id, offset).await?;
                     self.check_len(&chunk, blocks.start, &id, offset)?;
@@ -304,7 +318,11 @@ impl DiskImage {
                 }
             };
         }
-        let mut out = BytesMut::zeroed((end - offset) as usize);
+        let wanted_len = (end - offset) as usize;
+        if blocks.clone().all(|b| self.table.get(b).is_none()) {
+            return Ok(zeros(wanted_len));
+        }
+        let mut out = BytesMut::zeroed(wanted_len);
         let wanted = blocks.filter_map(|b| self.table.get(b).map(|id| (b, id)));
         let mut fetches = futures::stream::iter(wanted)
             .map(|(b, id)| async move {
@@ -365,6 +383,20 @@ impl DiskImage {
             offset,
             chunk: *chunk,
             source: Box::new(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zeros_of_any_length_are_zeros() {
+        for len in [0, 1, 4096, ChunkSize::MAX as usize, ChunkSize::MAX as usize + 1] {
+            let z = zeros(len);
+            assert_eq!(z.len(), len);
+            assert!(z.iter().all(|b| *b == 0));
         }
     }
 }
