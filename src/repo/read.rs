@@ -393,7 +393,13 @@ mod tests {
 
     #[test]
     fn zeros_of_any_length_are_zeros() {
-        for len in [0, 1, 4096, ChunkSize::MAX as usize, ChunkSize::MAX as usize + 1] {
+        for len in [
+            0,
+            1,
+            4096,
+            ChunkSize::MAX as usize,
+            ChunkSize::MAX as usize + 1,
+        ] {
             let z = zeros(len);
             assert_eq!(z.len(), len);
             assert!(z.iter().all(|b| *b == 0));
