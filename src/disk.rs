@@ -202,6 +202,73 @@ pub(crate) fn pread(
     })
 }
 
+/// Positional reads of a sparse image file gathered into runs: pieces of a guest read that lie
+/// back to back in the file are read with one `pread`. `pointer` names what points into the
+/// file (an L2 entry, a grain table), for the error when it points past the file's end.
+pub(crate) struct ReadRuns<'a> {
+    file: &'a std::fs::File,
+    path: &'a Path,
+    file_len: u64,
+    pointer: &'static str,
+    /// Not read yet: (file offset, offset in the buffer, length).
+    run: Option<(u64, usize, usize)>,
+}
+
+impl<'a> ReadRuns<'a> {
+    pub(crate) fn new(
+        file: &'a std::fs::File,
+        path: &'a Path,
+        file_len: u64,
+        pointer: &'static str,
+    ) -> Self {
+        ReadRuns {
+            file,
+            path,
+            file_len,
+            pointer,
+            run: None,
+        }
+    }
+
+    /// `buf[from..from + n]` is to hold the file's bytes at `at`.
+    pub(crate) fn add(
+        &mut self,
+        buf: &mut [u8],
+        at: u64,
+        from: usize,
+        n: usize,
+    ) -> Result<(), DiskError> {
+        match &mut self.run {
+            Some((r_at, _, r_n)) if r_at.checked_add(*r_n as u64) == Some(at) => {
+                *r_n += n;
+                Ok(())
+            }
+            _ => {
+                self.flush(buf)?;
+                self.run = Some((at, from, n));
+                Ok(())
+            }
+        }
+    }
+
+    /// Reads the pending run: before `buf` is filled any other way, and at the end.
+    pub(crate) fn flush(&mut self, buf: &mut [u8]) -> Result<(), DiskError> {
+        let Some((at, from, n)) = self.run.take() else {
+            return Ok(());
+        };
+        if at.checked_add(n as u64).is_none_or(|e| e > self.file_len) {
+            return Err(corrupt(
+                self.path,
+                format!(
+                    "{} points to data at byte {at}, past the end of the {}-byte file",
+                    self.pointer, self.file_len
+                ),
+            ));
+        }
+        pread(self.file, self.path, &mut buf[from..from + n], at)
+    }
+}
+
 /// Checks that a guest read of `len` bytes at `offset` lies within a disk of `size` bytes and
 /// returns its end. A read past the end (or one whose end overflows) is an `InvalidInput` I/O
 /// error naming the disk: the caller asked for bytes that do not exist, the disk is not corrupt.

@@ -7,7 +7,7 @@
 //! Must not: parse the header (that is `qcow2.rs`), cache L2 tables or clusters behind a lock,
 //! or read past a file's end without saying which entry pointed there.
 
-use super::super::{corrupt, pread, DiskError};
+use super::super::{corrupt, pread, DiskError, ReadRuns};
 use super::{be_u64, Compression, Qcow2Disk, L2_COMPRESSED, L2_ZERO, OFFSET_MASK};
 
 /// What a guest cluster maps to.
@@ -170,54 +170,28 @@ impl Qcow2Disk {
         offset: u64,
         end: u64,
     ) -> Result<(), DiskError> {
-        // A run of host bytes not yet read: (host offset, buffer offset, length).
-        let mut run: Option<(u64, usize, usize)> = None;
-        let flush = |run: Option<(u64, usize, usize)>, buf: &mut [u8]| match run {
-            None => Ok(()),
-            Some((at, from, n)) => {
-                if at.checked_add(n as u64).is_none_or(|e| e > self.file_len) {
-                    return Err(corrupt(
-                        &self.path,
-                        format!(
-                            "L2 entry points to data at host offset {at}, past the end of the \
-                             {}-byte file",
-                            self.file_len
-                        ),
-                    ));
-                }
-                pread(&self.file, &self.path, &mut buf[from..from + n], at)
-            }
-        };
+        let mut runs = ReadRuns::new(&self.file, &self.path, self.file_len, "an L2 entry");
         self.walk(offset, end, |pos, len, cluster_start, cluster| {
             // Both lie within buf, whose length is a usize.
             let (from, n) = ((pos - offset) as usize, len as usize);
             let within = pos - cluster_start;
             match cluster {
                 Cluster::Zero => {
-                    flush(run.take(), buf)?;
+                    runs.flush(buf)?;
                     buf[from..from + n].fill(0);
                 }
                 Cluster::Compressed { offset: at, len } => {
-                    flush(run.take(), buf)?;
+                    runs.flush(buf)?;
                     let data = self.decompress(cluster_start, at, len)?;
                     // within + n ≤ cluster size = data.len().
                     buf[from..from + n]
                         .copy_from_slice(&data[within as usize..within as usize + n]);
                 }
-                Cluster::Data(host) => {
-                    let at = host + within;
-                    match &mut run {
-                        Some((r_at, _, r_n)) if *r_at + *r_n as u64 == at => *r_n += n,
-                        _ => {
-                            flush(run.take(), buf)?;
-                            run = Some((at, from, n));
-                        }
-                    }
-                }
+                Cluster::Data(host) => runs.add(buf, host + within, from, n)?,
             }
             Ok(true)
         })?;
-        flush(run, buf)
+        runs.flush(buf)
     }
 
     /// True when every cluster of `[offset, end)` (within the disk) is unallocated or zero; an

@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use super::super::{corrupt, open_file, pread, unsupported, DiskError};
+use super::super::{corrupt, open_file, pread, unsupported, DiskError, ReadRuns};
 
 /// Bytes in a VMDK sector.
 const SECTOR: u64 = 512;
@@ -265,44 +265,21 @@ impl SparseExtent {
 
     /// Fills `buf` with the extent's bytes at `offset` (relative to the extent's start).
     pub(super) fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
-        // A run of file bytes not yet read: (file offset, buffer offset, length).
-        let mut run: Option<(u64, usize, usize)> = None;
-        let flush = |run: Option<(u64, usize, usize)>, buf: &mut [u8]| match run {
-            None => Ok(()),
-            Some((at, from, n)) => {
-                if at.checked_add(n as u64).is_none_or(|e| e > self.file_len) {
-                    return Err(corrupt(
-                        &self.path,
-                        format!(
-                            "grain table points to data at byte {at}, past the end of the \
-                             {}-byte file",
-                            self.file_len
-                        ),
-                    ));
-                }
-                pread(&self.file, &self.path, &mut buf[from..from + n], at)
-            }
-        };
+        let mut runs = ReadRuns::new(&self.file, &self.path, self.file_len, "a grain table");
         // usize is at most 64 bits on every supported target: lossless.
         self.walk(offset, buf.len() as u64, |pos, len, grain| {
             // Both are within buf, whose length is a usize.
             let (from, n) = ((pos - offset) as usize, len as usize);
             match grain {
                 Grain::Zero => {
-                    flush(run.take(), buf)?;
+                    runs.flush(buf)?;
                     buf[from..from + n].fill(0);
                 }
-                Grain::Data(at) => match &mut run {
-                    Some((r_at, _, r_n)) if r_at.checked_add(*r_n as u64) == Some(at) => *r_n += n,
-                    _ => {
-                        flush(run.take(), buf)?;
-                        run = Some((at, from, n));
-                    }
-                },
+                Grain::Data(at) => runs.add(buf, at, from, n)?,
             }
             Ok(true)
         })?;
-        flush(run, buf)
+        runs.flush(buf)
     }
 
     /// True when no grain in `[offset, offset + len)` of the extent holds data.
