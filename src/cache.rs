@@ -323,9 +323,21 @@ fn shared_error(id: &ChunkId, e: &RepoError) -> RepoError {
             chunk: *chunk,
             what: what.clone(),
         },
-        RepoError::Unreachable { path, what } => RepoError::Unreachable {
-            path: path.clone(),
+        RepoError::Unreachable { repo, what } => RepoError::Unreachable {
+            repo: repo.clone(),
             what: what.clone(),
+        },
+        RepoError::Store { repo, what } => RepoError::Store {
+            repo: repo.clone(),
+            what: what.clone(),
+        },
+        RepoError::Denied { repo, what } => RepoError::Denied {
+            repo: repo.clone(),
+            what: what.clone(),
+        },
+        RepoError::NoBucket { repo, bucket } => RepoError::NoBucket {
+            repo: repo.clone(),
+            bucket: bucket.clone(),
         },
         other => RepoError::CorruptChunk {
             chunk: *id,

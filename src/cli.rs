@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::repo::{RepoError, Repository, SnapshotInfo, SnapshotSpec};
+use anyhow::Context;
+
+use crate::repo::{RepoError, RepoLocation, Repository, S3Config, SnapshotInfo, SnapshotSpec};
 
 mod backup;
 mod backups;
@@ -76,9 +78,13 @@ enum RepoCommand {
 /// `--repo`, shared by every command that reads a repository.
 #[derive(Debug, Clone, Args)]
 pub struct RepoArgs {
-    /// The repository directory.
-    #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR")]
-    pub repo: PathBuf,
+    /// The repository: a directory, or s3://BUCKET/PREFIX (endpoint, region and keys from the
+    /// AWS_* variables or the [repository] section of --repo-config).
+    #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR|s3://BUCKET/PREFIX")]
+    pub repo: Option<String>,
+    /// A TOML file with `repo = ...` and a [repository] section (serve's config file works).
+    #[arg(long, env = "LIVEMOUNT_REPO_CONFIG", value_name = "FILE")]
+    pub repo_config: Option<PathBuf>,
     /// Slow every read of the repository on purpose, as LATENCY,BANDWIDTH (e.g. 5ms,200MB):
     /// for benchmarks against cold storage, as serve's [slow_repository] does.
     #[arg(
@@ -91,8 +97,18 @@ pub struct RepoArgs {
 }
 
 impl RepoArgs {
-    pub fn open(&self) -> Result<Repository, RepoError> {
-        let repo = Repository::open(&self.repo)?;
+    pub async fn open(&self) -> anyhow::Result<Repository> {
+        let file = match &self.repo_config {
+            Some(path) => RepoFile::read(path)?,
+            None => RepoFile::default(),
+        };
+        let text = self
+            .repo
+            .clone()
+            .or(file.repo)
+            .context("--repo is required (a directory or s3://BUCKET/PREFIX)")?;
+        let location = RepoLocation::parse(&text)?;
+        let repo = Repository::open_at(&location, &file.repository.unwrap_or_default()).await?;
         let Some(text) = &self.slow_repository else {
             return Ok(repo);
         };
@@ -103,6 +119,22 @@ impl RepoArgs {
         )
         .map_err(|e| RepoError::Invalid(format!("--slow-repository {text:?}: {e}")))?;
         Ok(repo.slowed(how))
+    }
+}
+
+/// What the repository commands take from a config file: `repo` and `[repository]`. Other
+/// settings (serve's) are ignored here, so one file serves every command.
+#[derive(Debug, Default, serde::Deserialize)]
+pub(crate) struct RepoFile {
+    pub repo: Option<String>,
+    pub repository: Option<S3Config>,
+}
+
+impl RepoFile {
+    pub(crate) fn read(path: &std::path::Path) -> anyhow::Result<RepoFile> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("{}: bad settings", path.display()))
     }
 }
 

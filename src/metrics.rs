@@ -13,12 +13,15 @@
 //! | `livemount_cache_hits_total`, `livemount_cache_misses_total` | mount | chunk lookups in the read cache |
 //! | `livemount_repo_fetch_seconds` | mount | histogram: time to fetch, decode and verify a missed chunk |
 //! | `livemount_cache_bytes`, `livemount_mounts` | | cache fill, number of mounts (sampled at scrape) |
+//! | `livemount_repo_fetches_total`, `livemount_repo_fetched_bytes_total` | | chunk and manifest GETs (file reads) of the repository's store, and the stored bytes they returned (brought up to date at scrape) |
 //! | `livemount_fetch_slots_busy`, `livemount_fetches_waiting` | | the fetch scheduler now (sampled) |
 //! | `livemount_boot_set_chunks`, `livemount_prestaged_chunks` | mount | the boot set being pre-staged, and how much of it is cached (sampled) |
 //! | `livemount_boot_window_hits`, `livemount_boot_window_misses` | mount | the VM's chunk reads during its boot window, from the cache or not (sampled) |
+//! | `livemount_boot_storage_wait_seconds` | mount | time during the boot window in which at least one VM read waited for a repository fetch (sampled) |
 //! | `livemount_relocation_copied_bytes`, `livemount_relocation_total_bytes` | mount | a relocation's progress (sampled) |
 //! | `livemount_relocation_bytes_per_second`, `livemount_relocation_eta_seconds` | mount | its speed over the last seconds and the time left at that speed (sampled) |
 
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -68,6 +71,8 @@ pub struct Metrics {
     pub misses: Family<MountLabel, Counter>,
     pub fetch_seconds: Hist,
     cache_bytes: Gauge,
+    repo_fetches: Counter,
+    repo_fetched_bytes: Counter,
     mounts: Gauge,
     slots_busy: Gauge,
     waiting: Gauge,
@@ -75,6 +80,7 @@ pub struct Metrics {
     prestaged: Family<MountLabel, Gauge>,
     window_hits: Family<MountLabel, Gauge>,
     window_misses: Family<MountLabel, Gauge>,
+    storage_wait: Family<MountLabel, Gauge<f64, AtomicU64>>,
     reloc_copied: Family<MountLabel, Gauge>,
     reloc_total: Family<MountLabel, Gauge>,
     reloc_speed: Family<MountLabel, Gauge>,
@@ -85,6 +91,7 @@ pub struct Metrics {
 #[derive(Debug, Default)]
 pub struct Sample {
     pub cache_bytes: u64,
+    pub repo: crate::repo::RepoStats,
     pub mounts: usize,
     pub slots_busy: usize,
     pub waiting: usize,
@@ -97,7 +104,8 @@ pub struct Sample {
 pub struct BootSample {
     pub mount: String,
     pub boot_set: Option<(u64, u64)>,
-    pub window: Option<(u64, u64)>,
+    /// Hits, misses, seconds of storage wait.
+    pub window: Option<(u64, u64, f64)>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -125,6 +133,8 @@ impl Metrics {
             misses: Family::default(),
             fetch_seconds: Family::new_with_constructor(fetch_histogram as fn() -> Histogram),
             cache_bytes: Gauge::default(),
+            repo_fetches: Counter::default(),
+            repo_fetched_bytes: Counter::default(),
             mounts: Gauge::default(),
             slots_busy: Gauge::default(),
             waiting: Gauge::default(),
@@ -132,6 +142,7 @@ impl Metrics {
             prestaged: Family::default(),
             window_hits: Family::default(),
             window_misses: Family::default(),
+            storage_wait: Family::default(),
             reloc_copied: Family::default(),
             reloc_total: Family::default(),
             reloc_speed: Family::default(),
@@ -175,6 +186,16 @@ impl Metrics {
             "bytes in the read cache",
             m.cache_bytes.clone(),
         );
+        registry.register(
+            "repo_fetches",
+            "chunk and manifest GETs (file reads) of the repository's store",
+            m.repo_fetches.clone(),
+        );
+        registry.register(
+            "repo_fetched_bytes",
+            "stored bytes the repository's store returned",
+            m.repo_fetched_bytes.clone(),
+        );
         registry.register("mounts", "live mounts", m.mounts.clone());
         registry.register(
             "fetch_slots_busy",
@@ -207,6 +228,11 @@ impl Metrics {
             m.window_misses.clone(),
         );
         registry.register(
+            "boot_storage_wait_seconds",
+            "time in the boot window during which at least one VM read waited for a repository fetch",
+            m.storage_wait.clone(),
+        );
+        registry.register(
             "relocation_copied_bytes",
             "bytes of the mount's disks copied to primary storage",
             m.reloc_copied.clone(),
@@ -233,6 +259,10 @@ impl Metrics {
     pub fn render(&self, s: &Sample) -> String {
         let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         self.cache_bytes.set(g(s.cache_bytes));
+        // Counters kept by the repository: bring ours up to its count.
+        let catch_up = |c: &Counter, now: u64| c.inc_by(now.saturating_sub(c.get()));
+        catch_up(&self.repo_fetches, s.repo.fetches);
+        catch_up(&self.repo_fetched_bytes, s.repo.fetched_bytes);
         self.mounts.set(g(s.mounts as u64));
         self.slots_busy.set(g(s.slots_busy as u64));
         self.waiting.set(g(s.waiting as u64));
@@ -248,15 +278,17 @@ impl Metrics {
         ] {
             f.clear(); // mounts that went away leave no stale series
         }
+        self.storage_wait.clear();
         for b in &s.boots {
             let l = Self::label(&b.mount);
             if let Some((set, done)) = b.boot_set {
                 self.boot_set.get_or_create(&l).set(g(set));
                 self.prestaged.get_or_create(&l).set(g(done));
             }
-            if let Some((hits, misses)) = b.window {
+            if let Some((hits, misses, wait)) = b.window {
                 self.window_hits.get_or_create(&l).set(g(hits));
                 self.window_misses.get_or_create(&l).set(g(misses));
+                self.storage_wait.get_or_create(&l).set(wait);
             }
         }
         for r in &s.relocations {
@@ -324,8 +356,19 @@ impl ChunkReader for MountReader {
 
     async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
         let start = Instant::now();
-        let (bytes, access) = self.cache.read_traced(id, class).await?;
-        if let (Some(w), FetchClass::Vm) = (&self.window, class) {
+        let result = self.cache.read_traced(id, class).await;
+        let window = self.window.as_ref().filter(|_| class == FetchClass::Vm);
+        let (bytes, access) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // A failed fetch was waited for too.
+                if let Some(w) = window {
+                    w.on_wait(start, Instant::now());
+                }
+                return Err(e);
+            }
+        };
+        if let Some(w) = window {
             w.on_access(id, access == Access::Hit);
         }
         match access {
@@ -333,11 +376,15 @@ impl ChunkReader for MountReader {
                 self.metrics.hits.get_or_create(&self.label).inc();
             }
             Access::Miss => {
+                let end = Instant::now();
+                if let Some(w) = window {
+                    w.on_wait(start, end);
+                }
                 self.metrics.misses.get_or_create(&self.label).inc();
                 self.metrics
                     .fetch_seconds
                     .get_or_create(&self.label)
-                    .observe(start.elapsed().as_secs_f64());
+                    .observe((end - start).as_secs_f64());
             }
         }
         Ok(bytes)
@@ -357,13 +404,17 @@ mod tests {
         m.fetch_seconds.get_or_create(&l).observe(0.002);
         let mut sample = Sample {
             cache_bytes: 123,
+            repo: crate::repo::RepoStats {
+                fetches: 7,
+                fetched_bytes: 7 << 20,
+            },
             mounts: 1,
             slots_busy: 2,
             waiting: 5,
             boots: vec![BootSample {
                 mount: "web01-lm1".into(),
                 boot_set: Some((40, 12)),
-                window: Some((30, 3)),
+                window: Some((30, 3, 1.5)),
             }],
             relocations: vec![crate::relocate::RelocationStatus {
                 mount: "web01-lm1".into(),
@@ -390,10 +441,13 @@ mod tests {
             "livemount_prestaged_chunks{mount=\"web01-lm1\"} 12",
             "livemount_boot_window_hits{mount=\"web01-lm1\"} 30",
             "livemount_boot_window_misses{mount=\"web01-lm1\"} 3",
+            "livemount_boot_storage_wait_seconds{mount=\"web01-lm1\"} 1.5",
             "livemount_nfs_reads_total{mount=\"web01-lm1\"} 1",
             "livemount_nfs_read_bytes_total{mount=\"web01-lm1\"} 4096",
             "livemount_repo_fetch_seconds_count{mount=\"web01-lm1\"} 1",
             "livemount_cache_bytes 123",
+            "livemount_repo_fetches_total 7",
+            "livemount_repo_fetched_bytes_total 7340032",
             "livemount_mounts 1",
             "livemount_relocation_copied_bytes{mount=\"web01-lm1\"} 1048576",
             "livemount_relocation_total_bytes{mount=\"web01-lm1\"} 4194304",

@@ -2,7 +2,8 @@
 //!
 //! Owns: [`BootWindow`], a new mount's record of its VM's boot (which blocks it reads first, in
 //! order, from its first read until [`Learning::quiet`] passes with no new block or
-//! [`Learning::limit`] is reached; cache hits and misses of the VM's reads meanwhile), and
+//! [`Learning::limit`] is reached; cache hits and misses of the VM's reads meanwhile, and the
+//! storage wait: the time in which at least one VM read waited for the repository), and
 //! [`Prestage`], the task that warms a mount's boot set into the cache's staging area in the
 //! profile's order, in the fetch scheduler's pre-staging class (VM reads overtake it).
 //! Must not: decide what a profile says (that is `profile`), or fetch outside the cache.
@@ -45,6 +46,31 @@ pub struct BootWindow {
     ended: AtomicBool,
     hits: AtomicU64,
     misses: AtomicU64,
+    wait: Mutex<StorageWait>,
+}
+
+/// The time during which at least one of the VM's reads waited for the repository: the union
+/// of the waits' intervals, so reads waiting side by side count once, as the VM feels them.
+#[derive(Debug, Default)]
+struct StorageWait {
+    total: Duration,
+    /// The end of the last wait counted; waits end (and are added) in about this order.
+    busy_until: Option<Instant>,
+}
+
+impl StorageWait {
+    fn add(&mut self, start: Instant, end: Instant) {
+        let from = match self.busy_until {
+            Some(b) if b > start => b,
+            _ => start,
+        };
+        if end > from {
+            self.total += end - from;
+        }
+        if self.busy_until.is_none_or(|b| end > b) {
+            self.busy_until = Some(end);
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -68,6 +94,10 @@ pub struct WindowStatus {
     /// counted: they hit because of the first).
     pub hits: u64,
     pub misses: u64,
+    /// Seconds during which at least one VM read in the window waited for a repository fetch
+    /// (its chunk was neither cached nor staged): what storage added to the boot.
+    #[serde(default)]
+    pub storage_wait_seconds: f64,
 }
 
 impl BootWindow {
@@ -79,6 +109,7 @@ impl BootWindow {
             ended: AtomicBool::new(false),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            wait: Mutex::new(StorageWait::default()),
         })
     }
 
@@ -136,6 +167,17 @@ impl BootWindow {
         }
     }
 
+    /// Counts a VM read that waited for the repository from `start` to `end`.
+    pub fn on_wait(&self, start: Instant, end: Instant) {
+        if !self.recording() {
+            return;
+        }
+        self.wait
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .add(start, end);
+    }
+
     /// Whether the window is over at `now`: quiet for long enough, or at its limit.
     pub fn due(&self, now: Instant) -> bool {
         let Some(start) = self.start.get() else {
@@ -177,6 +219,12 @@ impl BootWindow {
             blocks,
             hits: self.hits.load(Relaxed),
             misses: self.misses.load(Relaxed),
+            storage_wait_seconds: self
+                .wait
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .total
+                .as_secs_f64(),
         }
     }
 }
@@ -319,5 +367,26 @@ mod tests {
         w.on_access(&ChunkId([3; 32]), true);
         let s = w.status();
         assert_eq!((s.state.as_str(), s.hits, s.misses), ("ended", 1, 1));
+    }
+
+    #[test]
+    fn storage_wait_counts_overlapping_waits_once() {
+        let w = BootWindow::new(Learning::default());
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        // Two reads waiting side by side (0..100 and 50..120), then one alone (200..230).
+        w.on_wait(ms(0), ms(100));
+        w.on_wait(ms(50), ms(120));
+        w.on_wait(ms(200), ms(230));
+        // A wait inside one already counted adds nothing.
+        w.on_wait(ms(205), ms(210));
+        let got = w.status().storage_wait_seconds;
+        assert!((got - 0.150).abs() < 1e-9, "{got}");
+        w.end();
+        w.on_wait(ms(300), ms(400));
+        assert!(
+            (w.status().storage_wait_seconds - 0.150).abs() < 1e-9,
+            "after the window"
+        );
     }
 }

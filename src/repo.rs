@@ -24,9 +24,11 @@ mod catalog;
 mod codec;
 mod ingest;
 mod local;
+mod location;
 mod manifest;
 mod read;
 mod restore;
+mod s3;
 mod slow;
 mod store;
 mod verify;
@@ -37,10 +39,12 @@ pub use blocks::{BlockIdx, ChunkSize};
 pub use catalog::{parse_time, SnapshotInfo, SnapshotSpec};
 pub use ingest::{BackupOptions, BackupSummary, ChangedBlocks, DiskInput};
 pub use local::LocalStore;
+pub use location::RepoLocation;
 pub use manifest::{DiskManifest, Manifest, SnapshotId, VmInfo};
-pub use read::{ChunkReader, DiskImage, Repository, Snapshot};
+pub use read::{ChunkReader, DiskImage, RepoStats, Repository, Snapshot};
 pub(crate) use restore::{descriptor_for, plan_files};
 pub use restore::{RestoreSummary, RestoredDisk};
+pub use s3::{S3Config, S3Store};
 pub use slow::{SlowStore, Slowness};
 pub use store::{ChunkId, ChunkStore};
 pub use verify::{BadChunk, ChunkProblem, VerifyReport};
@@ -77,17 +81,26 @@ pub enum RepoError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a livemount repository (no {file}); create one with `livemount repo init {path}`", file = local::CONFIG_FILE)]
-    NotARepository { path: PathBuf },
-    #[error("{path} already exists and is not empty; `repo init` needs a new or empty directory")]
-    AlreadyExists { path: PathBuf },
-    #[error("repository {path}: {what}")]
-    BadRepository { path: PathBuf, what: String },
+    #[error("{repo} is not a livemount repository (no {file}){hint}; create one with `livemount repo init {repo}`", file = local::CONFIG_FILE)]
+    NotARepository { repo: RepoLocation, hint: String },
+    #[error("{repo} already exists and is not empty; `repo init` needs a new or empty directory, or a bucket prefix that holds no object")]
+    AlreadyExists { repo: RepoLocation },
+    #[error("repository {repo}: {what}")]
+    BadRepository { repo: RepoLocation, what: String },
     #[error("invalid chunk size {given}: it must be a power of two from 64KiB to 4MiB")]
     BadChunkSize { given: String },
     /// The repository as a whole cannot be reached (its directory gone, its storage down).
-    #[error("repository {path} cannot be reached: {what}")]
-    Unreachable { path: PathBuf, what: String },
+    #[error("repository {repo} cannot be reached: {what}")]
+    Unreachable { repo: RepoLocation, what: String },
+    /// The bucket of an S3 repository does not exist.
+    #[error("repository {repo}: there is no bucket {bucket:?} at this endpoint (check the bucket name and AWS_ENDPOINT_URL or [repository] endpoint)")]
+    NoBucket { repo: RepoLocation, bucket: String },
+    /// The object store refused the credentials or the request.
+    #[error("repository {repo} refused access: {what} (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or [repository] in the config, and the key's permissions on the bucket)")]
+    Denied { repo: RepoLocation, what: String },
+    /// Any other failure of the object store.
+    #[error("repository {repo}: {what}")]
+    Store { repo: RepoLocation, what: String },
     #[error("chunk {chunk} is missing from the repository")]
     MissingChunk { chunk: ChunkId },
     #[error("chunk {chunk} is corrupt: {what}")]
@@ -98,8 +111,8 @@ pub enum RepoError {
     NoSnapshot { spec: String, hint: String },
     #[error("{spec} is ambiguous: it matches {matches}")]
     AmbiguousSnapshot { spec: String, matches: String },
-    #[error("repository {path} is busy: another backup holds its lock; wait for it to finish")]
-    Locked { path: PathBuf },
+    #[error("repository {repo} is busy: another backup holds its lock; wait for it to finish")]
+    Locked { repo: RepoLocation },
     #[error("disk {disk}: {source}")]
     Disk {
         disk: String,

@@ -132,7 +132,7 @@ async fn second_backup_of_slightly_changed_disk_stores_only_changed_chunks() {
     let cfg = kvm_config(t.path(), "inc", &[("d.img", "raw")]);
     let repo = init_repo(t.path(), 1 << 20);
     let first = backup(&repo, &cfg).await;
-    let before = chunk_files(repo.path()).len();
+    let before = chunk_files(repo.dir().unwrap()).len();
 
     // Change three blocks: one byte in block 2, a range across blocks 7 and 8.
     disk[2 * MIB as usize + 100] ^= 0xff;
@@ -143,7 +143,7 @@ async fn second_backup_of_slightly_changed_disk_stores_only_changed_chunks() {
     let second = backup(&repo, &cfg).await;
     // Three data chunks plus the one block-table piece that names them; the config is unchanged.
     assert_eq!(second.new_chunks, 4, "{second:?}");
-    assert_eq!(chunk_files(repo.path()).len(), before + 4);
+    assert_eq!(chunk_files(repo.dir().unwrap()).len(), before + 4);
     assert_eq!(
         second.read_bytes, first.read_bytes,
         "without CBT every non-zero block is read"
@@ -245,7 +245,12 @@ async fn corrupted_chunk_fails_verify_read_and_restore_naming_it() {
         .find_map(|b| image.chunk_of_block(b).map(|c| (b, c)))
         .unwrap();
     let hex = chunk.to_hex();
-    let file = repo.path().join("chunks").join(&hex[..2]).join(&hex);
+    let file = repo
+        .dir()
+        .unwrap()
+        .join("chunks")
+        .join(&hex[..2])
+        .join(&hex);
     let mut bytes = std::fs::read(&file).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0x01;
@@ -285,7 +290,7 @@ async fn corrupted_chunk_fails_verify_read_and_restore_naming_it() {
     );
 
     // The binary says the same and exits non-zero.
-    let repo_arg = repo.path().to_str().unwrap().to_string();
+    let repo_arg = repo.dir().unwrap().to_str().unwrap().to_string();
     let out = livemount(&["verify", "--repo", &repo_arg]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
@@ -574,7 +579,7 @@ async fn changed_blocks_listing_a_disk_twice_or_past_its_end_is_refused_before_a
         let mut opts = BackupOptions::from_config_file(&cfg, &[]).unwrap();
         opts.parent = Some(first.snapshot);
         opts.changed = Some(ChangedBlocks::from_json(Path::new("c"), json.as_bytes()).unwrap());
-        let before = chunk_files(repo.path()).len();
+        let before = chunk_files(repo.dir().unwrap()).len();
         let err = repo
             .backup(&opts, &NoProgress)
             .await
@@ -585,7 +590,7 @@ async fn changed_blocks_listing_a_disk_twice_or_past_its_end_is_refused_before_a
             "{err}"
         );
         assert_eq!(
-            chunk_files(repo.path()).len(),
+            chunk_files(repo.dir().unwrap()).len(),
             before,
             "nothing stored: {json}"
         );
@@ -601,7 +606,8 @@ async fn latest_never_silently_skips_an_unreadable_newer_snapshot() {
     let old = backup(&repo, &cfg).await;
     let new = backup(&repo, &cfg).await;
     let path = repo
-        .path()
+        .dir()
+        .unwrap()
         .join("snapshots")
         .join(format!("{}.json", new.snapshot));
     let mut bytes = std::fs::read(&path).unwrap();
@@ -679,7 +685,14 @@ async fn restore_names_never_collide_and_a_failed_restore_leaves_nothing_complet
         .find_map(|b| image.chunk_of_block(b))
         .unwrap();
     let hex = c.to_hex();
-    std::fs::remove_file(repo.path().join("chunks").join(&hex[..2]).join(&hex)).unwrap();
+    std::fs::remove_file(
+        repo.dir()
+            .unwrap()
+            .join("chunks")
+            .join(&hex[..2])
+            .join(&hex),
+    )
+    .unwrap();
     let out2 = t.path().join("out2");
     assert!(repo.restore(&s.snapshot, &out2, &NoProgress).await.is_err());
     let left: Vec<_> = std::fs::read_dir(&out2)

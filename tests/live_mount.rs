@@ -340,7 +340,7 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
         "other disks keep working"
     );
     // The failures are counted per mount and file on /metrics.
-    let metrics = metrics(&server);
+    let metrics = server.metrics();
     assert!(
         metrics.contains("livemount_nfs_errors_total{mount=\"kvm01-lm1\",file=\"b.img\"}"),
         "{metrics}"
@@ -366,18 +366,6 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
         server.log_text().contains(&gone),
         "the log names the missing chunk"
     );
-}
-
-/// /metrics of a running server, as text.
-fn metrics(server: &Server) -> String {
-    let api: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(server.state.join("api.json")).unwrap()).unwrap();
-    ureq::get(&format!("{}/metrics", api["url"].as_str().unwrap()))
-        .call()
-        .unwrap()
-        .into_body()
-        .read_to_string()
-        .unwrap()
 }
 
 #[test]
@@ -434,7 +422,7 @@ fn an_unreachable_repository_fails_uncached_reads_only_and_then_comes_back() {
             && log.contains(", chunk "),
         "the log names the mount, file, offset and chunk: {log}"
     );
-    let m = metrics(&server);
+    let m = server.metrics();
     assert!(
         m.contains("livemount_nfs_errors_total{mount=\"vm-a\",file=\"a.img\"}"),
         "{m}"

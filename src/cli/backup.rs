@@ -33,7 +33,7 @@ pub struct BackupArgs {
 }
 
 pub async fn run(a: BackupArgs) -> anyhow::Result<ExitCode> {
-    let repo = a.repo.open()?;
+    let repo = a.repo.open().await?;
     let mut opts = BackupOptions::from_config_file(&a.config, &a.disks)?;
     if let (Some(parent), Some(file)) = (&a.parent, &a.changed_blocks) {
         let parent = repo

@@ -19,7 +19,7 @@ pub struct BackupsArgs {
 }
 
 pub async fn run(a: BackupsArgs) -> anyhow::Result<ExitCode> {
-    let repo = a.repo.open()?;
+    let repo = a.repo.open().await?;
     let (mut all, bad) = repo.list_snapshots().await?;
     if let Some(vm) = &a.vm {
         all.retain(|s| &s.vm.name == vm);

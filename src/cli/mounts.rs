@@ -65,7 +65,7 @@ pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
         if let Some(w) = &m.boot.window {
             let total = w.hits + w.misses;
             println!(
-                "  boot window: {}, {} blocks, cache hits {}/{}{}",
+                "  boot window: {}, {} blocks, cache hits {}/{}{}, storage wait {:.3} s",
                 w.state,
                 w.blocks,
                 w.hits,
@@ -74,7 +74,8 @@ pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
                     format!(" ({:.1} %)", 100.0 * w.hits as f64 / total as f64)
                 } else {
                     String::new()
-                }
+                },
+                w.storage_wait_seconds
             );
         }
         if let Some(p) = &m.boot.prestage {

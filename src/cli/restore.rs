@@ -23,7 +23,7 @@ pub struct RestoreArgs {
 }
 
 pub async fn run(a: RestoreArgs) -> anyhow::Result<ExitCode> {
-    let repo = a.repo.open()?;
+    let repo = a.repo.open().await?;
     let info = a.snapshot.resolve(&repo).await?;
     let bar = Bar::new(&format!("restore {}", info.name), true, a.json);
     let summary = repo.restore(&info.id, &a.to, &bar).await;

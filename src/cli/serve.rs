@@ -16,7 +16,7 @@ use crate::control::{self, ApiAddr, ApiState};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
-use crate::repo::{Repository, Slowness};
+use crate::repo::{RepoLocation, Repository, S3Config, Slowness};
 use crate::units::parse_duration;
 
 #[derive(Debug, Args)]
@@ -24,9 +24,10 @@ pub struct ServeArgs {
     /// A TOML file with any of the settings below (flags given on the command line win).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// The repository directory.
-    #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR")]
-    repo: Option<PathBuf>,
+    /// The repository: a directory, or s3://BUCKET/PREFIX (endpoint, region and keys from the
+    /// AWS_* variables or [repository] in --config).
+    #[arg(long, env = "LIVEMOUNT_REPO", value_name = "DIR|s3://BUCKET/PREFIX")]
+    repo: Option<String>,
     /// The state directory: mounts, their writes, the API token.
     #[arg(long, env = "LIVEMOUNT_STATE", value_name = "DIR")]
     state: Option<PathBuf>,
@@ -58,7 +59,11 @@ pub struct ServeArgs {
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeConfig {
-    pub repo: Option<PathBuf>,
+    /// A directory or `s3://BUCKET/PREFIX`.
+    pub repo: Option<String>,
+    /// How to reach an S3 repository (endpoint, region, keys); each setting left out comes
+    /// from its AWS_* environment variable.
+    pub repository: Option<S3Config>,
     pub state: Option<PathBuf>,
     /// Default `0.0.0.0:2049`.
     pub nfs: Option<SocketAddr>,
@@ -131,10 +136,11 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{}: not a valid serve config", p.display()))?,
         None => ServeConfig::default(),
     };
-    let repo_dir = a
+    let repo_text = a
         .repo
         .or(file.repo)
         .context("--repo is required (or `repo` in --config)")?;
+    let location = RepoLocation::parse(&repo_text)?;
     let state = a
         .state
         .or(file.state)
@@ -176,7 +182,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     };
 
     let learning = file.profiles.unwrap_or_default().learning()?;
-    let mut repo = Repository::open(&repo_dir)?;
+    let mut repo =
+        Repository::open_at(&location, &file.repository.clone().unwrap_or_default()).await?;
     if let Some(slow) = &file.slow_repository {
         let how = Slowness::parse(slow.latency.as_deref(), slow.bandwidth.as_deref())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -280,7 +287,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     println!(
         "livemount serving {} mounts from {}: NFS {}:{nfs_port}{export}, portmapper {portmap}, API {api_url}",
         agent.mounts().len(),
-        repo_dir.display(),
+        location,
         nfs_addr.ip(),
     );
     if !nfs_addr.ip().is_loopback() && allow_items.is_empty() {

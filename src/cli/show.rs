@@ -18,7 +18,7 @@ pub struct ShowArgs {
 }
 
 pub async fn run(a: ShowArgs) -> anyhow::Result<ExitCode> {
-    let repo = a.repo.open()?;
+    let repo = a.repo.open().await?;
     let info = a.snapshot.resolve(&repo).await?;
     let m = repo.manifest(&info.id).await?;
     if a.json {

@@ -26,7 +26,12 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!("livemount {} up since {}", s.version, s.started);
-    println!("repository  {}", s.repository);
+    println!(
+        "repository  {} ({} fetches, {} fetched since start)",
+        s.repository,
+        s.repository_fetches.fetches,
+        human(s.repository_fetches.fetched_bytes)
+    );
     println!(
         "datastore   {}:{} (NFS port {}, portmapper {})",
         s.advertise,

@@ -24,7 +24,7 @@ pub struct VerifyArgs {
 }
 
 pub async fn run(a: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let repo = a.repo.open()?;
+    let repo = a.repo.open().await?;
     let only = match &a.snapshot {
         Some(s) => Some(repo.resolve(&super::spec(s, a.at.as_deref())?).await?.id),
         None => None,

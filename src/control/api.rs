@@ -40,6 +40,9 @@ pub struct StatusReply {
     pub portmap: bool,
     pub mounts: usize,
     pub cache: CacheStats,
+    /// Chunk and manifest fetches from the repository's store since the server started.
+    #[serde(default)]
+    pub repository_fetches: crate::repo::RepoStats,
 }
 
 /// How a hypervisor attaches a mount.
@@ -171,6 +174,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let sched = s.agent.cache().scheduler_stats();
     let sample = Sample {
         cache_bytes: s.agent.cache().stats().bytes,
+        repo: s.agent.repo().stats(),
         mounts: mounts.len(),
         slots_busy: sched.in_flight,
         waiting: sched.waiting,
@@ -184,7 +188,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
                 }),
                 window: m.window.as_ref().map(|w| {
                     let st = w.status();
-                    (st.hits, st.misses)
+                    (st.hits, st.misses, st.storage_wait_seconds)
                 }),
             })
             .collect(),
@@ -216,13 +220,14 @@ async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
     Json(StatusReply {
         version: env!("CARGO_PKG_VERSION").into(),
         started: s.agent.started(),
-        repository: s.agent.repo().path().display().to_string(),
+        repository: s.agent.repo().location().to_string(),
         export: s.export.clone(),
         advertise: s.advertise.clone(),
         nfs_port: s.nfs_port,
         portmap: s.portmap,
         mounts: s.agent.mounts().len(),
         cache: s.agent.cache().stats(),
+        repository_fetches: s.agent.repo().stats(),
     })
 }
 

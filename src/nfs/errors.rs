@@ -48,6 +48,9 @@ pub fn to_nfsstat(e: &RepoError) -> nfsstat3 {
         | RepoError::File { .. }
         | RepoError::MissingChunk { .. }
         | RepoError::Unreachable { .. }
+        | RepoError::NoBucket { .. }
+        | RepoError::Denied { .. }
+        | RepoError::Store { .. }
         | RepoError::CorruptChunk { .. }
         | RepoError::CorruptManifest { .. }
         | RepoError::BadRepository { .. }

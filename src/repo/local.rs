@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::SnapshotId;
-use super::{blocking, ChunkId, ChunkSize, ChunkStore, RepoError};
+use super::{blocking, ChunkId, ChunkSize, ChunkStore, RepoError, RepoLocation};
 
 /// The repository's config file, at the top of its directory.
 pub(crate) const CONFIG_FILE: &str = "livemount-repo.toml";
@@ -45,6 +45,40 @@ pub(crate) struct RepoConfig {
     /// A random id, so that tools can tell two repositories apart.
     pub id: String,
     pub created: jiff::Timestamp,
+}
+
+impl RepoConfig {
+    /// The config of a new repository.
+    pub(crate) fn new(chunk_size: ChunkSize) -> RepoConfig {
+        RepoConfig {
+            format: FORMAT,
+            chunk_size,
+            id: random_id(),
+            created: jiff::Timestamp::now(),
+        }
+    }
+
+    pub(crate) fn to_toml(&self) -> Result<String, RepoError> {
+        toml::to_string(self).map_err(|e| RepoError::Invalid(e.to_string()))
+    }
+
+    /// Reads a `livemount-repo.toml` and checks its format version.
+    pub(crate) fn parse(text: &str, repo: &RepoLocation) -> Result<RepoConfig, RepoError> {
+        let config: RepoConfig = toml::from_str(text).map_err(|e| RepoError::BadRepository {
+            repo: repo.clone(),
+            what: format!("unreadable {CONFIG_FILE}: {e}"),
+        })?;
+        if config.format != FORMAT {
+            return Err(RepoError::BadRepository {
+                repo: repo.clone(),
+                what: format!(
+                    "format {} is not supported by this livemount (it reads format {FORMAT})",
+                    config.format
+                ),
+            });
+        }
+        Ok(config)
+    }
 }
 
 /// A repository in a local directory.
@@ -69,7 +103,9 @@ impl LocalStore {
         if root.exists() {
             let mut entries = fs::read_dir(root).map_err(io)?;
             if entries.next().is_some() {
-                return Err(RepoError::AlreadyExists { path: root.into() });
+                return Err(RepoError::AlreadyExists {
+                    repo: RepoLocation::Dir(root.into()),
+                });
             }
         }
         fs::create_dir_all(root).map_err(io)?;
@@ -83,13 +119,8 @@ impl LocalStore {
         fs::create_dir(root.join("snapshots")).map_err(io)?;
         fs::create_dir(root.join("tmp")).map_err(io)?;
         File::create(root.join("lock")).map_err(io)?;
-        let config = RepoConfig {
-            format: FORMAT,
-            chunk_size,
-            id: random_id(),
-            created: jiff::Timestamp::now(),
-        };
-        let text = toml::to_string(&config).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let config = RepoConfig::new(chunk_size);
+        let text = config.to_toml()?;
         // The config file is written last: a directory without it is not a repository.
         write_durably(
             &root.join("tmp"),
@@ -104,26 +135,18 @@ impl LocalStore {
     /// Opens an existing repository.
     pub(crate) fn open(root: &Path) -> Result<(Self, RepoConfig), RepoError> {
         let path = root.join(CONFIG_FILE);
+        let repo = RepoLocation::Dir(root.into());
         let text = match fs::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(RepoError::NotARepository { path: root.into() })
+                return Err(RepoError::NotARepository {
+                    hint: not_a_repository_hint(root),
+                    repo,
+                })
             }
             Err(e) => return Err(RepoError::io(&path, e)),
         };
-        let config: RepoConfig = toml::from_str(&text).map_err(|e| RepoError::BadRepository {
-            path: path.clone(),
-            what: format!("unreadable {CONFIG_FILE}: {e}"),
-        })?;
-        if config.format != FORMAT {
-            return Err(RepoError::BadRepository {
-                path,
-                what: format!(
-                    "format {} is not supported by this livemount (it reads format {FORMAT})",
-                    config.format
-                ),
-            });
-        }
+        let config = RepoConfig::parse(&text, &repo)?;
         let store = LocalStore {
             root: root.into(),
             tmp_counter: AtomicU64::new(0),
@@ -149,7 +172,7 @@ impl LocalStore {
             Ok(()) => {}
             Err(fs::TryLockError::WouldBlock) => {
                 return Err(RepoError::Locked {
-                    path: self.root.clone(),
+                    repo: RepoLocation::Dir(self.root.clone()),
                 })
             }
             Err(fs::TryLockError::Error(e)) => return Err(RepoError::io(&path, e)),
@@ -213,11 +236,11 @@ impl ChunkStore for LocalStore {
                 match root.join(CONFIG_FILE).try_exists() {
                     Ok(true) => Err(RepoError::MissingChunk { chunk: id }),
                     Ok(false) => Err(RepoError::Unreachable {
-                        path: root,
+                        repo: RepoLocation::Dir(root),
                         what: format!("its {CONFIG_FILE} is gone (is its storage mounted?)"),
                     }),
                     Err(e) => Err(RepoError::Unreachable {
-                        path: root,
+                        repo: RepoLocation::Dir(root),
                         what: e.to_string(),
                     }),
                 }
@@ -318,6 +341,22 @@ impl ChunkStore for LocalStore {
             Err(e) => Err(RepoError::io(&path, e)),
         })
         .await
+    }
+}
+
+/// What to add when `root` holds no repository: a path that does not exist may have been
+/// meant as a bucket.
+fn not_a_repository_hint(root: &Path) -> String {
+    match root.try_exists() {
+        Ok(false) => {
+            let text = root.to_string_lossy();
+            if RepoLocation::parse(&format!("s3://{text}")).is_ok() && !text.starts_with('/') {
+                format!(": no such directory (for a bucket, write s3://{text})")
+            } else {
+                ": no such directory".into()
+            }
+        }
+        _ => String::new(),
     }
 }
 

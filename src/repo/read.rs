@@ -17,6 +17,8 @@ use crate::fetch::FetchClass;
 
 use super::local::{LocalStore, RepoConfig, WriteLock};
 use super::manifest::{BlockTable, DiskManifest, Manifest, SnapshotId, MAX_CONFIG_BYTES};
+use super::s3::{S3Config, S3Store};
+use super::RepoLocation;
 use super::{blocking, codec, ChunkId, ChunkSize, ChunkStore, RepoError};
 
 /// How many chunks one `read_at` fetches at once.
@@ -42,9 +44,26 @@ pub struct Repository {
     inner: Arc<Inner>,
 }
 
+/// What a repository was asked for since it was opened: every chunk and manifest GET (or file
+/// read) of its store, successful or not, and the stored bytes that came back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoStats {
+    pub fetches: u64,
+    pub fetched_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    fetches: std::sync::atomic::AtomicU64,
+    fetched_bytes: std::sync::atomic::AtomicU64,
+}
+
 #[derive(Debug)]
 struct Inner {
-    local: Arc<LocalStore>,
+    location: RepoLocation,
+    counters: Arc<Counters>,
+    /// The local directory backend, for its writer's lock; `None` on object storage.
+    local: Option<Arc<LocalStore>>,
     store: Arc<dyn ChunkStore>,
     config: RepoConfig,
 }
@@ -63,11 +82,60 @@ impl Repository {
         let store: Arc<dyn ChunkStore> = local.clone();
         Ok(Repository {
             inner: Arc::new(Inner {
-                local,
+                location: RepoLocation::Dir(dir.into()),
+                counters: Arc::default(),
+                local: Some(local),
                 store,
                 config,
             }),
         })
+    }
+
+    /// Creates a repository at `location`: a new or empty directory, or a bucket prefix that
+    /// holds no object. `s3` says how to reach object storage (unused for a directory).
+    pub async fn init_at(
+        location: &RepoLocation,
+        s3: &S3Config,
+        chunk_size: ChunkSize,
+    ) -> Result<Repository, RepoError> {
+        match location {
+            RepoLocation::Dir(dir) => {
+                let dir = dir.clone();
+                blocking(move || Repository::init(&dir, chunk_size)).await
+            }
+            RepoLocation::S3 { bucket, prefix } => {
+                let store = S3Store::connect(bucket, prefix, s3)?;
+                let config = store.init(chunk_size).await?;
+                Ok(Repository::on_s3(store, config))
+            }
+        }
+    }
+
+    /// Opens the repository at `location`.
+    pub async fn open_at(location: &RepoLocation, s3: &S3Config) -> Result<Repository, RepoError> {
+        match location {
+            RepoLocation::Dir(dir) => {
+                let dir = dir.clone();
+                blocking(move || Repository::open(&dir)).await
+            }
+            RepoLocation::S3 { bucket, prefix } => {
+                let store = S3Store::connect(bucket, prefix, s3)?;
+                let config = store.open().await?;
+                Ok(Repository::on_s3(store, config))
+            }
+        }
+    }
+
+    fn on_s3(store: S3Store, config: RepoConfig) -> Repository {
+        Repository {
+            inner: Arc::new(Inner {
+                location: store.location().clone(),
+                counters: Arc::default(),
+                local: None,
+                store: Arc::new(store),
+                config,
+            }),
+        }
     }
 
     /// The same repository with every read slowed as `how` says (see [`super::SlowStore`]).
@@ -76,6 +144,8 @@ impl Repository {
             Arc::new(super::SlowStore::new(self.inner.store.clone(), how));
         Repository {
             inner: Arc::new(Inner {
+                location: self.inner.location.clone(),
+                counters: self.inner.counters.clone(),
                 local: self.inner.local.clone(),
                 store,
                 config: self.inner.config.clone(),
@@ -83,8 +153,23 @@ impl Repository {
         }
     }
 
-    pub fn path(&self) -> &Path {
-        self.inner.local.root()
+    /// Fetches from the store since the repository was opened.
+    pub fn stats(&self) -> RepoStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        RepoStats {
+            fetches: self.inner.counters.fetches.load(Relaxed),
+            fetched_bytes: self.inner.counters.fetched_bytes.load(Relaxed),
+        }
+    }
+
+    /// Where the repository is.
+    pub fn location(&self) -> &RepoLocation {
+        &self.inner.location
+    }
+
+    /// The directory of a local repository; `None` on object storage.
+    pub fn dir(&self) -> Option<&Path> {
+        self.inner.local.as_ref().map(|l| l.root())
     }
 
     pub fn chunk_size(&self) -> ChunkSize {
@@ -100,8 +185,14 @@ impl Repository {
         &self.inner.store
     }
 
-    pub(crate) fn lock_for_write(&self) -> Result<WriteLock, RepoError> {
-        self.inner.local.lock_for_write()
+    /// A local repository's writer's lock. Object storage has none: its writers need no
+    /// mutual exclusion (decision 0010).
+    pub(crate) fn lock_for_write(&self) -> Result<Option<WriteLock>, RepoError> {
+        self.inner
+            .local
+            .as_ref()
+            .map(|l| l.lock_for_write())
+            .transpose()
     }
 
     /// Fetches, decompresses and verifies an object of at most `max_len` bytes.
@@ -110,14 +201,26 @@ impl Repository {
         id: &ChunkId,
         max_len: usize,
     ) -> Result<Bytes, RepoError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.counters.fetches.fetch_add(1, Relaxed);
         let stored = self.inner.store.get_chunk(id).await?;
+        self.inner
+            .counters
+            .fetched_bytes
+            .fetch_add(stored.len() as u64, Relaxed);
         let id = *id;
         blocking(move || codec::decode(&id, &stored, max_len)).await
     }
 
     /// Reads and checks a snapshot's manifest.
     pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest, RepoError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.inner.counters.fetches.fetch_add(1, Relaxed);
         let bytes = self.inner.store.get_manifest(id).await?;
+        self.inner
+            .counters
+            .fetched_bytes
+            .fetch_add(bytes.len() as u64, Relaxed);
         let m = Manifest::decode(id, &bytes)?;
         if m.chunk_size != self.chunk_size() {
             return Err(RepoError::CorruptManifest {

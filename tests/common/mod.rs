@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod garage;
 pub mod nfs;
 
 use std::path::{Path, PathBuf};
@@ -132,11 +133,30 @@ pub fn esxi_config(dir: &Path, name: &str, vmdks: &[&str]) -> PathBuf {
 
 /// Runs the livemount binary.
 pub fn livemount(args: &[&str]) -> Output {
+    livemount_env(args, &[])
+}
+
+/// Runs the livemount binary with extra environment variables (an S3 repository's AWS_*).
+pub fn livemount_env(args: &[&str], env: &[(String, String)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_livemount"))
         .args(args)
         .env("LIVEMOUNT_LOG", "warn")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .output()
         .expect("running livemount")
+}
+
+/// The same, panicking with stderr when it fails; returns stdout.
+pub fn livemount_env_ok(args: &[&str], env: &[(String, String)]) -> String {
+    let out = livemount_env(args, env);
+    assert!(
+        out.status.success(),
+        "livemount {args:?} failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Runs the binary and returns its stdout, panicking with stderr when it fails.
@@ -177,16 +197,21 @@ pub struct Server {
 impl Server {
     /// Starts a server over `repo` with state in `state`. `portmap` is `off` or an address.
     pub fn start(repo: &Path, state: &Path, portmap: &str, extra: &[&str]) -> Server {
+        Server::start_env(repo.to_str().unwrap(), state, portmap, extra, &[])
+    }
+
+    /// The same for any repository (a directory or s3://...), with extra environment variables.
+    pub fn start_env(
+        repo: &str,
+        state: &Path,
+        portmap: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Server {
         std::fs::create_dir_all(state).unwrap();
         let log = state.with_extension("log");
         let _ = std::fs::remove_file(state.join("api.json"));
-        let mut args = vec![
-            "serve",
-            "--repo",
-            repo.to_str().unwrap(),
-            "--state",
-            state.to_str().unwrap(),
-        ];
+        let mut args = vec!["serve", "--repo", repo, "--state", state.to_str().unwrap()];
         // A test that restarts a server under running clients gives it a fixed `--nfs`.
         if !extra.contains(&"--nfs") {
             args.extend_from_slice(&["--nfs", "127.0.0.1:0"]);
@@ -203,6 +228,7 @@ impl Server {
         let child = Command::new(env!("CARGO_BIN_EXE_livemount"))
             .args(&args)
             .env("LIVEMOUNT_LOG", "info")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -210,7 +236,7 @@ impl Server {
         let mut server = Server {
             child,
             state: state.to_path_buf(),
-            repo: repo.to_path_buf(),
+            repo: PathBuf::from(repo),
             nfs_port: 0,
             portmap: (portmap != "off").then(|| portmap.to_string()),
             log,
@@ -242,6 +268,18 @@ impl Server {
         let mut a = args.to_vec();
         a.extend_from_slice(&["--state", self.state.to_str().unwrap()]);
         livemount_ok(&a)
+    }
+
+    /// The server's `/metrics` text.
+    pub fn metrics(&self) -> String {
+        let api: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(self.state.join("api.json")).unwrap()).unwrap();
+        ureq::get(&format!("{}/metrics", api["url"].as_str().unwrap()))
+            .call()
+            .unwrap()
+            .into_body()
+            .read_to_string()
+            .unwrap()
     }
 
     /// A libnfs URL for PATH under the export, with explicit ports (no portmapper needed).
