@@ -25,7 +25,8 @@ use std::sync::{Arc, RwLock};
 use bytes::Bytes;
 
 use crate::cache::ChunkCache;
-use crate::metrics::{Metrics, MountReader};
+use crate::metrics::Metrics;
+use crate::mount::reader::MountReader;
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
 use crate::prestage::{BootWindow, Learning, Prestage, PrestageStatus, WindowStatus};
 use crate::profile::{plan, Profile, ProfileStore};
@@ -243,7 +244,7 @@ impl Agent {
         let config = snapshot.config_bytes().await.map_err(err)?;
         let config = self.config_for_mount(&spec, &snapshot, config, None)?;
         let window = self.learning.filter(|_| fresh).map(BootWindow::new);
-        let reader: Arc<dyn ChunkReader> = Arc::new(MountReader::new(
+        let reader = Arc::new(MountReader::new(
             self.cache.clone(),
             self.metrics.clone(),
             &spec.name,

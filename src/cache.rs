@@ -309,10 +309,6 @@ impl ChunkReader for ChunkCache {
     async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
         self.read_traced(id, FetchClass::Vm).await.map(|(b, _)| b)
     }
-
-    async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
-        self.read_traced(id, class).await.map(|(b, _)| b)
-    }
 }
 
 /// Every waiter gets the same `Arc` of the fill's error; give each its own copy.

@@ -1,9 +1,10 @@
 //! Metrics in the Prometheus text format, served on the control API's `/metrics`.
 //!
-//! Owns: the registry and every metric the agent exports (below), and [`MountReader`], the
-//! per-mount view of the shared read cache that attributes hits, misses and repository fetch
-//! latency to a mount.
-//! Must not: decide anything; metrics are only counted here and read by scrapers.
+//! Owns: the registry and every metric the agent exports (below). The per-mount counts of
+//! cache hits, misses and fetch latency are made by the mount's reader
+//! (`crate::mount::reader`); sampled values come in a [`Sample`] at scrape time.
+//! Must not: decide anything, or know the parts it counts; metrics are only counted here and
+//! read by scrapers.
 //!
 //! | metric | labels | what |
 //! |---|---|---|
@@ -22,11 +23,7 @@
 //! | `livemount_relocation_bytes_per_second`, `livemount_relocation_eta_seconds` | mount | its speed over the last seconds and the time left at that speed (sampled) |
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
-use std::time::Instant;
 
-use async_trait::async_trait;
-use bytes::Bytes;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,10 +31,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::cache::{Access, ChunkCache};
-use crate::fetch::FetchClass;
-use crate::prestage::BootWindow;
-use crate::repo::{ChunkId, ChunkReader, RepoError};
+use crate::repo::RepoStats;
 
 /// The label of per-mount metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -91,12 +85,22 @@ pub struct Metrics {
 #[derive(Debug, Default)]
 pub struct Sample {
     pub cache_bytes: u64,
-    pub repo: crate::repo::RepoStats,
+    pub repo: RepoStats,
     pub mounts: usize,
     pub slots_busy: usize,
     pub waiting: usize,
     pub boots: Vec<BootSample>,
-    pub relocations: Vec<crate::relocate::RelocationStatus>,
+    pub relocations: Vec<RelocationSample>,
+}
+
+/// A relocation under way, at scrape time.
+#[derive(Debug, Default)]
+pub struct RelocationSample {
+    pub mount: String,
+    pub copied: u64,
+    pub total: u64,
+    pub bytes_per_second: f64,
+    pub eta_seconds: Option<f64>,
 }
 
 /// A mount's boot, at scrape time.
@@ -322,75 +326,6 @@ impl Metrics {
     }
 }
 
-/// A mount's view of the shared cache: the same chunks, with hits, misses and fetch latency
-/// counted for the mount.
-pub struct MountReader {
-    cache: Arc<ChunkCache>,
-    metrics: Arc<Metrics>,
-    label: MountLabel,
-    /// The mount's boot window, which counts the VM's hits and misses while it records.
-    window: Option<Arc<BootWindow>>,
-}
-
-impl MountReader {
-    pub fn new(
-        cache: Arc<ChunkCache>,
-        metrics: Arc<Metrics>,
-        mount: &str,
-        window: Option<Arc<BootWindow>>,
-    ) -> Self {
-        MountReader {
-            cache,
-            metrics,
-            label: Metrics::label(mount),
-            window,
-        }
-    }
-}
-
-#[async_trait]
-impl ChunkReader for MountReader {
-    async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
-        self.read_chunk_as(id, FetchClass::Vm).await
-    }
-
-    async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
-        let start = Instant::now();
-        let result = self.cache.read_traced(id, class).await;
-        let window = self.window.as_ref().filter(|_| class == FetchClass::Vm);
-        let (bytes, access) = match result {
-            Ok(r) => r,
-            Err(e) => {
-                // A failed fetch was waited for too.
-                if let Some(w) = window {
-                    w.on_wait(start, Instant::now());
-                }
-                return Err(e);
-            }
-        };
-        if let Some(w) = window {
-            w.on_access(id, access == Access::Hit);
-        }
-        match access {
-            Access::Hit => {
-                self.metrics.hits.get_or_create(&self.label).inc();
-            }
-            Access::Miss => {
-                let end = Instant::now();
-                if let Some(w) = window {
-                    w.on_wait(start, end);
-                }
-                self.metrics.misses.get_or_create(&self.label).inc();
-                self.metrics
-                    .fetch_seconds
-                    .get_or_create(&self.label)
-                    .observe((end - start).as_secs_f64());
-            }
-        }
-        Ok(bytes)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,7 +339,7 @@ mod tests {
         m.fetch_seconds.get_or_create(&l).observe(0.002);
         let mut sample = Sample {
             cache_bytes: 123,
-            repo: crate::repo::RepoStats {
+            repo: RepoStats {
                 fetches: 7,
                 fetched_bytes: 7 << 20,
             },
@@ -416,21 +351,12 @@ mod tests {
                 boot_set: Some((40, 12)),
                 window: Some((30, 3, 1.5)),
             }],
-            relocations: vec![crate::relocate::RelocationStatus {
+            relocations: vec![RelocationSample {
                 mount: "web01-lm1".into(),
-                dest: "/primary/web01".into(),
-                phase: crate::relocate::Phase::Copying,
                 copied: 1 << 20,
                 total: 4 << 20,
                 bytes_per_second: 1e6,
-                fetched: 1 << 20,
                 eta_seconds: Some(3.1),
-                rate_limit: None,
-                verified: 0,
-                error: None,
-                started: jiff::Timestamp::UNIX_EPOCH,
-                config: None,
-                start: vec![],
             }],
         };
         let text = m.render(&sample);

@@ -14,6 +14,7 @@ pub mod files;
 pub mod mirror;
 pub mod overlay;
 pub mod readahead;
+pub mod reader;
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -264,7 +265,7 @@ impl LiveMount {
     pub async fn open(
         spec: MountSpec,
         snapshot: &Snapshot,
-        reader: Arc<dyn crate::repo::ChunkReader>,
+        reader: Arc<reader::MountReader>,
         config: Bytes,
         overlays: &Path,
         window: Option<Arc<BootWindow>>,
@@ -308,7 +309,7 @@ impl LiveMount {
                 .disk(i)
                 .await
                 .map_err(err)?
-                .with_reader(reader.clone());
+                .with_reader(reader.clone() as Arc<dyn crate::repo::ChunkReader>);
             if let Some(desc) = desc {
                 if let Some(text) = descriptor_for(d, &data, &snapshot.id) {
                     add(desc, Content::Bytes(Bytes::from(text)));
@@ -331,7 +332,8 @@ impl LiveMount {
                 Content::Disk {
                     image,
                     overlay,
-                    readahead: read_ahead.then(Arc::default),
+                    readahead: read_ahead
+                        .then(|| Arc::new(readahead::ReadAhead::new(reader.clone()))),
                     index: i,
                     window: window.clone(),
                 },

@@ -108,7 +108,9 @@ fn writes_past_the_end_are_refused_and_change_nothing() {
 
 #[test]
 fn sequential_reads_warm_the_chunks_ahead_and_random_ones_do_not() {
+    use livemount::metrics::Metrics;
     use livemount::mount::readahead::ReadAhead;
+    use livemount::mount::reader::MountReader;
     let t = tempfile::tempdir().unwrap();
     let (rt, image, _data, cache) = disk_and_cache(t.path());
     let cs = 65536u64;
@@ -119,14 +121,20 @@ fn sequential_reads_warm_the_chunks_ahead_and_random_ones_do_not() {
     };
     rt.block_on(async {
         // Random reads: nothing is fetched beyond them.
-        let ra = ReadAhead::default();
+        let reader = Arc::new(MountReader::new(
+            cache.clone(),
+            Arc::new(Metrics::new()),
+            "t",
+            None,
+        ));
+        let ra = ReadAhead::new(reader.clone());
         for off in [5 * cs, 20 * cs, 2 * cs, 30 * cs] {
             ra.on_read(&image, off, 4096);
         }
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         assert_eq!(cache.stats().misses, 0, "random reads prefetch nothing");
         // Four sequential 64 KiB reads from block 0: blocks ahead of them arrive in the cache.
-        let ra = ReadAhead::default();
+        let ra = ReadAhead::new(reader);
         for i in 0..4 {
             ra.on_read(&image, i * cs, cs);
         }

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, MountInfo, MountRequest, RelocateRequest};
 use crate::cache::CacheStats;
-use crate::metrics::{BootSample, Sample};
+use crate::metrics::{BootSample, RelocationSample, Sample};
 use crate::mount::MountError;
 use crate::relocate::{RelocateError, RelocationStatus};
 
@@ -203,6 +203,13 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
                         | crate::relocate::Phase::Synced
                         | crate::relocate::Phase::Finishing
                 )
+            })
+            .map(|r| RelocationSample {
+                mount: r.mount,
+                copied: r.copied,
+                total: r.total,
+                bytes_per_second: r.bytes_per_second,
+                eta_seconds: r.eta_seconds,
             })
             .collect(),
     };

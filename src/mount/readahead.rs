@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use tokio::sync::Semaphore;
 
+use super::reader::MountReader;
 use crate::fetch::FetchClass;
 use crate::repo::DiskImage;
 
@@ -23,8 +24,9 @@ pub const MAX_WINDOW: u64 = 8;
 pub const MAX_INFLIGHT: usize = 8;
 
 /// Sequential-read detection and prefetching for one disk.
-#[derive(Debug)]
 pub struct ReadAhead {
+    /// The mount's reader: prefetches are the mount's, in the background class.
+    reader: Arc<MountReader>,
     /// The stream's frontier: the highest end of a read in the stream.
     last_end: AtomicU64,
     /// Current window in chunks (0: not sequential).
@@ -34,18 +36,26 @@ pub struct ReadAhead {
     inflight: Arc<Semaphore>,
 }
 
-impl Default for ReadAhead {
-    fn default() -> Self {
+impl std::fmt::Debug for ReadAhead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadAhead")
+            .field("last_end", &self.last_end)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ReadAhead {
+    pub fn new(reader: Arc<MountReader>) -> Self {
         ReadAhead {
+            reader,
             last_end: AtomicU64::new(u64::MAX),
             window: AtomicU64::new(0),
             ahead: AtomicU64::new(0),
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
         }
     }
-}
 
-impl ReadAhead {
     /// Notes a read of `[offset, offset + len)` and, if the stream is sequential, starts
     /// prefetching the chunks after it. Returns at once.
     pub fn on_read(&self, image: &DiskImage, offset: u64, len: u64) {
@@ -71,15 +81,20 @@ impl ReadAhead {
         let first = (end / cs).max(self.ahead.load(Ordering::Relaxed));
         let last = (end / cs + window).min(image.block_count());
         for b in first..last {
+            // Zero blocks are never fetched.
+            let Some(id) = image.chunk_of_block(b) else {
+                self.ahead.fetch_max(b + 1, Ordering::Relaxed);
+                continue;
+            };
             let Ok(permit) = self.inflight.clone().try_acquire_owned() else {
                 return; // enough in flight; the next read will continue from here
             };
             self.ahead.fetch_max(b + 1, Ordering::Relaxed);
-            let image = image.clone();
+            let reader = self.reader.clone();
             tokio::spawn(async move {
                 // A failed prefetch is not an error: the read that needs the chunk will fetch
                 // it and report any failure to its client.
-                let _ = image.warm_block(b, FetchClass::Background).await;
+                let _ = reader.warm(&id, FetchClass::Background).await;
                 drop(permit);
             });
         }

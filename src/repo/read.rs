@@ -13,8 +13,6 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 
-use crate::fetch::FetchClass;
-
 use super::local::{LocalStore, RepoConfig, WriteLock};
 use super::manifest::{BlockTable, DiskManifest, Manifest, SnapshotId, MAX_CONFIG_BYTES};
 use super::s3::{S3Config, S3Store};
@@ -29,13 +27,6 @@ const READ_FETCH_CONCURRENCY: usize = 8;
 pub trait ChunkReader: Send + Sync {
     /// The chunk's uncompressed bytes, checked against its digest.
     async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError>;
-
-    /// The same, fetched in `class` by readers that schedule fetches (the cache); others ignore
-    /// the class.
-    async fn read_chunk_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
-        let _ = class;
-        self.read_chunk(id).await
-    }
 }
 
 /// An open repository. Cheap to clone.
@@ -381,16 +372,6 @@ impl DiskImage {
 
     pub fn block_count(&self) -> u64 {
         self.table.len()
-    }
-
-    /// Fetches block `idx`'s chunk through the reader (into a cache, if the reader is one) in
-    /// fetch class `class`, without returning it. Zero blocks and blocks past the end cost
-    /// nothing.
-    pub async fn warm_block(&self, idx: u64, class: FetchClass) -> Result<(), RepoError> {
-        match self.table.get(idx) {
-            Some(id) => self.reader.read_chunk_as(&id, class).await.map(|_| ()),
-            None => Ok(()),
-        }
     }
 
     /// Reads `len` bytes at `offset`. Shorter only when the range passes the end of the disk
