@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 
+use crate::cache::disk::DiskCache;
 use crate::cache::ChunkCache;
 use crate::metrics::Metrics;
 use crate::mount::reader::MountReader;
@@ -142,13 +143,18 @@ impl Agent {
         datastore: Datastore,
         state: &Path,
         cache_bytes: u64,
+        disk_cache: Option<Arc<DiskCache>>,
         learning: Option<Learning>,
         read_ahead: bool,
     ) -> anyhow::Result<Agent> {
         fs::create_dir_all(state.join("mounts"))?;
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
+        let cache = Arc::new(ChunkCache::new(source, cache_bytes));
+        if let Some(d) = disk_cache {
+            cache.set_disk(d);
+        }
         let agent = Agent {
-            cache: Arc::new(ChunkCache::new(source, cache_bytes)),
+            cache,
             repo,
             datastore,
             metrics: Arc::new(Metrics::new()),

@@ -12,16 +12,22 @@
 //! wait for it, and the fetch runs as its own task (a reader that goes away does not cancel it).
 //! Every fetch waits for a slot of the [`FetchScheduler`] in the class of the most urgent of
 //! its readers: a VM read that needs a chunk a pre-stager asked for raises that fetch's class.
+//! With a disk tier ([`disk::DiskCache`], `serve --cache-dir`), a fill looks on disk before it
+//! takes a scheduler slot: a sound entry there is a hit that costs no repository fetch; a chunk
+//! fetched from the repository is also written to disk, in the background.
 //! Must not: cache errors (a failed fetch is retried by the next reader), or know about NFS.
+
+pub mod disk;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
+use self::disk::{DiskCache, DiskCacheStats};
 use crate::fetch::{Demand, FetchClass, FetchScheduler, SchedulerStats};
 use crate::repo::{ChunkId, ChunkReader, RepoError};
 
@@ -43,9 +49,13 @@ pub struct CacheStats {
     /// Reads served from the staging area.
     #[serde(default)]
     pub staged_hits: u64,
+    /// The disk tier, when there is one.
+    #[serde(default)]
+    pub disk: Option<DiskCacheStats>,
 }
 
-type Fill = Shared<BoxFuture<'static, Result<Bytes, Arc<RepoError>>>>;
+/// A fill's chunk, and whether it came from the disk tier (no repository fetch).
+type Fill = Shared<BoxFuture<'static, Result<(Bytes, bool), Arc<RepoError>>>>;
 
 /// A fetch under way: who wants it most, and its result to come.
 struct Pending {
@@ -64,6 +74,7 @@ struct Inner {
     pending: Mutex<HashMap<ChunkId, Pending>>,
     source: Arc<dyn ChunkReader>,
     sched: Arc<FetchScheduler>,
+    disk: OnceLock<Arc<DiskCache>>,
     capacity: u64,
     staging_capacity: u64,
     hits: AtomicU64,
@@ -119,6 +130,7 @@ impl ChunkCache {
                 pending: Mutex::new(HashMap::new()),
                 source,
                 sched,
+                disk: OnceLock::new(),
                 capacity: capacity_bytes,
                 staging_capacity,
                 hits: AtomicU64::new(0),
@@ -140,7 +152,17 @@ impl ChunkCache {
             capacity: i.capacity,
             staged: i.staged.load(Relaxed),
             staged_hits: i.staged_hits.load(Relaxed),
+            disk: i.disk.get().map(|d| d.stats()),
         }
+    }
+
+    /// Puts a disk tier behind the memory cache (once, before the cache is used).
+    pub fn set_disk(&self, disk: Arc<DiskCache>) {
+        let _ = self.inner.disk.set(disk);
+    }
+
+    pub fn disk(&self) -> Option<&Arc<DiskCache>> {
+        self.inner.disk.get()
     }
 
     pub fn scheduler(&self) -> &Arc<FetchScheduler> {
@@ -189,7 +211,13 @@ impl ChunkCache {
             .get(id)
             .map(|p| p.fill.clone());
         if let Some(fill) = fill {
-            return fill.await.map_err(|e| shared_error(id, &e));
+            return fill.await.map(|(b, _)| b).map_err(|e| shared_error(id, &e));
+        }
+        if let Some(b) = match i.disk.get() {
+            Some(d) => d.get(id).await,
+            None => None,
+        } {
+            return Ok(b);
         }
         let _slot = i.sched.slot(Demand::new(class)).await;
         i.source.read_chunk(id).await
@@ -256,20 +284,35 @@ impl ChunkCache {
             }
         };
         fill.await
-            .map(|b| (b, Access::Miss))
+            .map(|(b, from_disk)| (b, if from_disk { Access::Hit } else { Access::Miss }))
             .map_err(|e| shared_error(id, &e))
     }
 }
 
-/// Starts the one fetch of a missed chunk: a slot in its class, the fetch, then the cache part
-/// its class says (staging for pre-staging alone, main otherwise), then out of `pending`.
+/// Starts the one fill of a missed chunk: from the disk tier if it has a sound entry, else a
+/// slot in its class and the fetch (whose chunk also goes to disk); then the memory part its
+/// class says (staging for pre-staging alone, main otherwise); then out of `pending`.
 fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
     let after = i.clone();
     let task = tokio::spawn(async move {
-        let slot = i.sched.slot(demand.clone()).await;
-        i.misses.fetch_add(1, Relaxed);
-        let result = i.source.read_chunk(&id).await;
-        drop(slot);
+        let on_disk = match i.disk.get() {
+            Some(d) => d.get(&id).await,
+            None => None,
+        };
+        let from_disk = on_disk.is_some();
+        let result = match on_disk {
+            Some(b) => Ok(b),
+            None => {
+                let slot = i.sched.slot(demand.clone()).await;
+                i.misses.fetch_add(1, Relaxed);
+                let result = i.source.read_chunk(&id).await;
+                drop(slot);
+                if let (Ok(b), Some(d)) = (&result, i.disk.get()) {
+                    d.put(id, b.clone());
+                }
+                result
+            }
+        };
         match &result {
             Ok(b) if demand.class() == FetchClass::Prestage => {
                 i.staged.fetch_add(1, Relaxed);
@@ -284,7 +327,7 @@ fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        result.map_err(Arc::new)
+        result.map(|b| (b, from_disk)).map_err(Arc::new)
     });
     async move {
         task.await.unwrap_or_else(|e| {
@@ -390,6 +433,65 @@ mod tests {
         assert_eq!(cache.stats().misses, 1);
         cache.read_chunk(&id).await.unwrap();
         assert_eq!(cache.stats().hits, 1);
+    }
+
+    /// A chunk source of real chunks (bytes that hash to their ids), counting fetches.
+    struct Honest {
+        chunks: HashMap<ChunkId, Bytes>,
+        fetches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ChunkReader for Honest {
+        async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+            self.fetches.fetch_add(1, Relaxed);
+            self.chunks
+                .get(id)
+                .cloned()
+                .ok_or(RepoError::MissingChunk { chunk: *id })
+        }
+    }
+
+    #[tokio::test]
+    async fn after_a_restart_the_disk_tier_serves_what_was_fetched_without_a_fetch() {
+        let t = tempfile::tempdir().unwrap();
+        let data: Vec<Bytes> = (0..4u8).map(|n| Bytes::from(vec![n; 4096])).collect();
+        let ids: Vec<ChunkId> = data.iter().map(|b| ChunkId::of(b)).collect();
+        let src = Arc::new(Honest {
+            chunks: ids.iter().copied().zip(data.iter().cloned()).collect(),
+            fetches: AtomicUsize::new(0),
+        });
+        let disk = DiskCache::open(t.path(), 1 << 20).unwrap();
+        let cache = ChunkCache::new(src.clone(), 1 << 20);
+        cache.set_disk(disk.clone());
+        for id in &ids {
+            let (_, access) = cache.read_traced(id, FetchClass::Vm).await.unwrap();
+            assert_eq!(access, Access::Miss);
+        }
+        // Entries are written in the background.
+        for _ in 0..200 {
+            if disk.stats().entries == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(disk.stats().entries, 4);
+        drop((cache, disk));
+
+        // A restart: a new memory cache over the same folder.
+        let disk = DiskCache::open(t.path(), 1 << 20).unwrap();
+        let cache = ChunkCache::new(src.clone(), 1 << 20);
+        cache.set_disk(disk.clone());
+        for (id, want) in ids.iter().zip(&data) {
+            let (b, access) = cache.read_traced(id, FetchClass::Vm).await.unwrap();
+            assert_eq!((&b, access), (want, Access::Hit));
+        }
+        assert_eq!(src.fetches.load(Relaxed), 4, "no fetch after the restart");
+        assert_eq!(cache.stats().misses, 0);
+        assert_eq!(disk.stats().hits, 4);
+        // Now in memory: the next reads do not touch the disk.
+        cache.read_chunk(&ids[0]).await.unwrap();
+        assert_eq!(disk.stats().hits, 4);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 //! | `livemount_cache_hits_total`, `livemount_cache_misses_total` | mount | chunk lookups in the read cache |
 //! | `livemount_repo_fetch_seconds` | mount | histogram: time to fetch, decode and verify a missed chunk |
 //! | `livemount_cache_bytes`, `livemount_mounts` | | cache fill, number of mounts (sampled at scrape) |
+//! | `livemount_disk_cache_bytes`, `livemount_disk_cache_hits_total`, `livemount_disk_cache_dropped_total` | | the disk cache's fill, reads it served, damaged entries it dropped (brought up to date at scrape) |
 //! | `livemount_repo_fetches_total`, `livemount_repo_fetched_bytes_total` | | chunk and manifest GETs (file reads) of the repository's store, and the stored bytes they returned (brought up to date at scrape) |
 //! | `livemount_fetch_slots_busy`, `livemount_fetches_waiting` | | the fetch scheduler now (sampled) |
 //! | `livemount_boot_set_chunks`, `livemount_prestaged_chunks` | mount | the boot set being pre-staged, and how much of it is cached (sampled) |
@@ -67,6 +68,9 @@ pub struct Metrics {
     cache_bytes: Gauge,
     repo_fetches: Counter,
     repo_fetched_bytes: Counter,
+    disk_bytes: Gauge,
+    disk_hits: Counter,
+    disk_dropped: Counter,
     mounts: Gauge,
     slots_busy: Gauge,
     waiting: Gauge,
@@ -86,11 +90,20 @@ pub struct Metrics {
 pub struct Sample {
     pub cache_bytes: u64,
     pub repo: RepoStats,
+    pub disk: Option<DiskSample>,
     pub mounts: usize,
     pub slots_busy: usize,
     pub waiting: usize,
     pub boots: Vec<BootSample>,
     pub relocations: Vec<RelocationSample>,
+}
+
+/// The disk cache, at scrape time.
+#[derive(Debug, Default)]
+pub struct DiskSample {
+    pub bytes: u64,
+    pub hits: u64,
+    pub dropped: u64,
 }
 
 /// A relocation under way, at scrape time.
@@ -139,6 +152,9 @@ impl Metrics {
             cache_bytes: Gauge::default(),
             repo_fetches: Counter::default(),
             repo_fetched_bytes: Counter::default(),
+            disk_bytes: Gauge::default(),
+            disk_hits: Counter::default(),
+            disk_dropped: Counter::default(),
             mounts: Gauge::default(),
             slots_busy: Gauge::default(),
             waiting: Gauge::default(),
@@ -199,6 +215,21 @@ impl Metrics {
             "repo_fetched_bytes",
             "stored bytes the repository's store returned",
             m.repo_fetched_bytes.clone(),
+        );
+        registry.register(
+            "disk_cache_bytes",
+            "bytes in the disk cache",
+            m.disk_bytes.clone(),
+        );
+        registry.register(
+            "disk_cache_hits",
+            "chunk reads served from the disk cache",
+            m.disk_hits.clone(),
+        );
+        registry.register(
+            "disk_cache_dropped",
+            "disk cache entries dropped because their bytes did not match their digest",
+            m.disk_dropped.clone(),
         );
         registry.register("mounts", "live mounts", m.mounts.clone());
         registry.register(
@@ -267,6 +298,11 @@ impl Metrics {
         let catch_up = |c: &Counter, now: u64| c.inc_by(now.saturating_sub(c.get()));
         catch_up(&self.repo_fetches, s.repo.fetches);
         catch_up(&self.repo_fetched_bytes, s.repo.fetched_bytes);
+        if let Some(d) = &s.disk {
+            self.disk_bytes.set(g(d.bytes));
+            catch_up(&self.disk_hits, d.hits);
+            catch_up(&self.disk_dropped, d.dropped);
+        }
         self.mounts.set(g(s.mounts as u64));
         self.slots_busy.set(g(s.slots_busy as u64));
         self.waiting.set(g(s.waiting as u64));
@@ -343,6 +379,11 @@ mod tests {
                 fetches: 7,
                 fetched_bytes: 7 << 20,
             },
+            disk: Some(DiskSample {
+                hits: 3,
+                dropped: 1,
+                bytes: 4096,
+            }),
             mounts: 1,
             slots_busy: 2,
             waiting: 5,
@@ -373,6 +414,9 @@ mod tests {
             "livemount_repo_fetch_seconds_count{mount=\"web01-lm1\"} 1",
             "livemount_cache_bytes 123",
             "livemount_repo_fetches_total 7",
+            "livemount_disk_cache_bytes 4096",
+            "livemount_disk_cache_hits_total 3",
+            "livemount_disk_cache_dropped_total 1",
             "livemount_repo_fetched_bytes_total 7340032",
             "livemount_mounts 1",
             "livemount_relocation_copied_bytes{mount=\"web01-lm1\"} 1048576",

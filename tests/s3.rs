@@ -680,3 +680,143 @@ fn the_guest_boots_from_garage_through_a_node_killed_midway_and_its_storage_wait
     );
     eprintln!("cold boot from Garage (3 nodes, one killed): {fetched} fetches, storage wait {wait:.3} s, window {w}");
 }
+
+#[test]
+fn after_a_restart_the_guest_boots_from_the_disk_cache_without_a_fetch() {
+    let image = guest_image();
+    let g = Garage::up(1);
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), "dcguest", &[("guest.img", "raw")]);
+    let url = g.url("dc");
+    let env = &g.env;
+    livemount_env_ok(&["repo", "init", &url], env);
+    livemount_env_ok(
+        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
+        env,
+    );
+    let cache_dir = t.path().join("disk-cache");
+    let extra = [
+        "--cache-dir",
+        cache_dir.to_str().unwrap(),
+        "--cache-disk-size",
+        "1GiB",
+    ];
+    let state = t.path().join("state");
+    let _port111 = port_111_lock();
+    let server = Server::start_env(&url, &state, "127.0.0.1:111", &extra, env);
+    server.cli(&["mount", "dcguest", "--name", "first"]);
+    let (ok, text) = boot_guest(
+        "nfs://127.0.0.1/livemount/first/guest.img",
+        &t.path().join("1.log"),
+    );
+    assert!(ok, "first boot:\n{text}\nserver:\n{}", server.log_text());
+    // Every chunk fetched went to disk (written in the background).
+    let start = Instant::now();
+    loop {
+        let d = status(&server)["cache"]["disk"].clone();
+        if d["writes_queued"] == 0 && d["entries"].as_u64().unwrap() > 10 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "disk writes still queued: {d}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    server.cli(&["unmount", "first"]);
+    assert!(server.stop().success());
+
+    // A restart: an empty memory cache, the same disk cache. A new mount of the snapshot boots
+    // with every read of its boot window a hit and no repository fetch.
+    let server = Server::start_env(&url, &state, "127.0.0.1:111", &extra, env);
+    server.cli(&["mount", "dcguest", "--name", "second", "--prestage", "off"]);
+    let before = status(&server)["repository_fetches"]["fetches"]
+        .as_u64()
+        .unwrap();
+    let (ok, text) = boot_guest(
+        "nfs://127.0.0.1/livemount/second/guest.img",
+        &t.path().join("2.log"),
+    );
+    assert!(ok, "second boot:\n{text}\nserver:\n{}", server.log_text());
+    let after = status(&server);
+    assert_eq!(
+        after["repository_fetches"]["fetches"].as_u64().unwrap(),
+        before,
+        "the boot from the disk cache fetched from the repository: {after}"
+    );
+    let mounts = json(&server.cli(&["mounts", "--json"]));
+    let w = &mounts[0]["boot"]["window"];
+    assert_eq!(w["misses"], 0, "{w}");
+    assert!(w["hits"].as_u64().unwrap() > 10, "{w}");
+    assert_eq!(w["storage_wait_seconds"].as_f64().unwrap(), 0.0, "{w}");
+    assert!(
+        after["cache"]["disk"]["hits"].as_u64().unwrap() > 10,
+        "{after}"
+    );
+    let m = server.metrics();
+    assert!(m.contains("livemount_disk_cache_hits_total"), "{m}");
+}
+
+#[test]
+fn a_damaged_disk_cache_entry_is_fetched_again_and_never_served() {
+    let g = Garage::up(1);
+    let t = tempfile::tempdir().unwrap();
+    let mut rng = Rng::new(41);
+    let mut disk = vec![0u8; 4 * MIB as usize];
+    rng.fill(&mut disk);
+    write(&t.path().join("c.img"), &disk);
+    let cfg = kvm_config(t.path(), "dce", &[("c.img", "raw")]);
+    let url = g.url("dce");
+    let env = &g.env;
+    livemount_env_ok(&["repo", "init", &url], env);
+    livemount_env_ok(
+        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
+        env,
+    );
+    let cache_dir = t.path().join("dc");
+    let extra = [
+        "--cache-dir",
+        cache_dir.to_str().unwrap(),
+        "--cache-disk-size",
+        "64MiB",
+        "--config",
+        &no_read_ahead(t.path()),
+    ];
+    let state = t.path().join("state");
+    let server = Server::start_env(&url, &state, "off", &extra, env);
+    server.cli(&["mount", "dce", "--name", "dce"]);
+    assert!(common::nfs::read_file(&server, "dce", "c.img", disk.len() as u64) == disk);
+    let start = Instant::now();
+    while status(&server)["cache"]["disk"]["entries"]
+        .as_u64()
+        .unwrap()
+        < 4
+    {
+        assert!(start.elapsed() < Duration::from_secs(30));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(server.stop().success());
+
+    // Damage block 2's entry on disk (one flipped byte), then read everything again after a
+    // restart: the right bytes, one more fetch, the entry dropped and written anew.
+    let hex = blake3::hash(&disk[2 * MIB as usize..3 * MIB as usize]).to_hex();
+    let entry = cache_dir.join("chunks").join(&hex[..2]).join(hex.as_str());
+    let mut bytes = std::fs::read(&entry).unwrap();
+    bytes[12345] ^= 0x40;
+    std::fs::write(&entry, &bytes).unwrap();
+    let server = Server::start_env(&url, &state, "off", &extra, env);
+    let before = status(&server)["repository_fetches"]["fetches"]
+        .as_u64()
+        .unwrap();
+    assert!(common::nfs::read_file(&server, "dce", "c.img", disk.len() as u64) == disk);
+    let after = status(&server);
+    assert_eq!(
+        after["repository_fetches"]["fetches"].as_u64().unwrap(),
+        before + 1,
+        "only the damaged chunk is fetched again: {after}"
+    );
+    assert_eq!(after["cache"]["disk"]["dropped"], 1, "{after}");
+    assert_eq!(after["cache"]["disk"]["hits"], 3, "{after}");
+    assert!(server.log_text().contains("disk cache entry damaged"));
+}

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{Agent, Datastore};
+use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
@@ -43,6 +44,13 @@ pub struct ServeArgs {
     /// Read cache size [default: 2GiB].
     #[arg(long, value_name = "SIZE")]
     cache_size: Option<String>,
+    /// A folder on local disk (an SSD) that keeps fetched chunks across restarts, behind the
+    /// memory cache; needs --cache-disk-size.
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// The most the disk cache holds, e.g. 50GiB.
+    #[arg(long, value_name = "SIZE")]
+    cache_disk_size: Option<String>,
     /// The export path [default: /livemount].
     #[arg(long, value_name = "PATH")]
     export: Option<String>,
@@ -73,6 +81,10 @@ pub struct ServeConfig {
     pub api: Option<SocketAddr>,
     /// Default `2GiB`.
     pub cache_size: Option<String>,
+    /// The disk cache's folder; none by default.
+    pub cache_dir: Option<PathBuf>,
+    /// The disk cache's size; required with `cache_dir`.
+    pub cache_disk_size: Option<String>,
     /// Default `/livemount`.
     pub export: Option<String>,
     /// Default loopback only.
@@ -181,6 +193,28 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         AllowList::parse(&allow_items).map_err(|e| anyhow::anyhow!("--allow: {e}"))?
     };
 
+    let cache_dir = a.cache_dir.or(file.cache_dir);
+    let disk_size = match a.cache_disk_size.or(file.cache_disk_size) {
+        None => None,
+        Some(t) => Some(
+            t.parse::<bytesize::ByteSize>()
+                .map_err(|e| anyhow::anyhow!("--cache-disk-size {t:?}: {e}"))?
+                .as_u64(),
+        ),
+    };
+    let disk_cache = match (&cache_dir, disk_size) {
+        (None, None) => None,
+        (Some(dir), Some(size)) => Some((dir.clone(), size)),
+        (Some(_), None) => anyhow::bail!(
+            "--cache-dir needs --cache-disk-size (the most the disk cache may hold, e.g. 50GiB)"
+        ),
+        (None, Some(_)) => {
+            anyhow::bail!("--cache-disk-size needs --cache-dir (the disk cache's folder)")
+        }
+    };
+    if disk_cache.as_ref().is_some_and(|(_, size)| *size == 0) {
+        anyhow::bail!("--cache-disk-size must be above zero");
+    }
     let learning = file.profiles.unwrap_or_default().learning()?;
     let mut repo =
         Repository::open_at(&location, &file.repository.clone().unwrap_or_default()).await?;
@@ -208,8 +242,32 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     if !read_ahead {
         tracing::warn!("read-ahead is off (read_ahead = false in the config)");
     }
-    let agent =
-        Arc::new(Agent::open(repo, datastore, &state, cache_bytes, learning, read_ahead).await?);
+    let disk_cache = match disk_cache {
+        None => None,
+        Some((dir, size)) => {
+            let started = std::time::Instant::now();
+            let d = tokio::task::spawn_blocking(move || DiskCache::open(&dir, size)).await??;
+            let st = d.stats();
+            tracing::info!(
+                dir = %d.dir().display(), entries = st.entries, bytes = st.bytes, capacity = size,
+                seconds = started.elapsed().as_secs_f64(),
+                "disk cache opened"
+            );
+            Some(d)
+        }
+    };
+    let agent = Arc::new(
+        Agent::open(
+            repo,
+            datastore,
+            &state,
+            cache_bytes,
+            disk_cache,
+            learning,
+            read_ahead,
+        )
+        .await?,
+    );
     agent.start_relocations();
     let identity = Identity::load(&state).with_context(|| {
         format!(

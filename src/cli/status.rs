@@ -48,5 +48,16 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         s.cache.misses,
         s.cache.fetch_errors
     );
+    if let Some(d) = &s.cache.disk {
+        println!(
+            "disk cache  {} of {} in {} entries, {} hits, {} written, {} damaged entries dropped",
+            human(d.bytes),
+            human(d.capacity),
+            d.entries,
+            d.hits,
+            d.writes,
+            d.dropped
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }

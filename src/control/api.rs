@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{Agent, MountInfo, MountRequest, RelocateRequest};
 use crate::cache::CacheStats;
-use crate::metrics::{BootSample, RelocationSample, Sample};
+use crate::metrics::{BootSample, DiskSample, RelocationSample, Sample};
 use crate::mount::MountError;
 use crate::relocate::{RelocateError, RelocationStatus};
 
@@ -175,6 +175,14 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     let sample = Sample {
         cache_bytes: s.agent.cache().stats().bytes,
         repo: s.agent.repo().stats(),
+        disk: s.agent.cache().disk().map(|d| {
+            let st = d.stats();
+            DiskSample {
+                bytes: st.bytes,
+                hits: st.hits,
+                dropped: st.dropped,
+            }
+        }),
         mounts: mounts.len(),
         slots_busy: sched.in_flight,
         waiting: sched.waiting,

@@ -54,7 +54,15 @@ impl Harness {
             export: "/livemount".into(),
         };
         let state = dir.join("state");
-        let agent = rt.block_on(Agent::open(repo, datastore, &state, 16 << 20, None, true))?;
+        let agent = rt.block_on(Agent::open(
+            repo,
+            datastore,
+            &state,
+            16 << 20,
+            None,
+            None,
+            true,
+        ))?;
         rt.block_on(agent.mount(&MountRequest {
             snapshot: "fz".into(),
             at: None,
