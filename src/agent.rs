@@ -13,6 +13,9 @@
 //! allocated once.
 
 mod relocations;
+mod warmups;
+
+pub use warmups::{WarmError, WarmInfo, WarmRequest};
 
 pub use relocations::RelocateRequest;
 
@@ -55,6 +58,8 @@ pub struct Agent {
     relocations: std::sync::Mutex<BTreeMap<String, Arc<Relocator>>>,
     /// Fetch ahead of sequential readers (`read_ahead` in serve's config).
     read_ahead: bool,
+    /// Boot sets warmed into the disk cache ahead of any mount, by snapshot.
+    warmups: warmups::Warmups,
 }
 
 impl std::fmt::Debug for Agent {
@@ -163,6 +168,7 @@ impl Agent {
             changes: tokio::sync::Mutex::new(()),
             started: jiff::Timestamp::now(),
             learning,
+            warmups: Default::default(),
             profiles: ProfileStore::new(state),
             learn_lock: Arc::default(),
             relocations: std::sync::Mutex::new(BTreeMap::new()),

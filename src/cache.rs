@@ -196,6 +196,56 @@ impl ChunkCache {
 }
 
 impl ChunkCache {
+    /// Puts a chunk into the disk tier ahead of any mount (`livemount prestage`), in the
+    /// pre-staging class, without keeping it in memory. Returns false (and fetches nothing) if
+    /// the disk tier has it, or if memory has it (then it is written from there). Needs a disk
+    /// tier.
+    pub async fn warm_disk(&self, id: &ChunkId) -> Result<bool, RepoError> {
+        let i = &self.inner;
+        let Some(disk) = i.disk.get().cloned() else {
+            return Err(RepoError::Invalid(
+                "there is no disk cache to warm (serve --cache-dir)".into(),
+            ));
+        };
+        if disk.contains(id) {
+            return Ok(false);
+        }
+        let bytes = match i.main.get(id).or_else(|| i.staging.get(id)) {
+            Some(b) => (b, false),
+            None => {
+                let fill = i
+                    .pending
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(id)
+                    .map(|p| p.fill.clone());
+                match fill {
+                    // A fill under way writes to disk itself.
+                    Some(f) => return f.await.map(|_| false).map_err(|e| shared_error(id, &e)),
+                    None => {
+                        let _slot = i.sched.slot(Demand::new(FetchClass::Prestage)).await;
+                        i.misses.fetch_add(1, Relaxed);
+                        match i.source.read_chunk(id).await {
+                            Ok(b) => (b, true),
+                            Err(e) => {
+                                i.errors.fetch_add(1, Relaxed);
+                                return Err(e);
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        // Written here and now (not through the bounded background queue): a warm-up must
+        // leave every chunk on disk.
+        let (b, fetched) = bytes;
+        let id = *id;
+        tokio::task::spawn_blocking(move || disk.put_blocking(id, &b))
+            .await
+            .map_err(|e| RepoError::Task(e.to_string()))?;
+        Ok(fetched)
+    }
+
     /// Reads a chunk for bulk work that must not displace the VMs' blocks (a relocation's
     /// copy): from the cache if it is there, sharing a fill under way, else fetched through
     /// the scheduler in `class` and not kept. Counts neither a hit nor a miss.

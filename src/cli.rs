@@ -18,6 +18,7 @@ mod backup;
 mod backups;
 mod mount;
 mod mounts;
+mod prestage;
 mod profile;
 mod progress;
 mod relocate;
@@ -64,6 +65,9 @@ enum Command {
     Relocate(relocate::RelocateArgs),
     /// Show the running server's state.
     Status(status::StatusArgs),
+    /// Warm a VM's boot set (from its boot profile) into the server's disk cache, ahead of any
+    /// mount.
+    Prestage(prestage::PrestageArgs),
     /// Boot profiles: what each VM reads while booting, learned from its live mounts.
     #[command(subcommand)]
     Profile(profile::ProfileCommand),
@@ -178,6 +182,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Unmount(a) => unmount::run(a).await,
         Command::Relocate(a) => relocate::run(a).await,
         Command::Status(a) => status::run(a).await,
+        Command::Prestage(a) => prestage::run(a).await,
         Command::Profile(c) => profile::run(c),
     }
 }

@@ -351,18 +351,25 @@ impl LiveMount {
     }
 }
 
-/// A mount's disks as pre-staging plans over them.
-pub struct MountBlocks<'a> {
-    mount: &'a LiveMount,
+/// Disks by name, as pre-staging plans over them: a mount's, or a snapshot's before any mount
+/// (named as a mount's folder names them).
+pub struct DiskBlocks<'a> {
+    disks: Vec<(&'a str, &'a DiskImage)>,
     chunks: OnceLock<HashSet<ChunkId>>,
 }
 
-impl LiveMount {
-    pub fn blocks(&self) -> MountBlocks<'_> {
-        MountBlocks {
-            mount: self,
+impl<'a> DiskBlocks<'a> {
+    pub fn new(disks: Vec<(&'a str, &'a DiskImage)>) -> Self {
+        DiskBlocks {
+            disks,
             chunks: OnceLock::new(),
         }
+    }
+}
+
+impl LiveMount {
+    pub fn blocks(&self) -> DiskBlocks<'_> {
+        DiskBlocks::new(self.disk_images().collect())
     }
 
     fn disk_images(&self) -> impl Iterator<Item = (&str, &DiskImage)> {
@@ -373,17 +380,17 @@ impl LiveMount {
     }
 }
 
-impl BlockMap for MountBlocks<'_> {
+impl BlockMap for DiskBlocks<'_> {
     fn chunk_at(&self, disk: &str, block: u64) -> Option<ChunkId> {
-        let (_, image) = self.mount.disk_images().find(|(n, _)| *n == disk)?;
+        let (_, image) = self.disks.iter().find(|(n, _)| *n == disk)?;
         image.chunk_of_block(block)
     }
 
     fn has_chunk(&self, chunk: &ChunkId) -> bool {
         self.chunks
             .get_or_init(|| {
-                self.mount
-                    .disk_images()
+                self.disks
+                    .iter()
                     .flat_map(|(_, image)| {
                         (0..image.block_count()).filter_map(|b| image.chunk_of_block(b))
                     })

@@ -229,6 +229,15 @@ impl BootWindow {
     }
 }
 
+/// Where a pre-stager puts a boot set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// The memory cache's staging area, for a mount whose VM is about to boot.
+    Staging,
+    /// The disk tier, ahead of any mount.
+    Disk,
+}
+
 /// Chunk fetches a pre-stager keeps going at once (in order of the profile).
 pub const PRESTAGE_CONCURRENCY: usize = 8;
 
@@ -286,15 +295,26 @@ impl Prestage {
         })
     }
 
-    /// Warms the boot set into `cache`, in order, [`PRESTAGE_CONCURRENCY`] fetches at a time.
-    /// A chunk that fails is counted and skipped: the VM's own read of it will report it.
+    /// Warms the boot set into `cache`'s staging area, in order, [`PRESTAGE_CONCURRENCY`]
+    /// fetches at a time. A chunk that fails is counted and skipped: the VM's own read of it
+    /// will report it.
     pub async fn run(self: Arc<Self>, cache: Arc<ChunkCache>) {
+        self.run_into(cache, Target::Staging).await
+    }
+
+    /// The same into the cache's disk tier, ahead of any mount (`livemount prestage`).
+    pub async fn run_into(self: Arc<Self>, cache: Arc<ChunkCache>, target: Target) {
         let me = self.clone();
         let mut results = futures::stream::iter(self.chunks.clone())
             .take_while(move |_| std::future::ready(!me.cancelled.load(Relaxed)))
             .map(|id| {
                 let cache = cache.clone();
-                async move { cache.stage(&id).await }
+                async move {
+                    match target {
+                        Target::Staging => cache.stage(&id).await,
+                        Target::Disk => cache.warm_disk(&id).await,
+                    }
+                }
             })
             .buffered(PRESTAGE_CONCURRENCY);
         while let Some(r) = results.next().await {

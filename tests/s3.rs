@@ -820,3 +820,85 @@ fn a_damaged_disk_cache_entry_is_fetched_again_and_never_served() {
     assert_eq!(after["cache"]["disk"]["hits"], 3, "{after}");
     assert!(server.log_text().contains("disk cache entry damaged"));
 }
+
+#[test]
+fn prestage_warms_a_boot_set_into_the_disk_cache_before_any_mount() {
+    let image = guest_image();
+    let g = Garage::up(1);
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), "pguest", &[("guest.img", "raw")]);
+    let url = g.url("pre");
+    let env = &g.env;
+    livemount_env_ok(&["repo", "init", &url], env);
+    livemount_env_ok(
+        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
+        env,
+    );
+    let state = t.path().join("state");
+    let _port111 = port_111_lock();
+
+    // A first boot, with no disk cache, teaches the server the guest's boot profile.
+    let server = Server::start_env(&url, &state, "127.0.0.1:111", &[], env);
+    let out = livemount_env(
+        &["prestage", "pguest", "--state", state.to_str().unwrap()],
+        env,
+    );
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && text.contains("no disk cache"),
+        "{text}"
+    );
+    server.cli(&["mount", "pguest", "--name", "learn"]);
+    let (ok, text) = boot_guest(
+        "nfs://127.0.0.1/livemount/learn/guest.img",
+        &t.path().join("1.log"),
+    );
+    assert!(ok, "first boot:\n{text}");
+    server.cli(&["unmount", "learn"]); // ends the boot window: the profile is written
+    assert!(server.stop().success());
+
+    // A restart with an empty disk cache: warm the boot set, then mount and boot.
+    let cache_dir = t.path().join("disk-cache");
+    let extra = [
+        "--cache-dir",
+        cache_dir.to_str().unwrap(),
+        "--cache-disk-size",
+        "1GiB",
+    ];
+    let server = Server::start_env(&url, &state, "127.0.0.1:111", &extra, env);
+    let out = livemount_env(
+        &["prestage", "nosuchvm", "--state", state.to_str().unwrap()],
+        env,
+    );
+    assert!(!out.status.success(), "an unknown VM is an error");
+    let warmed = json(&server.cli(&["prestage", "pguest", "--json"]));
+    let st = &warmed["status"];
+    assert_eq!(st["finished"], true, "{warmed}");
+    assert_eq!(st["failed"], 0, "{warmed}");
+    assert!(st["fetched"].as_u64().unwrap() > 10, "{warmed}");
+    assert_eq!(
+        status(&server)["cache"]["disk"]["entries"]
+            .as_u64()
+            .unwrap(),
+        st["chunks"].as_u64().unwrap(),
+        "every chunk of the boot set is on disk"
+    );
+    // Warming again finds everything there.
+    let again = json(&server.cli(&["prestage", "pguest", "--json"]));
+    assert_eq!(again["status"]["fetched"], 0, "{again}");
+
+    server.cli(&["mount", "pguest", "--name", "warm", "--prestage", "off"]);
+    let (ok, text) = boot_guest(
+        "nfs://127.0.0.1/livemount/warm/guest.img",
+        &t.path().join("2.log"),
+    );
+    assert!(ok, "boot after prestage:\n{text}");
+    let mounts = json(&server.cli(&["mounts", "--json"]));
+    let w = &mounts[0]["boot"]["window"];
+    assert_eq!(
+        w["misses"], 0,
+        "every read of the boot window was on disk: {w}"
+    );
+    assert_eq!(w["storage_wait_seconds"].as_f64().unwrap(), 0.0, "{w}");
+}

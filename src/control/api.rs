@@ -7,11 +7,13 @@ use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
-use crate::agent::{Agent, MountInfo, MountRequest, RelocateRequest};
+use crate::agent::{
+    Agent, MountInfo, MountRequest, RelocateRequest, WarmError, WarmInfo, WarmRequest,
+};
 use crate::cache::CacheStats;
 use crate::metrics::{BootSample, DiskSample, RelocationSample, Sample};
 use crate::mount::MountError;
@@ -94,6 +96,22 @@ impl From<MountError> for ApiError {
     }
 }
 
+impl From<WarmError> for ApiError {
+    fn from(e: WarmError) -> Self {
+        let code = match &e {
+            WarmError::NoDiskCache | WarmError::NoProfile { .. } => StatusCode::CONFLICT,
+            WarmError::NotFound { .. } => StatusCode::NOT_FOUND,
+            WarmError::Repo(source) => match source {
+                crate::repo::RepoError::NoSnapshot { .. }
+                | crate::repo::RepoError::AmbiguousSnapshot { .. }
+                | crate::repo::RepoError::Invalid(_) => StatusCode::BAD_REQUEST,
+                _ => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
 impl From<RelocateError> for ApiError {
     fn from(e: RelocateError) -> Self {
         let code = match &e {
@@ -129,6 +147,8 @@ pub async fn serve_api(
             axum::routing::post(finish_relocation),
         )
         .route("/v1/relocations", get(relocations))
+        .route("/v1/prestage", post(warm))
+        .route("/v1/prestage/{id}", get(warm_status))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -244,6 +264,20 @@ async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
         cache: s.agent.cache().stats(),
         repository_fetches: s.agent.repo().stats(),
     })
+}
+
+async fn warm(
+    State(s): State<ApiState>,
+    Json(req): Json<WarmRequest>,
+) -> Result<Json<WarmInfo>, ApiError> {
+    Ok(Json(s.agent.warm(&req).await?))
+}
+
+async fn warm_status(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<WarmInfo>, ApiError> {
+    Ok(Json(s.agent.warm_status(&id)?))
 }
 
 async fn list(State(s): State<ApiState>) -> Json<Vec<MountInfo>> {
