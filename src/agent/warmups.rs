@@ -114,7 +114,7 @@ impl Agent {
             .map(|w| warm_info(id, w))
     }
 
-    /// The warm-up of the snapshot whose id starts with `id` (the latest one started).
+    /// The warm-up of the snapshot whose id starts with `id` (running or finished).
     pub fn warm_status(&self, id: &str) -> Result<WarmInfo, WarmError> {
         let all = self.warmups.lock().unwrap_or_else(|p| p.into_inner());
         all.iter()
