@@ -6,27 +6,9 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 
-fn boot(image: &str, log: &Path, drive_opts: &str, extra: &[&str]) -> (bool, String) {
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/boot-guest"))
-        .args([image, log.to_str().unwrap()])
-        .args(extra)
-        .env("DRIVE_OPTS", drive_opts)
-        .env("BOOT_TIMEOUT", "120")
-        .output()
-        .expect("running scripts/boot-guest (needs qemu-system-x86_64: scripts/install-deps)");
-    let text = format!(
-        "{}{}\nserial log:\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
-    (out.status.success(), text)
-}
+use common::boot_guest as boot;
 
 #[test]
 fn guest_boots_its_whole_disk_from_a_live_mount_over_nfs() {

@@ -254,9 +254,20 @@ impl DiskCache {
     }
 
     fn get_blocking(&self, id: &ChunkId) -> Option<Bytes> {
+        use std::io::Read;
         let path = self.path_of(id);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
+        // One open serves the read and the update of the entry's last use.
+        let read = fs::File::options()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| {
+                let mut bytes = Vec::new();
+                f.read_to_end(&mut bytes)?;
+                Ok((f, bytes))
+            });
+        let (file, bytes) = match read {
+            Ok(r) => r,
             // Evicted meanwhile.
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 self.lock().remove(id);
@@ -276,9 +287,7 @@ impl DiskCache {
         self.lock().touch(id);
         self.hits.fetch_add(1, Relaxed);
         // Its modification time is its last use, for the order of eviction after a restart.
-        if let Ok(f) = fs::File::options().write(true).open(&path) {
-            let _ = f.set_modified(std::time::SystemTime::now());
-        }
+        let _ = file.set_modified(std::time::SystemTime::now());
         Some(Bytes::from(bytes))
     }
 

@@ -161,15 +161,7 @@ pub fn livemount_env_ok(args: &[&str], env: &[(String, String)]) -> String {
 
 /// Runs the binary and returns its stdout, panicking with stderr when it fails.
 pub fn livemount_ok(args: &[&str]) -> String {
-    let out = livemount(args);
-    assert!(
-        out.status.success(),
-        "livemount {args:?} failed ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    livemount_env_ok(args, &[])
 }
 
 /// All chunk files in a repository.
@@ -322,6 +314,27 @@ pub fn client(tool: &str, args: &[&str]) -> Output {
     Command::new(tool).args(args).output().unwrap_or_else(|e| {
         panic!("{tool} is required for this test (scripts/install-deps installs it): {e}")
     })
+}
+
+/// Boots the project's test guest with `scripts/boot-guest` (QEMU, TCG) from `image` (a file or
+/// an nfs:// URL, found through the portmapper on 127.0.0.1:111), with `drive_opts` appended to
+/// its -drive and `extra` QEMU arguments. Whether the script succeeded, and everything it and
+/// the guest's serial console printed.
+pub fn boot_guest(image: &str, log: &Path, drive_opts: &str, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/boot-guest"))
+        .args([image, log.to_str().unwrap()])
+        .args(extra)
+        .env("DRIVE_OPTS", drive_opts)
+        .env("BOOT_TIMEOUT", "120")
+        .output()
+        .expect("running scripts/boot-guest (needs qemu-system-x86_64: scripts/install-deps)");
+    let text = format!(
+        "{}{}\nserial log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    (out.status.success(), text)
 }
 
 /// Holds the machine-wide lock on TCP port 111 (the portmapper port QEMU's NFS driver asks).

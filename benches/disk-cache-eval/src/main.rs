@@ -197,17 +197,7 @@ async fn foyer_tier(dir: &Path, data: &[(ChunkId, Bytes)]) {
     );
     let t = Timing::start();
     let cc = Arc::new(c);
-    let c2 = cc.clone();
-    let (h, m, w) = read_all_parallel(data, move |id| {
-        let c = c2.clone();
-        async move {
-            match c.get(&id.to_hex()).await {
-                Ok(Some(e)) => Some(e.value().clone()),
-                _ => None,
-            }
-        }
-    })
-    .await;
+    let (h, m, w) = read_all_parallel(data, foyer_get(cc.clone())).await;
     Timing::end(t).show("read cold, checked here", bytes);
     println!("  hits {h}, misses {m}, wrong {w}");
     cc.close().await.unwrap();
@@ -221,19 +211,28 @@ async fn foyer_tier(dir: &Path, data: &[(ChunkId, Bytes)]) {
     let len = std::fs::metadata(&file).unwrap().len();
     flip_byte(&file, (len / 4).min(bytes as u64 / 2) + 12345);
     let c = Arc::new(open(dir.into()).await);
-    let c2 = c.clone();
-    let (h, m, w) = read_all_parallel(data, move |id| {
-        let c = c2.clone();
-        async move {
+    let (h, m, w) = read_all_parallel(data, foyer_get(c.clone())).await;
+    println!("  after one flipped byte in {}: hits {h}, misses {m}, wrong {w}", file.display());
+    c.close().await.unwrap();
+}
+
+/// A reader of the foyer cache by chunk id: its bytes, or `None` on a miss or an error.
+fn foyer_get(
+    c: Arc<HybridCache<String, Bytes>>,
+) -> impl Fn(ChunkId) -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<Bytes>> + Send>>
+       + Clone
+       + Send
+       + Sync
+       + 'static {
+    move |id| {
+        let c = c.clone();
+        Box::pin(async move {
             match c.get(&id.to_hex()).await {
                 Ok(Some(e)) => Some(e.value().clone()),
                 _ => None,
             }
-        }
-    })
-    .await;
-    println!("  after one flipped byte in {}: hits {h}, misses {m}, wrong {w}", file.display());
-    c.close().await.unwrap();
+        })
+    }
 }
 
 fn flip_byte(path: &Path, at: u64) {
