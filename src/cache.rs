@@ -28,7 +28,7 @@ use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use self::disk::{DiskCache, DiskCacheStats};
-use crate::fetch::{Demand, FetchClass, FetchScheduler, SchedulerStats};
+use crate::fetch::{Demand, FetchClass, FetchScheduler, Requester, SchedulerStats};
 use crate::repo::{ChunkId, ChunkReader, RepoError};
 
 /// Counters of a cache, as `/metrics` and `livemount status` show them.
@@ -92,8 +92,10 @@ impl std::fmt::Debug for ChunkCache {
     }
 }
 
-/// Repository fetches at once, and how many of them only VM reads may use.
-pub const FETCH_SLOTS: usize = 16;
+/// Repository fetches at once, and how many of them only VM reads may use. 32: enough GETs in
+/// flight to fill an object store's bandwidth when each takes tens of milliseconds (decision
+/// 0012); on a local directory they cost nothing while idle.
+pub const FETCH_SLOTS: usize = 32;
 pub const VM_RESERVED_SLOTS: usize = 4;
 
 impl ChunkCache {
@@ -289,6 +291,17 @@ impl ChunkCache {
         id: &ChunkId,
         class: FetchClass,
     ) -> Result<(Bytes, Access), RepoError> {
+        self.read_for(id, class, Requester::ANYONE).await
+    }
+
+    /// The same for `requester`: a fetch this read starts is held back only by the VM reads
+    /// of other requesters (see [`crate::fetch`]).
+    pub async fn read_for(
+        &self,
+        id: &ChunkId,
+        class: FetchClass,
+        requester: Requester,
+    ) -> Result<(Bytes, Access), RepoError> {
         let i = &self.inner;
         if let Some(b) = i.main.get(id) {
             i.hits.fetch_add(1, Relaxed);
@@ -320,7 +333,7 @@ impl ChunkCache {
                         i.hits.fetch_add(1, Relaxed);
                         return Ok((b, Access::Hit));
                     }
-                    let demand = Demand::new(class);
+                    let demand = Demand::on_behalf_of(class, requester);
                     let fill = spawn_fill(i.clone(), *id, demand.clone());
                     pending.insert(
                         *id,

@@ -16,9 +16,13 @@
 //!   pre-staging and background work together keep at most one fetch in flight: on a store
 //!   whose bandwidth is the limit, in-flight fetches are served in turn, and a VM read should
 //!   find at most one lower-class transfer ahead of it. When the VM is quiet they use every
-//!   slot they may.
+//!   slot they may;
+//! - a fetch made on behalf of a [`Requester`] (a mount's read-ahead) is held back only by the
+//!   VM reads of others: a VM is not protected from the read-ahead of its own stream, which
+//!   is what stops its next reads from missing (decision 0012).
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,22 +54,50 @@ impl FetchClass {
     }
 }
 
-/// The class of one pending fetch, shared by everyone waiting for it; it can only rise.
+/// Whose reads a fetch serves: one per mount reader, so that a mount's read-ahead is not held
+/// back by the VM reads of that same mount. [`Requester::ANYONE`] is nobody in particular
+/// (pre-staging, relocation, reads outside a mount): held back by every VM read, and its own
+/// VM reads hold back every lower-class fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Requester(u64);
+
+impl Requester {
+    pub const ANYONE: Requester = Requester(0);
+
+    /// A requester distinct from every other one made in this process.
+    pub fn unique() -> Requester {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Requester(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The class of one pending fetch, shared by everyone waiting for it (it can only rise), and
+/// the requester that started it.
 #[derive(Debug)]
-pub struct Demand(AtomicU8);
+pub struct Demand {
+    class: AtomicU8,
+    requester: Requester,
+}
 
 impl Demand {
     pub fn new(class: FetchClass) -> Arc<Demand> {
-        Arc::new(Demand(AtomicU8::new(class as u8)))
+        Self::on_behalf_of(class, Requester::ANYONE)
+    }
+
+    pub fn on_behalf_of(class: FetchClass, requester: Requester) -> Arc<Demand> {
+        Arc::new(Demand {
+            class: AtomicU8::new(class as u8),
+            requester,
+        })
     }
 
     pub fn class(&self) -> FetchClass {
-        FetchClass::from_u8(self.0.load(Ordering::Acquire))
+        FetchClass::from_u8(self.class.load(Ordering::Acquire))
     }
 
     /// Raises the class to `class` if that is higher; returns whether it rose.
     pub fn raise(&self, class: FetchClass) -> bool {
-        self.0.fetch_min(class as u8, Ordering::AcqRel) > class as u8
+        self.class.fetch_min(class as u8, Ordering::AcqRel) > class as u8
     }
 }
 
@@ -81,13 +113,21 @@ pub struct FetchScheduler {
 #[derive(Debug, Default)]
 struct State {
     in_flight: usize,
-    /// VM-class fetches in flight, and when the last one ended.
+    /// VM-class fetches in flight, in all.
     vm_in_flight: usize,
-    vm_ended: Option<Instant>,
+    /// VM-class fetches in flight and when the last one ended, by requester (an entry goes
+    /// once it is past the hold with nothing in flight).
+    vm: HashMap<Requester, VmReads>,
     next_seq: u64,
     waiting: Vec<Waiter>,
     /// Slots handed out so far, by class (for tests and `/metrics`).
     granted: [u64; 3],
+}
+
+#[derive(Debug, Default)]
+struct VmReads {
+    in_flight: usize,
+    ended: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -111,17 +151,14 @@ pub struct SchedulerStats {
 pub struct Slot {
     sched: Option<Arc<FetchScheduler>>,
     class: FetchClass,
+    requester: Requester,
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(s) = self.sched.take() {
             let mut st = s.lock();
-            st.in_flight -= 1;
-            if self.class == FetchClass::Vm {
-                st.vm_in_flight -= 1;
-                st.vm_ended = Some(Instant::now());
-            }
+            s.give_back(&mut st, self.class, self.requester, true);
             s.grant(&mut st);
         }
     }
@@ -173,8 +210,8 @@ impl FetchScheduler {
                 .waiting
                 .iter()
                 .any(|w| !w.wake.is_closed() && w.demand.class() <= class);
-            if !queued_ahead && st.in_flight < self.cap(&st, class) {
-                return self.take(&mut st, class);
+            if !queued_ahead && st.in_flight < self.cap(&st, class, demand.requester) {
+                return self.take(&mut st, class, demand.requester);
             }
             let (tx, rx) = oneshot::channel();
             let seq = st.next_seq;
@@ -203,22 +240,30 @@ impl FetchScheduler {
     /// Whether VM reads are active now (one running, or one ended less than the hold ago).
     pub fn vm_active(&self) -> bool {
         let st = self.lock();
-        self.vm_active_in(&st)
+        self.vm_active_in(&st, Requester::ANYONE)
     }
 
-    fn vm_active_in(&self, st: &State) -> bool {
-        st.vm_in_flight > 0
-            || st
-                .vm_ended
+    fn active(&self, r: &VmReads) -> bool {
+        r.in_flight > 0
+            || r.ended
                 .is_some_and(|t| t.elapsed() < self.hold && !self.hold.is_zero())
     }
 
-    /// How many slots a fetch of `class` may find busy and still start.
-    fn cap(&self, st: &State, class: FetchClass) -> usize {
+    /// Whether VM reads other than `except`'s own are active (all of them for
+    /// [`Requester::ANYONE`]; reads by nobody in particular count for everyone).
+    fn vm_active_in(&self, st: &State, except: Requester) -> bool {
+        st.vm.iter().any(|(who, r)| {
+            (except == Requester::ANYONE || *who != except || *who == Requester::ANYONE)
+                && self.active(r)
+        })
+    }
+
+    /// How many slots a fetch of `class` for `requester` may find busy and still start.
+    fn cap(&self, st: &State, class: FetchClass, requester: Requester) -> usize {
         if class == FetchClass::Vm {
             return self.limit;
         }
-        if self.vm_active_in(st) {
+        if self.vm_active_in(st, requester) {
             // Lower classes may hold at most this many of the busy slots.
             (st.vm_in_flight + LOWER_WHILE_VM_ACTIVE).min(self.limit - self.reserve)
         } else {
@@ -226,16 +271,39 @@ impl FetchScheduler {
         }
     }
 
-    fn take(self: &Arc<Self>, st: &mut State, class: FetchClass) -> Slot {
+    fn take(self: &Arc<Self>, st: &mut State, class: FetchClass, requester: Requester) -> Slot {
         st.in_flight += 1;
         if class == FetchClass::Vm {
             st.vm_in_flight += 1;
+            st.vm.entry(requester).or_default().in_flight += 1;
         }
         st.granted[class as usize] += 1;
         Slot {
             sched: Some(self.clone()),
             class,
+            requester,
         }
+    }
+
+    /// Undoes the counts of [`Self::take`]; `ran`: the fetch ran (a VM read ends now).
+    fn give_back(&self, st: &mut State, class: FetchClass, requester: Requester, ran: bool) {
+        st.in_flight -= 1;
+        if class == FetchClass::Vm {
+            st.vm_in_flight -= 1;
+            if let Some(r) = st.vm.get_mut(&requester) {
+                r.in_flight -= 1;
+                if ran {
+                    r.ended = Some(Instant::now());
+                }
+            }
+        }
+        // Forget requesters whose reads are over and past the hold (mounts come and go).
+        let hold = self.hold;
+        st.vm.retain(|_, r| {
+            r.in_flight > 0
+                || r.ended
+                    .is_some_and(|t| t.elapsed() < hold && !hold.is_zero())
+        });
     }
 
     /// Gives free slots to waiters, best class first, oldest first within a class; stops at
@@ -248,23 +316,20 @@ impl FetchScheduler {
                 .iter()
                 .enumerate()
                 .min_by_key(|(_, w)| (w.demand.class(), w.seq))
-                .map(|(i, w)| (i, w.demand.class()))
+                .map(|(i, w)| (i, w.demand.class(), w.demand.requester))
             else {
                 return;
             };
-            let (i, class) = best;
-            if st.in_flight >= self.cap(st, class) {
+            let (i, class, requester) = best;
+            if st.in_flight >= self.cap(st, class, requester) {
                 return;
             }
             let w = st.waiting.swap_remove(i);
-            let slot = self.take(st, class);
+            let slot = self.take(st, class, requester);
             if let Err(mut slot) = w.wake.send(slot) {
                 // The waiter went away just now: take the slot back without re-entering.
                 slot.sched = None;
-                st.in_flight -= 1;
-                if class == FetchClass::Vm {
-                    st.vm_in_flight -= 1;
-                }
+                self.give_back(st, class, requester, false);
                 st.granted[class as usize] -= 1;
             }
         }
@@ -391,6 +456,57 @@ mod tests {
         drop(rx.recv().await.unwrap());
         settle().await;
         assert_eq!(s.stats().in_flight, 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_mounts_read_ahead_is_held_back_by_other_vms_only() {
+        let s = FetchScheduler::with_hold(8, 2, Duration::from_millis(200));
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (me, other) = (Requester::unique(), Requester::unique());
+        // My VM reads: my read-ahead still gets every slot lower classes may use (6 of 8).
+        let mine = s.slot(Demand::on_behalf_of(FetchClass::Vm, me)).await;
+        for _ in 0..10 {
+            let d = Demand::on_behalf_of(FetchClass::Background, me);
+            request(&s, d, "ahead", &tx);
+        }
+        settle().await;
+        let mut ahead = Vec::new();
+        for _ in 0..5 {
+            ahead.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(s.stats().in_flight, 6, "my VM read and 5 of my read-aheads");
+        // Another VM reads: as my read-aheads end, they are started again only up to one
+        // beyond the VM reads in flight.
+        let theirs = s.slot(Demand::on_behalf_of(FetchClass::Vm, other)).await;
+        ahead.clear();
+        settle().await;
+        let held = rx.recv().await.unwrap();
+        settle().await;
+        assert_eq!(s.stats().in_flight, 3, "two VM reads and one read-ahead");
+        // Both VM reads end; theirs is within its hold, so still one read-ahead at a time.
+        drop((mine, theirs));
+        settle().await;
+        assert_eq!(s.stats().in_flight, 1);
+        // Past the hold, my read-ahead has its slots back.
+        tokio::time::advance(Duration::from_millis(250)).await;
+        s.reconsider();
+        settle().await;
+        assert_eq!(
+            s.stats().in_flight,
+            5,
+            "the one held and the 4 still waiting"
+        );
+        drop(held);
+
+        // A fetch by nobody in particular is held back by my VM reads, as before.
+        let s = FetchScheduler::with_hold(8, 2, Duration::from_millis(200));
+        let _mine = s.slot(Demand::on_behalf_of(FetchClass::Vm, me)).await;
+        for _ in 0..3 {
+            request(&s, Demand::new(FetchClass::Prestage), "pre", &tx);
+        }
+        settle().await;
+        assert_eq!(s.stats().in_flight, 2, "my VM read and one pre-stage fetch");
+        assert_eq!(s.stats().waiting, 2);
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use crate::cache::{Access, ChunkCache};
-use crate::fetch::FetchClass;
+use crate::fetch::{FetchClass, Requester};
 use crate::metrics::{Metrics, MountLabel};
 use crate::prestage::BootWindow;
 use crate::repo::{ChunkId, ChunkReader, RepoError};
@@ -27,6 +27,8 @@ pub struct MountReader {
     label: MountLabel,
     /// The mount's boot window, which counts the VM's hits and misses while it records.
     window: Option<Arc<BootWindow>>,
+    /// Who the scheduler sees: the mount's read-ahead is not held back by its own VM reads.
+    requester: Requester,
 }
 
 impl MountReader {
@@ -41,6 +43,7 @@ impl MountReader {
             metrics,
             label: Metrics::label(mount),
             window,
+            requester: Requester::unique(),
         }
     }
 }
@@ -61,7 +64,7 @@ impl MountReader {
 
     async fn read_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
         let start = Instant::now();
-        let result = self.cache.read_traced(id, class).await;
+        let result = self.cache.read_for(id, class, self.requester).await;
         let window = self.window.as_ref().filter(|_| class == FetchClass::Vm);
         let (bytes, access) = match result {
             Ok(r) => r,
