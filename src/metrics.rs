@@ -10,7 +10,7 @@
 //! |---|---|---|
 //! | `livemount_nfs_reads_total`, `livemount_nfs_read_bytes_total` | mount | NFS READs served and their bytes |
 //! | `livemount_nfs_writes_total`, `livemount_nfs_write_bytes_total` | mount | NFS WRITEs and their bytes |
-//! | `livemount_nfs_errors_total` | mount, file | READs and WRITEs answered with an error (the log line names the offset and chunk) |
+//! | `livemount_nfs_errors_total` | mount, disk | READs and WRITEs answered with an error, by backup disk (`disk="-"`: files the hypervisor made in the mount's folder, whose names a client chose and which never become label values); the log line names the file, offset and chunk |
 //! | `livemount_cache_hits_total`, `livemount_cache_misses_total` | mount | chunk lookups in the read cache |
 //! | `livemount_repo_fetch_seconds` | mount | histogram: time to fetch, decode and verify a missed chunk |
 //! | `livemount_cache_bytes`, `livemount_mounts` | | cache fill, number of mounts (sampled at scrape) |
@@ -40,11 +40,11 @@ pub struct MountLabel {
     pub mount: String,
 }
 
-/// The labels of per-file metrics.
+/// The labels of per-disk metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FileLabel {
+pub struct DiskLabel {
     pub mount: String,
-    pub file: String,
+    pub disk: String,
 }
 
 type Hist = Family<MountLabel, Histogram, fn() -> Histogram>;
@@ -54,6 +54,21 @@ fn fetch_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
 }
 
+/// A label value that cannot break the text format: prometheus-client writes label values
+/// as given, so anything but letters, digits and `._-+@:` becomes `_`. Mount and disk names are
+/// checked when they are made; this is the second line.
+fn label_value(v: &str) -> String {
+    v.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+@:".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
@@ -61,7 +76,7 @@ pub struct Metrics {
     pub read_bytes: Family<MountLabel, Counter>,
     pub writes: Family<MountLabel, Counter>,
     pub write_bytes: Family<MountLabel, Counter>,
-    pub errors: Family<FileLabel, Counter>,
+    pub errors: Family<DiskLabel, Counter>,
     pub hits: Family<MountLabel, Counter>,
     pub misses: Family<MountLabel, Counter>,
     pub fetch_seconds: Hist,
@@ -350,14 +365,16 @@ impl Metrics {
 
     pub fn label(mount: &str) -> MountLabel {
         MountLabel {
-            mount: mount.to_string(),
+            mount: label_value(mount),
         }
     }
 
-    pub fn file_label(mount: &str, file: &str) -> FileLabel {
-        FileLabel {
-            mount: mount.to_string(),
-            file: file.to_string(),
+    /// The label of a backup disk of a mount; `None`: a file of the mount's folder (its name
+    /// was chosen by a client, so it is not a label value).
+    pub fn disk_label(mount: &str, disk: Option<&str>) -> DiskLabel {
+        DiskLabel {
+            mount: label_value(mount),
+            disk: disk.map_or_else(|| "-".to_string(), label_value),
         }
     }
 }

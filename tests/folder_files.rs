@@ -310,3 +310,70 @@ async fn exclusive_create_is_idempotent_for_its_own_verifier() {
         "resent after a restart"
     );
 }
+
+/// A name a client chose never reaches `/metrics` (it could break the text format or grow a
+/// label family without bound), and writes or sizes near 2^64 on a folder file are refused
+/// over the wire with FBIG, leaving the file as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn client_names_stay_out_of_metrics_and_offsets_near_2_64_are_refused() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 71));
+    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let server = Server::start(&repo, &t.path().join("state"), "off", &[]);
+    server.cli(&["mount", "vm", "--name", "m"]);
+
+    let mut c = connect(&server, "m").await;
+    let dir = c.root_nfs_fh3();
+    let evil = "evil\"} 1\nlivemount_injected{x=\"1";
+    let fh = create(&mut c, &dir, evil).await;
+    nfs_write(&mut c, &fh, 0, b"kept").await;
+    for offset in [u64::MAX - 10, u64::MAX - 4, 1 << 63] {
+        let args = WRITE3args {
+            file: fh.clone(),
+            offset,
+            count: 8,
+            stable: stable_how::FILE_SYNC,
+            data: b"12345678".as_slice().into(),
+        };
+        match c.write(&args).await.unwrap() {
+            WRITE3res::Err((e, _)) => assert_eq!(e, nfsstat3::NFS3ERR_FBIG, "WRITE at {offset}"),
+            WRITE3res::Ok(_) => panic!("WRITE at {offset} was taken"),
+        }
+    }
+    for sz in [u64::MAX, u64::MAX - 1, 1 << 63] {
+        assert_eq!(
+            set_size(&mut c, &fh, sz).await,
+            nfsstat3::NFS3ERR_FBIG,
+            "size {sz}"
+        );
+    }
+    assert_eq!(read_all(&mut c, &fh).await, b"kept");
+
+    let text = server.metrics();
+    assert!(
+        !text.contains("evil"),
+        "a client's name in /metrics:\n{text}"
+    );
+    assert!(!text.contains("injected"), "{text}");
+    // Every line is a comment or `name{labels} value`, and the errors are counted by mount.
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "not a sample line: {line:?}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("livemount_nfs_errors_total{") && l.contains("mount=\"m\"")),
+        "{text}"
+    );
+    // The log names the file, escaped: the newline in its name starts no line of its own.
+    let log = server.log_text();
+    assert!(log.contains("write failed"), "{log}");
+    assert!(
+        !log.lines().any(|l| l.starts_with("livemount_injected")),
+        "{log}"
+    );
+}

@@ -342,10 +342,10 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
     // The failures are counted per mount and file on /metrics.
     let metrics = server.metrics();
     assert!(
-        metrics.contains("livemount_nfs_errors_total{mount=\"kvm01-lm1\",file=\"b.img\"}"),
+        metrics.contains("livemount_nfs_errors_total{mount=\"kvm01-lm1\",disk=\"b.img\"}"),
         "{metrics}"
     );
-    assert!(!metrics.contains("file=\"a.img\"}"), "{metrics}");
+    assert!(!metrics.contains("disk=\"a.img\"}"), "{metrics}");
 
     // A missing chunk (fresh server, so not in the cache): the same, for that disk only.
     assert!(server.stop().success());
@@ -424,7 +424,7 @@ fn an_unreachable_repository_fails_uncached_reads_only_and_then_comes_back() {
     );
     let m = server.metrics();
     assert!(
-        m.contains("livemount_nfs_errors_total{mount=\"vm-a\",file=\"a.img\"}"),
+        m.contains("livemount_nfs_errors_total{mount=\"vm-a\",disk=\"a.img\"}"),
         "{m}"
     );
     assert!(!m.contains("mount=\"vm-b\",file="), "{m}");

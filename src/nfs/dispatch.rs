@@ -679,7 +679,7 @@ fn mount_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> 
                     body.put_u32(rpc::AUTH_SYS);
                 }
                 Err(s) => {
-                    tracing::info!(path = %String::from_utf8_lossy(path), "MNT of a path that is not exported");
+                    tracing::info!(path = ?String::from_utf8_lossy(path), "MNT of a path that is not exported");
                     body.put_u32(mount_status(s));
                 }
             }

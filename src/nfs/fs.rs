@@ -235,6 +235,29 @@ impl DatastoreFs {
     }
 }
 
+/// The file a READ or WRITE went to, for its error's metric and log line.
+enum FileName {
+    /// A disk of the backup (named by the backup's config).
+    Disk(String),
+    /// A file of the mount's folder (named by a client).
+    Folder(String),
+}
+
+impl FileName {
+    fn disk(&self) -> Option<&str> {
+        match self {
+            FileName::Disk(n) => Some(n),
+            FileName::Folder(_) => None,
+        }
+    }
+
+    fn text(&self) -> &str {
+        match self {
+            FileName::Disk(n) | FileName::Folder(n) => n,
+        }
+    }
+}
+
 /// What a file id names.
 enum Node {
     Root,
@@ -441,7 +464,7 @@ impl DatastoreFs {
                     .await
                     .map_err(|e| (e.to_string(), super::errors::overlay_to_nfsstat(&e)));
                 let name = m.files[i].name.clone();
-                (m, name, r)
+                (m, FileName::Disk(name), r)
             }
             Node::Extra(m, _, e) if e.kind == Kind::Dir => {
                 drop(m);
@@ -453,7 +476,7 @@ impl DatastoreFs {
                     .read(low, offset, count)
                     .await
                     .map_err(|e| (e.to_string(), super::errors::files_to_nfsstat(&e)));
-                (m, e.name, r)
+                (m, FileName::Folder(e.name), r)
             }
         };
         let label = Metrics::label(&m.spec.name);
@@ -469,9 +492,10 @@ impl DatastoreFs {
             Err((text, status)) => {
                 metrics
                     .errors
-                    .get_or_create(&Metrics::file_label(&m.spec.name, &name))
+                    .get_or_create(&Metrics::disk_label(&m.spec.name, name.disk()))
                     .inc();
-                tracing::error!(mount = %m.spec.name, file = %name, offset, count, error = %text, "read failed");
+                // Debug formatting: a name or message with a newline cannot forge log lines.
+                tracing::error!(mount = %m.spec.name, file = ?name.text(), offset, count, error = ?text, "read failed");
                 Err(status)
             }
         }
@@ -500,7 +524,7 @@ impl DatastoreFs {
                     .map(|()| self.file_attr(&m, f))
                     .map_err(|e| (e.to_string(), super::errors::overlay_to_nfsstat(&e)));
                 let name = f.name.clone();
-                (m, name, r)
+                (m, FileName::Disk(name), r)
             }
             Node::Extra(m, low, e) => {
                 let folder = m.folder.clone().ok_or(nfsstat3::NFS3ERR_ROFS)?;
@@ -509,7 +533,7 @@ impl DatastoreFs {
                     .await
                     .map(|entry| self.extra_attr(&m, low, &entry))
                     .map_err(|e| (e.to_string(), super::errors::files_to_nfsstat(&e)));
-                (m, e.name, r)
+                (m, FileName::Folder(e.name), r)
             }
         };
         let label = Metrics::label(&m.spec.name);
@@ -525,9 +549,9 @@ impl DatastoreFs {
             Err((text, status)) => {
                 metrics
                     .errors
-                    .get_or_create(&Metrics::file_label(&m.spec.name, &name))
+                    .get_or_create(&Metrics::disk_label(&m.spec.name, name.disk()))
                     .inc();
-                tracing::error!(mount = %m.spec.name, file = %name, offset, len = data.len(), error = %text, "write failed");
+                tracing::error!(mount = %m.spec.name, file = ?name.text(), offset, len = data.len(), error = ?text, "write failed");
                 Err(status)
             }
         }
@@ -537,7 +561,7 @@ impl DatastoreFs {
     pub async fn commit(&self, id: u64) -> Result<(), nfsstat3> {
         match self.node(id)? {
             Node::Backup(m, i) => m.files[i].commit().await.map_err(|e| {
-                tracing::error!(mount = %m.spec.name, file = %m.files[i].name, error = %e, "commit failed");
+                tracing::error!(mount = %m.spec.name, file = ?m.files[i].name, error = ?e.to_string(), "commit failed");
                 super::errors::overlay_to_nfsstat(&e)
             }),
             Node::Extra(m, low, _) => match &m.folder {
