@@ -11,7 +11,9 @@
 //! - the last [`FetchScheduler::reserve`] slots are for VM reads only, so a VM read finds a free
 //!   slot even while pre-staging or background work keeps every slot they may use busy: at worst
 //!   it waits behind other VM reads, never behind a queued or in-flight background fetch;
-//! - within a class, first come first served;
+//! - within a class, requesters share fairly: a waiter whose requester has fewer fetches in
+//!   flight goes first, so one mount's flood of uncached reads cannot make every other mount's
+//!   VM wait behind it; among equals, first come first served;
 //! - while VM reads are active (one is running, or one ended less than [`VM_HOLD`] ago),
 //!   pre-staging and background work together keep at most one fetch in flight: on a store
 //!   whose bandwidth is the limit, in-flight fetches are served in turn, and a VM read should
@@ -118,6 +120,8 @@ struct State {
     /// VM-class fetches in flight and when the last one ended, by requester (an entry goes
     /// once it is past the hold with nothing in flight).
     vm: HashMap<Requester, VmReads>,
+    /// Fetches in flight (every class) by requester, for fair shares within a class.
+    flights: HashMap<Requester, usize>,
     next_seq: u64,
     waiting: Vec<Waiter>,
     /// Slots handed out so far, by class (for tests and `/metrics`).
@@ -273,6 +277,7 @@ impl FetchScheduler {
 
     fn take(self: &Arc<Self>, st: &mut State, class: FetchClass, requester: Requester) -> Slot {
         st.in_flight += 1;
+        *st.flights.entry(requester).or_default() += 1;
         if class == FetchClass::Vm {
             st.vm_in_flight += 1;
             st.vm.entry(requester).or_default().in_flight += 1;
@@ -288,6 +293,12 @@ impl FetchScheduler {
     /// Undoes the counts of [`Self::take`]; `ran`: the fetch ran (a VM read ends now).
     fn give_back(&self, st: &mut State, class: FetchClass, requester: Requester, ran: bool) {
         st.in_flight -= 1;
+        if let Some(n) = st.flights.get_mut(&requester) {
+            *n -= 1;
+            if *n == 0 {
+                st.flights.remove(&requester);
+            }
+        }
         if class == FetchClass::Vm {
             st.vm_in_flight -= 1;
             if let Some(r) = st.vm.get_mut(&requester) {
@@ -306,8 +317,9 @@ impl FetchScheduler {
         });
     }
 
-    /// Gives free slots to waiters, best class first, oldest first within a class; stops at
-    /// the first waiter that may not start (nobody behind it may overtake it).
+    /// Gives free slots to waiters, best class first; within a class, the requester with the
+    /// fewest fetches in flight first, then the oldest; stops at the first waiter that may not
+    /// start (nobody behind it may overtake it).
     fn grant(self: &Arc<Self>, st: &mut State) {
         st.waiting.retain(|w| !w.wake.is_closed());
         loop {
@@ -315,7 +327,10 @@ impl FetchScheduler {
                 .waiting
                 .iter()
                 .enumerate()
-                .min_by_key(|(_, w)| (w.demand.class(), w.seq))
+                .min_by_key(|(_, w)| {
+                    let flights = st.flights.get(&w.demand.requester).copied().unwrap_or(0);
+                    (w.demand.class(), flights, w.seq)
+                })
                 .map(|(i, w)| (i, w.demand.class(), w.demand.requester))
             else {
                 return;
@@ -530,6 +545,54 @@ mod tests {
             .unwrap();
         assert_eq!(label, "pre1");
         drop(first);
+    }
+
+    #[tokio::test]
+    async fn one_mounts_flood_does_not_queue_another_mounts_vm_read_behind_it() {
+        let s = FetchScheduler::new(4, 1);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let (flood, quiet) = (Requester::unique(), Requester::unique());
+        // The flood takes every slot and queues 50 more reads.
+        for _ in 0..54 {
+            request(
+                &s,
+                Demand::on_behalf_of(FetchClass::Vm, flood),
+                "flood",
+                &tx,
+            );
+        }
+        settle().await;
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(rx.recv().await.unwrap());
+        }
+        // Another mount's VM reads: the next free slot is theirs, not the flood's 51st.
+        request(
+            &s,
+            Demand::on_behalf_of(FetchClass::Vm, quiet),
+            "quiet",
+            &tx,
+        );
+        settle().await;
+        request(
+            &s,
+            Demand::on_behalf_of(FetchClass::Vm, quiet),
+            "quiet2",
+            &tx,
+        );
+        settle().await;
+        drop(held.pop());
+        let (label, slot) = rx.recv().await.unwrap();
+        assert_eq!(label, "quiet");
+        // In flight now: quiet 1, flood 2. The next slot is quiet's again.
+        drop(held.pop());
+        let (label2, slot2) = rx.recv().await.unwrap();
+        assert_eq!(label2, "quiet2");
+        // In flight now: quiet 2, flood 1. The flood's turn.
+        drop(held.pop());
+        let (label3, _slot3) = rx.recv().await.unwrap();
+        assert_eq!(label3, "flood");
+        drop((slot, slot2));
     }
 
     #[tokio::test]
