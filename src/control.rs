@@ -16,6 +16,7 @@
 
 mod api;
 mod client;
+mod listener;
 
 pub use api::{serve_api, ApiState, AttachInfo, MountReply, StatusReply};
 pub use client::Client;

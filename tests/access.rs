@@ -153,3 +153,119 @@ async fn mounts_limited_to_hosts_and_the_server_allow_list_refuse_everyone_else(
     let mut two = connect_from("127.0.0.2", port).await.unwrap();
     assert!(mnt(&mut two, "/livemount").await.is_ok());
 }
+
+/// A network namespace of its own with a non-loopback address on its `lo`, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str, addr: &str) -> Netns {
+        let name = format!("lm-{tag}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            let out = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", &name]);
+        let ns = Netns(name);
+        ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n",
+            &ns.0,
+            "addr",
+            "add",
+            &format!("{addr}/32"),
+            "dev",
+            "lo",
+        ]);
+        ns
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        let mut c = std::process::Command::new("ip");
+        c.args(["netns", "exec", &self.0, program]);
+        c
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.0])
+            .status();
+    }
+}
+
+/// `/metrics` answers loopback clients only unless `metrics_public = true`, and `serve` warns
+/// when its API listens beyond loopback. The server runs in a network namespace whose `lo`
+/// also carries 10.99.0.1, an address that is not loopback, and listens there.
+#[test]
+fn metrics_stay_on_loopback_unless_made_public_and_a_public_api_is_warned_about() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 81));
+    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let ns = Netns::new("metrics", "10.99.0.1");
+    for public in [false, true] {
+        let state = t.path().join(format!("state-{public}"));
+        let conf = t.path().join(format!("serve-{public}.toml"));
+        std::fs::write(&conf, format!("metrics_public = {public}\n")).unwrap();
+        let log = std::fs::File::create(t.path().join(format!("serve-{public}.log"))).unwrap();
+        let mut child = ns
+            .command(env!("CARGO_BIN_EXE_livemount"))
+            .args(["serve", "--repo", repo.to_str().unwrap()])
+            .args(["--state", state.to_str().unwrap()])
+            .args(["--config", conf.to_str().unwrap()])
+            .args([
+                "--nfs",
+                "127.0.0.1:0",
+                "--portmap",
+                "off",
+                "--api",
+                "10.99.0.1:7480",
+            ])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        while !state.join("api.json").exists() {
+            assert!(child.try_wait().unwrap().is_none(), "serve exited");
+            assert!(t0.elapsed().as_secs() < 30, "serve did not start");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let curl = ns
+            .command("curl")
+            .args([
+                "-s",
+                "-w",
+                "\n%{http_code}",
+                "http://10.99.0.1:7480/metrics",
+            ])
+            .output()
+            .unwrap();
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().unwrap();
+        let out = String::from_utf8_lossy(&curl.stdout).to_string();
+        let text = std::fs::read_to_string(t.path().join(format!("serve-{public}.log"))).unwrap();
+        assert!(
+            text.contains("warning: the control API listens on 10.99.0.1:7480, beyond loopback"),
+            "{text}"
+        );
+        if public {
+            assert!(out.ends_with("\n200"), "{out}");
+            assert!(out.contains("livemount_mounts"), "{out}");
+        } else {
+            assert!(out.ends_with("\n403"), "{out}");
+            assert!(out.contains("metrics_public = true"), "{out}");
+            assert!(!out.contains("livemount_mounts"), "{out}");
+        }
+    }
+}

@@ -92,6 +92,8 @@ pub struct ServeConfig {
     pub advertise: Option<String>,
     /// Accept AUTH_NONE calls (default false: AUTH_SYS required).
     pub allow_auth_none: Option<bool>,
+    /// Serve `/metrics` to every host that reaches the API (default false: loopback only).
+    pub metrics_public: Option<bool>,
     /// Slow every repository read down on purpose (tests and benchmarks of cold storage).
     pub slow_repository: Option<SlowRepoConfig>,
     /// Boot windows and profiles.
@@ -316,6 +318,15 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen for the control API on {api_addr}"))?;
     let api_url = format!("http://{}", api_listener.local_addr()?);
+    if !api_addr.ip().to_canonical().is_loopback() {
+        let warning = format!(
+            "the control API listens on {api_addr}, beyond loopback, over plain HTTP: its bearer \
+             token and replies cross the network unencrypted; keep it on 127.0.0.1 and reach \
+             it through a tunnel or a TLS proxy"
+        );
+        eprintln!("warning: {warning}");
+        tracing::warn!("{warning}");
+    }
     let addr_file = ApiAddr {
         url: api_url.clone(),
         pid: std::process::id(),
@@ -331,6 +342,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         export: export.clone(),
         nfs_port,
         portmap: portmap_on,
+        metrics_public: file.metrics_public.unwrap_or(false),
     };
     tasks.spawn({
         let cancel = cancel.child_token();

@@ -1,9 +1,8 @@
 //! The API server (axum).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -29,6 +28,8 @@ pub struct ApiState {
     pub export: String,
     pub nfs_port: u16,
     pub portmap: bool,
+    /// Serve `/metrics` to other hosts too (else to loopback only).
+    pub metrics_public: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -153,18 +154,38 @@ pub async fn serve_api(
             state.clone(),
             require_token,
         ));
-    // /metrics is read-only counters for scrapers; it needs no token (the API listens on
-    // loopback unless told otherwise).
+    // /metrics is read-only counters for scrapers; it needs no token, and is served to
+    // loopback only unless the config says `metrics_public = true` (it names mounts and
+    // relocation destinations).
     let app = Router::new()
         .route("/metrics", get(metrics))
         .merge(api)
         .with_state(state);
+    let listener = super::listener::GuardedListener::new(
+        listener,
+        super::listener::MAX_CONNECTIONS,
+        super::listener::IDLE,
+    );
     axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<super::listener::Peer>(),
     )
     .with_graceful_shutdown(async move { cancel.cancelled().await })
     .await
+}
+
+/// Runs a change to the agent as its own task, so that it runs to the end even if its client
+/// goes away (or its connection is closed as idle) halfway: a mount or relocation cut short
+/// at an await could leave half its work done.
+async fn run_to_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(work).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the request's task failed: {e}"),
+        )
+    })
 }
 
 async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
@@ -189,7 +210,21 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+async fn metrics(
+    State(s): State<ApiState>,
+    ConnectInfo(super::listener::Peer(peer)): ConnectInfo<super::listener::Peer>,
+) -> Response {
+    if !s.metrics_public && !peer.ip().to_canonical().is_loopback() {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "/metrics is served to loopback only, and {} is not; set metrics_public = true \
+                 in serve's config file to serve it to other hosts",
+                peer.ip()
+            ),
+        )
+        .into_response();
+    }
     let mounts = s.agent.mounts();
     let sched = s.agent.cache().scheduler_stats();
     let sample = Sample {
@@ -249,6 +284,7 @@ async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
         )],
         text,
     )
+        .into_response()
 }
 
 async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
@@ -270,7 +306,10 @@ async fn warm(
     State(s): State<ApiState>,
     Json(req): Json<WarmRequest>,
 ) -> Result<Json<WarmInfo>, ApiError> {
-    Ok(Json(s.agent.warm(&req).await?))
+    let agent = s.agent.clone();
+    Ok(Json(
+        run_to_end(async move { agent.warm(&req).await }).await??,
+    ))
 }
 
 async fn warm_status(
@@ -288,7 +327,8 @@ async fn mount(
     State(s): State<ApiState>,
     Json(req): Json<MountRequest>,
 ) -> Result<Json<MountReply>, ApiError> {
-    let mount = s.agent.mount(&req).await?;
+    let agent = s.agent.clone();
+    let mount = run_to_end(async move { agent.mount(&req).await }).await??;
     let attach = attach_info(&s, &mount);
     Ok(Json(MountReply { mount, attach }))
 }
@@ -304,7 +344,10 @@ async fn unmount(
     Path(name): Path<String>,
     Query(q): Query<UnmountQuery>,
 ) -> Result<Json<crate::mount::MountSpec>, ApiError> {
-    Ok(Json(s.agent.unmount(&name, q.keep_writes).await?))
+    let agent = s.agent.clone();
+    Ok(Json(
+        run_to_end(async move { agent.unmount(&name, q.keep_writes).await }).await??,
+    ))
 }
 
 async fn relocate(
@@ -312,7 +355,10 @@ async fn relocate(
     Path(name): Path<String>,
     Json(req): Json<RelocateRequest>,
 ) -> Result<Json<RelocationStatus>, ApiError> {
-    Ok(Json(s.agent.relocate(&name, &req).await?))
+    let agent = s.agent.clone();
+    Ok(Json(
+        run_to_end(async move { agent.relocate(&name, &req).await }).await??,
+    ))
 }
 
 #[derive(serde::Deserialize)]
@@ -326,14 +372,20 @@ async fn finish_relocation(
     Path(name): Path<String>,
     Query(q): Query<FinishQuery>,
 ) -> Result<Json<RelocationStatus>, ApiError> {
-    Ok(Json(s.agent.finish_relocation(&name, q.force).await?))
+    let agent = s.agent.clone();
+    Ok(Json(
+        run_to_end(async move { agent.finish_relocation(&name, q.force).await }).await??,
+    ))
 }
 
 async fn cancel_relocation(
     State(s): State<ApiState>,
     Path(name): Path<String>,
 ) -> Result<Json<RelocationStatus>, ApiError> {
-    Ok(Json(s.agent.cancel_relocation(&name).await?))
+    let agent = s.agent.clone();
+    Ok(Json(
+        run_to_end(async move { agent.cancel_relocation(&name).await }).await??,
+    ))
 }
 
 async fn relocations(State(s): State<ApiState>) -> Json<Vec<RelocationStatus>> {
