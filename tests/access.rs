@@ -269,3 +269,84 @@ fn metrics_stay_on_loopback_unless_made_public_and_a_public_api_is_warned_about(
         }
     }
 }
+
+/// LOOKUP of `name` in `dir`: the handle.
+async fn lookup_fh(s: &mut TcpStream, dir: &[u8], name: &str) -> Vec<u8> {
+    let mut args = xdr_string(dir);
+    args.extend_from_slice(&xdr_string(name.as_bytes()));
+    let reply = rpc(s, &call_record(3, NFS, 3, 3, &args))
+        .await
+        .expect("a LOOKUP reply");
+    assert_eq!(word(&reply, 24), 0, "LOOKUP {name}");
+    let len = word(&reply, 28) as usize;
+    reply[32..32 + len].to_vec()
+}
+
+/// Issue 15, item 1: allowed clients that hold connections without using them, or send calls
+/// and never read the replies, must not lock a hypervisor out. 300 connections that say
+/// nothing (more than the 256 slots) and one that sends 16 READs of 1 MiB with a tiny receive
+/// buffer and never reads; then libnfs's nfs-cat (MOUNT and NFS connections of its own) reads
+/// the whole disk, byte-identical.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_and_a_client_that_never_reads_do_not_lock_out_a_hypervisor() {
+    let t = tempfile::tempdir().unwrap();
+    let disk = mixed_disk(16 * MIB, 91);
+    write(&t.path().join("d.img"), &disk);
+    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let server = Server::start(&repo, &t.path().join("state"), "off", &[]);
+    server.cli(&["mount", "vm", "--name", "m"]);
+    let port = server.nfs_port;
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+
+    // The disk's handle, on a connection of its own.
+    let fh = {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let root = mnt(&mut s, "/livemount/m").await.unwrap();
+        lookup_fh(&mut s, &root, "d.img").await
+    };
+    // A client that sends 16 READs and never reads: its socket buffer fills at once.
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let mut stuck = sock.connect(addr).await.unwrap();
+    for i in 0..16u64 {
+        let mut args = xdr_string(&fh);
+        args.extend_from_slice(&(i * MIB).to_be_bytes());
+        args.extend_from_slice(&(MIB as u32).to_be_bytes());
+        let record = call_record(100 + i as u32, NFS, 3, 6, &args);
+        let mut framed = (0x8000_0000u32 | record.len() as u32)
+            .to_be_bytes()
+            .to_vec();
+        framed.extend_from_slice(&record);
+        stuck.write_all(&framed).await.unwrap();
+    }
+    // 300 connections that say nothing.
+    let mut idle = Vec::new();
+    for _ in 0..300 {
+        idle.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Past the time after which an idle connection may give way to a new one.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+
+    let out_file = t.path().join("read.img");
+    let url = server.libnfs_url("m/d.img");
+    let t0 = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || client("nfs-cat", &[&url]))
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "nfs-cat: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log_text()
+    );
+    std::fs::write(&out_file, &out.stdout).unwrap();
+    assert!(out.stdout == disk, "nfs-cat read other bytes");
+    assert!(t0.elapsed().as_secs() < 20, "{:?}", t0.elapsed());
+    assert!(
+        server.log_text().contains("in place of one idle longest"),
+        "{}",
+        server.log_text()
+    );
+    drop((idle, stuck));
+}

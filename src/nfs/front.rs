@@ -6,6 +6,12 @@
 //! before anything is allocated), the calls in flight per connection (a bound, so a client that
 //! sends faster than it reads cannot grow memory), the order-free reply writer, and a graceful
 //! stop (no new calls; calls in flight are answered; then the connection closes).
+//! Also the clocks that keep allowed clients from holding what everyone shares: TCP keepalive
+//! on every connection; a connection with no call in flight is closed after [`IDLE_CLOSE`]
+//! without a call, and, when every slot is taken, the one idle longest (at least
+//! [`EVICT_AFTER`]) is closed to make room for a new one (as knfsd does with its temporary
+//! sockets; NFS clients reconnect and resend); a record that stalls halfway, or a reply the
+//! client does not take, closes its connection after [`STALL`].
 //! Must not: interpret calls (that is `dispatch`).
 //!
 //! Each connection: this task frames records off the socket and spawns one task per call (at
@@ -20,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -40,6 +46,18 @@ pub const MAX_CONNECTIONS: usize = 256;
 pub const IN_FLIGHT: usize = 16;
 /// At a graceful stop, how long calls in flight get to finish.
 const DRAIN: Duration = Duration::from_secs(10);
+/// A connection with no call in flight and no call for this long is closed. Hypervisors talk
+/// every few seconds (ESXi's heartbeat is every 12 s); a quiet QEMU reconnects by itself.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(6 * 60);
+/// With every connection slot taken, a connection idle this long may be closed for a new one.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
+/// A record that has started arriving, or a reply being written, that makes no progress for
+/// this long closes the connection.
+pub const STALL: Duration = Duration::from_secs(60);
+/// TCP keepalive: first probe after this long without traffic, then every [`KEEPALIVE_EVERY`]
+/// (the kernel gives up after 9 unanswered probes: a vanished host frees its slot in 2.5 min).
+const KEEPALIVE_AFTER: Duration = Duration::from_secs(60);
+const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 /// Bytes read from a connection at a time (calls are small; WRITE data larger than this is
 /// read straight into its record).
 const READ_BUFFER: usize = 16 * 1024;
@@ -90,6 +108,76 @@ pub struct NfsServer {
     allow: AllowList,
     permits: Arc<Semaphore>,
     undrained: Arc<AtomicBool>,
+    conns: Arc<Conns>,
+}
+
+/// The connections being served, for closing the one idle longest when every slot is taken.
+#[derive(Default)]
+struct Conns {
+    next: std::sync::atomic::AtomicU64,
+    map: std::sync::Mutex<std::collections::HashMap<u64, Arc<ConnState>>>,
+}
+
+/// What the accept loop may see of one connection.
+struct ConnState {
+    /// When its last call arrived or its last reply was written.
+    last: std::sync::Mutex<tokio::time::Instant>,
+    /// Its calls in flight.
+    calls: Arc<Semaphore>,
+    /// Closes it.
+    close: CancellationToken,
+}
+
+impl ConnState {
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn idle_for(&self) -> Option<Duration> {
+        // The connection's loop holds one permit while it waits for the next record.
+        if self.calls.available_permits() + 1 < IN_FLIGHT {
+            return None; // calls in flight: not idle
+        }
+        Some(
+            self.last
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .elapsed(),
+        )
+    }
+}
+
+impl Conns {
+    fn add(&self, state: Arc<ConnState>) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.lock().insert(id, state);
+        id
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    /// Closes the connection idle longest, if one has been idle at least [`EVICT_AFTER`].
+    fn evict_idlest(&self) -> bool {
+        let map = self.lock();
+        let idlest = map
+            .values()
+            .filter_map(|c| c.idle_for().map(|d| (d, c)))
+            .filter(|(d, c)| *d >= EVICT_AFTER && !c.close.is_cancelled())
+            .max_by_key(|(d, _)| *d);
+        match idlest {
+            Some((_, c)) => {
+                c.close.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<ConnState>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl NfsServer {
@@ -106,6 +194,7 @@ impl NfsServer {
             allow,
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             undrained: Arc::new(AtomicBool::new(false)),
+            conns: Arc::new(Conns::default()),
         })
     }
 
@@ -141,45 +230,116 @@ impl NfsServer {
                 tracing::warn!(%peer, "connection refused: address not allowed (see --allow)");
                 continue;
             }
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "connection refused: too many connections");
-                continue;
-            };
-            let fs = self.fs.clone();
-            let cancel = cancel.child_token();
-            let undrained = self.undrained.clone();
-            tasks.spawn(async move {
-                if !serve_connection(socket, peer, fs, cancel).await {
-                    undrained.store(true, Ordering::SeqCst);
+            let permit = match self.permits.clone().try_acquire_owned() {
+                Ok(p) => p,
+                // Every slot taken: close the connection idle longest and wait (briefly) for
+                // its slot, off this loop, so that accepting goes on meanwhile.
+                Err(_) if self.conns.evict_idlest() => {
+                    let permits = self.permits.clone();
+                    let (fs, conns, undrained) =
+                        (self.fs.clone(), self.conns.clone(), self.undrained.clone());
+                    let cancel = cancel.child_token();
+                    tasks.spawn(async move {
+                        let wait = permits.acquire_owned();
+                        match tokio::time::timeout(Duration::from_secs(5), wait).await {
+                            Ok(Ok(permit)) => {
+                                tracing::info!(%peer, "connection accepted in place of one idle longest");
+                                serve_tracked(socket, peer, fs, cancel, conns, undrained).await;
+                                drop(permit);
+                            }
+                            _ => tracing::warn!(%peer, "connection refused: too many connections"),
+                        }
+                    });
+                    continue;
                 }
+                Err(_) => {
+                    tracing::warn!(%peer, limit = MAX_CONNECTIONS, "connection refused: too many connections, none idle");
+                    continue;
+                }
+            };
+            let (fs, conns, undrained) =
+                (self.fs.clone(), self.conns.clone(), self.undrained.clone());
+            let cancel = cancel.child_token();
+            tasks.spawn(async move {
+                serve_tracked(socket, peer, fs, cancel, conns, undrained).await;
                 drop(permit);
             });
         }
     }
 }
 
-/// Serves one connection until it closes or `cancel` fires. Returns false if calls in flight
-/// had to be aborted at the end.
-async fn serve_connection(
+/// Serves one connection, registered in `conns` while it lasts.
+async fn serve_tracked(
     socket: TcpStream,
     peer: SocketAddr,
     fs: Arc<DatastoreFs>,
     cancel: CancellationToken,
+    conns: Arc<Conns>,
+    undrained: Arc<AtomicBool>,
+) {
+    let state = Arc::new(ConnState {
+        last: std::sync::Mutex::new(tokio::time::Instant::now()),
+        calls: Arc::new(Semaphore::new(IN_FLIGHT)),
+        close: cancel,
+    });
+    let id = conns.add(state.clone());
+    if !serve_connection(socket, peer, fs, state).await {
+        undrained.store(true, Ordering::SeqCst);
+    }
+    conns.remove(id);
+}
+
+/// TCP keepalive, so that a client host that vanished frees its connection.
+fn keepalive(socket: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_AFTER)
+        .with_interval(KEEPALIVE_EVERY);
+    if let Err(e) = socket2::SockRef::from(socket).set_tcp_keepalive(&ka) {
+        tracing::debug!(error = %e, "TCP keepalive not set");
+    }
+}
+
+/// Serves one connection until it closes, goes idle, stalls, or `conn.close` fires. Returns
+/// false if calls in flight had to be aborted at the end.
+async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    fs: Arc<DatastoreFs>,
+    conn: Arc<ConnState>,
 ) -> bool {
     let _ = socket.set_nodelay(true);
+    keepalive(&socket);
+    let cancel = conn.close.clone();
     let (read, mut write) = socket.into_split();
     // A call's header and arguments in one system call, not one for the record mark and one
     // for the rest.
     let mut read = BufReader::with_capacity(READ_BUFFER, read);
     let (tx, mut rx) = mpsc::channel::<(Reply, OwnedSemaphorePermit)>(IN_FLIGHT);
-    let mut writer = tokio::spawn(async move {
-        while let Some((reply, permit)) = rx.recv().await {
-            dispatch::write_reply(&mut write, reply).await?;
-            drop(permit);
+    let mut writer = tokio::spawn({
+        let (conn, cancel) = (conn.clone(), cancel.clone());
+        async move {
+            while let Some((reply, permit)) = rx.recv().await {
+                // A client that does not take its replies closes its connection.
+                match tokio::time::timeout(STALL, dispatch::write_reply(&mut write, reply)).await {
+                    Ok(Ok(())) => conn.touch(),
+                    Ok(Err(e)) => {
+                        cancel.cancel();
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        cancel.cancel();
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("the client took no reply bytes for {} s", STALL.as_secs()),
+                        ));
+                    }
+                }
+                drop(permit);
+            }
+            Ok::<_, io::Error>(())
         }
-        Ok::<_, io::Error>(())
     });
-    let in_flight = Arc::new(Semaphore::new(IN_FLIGHT));
+    let in_flight = conn.calls.clone();
     let mut calls = JoinSet::new();
     let ended = loop {
         while calls.try_join_next().is_some() {}
@@ -190,15 +350,45 @@ async fn serve_connection(
                 Err(_) => break Ok(()),
             },
         };
+        // Wait for the first byte of the next record (without taking it: `fill_buf` can be
+        // cancelled); idle with nothing in flight for IDLE_CLOSE, the connection closes.
+        let idle = tokio::time::sleep(IDLE_CLOSE);
+        tokio::pin!(idle);
+        let arrived = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break Ok(false),
+                r = read.fill_buf() => break r.map(|b| !b.is_empty()),
+                _ = &mut idle => {
+                    if in_flight.available_permits() + 1 >= IN_FLIGHT {
+                        tracing::debug!(%peer, "idle connection closed");
+                        break Ok(false);
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + IDLE_CLOSE);
+                }
+            }
+        };
+        match arrived {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+        // A record under way must arrive whole within STALL.
         let record = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
-            r = read_record(&mut read) => r,
+            r = tokio::time::timeout(STALL, read_record(&mut read)) => match r {
+                Ok(r) => r,
+                Err(_) => break Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("a record stalled for {} s", STALL.as_secs()),
+                )),
+            },
         };
         let record = match record {
             Ok(Some(r)) => r,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
+        conn.touch();
         let (fs, tx) = (fs.clone(), tx.clone());
         calls.spawn(async move {
             match dispatch::handle(&fs, &record, peer.ip()).await {
