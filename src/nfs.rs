@@ -6,6 +6,7 @@
 //! front ([`NfsServer`]: accept loop, allow-list, framing, limits, shutdown).
 //! Must not: know about chunks; everything below goes through `mount`.
 
+mod budget;
 mod dispatch;
 mod errors;
 mod front;
@@ -17,6 +18,7 @@ mod handle;
 pub mod portmap;
 mod rpc;
 
+pub use budget::DEFAULT_BYTES as CALL_MEMORY;
 pub use errors::{overlay_to_nfsstat, to_nfsstat};
 pub use front::{AllowList, NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};
 pub use fs::{DatastoreFs, MAX_IO};

@@ -94,6 +94,8 @@ pub struct ServeConfig {
     pub allow_auth_none: Option<bool>,
     /// Serve `/metrics` to every host that reaches the API (default false: loopback only).
     pub metrics_public: Option<bool>,
+    /// The most memory NFS calls in flight may hold, across connections (default `256MiB`).
+    pub call_memory: Option<String>,
     /// Slow every repository read down on purpose (tests and benchmarks of cold storage).
     pub slow_repository: Option<SlowRepoConfig>,
     /// Boot windows and profiles.
@@ -195,6 +197,19 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         AllowList::parse(&allow_items).map_err(|e| anyhow::anyhow!("--allow: {e}"))?
     };
 
+    let call_memory = match &file.call_memory {
+        None => crate::nfs::CALL_MEMORY,
+        Some(t) => {
+            let b = t
+                .parse::<bytesize::ByteSize>()
+                .map_err(|e| anyhow::anyhow!("call_memory {t:?}: {e} (try \"256MiB\")"))?
+                .as_u64();
+            if b < 4 << 20 {
+                anyhow::bail!("call_memory {t:?} is below 4MiB: a single 1 MiB READ or WRITE must fit several times");
+            }
+            usize::try_from(b).unwrap_or(usize::MAX)
+        }
+    };
     let cache_dir = a.cache_dir.or(file.cache_dir);
     let disk_size = match a.cache_disk_size.or(file.cache_disk_size) {
         None => None,
@@ -287,7 +302,8 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     ));
     let nfs = NfsServer::bind(nfs_addr, fs, allow.clone())
         .await
-        .with_context(|| format!("cannot listen for NFS on {nfs_addr}"))?;
+        .with_context(|| format!("cannot listen for NFS on {nfs_addr}"))?
+        .with_call_memory(call_memory);
     let nfs_port = nfs.local_addr()?.port();
     let undrained = nfs.undrained();
 

@@ -18,6 +18,7 @@ use nfs3_types::nfs3::{
 };
 use nfs3_types::xdr_codec::{List, Opaque, Pack};
 
+use super::budget::{Budget, Taken};
 use super::fs::{CreateMode, DatastoreFs, SetAttr, MAX_IO};
 use super::rpc::{self, Accept, AuthStat, Call, Cred, Reader};
 
@@ -34,6 +35,8 @@ const FH_MAX: usize = 64;
 pub struct Reply {
     pub head: BytesMut,
     pub data: Bytes,
+    /// The budget a READ's data holds until the reply is written.
+    pub taken: Option<Taken>,
 }
 
 impl Reply {
@@ -41,6 +44,7 @@ impl Reply {
         Reply {
             head,
             data: Bytes::new(),
+            taken: None,
         }
     }
 
@@ -52,6 +56,16 @@ impl Reply {
 
 /// Answers one call record. `None`: nothing can be answered (not a call at all).
 pub async fn handle(fs: &DatastoreFs, record: &[u8], ip: IpAddr) -> Option<Reply> {
+    handle_within(fs, record, ip, &Budget::new(usize::MAX)).await
+}
+
+/// The same, a READ waiting for room in `budget` for its data before it reads.
+pub async fn handle_within(
+    fs: &DatastoreFs,
+    record: &[u8],
+    ip: IpAddr,
+    budget: &Budget,
+) -> Option<Reply> {
     let call = match rpc::parse_call(record) {
         Ok(c) => c,
         Err(bad) => return rpc::reply_to_bad_call(&bad).map(Reply::new),
@@ -67,7 +81,7 @@ pub async fn handle(fs: &DatastoreFs, record: &[u8], ip: IpAddr) -> Option<Reply
             tracing::debug!(prog = call.prog, cred = ?call.cred, "call refused: AUTH_SYS required");
             return Some(Reply::new(rpc::auth_error(xid, AuthStat::TooWeak)));
         }
-        (NFS_PROGRAM, 3) => match nfs_call(fs, &call, ip).await {
+        (NFS_PROGRAM, 3) => match nfs_call(fs, &call, ip, budget).await {
             Some(r) => (Accept::Success, r),
             None => (Accept::GarbageArgs, Results::default()),
         },
@@ -89,6 +103,7 @@ pub async fn handle(fs: &DatastoreFs, record: &[u8], ip: IpAddr) -> Option<Reply
     Some(Reply {
         head,
         data: results.data,
+        taken: results.taken,
     })
 }
 
@@ -97,6 +112,8 @@ pub async fn handle(fs: &DatastoreFs, record: &[u8], ip: IpAddr) -> Option<Reply
 struct Results {
     body: BytesMut,
     data: Bytes,
+    /// The budget the data holds.
+    taken: Option<Taken>,
     /// No such procedure.
     unavail: bool,
 }
@@ -235,7 +252,12 @@ impl<'a> NfsArgs<'a> for Reader<'a> {
 }
 
 /// Runs an NFSv3 procedure. `None`: the arguments could not be decoded (GARBAGE_ARGS).
-async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> {
+async fn nfs_call(
+    fs: &DatastoreFs,
+    call: &Call<'_>,
+    ip: IpAddr,
+    budget: &Budget,
+) -> Option<Results> {
     let mut r = Reader::new(call.args);
     let r = &mut r;
     Some(match call.proc_ {
@@ -298,7 +320,7 @@ async fn nfs_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Resul
             let id = fs.resolve(r.fh()?, ip).ok();
             fail_attr(fs, nfsstat3::NFS3ERR_INVAL, id)
         }
-        6 => read(fs, r, ip).await?,
+        6 => read(fs, r, ip, budget).await?,
         7 => write(fs, r, ip).await?,
         8 => create(fs, r, ip).await?,
         9 => {
@@ -495,12 +517,19 @@ async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Res
     })
 }
 
-async fn read(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
+async fn read(
+    fs: &DatastoreFs,
+    r: &mut Reader<'_>,
+    ip: IpAddr,
+    budget: &Budget,
+) -> Option<Results> {
     let (h, offset, count) = (r.fh()?, r.u64()?, r.u32()?);
     let id = match fs.resolve(h, ip) {
         Ok(id) => id,
         Err(s) => return Some(fail_attr(fs, s, None)),
     };
+    // Room for the data before it is read; held until the reply is written.
+    let taken = budget.take(count.min(MAX_IO) as usize).await;
     Some(match fs.read(id, offset, count).await {
         Ok((data, eof)) => {
             let mut body = BytesMut::with_capacity(128);
@@ -512,6 +541,7 @@ async fn read(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Result
             Results {
                 body,
                 data,
+                taken: Some(taken),
                 unavail: false,
             }
         }
@@ -731,5 +761,7 @@ pub async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
     while buf.has_remaining() {
         w.write_all_buf(&mut buf).await?;
     }
+    // Written: the budget its data held is given back.
+    drop(reply.taken);
     Ok(())
 }

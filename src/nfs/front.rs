@@ -33,6 +33,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::budget::{self, Budget, Taken};
 use super::dispatch::{self, Reply};
 use super::fs::{DatastoreFs, MAX_IO};
 
@@ -109,6 +110,8 @@ pub struct NfsServer {
     permits: Arc<Semaphore>,
     undrained: Arc<AtomicBool>,
     conns: Arc<Conns>,
+    /// The memory of calls in flight, across connections.
+    budget: Budget,
 }
 
 /// The connections being served, for closing the one idle longest when every slot is taken.
@@ -124,13 +127,21 @@ struct ConnState {
     last: std::sync::Mutex<tokio::time::Instant>,
     /// Its calls in flight.
     calls: Arc<Semaphore>,
-    /// Closes it.
+    /// Closes it, answering the calls in flight first.
     close: CancellationToken,
+    /// Cuts it at once (its client does not take its replies and others need the memory).
+    cut: CancellationToken,
+    /// Since when the reply being written has waited for the client, if one is.
+    writing_since: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl ConnState {
     fn touch(&self) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = tokio::time::Instant::now();
+    }
+
+    fn writing(&self, since: Option<tokio::time::Instant>) {
+        *self.writing_since.lock().unwrap_or_else(|p| p.into_inner()) = since;
     }
 
     fn idle_for(&self) -> Option<Duration> {
@@ -175,6 +186,25 @@ impl Conns {
         }
     }
 
+    /// Cuts the connection whose reply has waited longest for its client, if one has waited
+    /// at least [`budget::PRESSURE_AFTER`]: its replies and calls give their memory back.
+    fn cut_stalled(&self) {
+        let map = self.lock();
+        let stalled = map
+            .values()
+            .filter(|c| !c.cut.is_cancelled())
+            .filter_map(|c| {
+                let since = *c.writing_since.lock().unwrap_or_else(|p| p.into_inner());
+                since.map(|t| (t.elapsed(), c))
+            })
+            .filter(|(d, _)| *d >= budget::PRESSURE_AFTER)
+            .max_by_key(|(d, _)| *d);
+        if let Some((d, c)) = stalled {
+            tracing::warn!(waited = ?d, "call memory is short: the connection whose client has not taken a reply for longest is cut");
+            c.cut.cancel();
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<u64, Arc<ConnState>>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -195,7 +225,17 @@ impl NfsServer {
             permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
             undrained: Arc::new(AtomicBool::new(false)),
             conns: Arc::new(Conns::default()),
-        })
+            budget: Budget::new(0),
+        }
+        .with_call_memory(budget::DEFAULT_BYTES))
+    }
+
+    /// Bounds the memory of calls in flight across connections to `bytes` (default
+    /// [`budget::DEFAULT_BYTES`]).
+    pub fn with_call_memory(mut self, bytes: usize) -> Self {
+        let conns = self.conns.clone();
+        self.budget = Budget::new(bytes).on_pressure(Arc::new(move || conns.cut_stalled()));
+        self
     }
 
     /// Set when, at a stop, some connection's calls did not finish within the drain time and
@@ -207,6 +247,15 @@ impl NfsServer {
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
+    }
+
+    fn shared(&self) -> Shared {
+        Shared {
+            fs: self.fs.clone(),
+            conns: self.conns.clone(),
+            undrained: self.undrained.clone(),
+            budget: self.budget.clone(),
+        }
     }
 
     /// Serves until `cancel` fires. Connection tasks are tracked by `tasks`.
@@ -236,15 +285,14 @@ impl NfsServer {
                 // its slot, off this loop, so that accepting goes on meanwhile.
                 Err(_) if self.conns.evict_idlest() => {
                     let permits = self.permits.clone();
-                    let (fs, conns, undrained) =
-                        (self.fs.clone(), self.conns.clone(), self.undrained.clone());
+                    let shared = self.shared();
                     let cancel = cancel.child_token();
                     tasks.spawn(async move {
                         let wait = permits.acquire_owned();
                         match tokio::time::timeout(Duration::from_secs(5), wait).await {
                             Ok(Ok(permit)) => {
                                 tracing::info!(%peer, "connection accepted in place of one idle longest");
-                                serve_tracked(socket, peer, fs, cancel, conns, undrained).await;
+                                serve_tracked(socket, peer, cancel, shared).await;
                                 drop(permit);
                             }
                             _ => tracing::warn!(%peer, "connection refused: too many connections"),
@@ -257,36 +305,43 @@ impl NfsServer {
                     continue;
                 }
             };
-            let (fs, conns, undrained) =
-                (self.fs.clone(), self.conns.clone(), self.undrained.clone());
+            let shared = self.shared();
             let cancel = cancel.child_token();
             tasks.spawn(async move {
-                serve_tracked(socket, peer, fs, cancel, conns, undrained).await;
+                serve_tracked(socket, peer, cancel, shared).await;
                 drop(permit);
             });
         }
     }
 }
 
+/// What every connection shares.
+struct Shared {
+    fs: Arc<DatastoreFs>,
+    conns: Arc<Conns>,
+    undrained: Arc<AtomicBool>,
+    budget: Budget,
+}
+
 /// Serves one connection, registered in `conns` while it lasts.
 async fn serve_tracked(
     socket: TcpStream,
     peer: SocketAddr,
-    fs: Arc<DatastoreFs>,
     cancel: CancellationToken,
-    conns: Arc<Conns>,
-    undrained: Arc<AtomicBool>,
+    shared: Shared,
 ) {
     let state = Arc::new(ConnState {
         last: std::sync::Mutex::new(tokio::time::Instant::now()),
         calls: Arc::new(Semaphore::new(IN_FLIGHT)),
         close: cancel,
+        cut: CancellationToken::new(),
+        writing_since: std::sync::Mutex::new(None),
     });
-    let id = conns.add(state.clone());
-    if !serve_connection(socket, peer, fs, state).await {
-        undrained.store(true, Ordering::SeqCst);
+    let id = shared.conns.add(state.clone());
+    if !serve_connection(socket, peer, shared.fs, state, shared.budget).await {
+        shared.undrained.store(true, Ordering::SeqCst);
     }
-    conns.remove(id);
+    shared.conns.remove(id);
 }
 
 /// TCP keepalive, so that a client host that vanished frees its connection.
@@ -306,10 +361,13 @@ async fn serve_connection(
     peer: SocketAddr,
     fs: Arc<DatastoreFs>,
     conn: Arc<ConnState>,
+    budget: Budget,
 ) -> bool {
     let _ = socket.set_nodelay(true);
     keepalive(&socket);
+    // Either token ends the loop that takes calls; a cut also stops the writer at once.
     let cancel = conn.close.clone();
+    let cut = conn.cut.clone();
     let (read, mut write) = socket.into_split();
     // A call's header and arguments in one system call, not one for the record mark and one
     // for the rest.
@@ -320,7 +378,18 @@ async fn serve_connection(
         async move {
             while let Some((reply, permit)) = rx.recv().await {
                 // A client that does not take its replies closes its connection.
-                match tokio::time::timeout(STALL, dispatch::write_reply(&mut write, reply)).await {
+                conn.writing(Some(tokio::time::Instant::now()));
+                let written = tokio::select! {
+                    r = tokio::time::timeout(STALL, dispatch::write_reply(&mut write, reply)) => r,
+                    _ = conn.cut.cancelled() => {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "cut: the client does not take its replies and call memory is short",
+                        ));
+                    }
+                };
+                conn.writing(None);
+                match written {
                     Ok(Ok(())) => conn.touch(),
                     Ok(Err(e)) => {
                         cancel.cancel();
@@ -345,6 +414,7 @@ async fn serve_connection(
         while calls.try_join_next().is_some() {}
         let permit = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
+            _ = cut.cancelled() => break Ok(()),
             p = in_flight.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break Ok(()),
@@ -357,6 +427,7 @@ async fn serve_connection(
         let arrived = loop {
             tokio::select! {
                 _ = cancel.cancelled() => break Ok(false),
+                _ = cut.cancelled() => break Ok(false),
                 r = read.fill_buf() => break r.map(|b| !b.is_empty()),
                 _ = &mut idle => {
                     if in_flight.available_permits() + 1 >= IN_FLIGHT {
@@ -375,7 +446,8 @@ async fn serve_connection(
         // A record under way must arrive whole within STALL.
         let record = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
-            r = tokio::time::timeout(STALL, read_record(&mut read)) => match r {
+            _ = cut.cancelled() => break Ok(()),
+            r = tokio::time::timeout(STALL, read_record(&mut read, &budget)) => match r {
                 Ok(r) => r,
                 Err(_) => break Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -383,15 +455,18 @@ async fn serve_connection(
                 )),
             },
         };
-        let record = match record {
+        let (record, taken) = match record {
             Ok(Some(r)) => r,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
         };
         conn.touch();
-        let (fs, tx) = (fs.clone(), tx.clone());
+        let (fs, tx, budget) = (fs.clone(), tx.clone(), budget.clone());
         calls.spawn(async move {
-            match dispatch::handle(&fs, &record, peer.ip()).await {
+            let reply = dispatch::handle_within(&fs, &record, peer.ip(), &budget).await;
+            // The record's bytes are done with once the call is handled.
+            drop((record, taken));
+            match reply {
                 Some(reply) => {
                     let _ = tx.send((reply, permit)).await;
                 }
@@ -434,9 +509,14 @@ async fn serve_connection(
     drained
 }
 
-/// Reads one whole record (all its fragments). `None`: the client closed between records.
-async fn read_record(read: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<Bytes>> {
+/// Reads one whole record (all its fragments), each fragment's bytes taken from `budget`
+/// before they are read. `None`: the client closed between records.
+async fn read_record(
+    read: &mut (impl AsyncRead + Unpin),
+    budget: &Budget,
+) -> io::Result<Option<(Bytes, Taken)>> {
     let mut record = BytesMut::new();
+    let mut taken = Taken::nothing();
     loop {
         let mut header = [0u8; 4];
         match read.read_exact(&mut header).await {
@@ -455,6 +535,7 @@ async fn read_record(read: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<B
                 format!("record fragment of {len} bytes is over the {MAX_RECORD}-byte limit"),
             ));
         }
+        taken.merge(budget.take(len).await);
         // The buffer grows with the bytes that arrive, not with the length announced.
         let mut left = len;
         while left > 0 {
@@ -466,7 +547,7 @@ async fn read_record(read: &mut (impl AsyncRead + Unpin)) -> io::Result<Option<B
             left -= n;
         }
         if last {
-            return Ok(Some(record.freeze()));
+            return Ok(Some((record.freeze(), taken)));
         }
     }
 }

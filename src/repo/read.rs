@@ -386,7 +386,8 @@ impl DiskImage {
             return Ok(Bytes::new());
         }
         let end = offset.saturating_add(len as u64).min(self.size);
-        // Fast path: the range lies in one block; hand out a slice of the chunk, no copy.
+        // Fast path: the range lies in one block; hand out a slice of the chunk, no copy
+        // unless the range is short.
         if blocks.end - blocks.start == 1 {
             let block_start = blocks.start * cs;
             let (lo, hi) = (
@@ -398,6 +399,12 @@ impl DiskImage {
                 Some(id) => {
                     let chunk = self.fetch(&id, offset).await?;
                     self.check_len(&chunk, blocks.start, &id, offset)?;
+                    // A short read is copied out: a slice would keep the whole chunk alive
+                    // for as long as its reader holds it (a client slow to take its reply),
+                    // after the cache let it go.
+                    if (hi - lo) < chunk.len() / 4 {
+                        return Ok(Bytes::copy_from_slice(&chunk[lo..hi]));
+                    }
                     Ok(chunk.slice(lo..hi))
                 }
             };
