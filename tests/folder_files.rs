@@ -377,3 +377,111 @@ async fn client_names_stay_out_of_metrics_and_offsets_near_2_64_are_refused() {
         "{log}"
     );
 }
+
+/// READDIR (procedure 16) and READDIRPLUS: a client's counts are capped at the 64 KiB FSINFO
+/// offers (a folder of 2,000 entries asked for with maxcount 2^32-1 comes in several pages,
+/// each within 64 KiB, together every entry once); a count too small for one entry is
+/// NFS3ERR_TOOSMALL.
+#[tokio::test(flavor = "multi_thread")]
+async fn readdir_counts_are_capped_and_too_small_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 72));
+    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let server = Server::start(&repo, &t.path().join("state"), "off", &[]);
+    server.cli(&["mount", "vm", "--name", "m"]);
+    let mut c = connect(&server, "m").await;
+    let root = c.root_nfs_fh3();
+    let dir = match c
+        .mkdir(&MKDIR3args {
+            where_: diropargs3 {
+                dir: root.clone(),
+                name: name("many"),
+            },
+            attributes: sattr3::default(),
+        })
+        .await
+        .unwrap()
+    {
+        MKDIR3res::Ok(ok) => match ok.obj {
+            post_op_fh3::Some(h) => h,
+            post_op_fh3::None => lookup(&mut c, &root, "many").await.unwrap(),
+        },
+        MKDIR3res::Err((e, _)) => panic!("MKDIR: {e:?}"),
+    };
+    for i in 0..2000 {
+        create(&mut c, &dir, &format!("a-rather-long-file-name-{i:05}.log")).await;
+    }
+    let page_bytes = |n: usize| n * (4 + 8 + 4 + 32 + 8 + 4 + 84 + 4 + 4 + 24);
+    for plus in [false, true] {
+        let (mut cookie, mut seen, mut pages) = (0u64, Vec::new(), 0);
+        loop {
+            let (names, eof) = if plus {
+                readdirplus(&mut c, &dir, cookie, u32::MAX).await.unwrap()
+            } else {
+                match c
+                    .readdir(&READDIR3args {
+                        dir: dir.clone(),
+                        cookie,
+                        cookieverf: cookieverf3::default(),
+                        count: u32::MAX,
+                    })
+                    .await
+                    .unwrap()
+                {
+                    READDIR3res::Ok(ok) => (
+                        ok.reply
+                            .entries
+                            .0
+                            .iter()
+                            .map(|e| {
+                                (
+                                    String::from_utf8_lossy(e.name.as_ref()).into_owned(),
+                                    e.cookie,
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                        ok.reply.eof,
+                    ),
+                    READDIR3res::Err((e, _)) => panic!("READDIR: {e:?}"),
+                }
+            };
+            pages += 1;
+            if plus {
+                assert!(
+                    page_bytes(names.len()) <= 64 * 1024 + 4096,
+                    "{} entries",
+                    names.len()
+                );
+            }
+            cookie = names.last().map_or(cookie, |n| n.1);
+            seen.extend(names.into_iter().map(|n| n.0));
+            if eof {
+                break;
+            }
+            assert!(pages < 100, "no end");
+        }
+        assert!(pages > 1, "READDIR plus={plus}: one page of 2,000 entries");
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 2000, "plus={plus}");
+    }
+    // A count too small for one entry.
+    match c
+        .readdir(&READDIR3args {
+            dir: dir.clone(),
+            cookie: 0,
+            cookieverf: cookieverf3::default(),
+            count: 100,
+        })
+        .await
+        .unwrap()
+    {
+        READDIR3res::Err((e, _)) => assert_eq!(e, nfsstat3::NFS3ERR_TOOSMALL),
+        READDIR3res::Ok(ok) => panic!("{} entries in 100 bytes", ok.reply.entries.0.len()),
+    }
+    assert_eq!(
+        readdirplus(&mut c, &dir, 0, 120).await,
+        Err(nfsstat3::NFS3ERR_TOOSMALL)
+    );
+}

@@ -445,7 +445,7 @@ async fn nfs_call(
                 wtmax: info.rtmax,
                 wtpref: info.pref,
                 wtmult: 4096,
-                dtpref: 64 * 1024,
+                dtpref: MAX_DIR_REPLY,
                 maxfilesize: info.maxfilesize,
                 time_delta: nfstime3 {
                     seconds: 0,
@@ -604,6 +604,9 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resu
     })
 }
 
+/// The largest READDIR(PLUS) reply, whatever the client asks (FSINFO's dtpref).
+const MAX_DIR_REPLY: u32 = 64 * 1024;
+
 /// READDIR (`dircount` None) and READDIRPLUS. Entries are added while the reply stays within
 /// `maxcount` bytes (and, for READDIRPLUS, the names and cookies within `dircount`).
 fn readdir(
@@ -618,10 +621,14 @@ fn readdir(
         Ok(d) => d,
         Err(s) => return fail_attr(fs, s, None),
     };
+    // A client's counts are capped at what FSINFO offers (dtpref): a reply's size is the
+    // server's choice, not the client's.
+    let maxcount = maxcount.min(MAX_DIR_REPLY);
+    let dircount = dircount.map(|d| d.min(MAX_DIR_REPLY));
     let entries = match fs.readdir(dir, cookie) {
         // The root lists only the mounts this client may use.
         Ok(mut e) => {
-            e.retain(|(id, _, _)| fs.host_allowed(*id, ip));
+            e.retain(|(id, _)| fs.host_allowed(*id, ip));
             e
         }
         Err(s) => return fail_attr(fs, s, Some(dir)),
@@ -634,7 +641,7 @@ fn readdir(
     let total = entries.len();
     let mut plain = Vec::new();
     let mut plus = Vec::new();
-    for (fileid, name, attr) in entries {
+    for (fileid, name) in entries {
         let name_len = 4 + name.len().next_multiple_of(4);
         let dir_part = 8 + name_len + 8;
         let size = match dircount {
@@ -657,7 +664,9 @@ fn readdir(
                 fileid,
                 name: name.into(),
                 cookie: fileid,
-                name_attributes: Nfs3Option::Some(attr),
+                name_attributes: fs
+                    .getattr(fileid)
+                    .map_or(Nfs3Option::None, Nfs3Option::Some),
                 name_handle: fh(fs, fileid).map_or(Nfs3Option::None, Nfs3Option::Some),
             }),
         }

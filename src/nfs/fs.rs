@@ -159,42 +159,43 @@ impl DatastoreFs {
         }
     }
 
-    /// Every entry of a folder, in a fixed order: (fileid, name, attributes).
-    fn entries(&self, dir: u64) -> Result<Vec<(fileid3, Vec<u8>, fattr3)>, nfsstat3> {
+    /// Every entry of a folder after `cookie`, in file id order: (fileid, name). Attributes
+    /// are not made here: a READDIR page needs them for the entries it sends only.
+    fn entries(&self, dir: u64, cookie: u64) -> Result<Vec<(fileid3, Vec<u8>)>, nfsstat3> {
         let (m, parent) = match self.node(dir)? {
             Node::Root => {
-                return Ok(self
+                let mut out: Vec<_> = self
                     .agent
                     .mounts()
                     .iter()
-                    .map(|m| {
-                        (
-                            m.folder_fileid(),
-                            m.spec.name.as_bytes().to_vec(),
-                            self.folder_attr(m),
-                        )
-                    })
-                    .collect())
+                    .map(|m| (m.folder_fileid(), m.spec.name.as_bytes().to_vec()))
+                    .filter(|e| e.0 > cookie)
+                    .collect();
+                out.sort_unstable_by_key(|e| e.0);
+                return Ok(out);
             }
             Node::Folder(m) => (m, 0),
             Node::Extra(m, low, e) if e.kind == Kind::Dir => (m, low),
             _ => return Err(nfsstat3::NFS3ERR_NOTDIR),
         };
-        let mut out: Vec<(fileid3, Vec<u8>, fattr3)> = Vec::new();
+        let mut out: Vec<(fileid3, Vec<u8>)> = Vec::new();
         if parent == 0 {
             out.extend(
                 m.files
                     .iter()
-                    .map(|f| (f.fileid, f.name.as_bytes().to_vec(), self.file_attr(&m, f))),
+                    .filter(|f| f.fileid > cookie)
+                    .map(|f| (f.fileid, f.name.as_bytes().to_vec())),
             );
         }
         if let Some(folder) = &m.folder {
             for (low, e) in folder.list(parent) {
-                let a = self.extra_attr(&m, low, &e);
-                out.push((a.fileid, e.name.into_bytes(), a));
+                let fileid = (u64::from(m.spec.id) << 32) | u64::from(low);
+                if fileid > cookie {
+                    out.push((fileid, e.name.into_bytes()));
+                }
             }
         }
-        out.sort_by_key(|e| e.0);
+        out.sort_unstable_by_key(|e| e.0);
         Ok(out)
     }
 
@@ -695,14 +696,9 @@ impl DatastoreFs {
     /// The entries of folder `dir` after `cookie` (0: from the start), in file id order. An
     /// entry's cookie is its file id, so a listing resumes at the right place across restarts
     /// and while other entries come and go.
-    pub fn readdir(
-        &self,
-        dir: u64,
-        cookie: u64,
-    ) -> Result<Vec<(fileid3, Vec<u8>, fattr3)>, nfsstat3> {
-        let mut entries = self.entries(dir)?;
-        entries.retain(|e| e.0 > cookie);
-        Ok(entries)
+    /// The entries of folder `dir` after `cookie` (a file id), in file id order.
+    pub fn readdir(&self, dir: u64, cookie: u64) -> Result<Vec<(fileid3, Vec<u8>)>, nfsstat3> {
+        self.entries(dir, cookie)
     }
 
     pub fn fsinfo(&self) -> FsInfo {
