@@ -31,6 +31,7 @@ pub use state::{DiskCopy, Event, Next, Phase, Refused, Relocation, Resume};
 
 use crate::agent::Agent;
 use crate::cache::ChunkCache;
+use crate::durable;
 use crate::fetch::FetchClass;
 use crate::mount::mirror::Mirror;
 use crate::mount::overlay::Overlay;
@@ -804,14 +805,9 @@ impl Relocator {
         let config = dest.join(&config_name);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for (name, bytes) in out {
-                let path = dest.join(&name);
-                let tmp = dest.join(format!(".{name}.livemount-tmp"));
-                let mut f = fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)?;
+                durable::put_via(&dest, &dest.join(&name), &bytes)?;
             }
-            fs::File::open(&dest)?.sync_all()
+            durable::fsync_dir(&dest)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -836,17 +832,14 @@ impl Relocator {
         let dest = r.dest.clone();
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for name in names {
-                for p in [
-                    dest.join(&name),
-                    dest.join(format!(".{name}.livemount-tmp")),
-                ] {
-                    match fs::remove_file(&p) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
+                match fs::remove_file(dest.join(&name)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
             }
+            // What an interrupted `write_other_files` left.
+            durable::remove_tmp_files(&dest)?;
             // The folder goes too if nothing else is in it.
             let _ = fs::remove_dir(&dest);
             Ok(())
