@@ -3,7 +3,7 @@
 //!
 //! State directory layout:
 //! ```text
-//! mounts/NAME.json   one MountSpec per live mount (tmp, fsync, rename, fsync folder)
+//! mounts/NAME.json   one MountSpec per live mount, replaced whole ([`durable::replace`])
 //! profiles/VM.json   boot profiles learned from the mounts' boot windows (see `profile`)
 //! api-token          the control API's bearer token, mode 0600
 //! api.json           where the control API listens, for the CLI
@@ -21,7 +21,6 @@ pub use relocations::RelocateRequest;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -29,6 +28,7 @@ use bytes::Bytes;
 
 use crate::cache::disk::DiskCache;
 use crate::cache::ChunkCache;
+use crate::durable;
 use crate::metrics::Metrics;
 use crate::mount::reader::MountReader;
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
@@ -152,7 +152,17 @@ impl Agent {
         learning: Option<Learning>,
         read_ahead: bool,
     ) -> anyhow::Result<Agent> {
-        fs::create_dir_all(state.join("mounts"))?;
+        let dir = state.to_path_buf();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            fs::create_dir_all(dir.join("mounts"))?;
+            // What writers that were cut short left.
+            for sub in ["", "mounts", "relocations", "profiles"] {
+                durable::remove_tmp_files(&dir.join(sub))?;
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("state directory {}: {e}", state.display()))?;
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
         let cache = Arc::new(ChunkCache::new(source, cache_bytes));
         if let Some(d) = disk_cache {
@@ -465,7 +475,8 @@ impl Agent {
         }
         let path = self.spec_path(&m.spec.name);
         fs::remove_file(&path).map_err(|e| state_err(&path, e))?;
-        fsync_dir(&self.state.join("mounts"))?;
+        let mounts = self.state.join("mounts");
+        durable::fsync_dir(&mounts).map_err(|e| state_err(&mounts, e))?;
         self.mounts
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -555,7 +566,7 @@ impl Agent {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
                 fs::write(&stamp, spec.snapshot.to_string()).map_err(|e| state_err(&stamp, e))?;
-                fsync_dir(dir)
+                durable::fsync_dir(dir).map_err(|e| state_err(dir, e))
             }
             Err(e) => Err(state_err(&stamp, e)),
         }
@@ -567,19 +578,11 @@ impl Agent {
 
     fn persist(&self, spec: &MountSpec) -> Result<(), MountError> {
         let path = self.spec_path(&spec.name);
-        let tmp = path.with_extension("json.tmp");
         let bytes = serde_json::to_vec_pretty(spec).map_err(|e| MountError::State {
             path: path.display().to_string(),
             what: e.to_string(),
         })?;
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| state_err(&path, e))?;
-        fsync_dir(&self.state.join("mounts"))
+        durable::replace(&path, &bytes).map_err(|e| state_err(&path, e))
     }
 }
 
@@ -691,10 +694,4 @@ fn state_err(path: &Path, e: std::io::Error) -> MountError {
         path: path.display().to_string(),
         what: e.to_string(),
     }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), MountError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(dir, e))
 }

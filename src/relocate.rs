@@ -19,7 +19,6 @@ pub mod state;
 
 use std::collections::VecDeque;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -155,7 +154,7 @@ fn dest_err(path: &Path, e: impl std::fmt::Display) -> RelocateError {
     }
 }
 
-/// Writes a relocation record durably: tmp, fsync, rename, fsync the folder.
+/// Writes a relocation record durably ([`durable::replace`]).
 pub fn persist(path: &Path, r: &Relocation) -> Result<(), RelocateError> {
     let err = |e: std::io::Error| RelocateError::State {
         path: path.display().to_string(),
@@ -163,13 +162,8 @@ pub fn persist(path: &Path, r: &Relocation) -> Result<(), RelocateError> {
     };
     let dir = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(r).map_err(|e| err(std::io::Error::other(e)))?;
-    let mut f = fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    durable::replace(path, &bytes).map_err(err)
 }
 
 fn remove_record(path: &Path) -> Result<(), RelocateError> {
@@ -184,7 +178,7 @@ fn remove_record(path: &Path) -> Result<(), RelocateError> {
         }
     }
     if let Some(dir) = path.parent() {
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+        let _ = durable::fsync_dir(dir);
     }
     Ok(())
 }

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::agent::{Agent, Datastore};
 use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
+use crate::durable;
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
@@ -320,10 +321,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         url: api_url.clone(),
         pid: std::process::id(),
     };
-    std::fs::write(
+    // Replaced whole: a CLI that reads it meanwhile never sees half of it.
+    let (path, bytes) = (
         state.join(control::ADDR_FILE),
         serde_json::to_vec_pretty(&addr_file)?,
-    )?;
+    );
+    tokio::task::spawn_blocking(move || durable::replace(&path, &bytes)).await??;
     let api_state = ApiState {
         agent: agent.clone(),
         token: Arc::new(token),
