@@ -161,7 +161,7 @@ pub fn persist(path: &Path, r: &Relocation) -> Result<(), RelocateError> {
         what: e.to_string(),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
+    durable::create_dir_all(dir).map_err(err)?;
     let bytes = serde_json::to_vec_pretty(r).map_err(|e| err(std::io::Error::other(e)))?;
     durable::replace(path, &bytes).map_err(err)
 }
@@ -210,7 +210,7 @@ impl Relocator {
     ) -> Result<Arc<Relocator>, RelocateError> {
         let dest = record.dest.clone();
         if create {
-            fs::create_dir_all(&dest).map_err(|e| dest_err(&dest, e))?;
+            durable::create_dir_all(&dest).map_err(|e| dest_err(&dest, e))?;
             for name in planned_files(&mount, &config) {
                 let p = dest.join(&name);
                 if p.symlink_metadata().is_ok() {
@@ -224,6 +224,8 @@ impl Relocator {
         let mut jobs = Vec::new();
         // Files made here, removed again if a later one cannot be made.
         let mut made: Vec<PathBuf> = Vec::new();
+        // Whether a file was made here (then its name is made durable below).
+        let mut new_names = false;
         let undo = |made: &[PathBuf]| {
             for p in made {
                 let _ = fs::remove_file(p);
@@ -258,13 +260,10 @@ impl Relocator {
             } else if record.phase == Phase::Copying && copy.copied == 0 {
                 // Nothing of it is recorded as copied (a retry, or a crash right after the
                 // record was made): the file is made if it is missing.
-                fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&p)
-                    .and_then(|file| file.set_len(image.size()).map(|()| file))
+                durable::open_or_create(&p).and_then(|(file, new)| {
+                    new_names |= new;
+                    file.set_len(image.size()).map(|()| file)
+                })
             } else {
                 fs::OpenOptions::new().read(true).write(true).open(&p)
             };
@@ -277,6 +276,7 @@ impl Relocator {
             };
             if create {
                 made.push(p.clone());
+                new_names = true;
             }
             let mirror = Arc::new(Mirror::new(&p, file, image.size(), copy.copied));
             jobs.push(Job {
@@ -285,6 +285,14 @@ impl Relocator {
                 overlay: overlay.clone(),
                 mirror,
             });
+        }
+        // A checkpoint syncs the copy's data and then records its frontier: its name must be
+        // durable before that.
+        if new_names {
+            if let Err(e) = durable::fsync_dir(&dest) {
+                undo(&made);
+                return Err(dest_err(&dest, e));
+            }
         }
         let r = Arc::new(Relocator {
             record: Mutex::new(record),

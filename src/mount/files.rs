@@ -9,11 +9,11 @@
 //!
 //! Ordering: a namespace change is durable ([`durable::replace`] of `files.json`) before it is
 //! acknowledged. File data follows NFS: UNSTABLE writes are durable at COMMIT, FILE_SYNC ones
-//! before the reply. The namespace is guarded by a std mutex held only for in-memory changes;
+//! before the reply; a data file's name is durable (its folder fsynced) as soon as it is made. The namespace is guarded by a std mutex held only for in-memory changes;
 //! the JSON is written under an async mutex so that saves are serialised and never torn.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -129,7 +129,7 @@ impl FolderFiles {
         config: &[u8],
     ) -> Result<Self, FilesError> {
         let data_dir = dir.join("files");
-        fs::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
+        durable::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
         // What an interrupted save left.
         for d in [dir, &data_dir] {
             durable::remove_tmp_files(d).map_err(io_err(d))?;
@@ -530,14 +530,15 @@ impl FolderFiles {
     }
 }
 
-/// A regular file's data file, made if it does not exist yet.
+/// A regular file's data file, made if it does not exist yet; a new one's name is made
+/// durable at once (a later COMMIT syncs only the file's data).
 fn open_data(path: &Path) -> Result<File, FilesError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err(path))
+    let (f, made) = durable::open_or_create(path).map_err(io_err(path))?;
+    if made {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        durable::fsync_dir(dir).map_err(io_err(dir))?;
+    }
+    Ok(f)
 }
 
 fn save_table(dir: &Path, t: &Table) -> Result<(), FilesError> {
@@ -556,6 +557,33 @@ fn save_bytes(dir: &Path, bytes: &[u8]) -> Result<(), FilesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn new_folder_files_are_durable_by_name() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("m");
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        let files = dir.join("files");
+        assert_eq!(
+            durable::synced_under(t.path()),
+            [
+                t.path().to_path_buf(),
+                dir.clone(),
+                files.join("1"),
+                files.clone(),
+                dir.join("files.json"),
+                dir.clone()
+            ]
+        );
+        // A file's data file is made at its first write; its name is durable at once, so
+        // that a COMMIT (which syncs its data) keeps it.
+        let id = f.create(0, "x.nvram", true).await.unwrap();
+        let before = durable::synced_under(&files).len();
+        f.write(id, 0, b"nvram", false).await.unwrap();
+        assert_eq!(durable::synced_under(&files).len(), before + 1);
+        f.write(id, 5, b"!", false).await.unwrap();
+        assert_eq!(durable::synced_under(&files).len(), before + 1);
+    }
 
     #[tokio::test]
     async fn a_save_that_fails_leaves_no_temporary_file() {
