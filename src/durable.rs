@@ -1,5 +1,6 @@
 //! Durable files: replacing a file whole so that a power cut leaves the old bytes or the new,
-//! making a new file's or folder's name survive a power cut, and the names of temporary files.
+//! making a new file's or folder's name survive a power cut, the names of temporary files, and
+//! who may read what livemount writes (the process's file creation mask).
 //!
 //! Owns:
 //! - the replace protocol: a temporary file (in the target's folder, or in a folder the caller
@@ -9,7 +10,9 @@
 //! - temporary names: `.lm-tmp-` and 16 random hex digits, 24 bytes whatever the target's name
 //!   (a name made from the target's, `.NAME.tmp`, passes NAME_MAX when NAME is near 255 bytes),
 //!   and the removal of those an interrupted writer left;
-//! - `fsync_dir`, and creating folders and files durably (create, then fsync the parent).
+//! - `fsync_dir`, and creating folders and files durably (create, then fsync the parent);
+//! - the umask: 0077 unless the operator says otherwise (`--umask`, `LIVEMOUNT_UMASK`, serve's
+//!   `umask`), so files are made 0600 and folders 0700 (decision 0013).
 //!
 //! Must not: know what the files hold, or name errors: every function returns
 //! `std::io::Error` and the caller maps it into its own error with the path. Every function
@@ -234,6 +237,43 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
+/// A file creation mask: the permission bits that files and folders livemount makes do not
+/// get. Written in octal, as `umask` takes it: `0077` (the default) makes files 0600 and
+/// folders 0700, `0027` lets the group read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Umask(u32);
+
+impl Umask {
+    /// The default: only the user livemount runs as may read or write what it makes.
+    pub const PRIVATE: Umask = Umask(0o077);
+}
+
+impl std::str::FromStr for Umask {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Umask, String> {
+        let t = s.trim();
+        let ok = (1..=4).contains(&t.len()) && t.bytes().all(|b| (b'0'..=b'7').contains(&b));
+        match u32::from_str_radix(t, 8) {
+            Ok(bits) if ok && bits <= 0o777 => Ok(Umask(bits)),
+            _ => Err("give an octal mask such as 0077 (files 0600, folders 0700; the default) or 0027 (the group may read)".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Umask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04o}", self.0)
+    }
+}
+
+/// Sets the process's file creation mask; returns the one it replaces. Process-wide: set it
+/// before any file is made (at the start of a command).
+pub fn set_umask(mask: Umask) -> Umask {
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(mask.0));
+    Umask(old.as_raw_mode())
+}
+
 /// Test support: the paths synced through this module (files whose bytes were synced before
 /// they took their name, and folders fsynced), so tests of callers can check what they made
 /// durable.
@@ -376,5 +416,16 @@ mod tests {
         assert!(made);
         let (_, made) = open_or_create(&deep.join("g")).unwrap();
         assert!(!made);
+    }
+
+    #[test]
+    fn umasks_are_octal_and_at_most_0777() {
+        for (text, bits) in [("0077", 0o077), ("027", 0o027), ("0", 0), ("0777", 0o777)] {
+            assert_eq!(text.parse::<Umask>(), Ok(Umask(bits)), "{text}");
+        }
+        for bad in ["", "0999", "rwx", "07777", "1000", "-1", "0x1f", "00777"] {
+            assert!(bad.parse::<Umask>().is_err(), "{bad}");
+        }
+        assert_eq!(Umask::PRIVATE.to_string(), "0077");
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::agent::{Agent, Datastore};
 use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
-use crate::durable;
+use crate::durable::{self, Umask};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
@@ -99,6 +99,9 @@ pub struct ServeConfig {
     pub profiles: Option<ProfilesConfig>,
     /// Fetch ahead of sequential readers of a disk (default true).
     pub read_ahead: Option<bool>,
+    /// File creation mask for the state directory and everything else the server writes, in
+    /// octal. Default `"0077"`: files 0600, folders 0700 (`--umask` or `LIVEMOUNT_UMASK` win).
+    pub umask: Option<String>,
 }
 
 /// `[profiles]`: how new mounts learn their VM's boot.
@@ -141,7 +144,9 @@ pub struct SlowRepoConfig {
     pub bandwidth: Option<String>,
 }
 
-pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+/// Runs the server. `umask`: the one given on the command line, already set (it wins over
+/// the config's).
+pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode> {
     let file: ServeConfig = match &a.config {
         Some(p) => toml::from_str(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -149,6 +154,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{}: not a valid serve config", p.display()))?,
         None => ServeConfig::default(),
     };
+    if let (None, Some(text)) = (umask, &file.umask) {
+        let mask: Umask = text
+            .parse()
+            .map_err(|e| anyhow::anyhow!("umask {text:?} in the config: {e}"))?;
+        crate::durable::set_umask(mask);
+    }
     let repo_text = a
         .repo
         .or(file.repo)
