@@ -3,7 +3,7 @@
 //!
 //! State directory layout:
 //! ```text
-//! mounts/NAME.json   one MountSpec per live mount (tmp, fsync, rename, fsync folder)
+//! mounts/NAME.json   one MountSpec per live mount, replaced whole ([`durable::replace`])
 //! profiles/VM.json   boot profiles learned from the mounts' boot windows (see `profile`)
 //! api-token          the control API's bearer token, mode 0600
 //! api.json           where the control API listens, for the CLI
@@ -11,6 +11,8 @@
 //! Locking: the mount table is a `std::sync::RwLock` held only to look up or swap entries, never
 //! across an await. Mount and unmount are serialised by an async mutex so that names and ids are
 //! allocated once.
+//! Durability: a new mount is on disk before `mount` answers: its overlay folder (made
+//! durably), its `snapshot` stamp, its overlay and folder files, then its spec.
 
 mod relocations;
 mod warmups;
@@ -21,7 +23,6 @@ pub use relocations::RelocateRequest;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 
@@ -29,6 +30,7 @@ use bytes::Bytes;
 
 use crate::cache::disk::DiskCache;
 use crate::cache::ChunkCache;
+use crate::durable;
 use crate::metrics::Metrics;
 use crate::mount::reader::MountReader;
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
@@ -152,7 +154,17 @@ impl Agent {
         learning: Option<Learning>,
         read_ahead: bool,
     ) -> anyhow::Result<Agent> {
-        fs::create_dir_all(state.join("mounts"))?;
+        let dir = state.to_path_buf();
+        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+            durable::create_dir_all(&dir.join("mounts"))?;
+            // What writers that were cut short left.
+            for sub in ["", "mounts", "relocations", "profiles"] {
+                durable::remove_tmp_files(&dir.join(sub))?;
+            }
+            Ok(())
+        })
+        .await?
+        .map_err(|e| anyhow::anyhow!("state directory {}: {e}", state.display()))?;
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
         let cache = Arc::new(ChunkCache::new(source, cache_bytes));
         if let Some(d) = disk_cache {
@@ -264,7 +276,8 @@ impl Agent {
         ));
         let overlays = self.overlay_dir(&spec.name);
         if !spec.read_only {
-            self.claim_overlays(&overlays, &spec)?;
+            let (dir, claim) = (overlays.clone(), spec.clone());
+            on_blocking_pool(&overlays, move || claim_overlays(&dir, &claim)).await?;
         }
         LiveMount::open(
             spec,
@@ -385,7 +398,8 @@ impl Agent {
             hosts,
         };
         let mount = self.open_mount(spec.clone(), true).await?;
-        self.persist(&spec)?;
+        let (path, persisted) = (self.spec_path(&spec.name), spec.clone());
+        on_blocking_pool(&path.clone(), move || persist(&path, &persisted)).await?;
         let mount = Arc::new(mount);
         if req.prestage != PrestageMode::Off {
             self.start_prestage(&mount);
@@ -463,9 +477,12 @@ impl Agent {
         if let Some(w) = &m.window {
             self.learner().learn(w, &m).await;
         }
-        let path = self.spec_path(&m.spec.name);
-        fs::remove_file(&path).map_err(|e| state_err(&path, e))?;
-        fsync_dir(&self.state.join("mounts"))?;
+        let (path, mounts) = (self.spec_path(&m.spec.name), self.state.join("mounts"));
+        on_blocking_pool(&path.clone(), move || {
+            fs::remove_file(&path).map_err(|e| state_err(&path, e))?;
+            durable::fsync_dir(&mounts).map_err(|e| state_err(&mounts, e))
+        })
+        .await?;
         self.mounts
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -485,12 +502,18 @@ impl Agent {
                 .map_err(|e| sync_err(e.to_string()))?;
         }
         if !keep_writes {
+            // Durably gone: a later mount of this name must not find these writes again.
             let dir = self.overlay_dir(name);
-            match fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(state_err(&dir, e)),
-            }
+            on_blocking_pool(&dir.clone(), move || {
+                match fs::remove_dir_all(&dir) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+                    Err(e) => return Err(state_err(&dir, e)),
+                }
+                let above = dir.parent().unwrap_or(Path::new("."));
+                durable::fsync_dir(above).map_err(|e| state_err(above, e))
+            })
+            .await?;
         }
         tracing::info!(mount = %name, "unmounted");
         Ok(m.spec.clone())
@@ -537,50 +560,53 @@ impl Agent {
         self.state.join("overlays").join(name)
     }
 
-    /// Makes sure an overlay folder holds this mount's writes: a new folder is stamped with
-    /// the snapshot id; kept writes of the same snapshot are adopted; writes kept for another
-    /// snapshot are never laid over this one.
-    fn claim_overlays(&self, dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
-        let stamp = dir.join("snapshot");
-        match fs::read_to_string(&stamp) {
-            Ok(id) if id.trim() == spec.snapshot.to_string() => Ok(()),
-            Ok(other) => Err(MountError::State {
-                path: dir.display().to_string(),
-                what: format!(
-                    "it holds kept writes of snapshot {}, not of {}; mount that snapshot under this name, or choose another name",
-                    other.trim(),
-                    spec.snapshot_name
-                ),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                fs::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
-                fs::write(&stamp, spec.snapshot.to_string()).map_err(|e| state_err(&stamp, e))?;
-                fsync_dir(dir)
-            }
-            Err(e) => Err(state_err(&stamp, e)),
-        }
-    }
-
     fn spec_path(&self, name: &str) -> PathBuf {
         self.state.join("mounts").join(format!("{name}.json"))
     }
+}
 
-    fn persist(&self, spec: &MountSpec) -> Result<(), MountError> {
-        let path = self.spec_path(&spec.name);
-        let tmp = path.with_extension("json.tmp");
-        let bytes = serde_json::to_vec_pretty(spec).map_err(|e| MountError::State {
-            path: path.display().to_string(),
-            what: e.to_string(),
-        })?;
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)
-        };
-        write().map_err(|e| state_err(&path, e))?;
-        fsync_dir(&self.state.join("mounts"))
+/// Makes sure an overlay folder holds this mount's writes: a new folder is made and stamped
+/// with the snapshot id, both durably; kept writes of the same snapshot are adopted; writes
+/// kept for another snapshot are never laid over this one.
+fn claim_overlays(dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
+    let stamp = dir.join("snapshot");
+    match fs::read_to_string(&stamp) {
+        Ok(id) if id.trim() == spec.snapshot.to_string() => Ok(()),
+        Ok(other) => Err(MountError::State {
+            path: dir.display().to_string(),
+            what: format!(
+                "it holds kept writes of snapshot {}, not of {}; mount that snapshot under this name, or choose another name",
+                other.trim(),
+                spec.snapshot_name
+            ),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            durable::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+            durable::replace(&stamp, spec.snapshot.to_string().as_bytes())
+                .map_err(|e| state_err(&stamp, e))
+        }
+        Err(e) => Err(state_err(&stamp, e)),
     }
+}
+
+/// Writes a mount's spec durably ([`durable::replace`]).
+fn persist(path: &Path, spec: &MountSpec) -> Result<(), MountError> {
+    let bytes = serde_json::to_vec_pretty(spec).map_err(|e| MountError::State {
+        path: path.display().to_string(),
+        what: e.to_string(),
+    })?;
+    durable::replace(path, &bytes).map_err(|e| state_err(path, e))
+}
+
+/// Runs state-directory work (file I/O, fsyncs) on the blocking pool; a task that failed is
+/// an error of `path`.
+async fn on_blocking_pool<T: Send + 'static>(
+    path: &Path,
+    f: impl FnOnce() -> Result<T, MountError> + Send + 'static,
+) -> Result<T, MountError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| state_err(path, std::io::Error::other(e.to_string())))?
 }
 
 /// Merges ended boot windows into profiles.
@@ -693,8 +719,53 @@ fn state_err(path: &Path, e: std::io::Error) -> MountError {
     }
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), MountError> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| state_err(dir, e))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(snapshot: char) -> MountSpec {
+        MountSpec {
+            name: "m".into(),
+            id: 1,
+            snapshot: crate::repo::SnapshotId::from_hex(&snapshot.to_string().repeat(64)).unwrap(),
+            snapshot_name: "vm@2026-01-01T00:00:00Z".into(),
+            read_only: false,
+            keep_network: false,
+            created: jiff::Timestamp::UNIX_EPOCH,
+            hosts: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_new_mount_is_durable_when_its_overlay_is_claimed_and_its_spec_persisted() {
+        let t = tempfile::tempdir().unwrap();
+        let state = t.path();
+        let dir = state.join("overlays/m");
+        claim_overlays(&dir, &spec('a')).unwrap();
+        let stamp = dir.join("snapshot");
+        assert_eq!(fs::read_to_string(&stamp).unwrap(), "a".repeat(64));
+        // The folders made, each in its parent; the stamp written in full and then named.
+        assert_eq!(
+            durable::synced_under(state),
+            [
+                state.to_path_buf(),
+                state.join("overlays"),
+                stamp.clone(),
+                dir.clone()
+            ]
+        );
+        // Adopted by the same snapshot; refused for another, naming both.
+        claim_overlays(&dir, &spec('a')).unwrap();
+        let err = claim_overlays(&dir, &spec('b')).unwrap_err().to_string();
+        assert!(
+            err.contains(&"a".repeat(64)) && err.contains("vm@2026"),
+            "{err}"
+        );
+
+        durable::create_dir_all(&state.join("mounts")).unwrap();
+        let path = state.join("mounts/m.json");
+        persist(&path, &spec('a')).unwrap();
+        let synced = durable::synced_under(&state.join("mounts"));
+        assert_eq!(synced[synced.len() - 2..], [path, state.join("mounts")]);
+    }
 }

@@ -36,6 +36,11 @@ mod verify;
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// File creation mask for everything this command writes (state, overlays, repository,
+    /// restored files), in octal [default: 0077: files 0600, folders 0700; for `serve`, its
+    /// config's `umask`].
+    #[arg(long, global = true, env = "LIVEMOUNT_UMASK", value_name = "OCTAL")]
+    umask: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -169,6 +174,17 @@ pub(crate) fn spec(text: &str, at: Option<&str>) -> Result<SnapshotSpec, RepoErr
 /// Parses the command line and runs the command. Returns the process exit code.
 pub async fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    // Before anything is written. main.rs has set the default (0077) already.
+    let umask = match &cli.umask {
+        Some(text) => Some(
+            text.parse::<crate::durable::Umask>()
+                .map_err(|e| anyhow::anyhow!("--umask {text:?}: {e}"))?,
+        ),
+        None => None,
+    };
+    if let Some(mask) = umask {
+        crate::durable::set_umask(mask);
+    }
     match cli.command {
         Command::Repo(RepoCommand::Init(a)) => repo_init::run(a).await,
         Command::Backup(a) => backup::run(a).await,
@@ -176,7 +192,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Show(a) => show::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Restore(a) => restore::run(a).await,
-        Command::Serve(a) => serve::run(a).await,
+        Command::Serve(a) => serve::run(a, umask).await,
         Command::Mount(a) => mount::run(a).await,
         Command::Mounts(a) => mounts::run(a).await,
         Command::Unmount(a) => unmount::run(a).await,

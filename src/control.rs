@@ -33,10 +33,10 @@ pub struct ApiAddr {
     pub pid: u32,
 }
 
-/// Reads the token, or creates one (32 random bytes, hex) with mode 0600.
+/// Reads the token, or creates one (32 random bytes, hex) with mode 0600, durably (its folder
+/// fsynced).
 pub fn load_or_create_token(state: &std::path::Path) -> std::io::Result<String> {
-    use std::io::Write;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let path = state.join(TOKEN_FILE);
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 32 => {
@@ -52,15 +52,31 @@ pub fn load_or_create_token(state: &std::path::Path) -> std::io::Result<String> 
     std::fs::File::open("/dev/urandom")
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut seed))?;
     let token = blake3::hash(&seed).to_hex().to_string();
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    f.write_all(token.as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    crate::durable::replace_private(&path, token.as_bytes())?;
     Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_new_token_is_private_durable_and_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let token = load_or_create_token(t.path()).unwrap();
+        let path = t.path().join(TOKEN_FILE);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Written, then its folder fsynced: the token survives a power cut.
+        assert_eq!(
+            crate::durable::synced_under(t.path()),
+            [path.clone(), t.path().to_path_buf()]
+        );
+        assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(load_or_create_token(t.path()).unwrap(), token);
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 }

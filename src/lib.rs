@@ -12,6 +12,7 @@
 //! - [`mount`], [`agent`], [`nfs`], [`control`]: live mounts, the media agent's state, the NFS
 //!   server and the control API.
 //! - [`relocate`]: moving a live-mounted VM's disks to primary storage while it runs.
+//! - [`durable`]: replacing files atomically and durably, durable new names, the umask.
 //!
 //! Data flow of a backup: VM config -> `vmconfig` -> disks opened by `disk` -> `repo::ingest`
 //! cuts blocks, hashes, deduplicates, compresses -> `ChunkStore` -> manifest.
@@ -24,6 +25,7 @@ pub mod cache;
 pub mod cli;
 pub mod control;
 pub mod disk;
+pub mod durable;
 pub mod fetch;
 pub mod metrics;
 pub mod mount;

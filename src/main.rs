@@ -1,10 +1,13 @@
-//! The `livemount` binary: sets up the runtime and logging, runs the CLI, and is the only place
-//! that exits the process.
+//! The `livemount` binary: sets up the runtime, logging and the file creation mask, runs the
+//! CLI, and is the only place that exits the process.
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
     limit_malloc_arenas();
+    // Private unless the operator says otherwise (`--umask`): overlays hold what VMs wrote and
+    // the repository holds whole disks (docs/decisions/0013-private-files-by-umask.md).
+    livemount::durable::set_umask(livemount::durable::Umask::PRIVATE);
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIVEMOUNT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     tracing_subscriber::fmt()

@@ -79,6 +79,22 @@ pub struct MountSpec {
     pub hosts: Vec<ipnet::IpNet>,
 }
 
+/// Runs a mount's file work (making or opening its overlay files, with their fsyncs) on the
+/// blocking pool; its error, or a failed task, is a state error of `dir`.
+async fn on_blocking_pool<T: Send + 'static, E: std::fmt::Display + Send + 'static>(
+    dir: &Path,
+    f: impl FnOnce() -> Result<T, E> + Send + 'static,
+) -> Result<T, MountError> {
+    let state = |what: String| MountError::State {
+        path: dir.display().to_string(),
+        what,
+    };
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| state(e.to_string()))?
+        .map_err(|e| state(e.to_string()))
+}
+
 /// Checks a mount name: it becomes a folder name in the datastore.
 pub fn check_name(name: &str) -> Result<(), MountError> {
     let bad = |why| MountError::BadName {
@@ -284,12 +300,11 @@ impl LiveMount {
         let folder = if spec.read_only {
             None
         } else {
-            let f = files::FolderFiles::open(overlays, &config_name, 1, &config).map_err(|e| {
-                MountError::State {
-                    path: overlays.display().to_string(),
-                    what: e.to_string(),
-                }
-            })?;
+            let (dir, name, bytes) = (overlays.to_path_buf(), config_name.clone(), config.clone());
+            let f = on_blocking_pool(overlays, move || {
+                files::FolderFiles::open(&dir, &name, 1, &bytes)
+            })
+            .await?;
             Some(Arc::new(f))
         };
         let mut next = if folder.is_some() { 2u64 } else { 1 };
@@ -318,13 +333,11 @@ impl LiveMount {
             let overlay = if spec.read_only {
                 None
             } else {
-                let o =
-                    Overlay::open(overlays, &format!("disk{i}"), image.size()).map_err(|e| {
-                        MountError::State {
-                            path: overlays.display().to_string(),
-                            what: e.to_string(),
-                        }
-                    })?;
+                let (dir, size) = (overlays.to_path_buf(), image.size());
+                let o = on_blocking_pool(overlays, move || {
+                    Overlay::open(&dir, &format!("disk{i}"), size)
+                })
+                .await?;
                 Some(Arc::new(o))
             };
             add(

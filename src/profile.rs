@@ -3,7 +3,7 @@
 //! Owns: the profile file format (documented in `profiles/README.md`), merging a boot's trace
 //! into a profile, ranking, choosing the boot set to pre-stage, finding a donor profile for a
 //! VM that has none (by shared chunk digests), and the profile files in the state directory
-//! (`profiles/VM.json`, written tmp + fsync + rename).
+//! (`profiles/VM.json`, each replaced whole and durably: [`crate::durable::replace`]).
 //! Must not: fetch anything or know about mounts and NFS: [`crate::prestage`] records traces
 //! and warms the cache; this module only decides.
 //!
@@ -16,9 +16,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use crate::durable;
 use crate::repo::ChunkId;
 
 /// The profile file format this build reads and writes.
@@ -366,28 +366,20 @@ impl ProfileStore {
         (good, bad)
     }
 
-    /// Writes a profile durably (tmp, fsync, rename, fsync folder), replacing any earlier one.
+    /// Writes a profile durably ([`durable::replace`]), replacing any earlier one.
     pub fn save(&self, p: &Profile) -> Result<PathBuf, ProfileError> {
         let path = self.path(&p.vm);
         let io = |source| ProfileError::Io {
             path: path.clone(),
             source,
         };
-        fs::create_dir_all(&self.dir).map_err(io)?;
+        durable::create_dir_all(&self.dir).map_err(io)?;
         let mut text = serde_json::to_vec_pretty(p).map_err(|e| ProfileError::Invalid {
             path: path.clone(),
             what: e.to_string(),
         })?;
         text.push(b'\n');
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_all()?;
-            fs::rename(&tmp, &path)?;
-            fs::File::open(&self.dir)?.sync_all()
-        };
-        write().map_err(io)?;
+        durable::replace(&path, &text).map_err(io)?;
         Ok(path)
     }
 

@@ -19,7 +19,6 @@ pub mod state;
 
 use std::collections::VecDeque;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -31,6 +30,7 @@ pub use state::{DiskCopy, Event, Next, Phase, Refused, Relocation, Resume};
 
 use crate::agent::Agent;
 use crate::cache::ChunkCache;
+use crate::durable;
 use crate::fetch::FetchClass;
 use crate::mount::mirror::Mirror;
 use crate::mount::overlay::Overlay;
@@ -154,21 +154,16 @@ fn dest_err(path: &Path, e: impl std::fmt::Display) -> RelocateError {
     }
 }
 
-/// Writes a relocation record durably: tmp, fsync, rename, fsync the folder.
+/// Writes a relocation record durably ([`durable::replace`]).
 pub fn persist(path: &Path, r: &Relocation) -> Result<(), RelocateError> {
     let err = |e: std::io::Error| RelocateError::State {
         path: path.display().to_string(),
         what: e.to_string(),
     };
     let dir = path.parent().unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension("json.tmp");
+    durable::create_dir_all(dir).map_err(err)?;
     let bytes = serde_json::to_vec_pretty(r).map_err(|e| err(std::io::Error::other(e)))?;
-    let mut f = fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&bytes).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    fs::rename(&tmp, path).map_err(err)?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).map_err(err)
+    durable::replace(path, &bytes).map_err(err)
 }
 
 fn remove_record(path: &Path) -> Result<(), RelocateError> {
@@ -183,7 +178,7 @@ fn remove_record(path: &Path) -> Result<(), RelocateError> {
         }
     }
     if let Some(dir) = path.parent() {
-        let _ = fs::File::open(dir).and_then(|d| d.sync_all());
+        let _ = durable::fsync_dir(dir);
     }
     Ok(())
 }
@@ -215,7 +210,7 @@ impl Relocator {
     ) -> Result<Arc<Relocator>, RelocateError> {
         let dest = record.dest.clone();
         if create {
-            fs::create_dir_all(&dest).map_err(|e| dest_err(&dest, e))?;
+            durable::create_dir_all(&dest).map_err(|e| dest_err(&dest, e))?;
             for name in planned_files(&mount, &config) {
                 let p = dest.join(&name);
                 if p.symlink_metadata().is_ok() {
@@ -229,6 +224,8 @@ impl Relocator {
         let mut jobs = Vec::new();
         // Files made here, removed again if a later one cannot be made.
         let mut made: Vec<PathBuf> = Vec::new();
+        // Whether a file was made here (then its name is made durable below).
+        let mut new_names = false;
         let undo = |made: &[PathBuf]| {
             for p in made {
                 let _ = fs::remove_file(p);
@@ -263,13 +260,10 @@ impl Relocator {
             } else if record.phase == Phase::Copying && copy.copied == 0 {
                 // Nothing of it is recorded as copied (a retry, or a crash right after the
                 // record was made): the file is made if it is missing.
-                fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&p)
-                    .and_then(|file| file.set_len(image.size()).map(|()| file))
+                durable::open_or_create(&p).and_then(|(file, new)| {
+                    new_names |= new;
+                    file.set_len(image.size()).map(|()| file)
+                })
             } else {
                 fs::OpenOptions::new().read(true).write(true).open(&p)
             };
@@ -282,6 +276,7 @@ impl Relocator {
             };
             if create {
                 made.push(p.clone());
+                new_names = true;
             }
             let mirror = Arc::new(Mirror::new(&p, file, image.size(), copy.copied));
             jobs.push(Job {
@@ -290,6 +285,14 @@ impl Relocator {
                 overlay: overlay.clone(),
                 mirror,
             });
+        }
+        // A checkpoint syncs the copy's data and then records its frontier: its name must be
+        // durable before that.
+        if new_names {
+            if let Err(e) = durable::fsync_dir(&dest) {
+                undo(&made);
+                return Err(dest_err(&dest, e));
+            }
         }
         let r = Arc::new(Relocator {
             record: Mutex::new(record),
@@ -804,14 +807,9 @@ impl Relocator {
         let config = dest.join(&config_name);
         tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for (name, bytes) in out {
-                let path = dest.join(&name);
-                let tmp = dest.join(format!(".{name}.livemount-tmp"));
-                let mut f = fs::File::create(&tmp)?;
-                f.write_all(&bytes)?;
-                f.sync_all()?;
-                fs::rename(&tmp, &path)?;
+                durable::put_via(&dest, &dest.join(&name), &bytes)?;
             }
-            fs::File::open(&dest)?.sync_all()
+            durable::fsync_dir(&dest)
         })
         .await
         .map_err(|e| e.to_string())?
@@ -836,17 +834,14 @@ impl Relocator {
         let dest = r.dest.clone();
         let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
             for name in names {
-                for p in [
-                    dest.join(&name),
-                    dest.join(format!(".{name}.livemount-tmp")),
-                ] {
-                    match fs::remove_file(&p) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
-                    }
+                match fs::remove_file(dest.join(&name)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
                 }
             }
+            // What an interrupted `write_other_files` left.
+            durable::remove_tmp_files(&dest)?;
             // The folder goes too if nothing else is in it.
             let _ = fs::remove_dir(&dest);
             Ok(())

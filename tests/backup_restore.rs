@@ -717,3 +717,26 @@ fn assert_every_chunk_file_is_whole(repo: &Path) {
         );
     }
 }
+
+/// A disk whose file name is NAME_MAX long: its restore must not make a longer name
+/// (`NAME.partial`) on the way.
+#[tokio::test]
+async fn a_disk_with_a_255_byte_name_restores() {
+    let t = tempfile::tempdir().unwrap();
+    let name = format!("{}.img", "d".repeat(251));
+    assert_eq!(name.len(), 255);
+    let disk = mixed_disk(2 * MIB + 512, 9);
+    write(&t.path().join(&name), &disk);
+    let cfg = kvm_config(t.path(), "long", &[(&name, "raw")]);
+    let repo = init_repo(t.path(), 1 << 20);
+    let s = backup(&repo, &cfg).await;
+    let out = t.path().join("out");
+    let disks = restore_disks(&repo, &s.snapshot, &out).await;
+    assert!(disks[0] == disk, "the disk differs after restore");
+    let mut names: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, [name, "long.xml".to_string()]);
+}

@@ -485,3 +485,120 @@ async fn readdir_counts_are_capped_and_too_small_is_refused() {
         Err(nfsstat3::NFS3ERR_TOOSMALL)
     );
 }
+
+/// Files and folders under `root` whose permission bits are not `file` (files) or `dir`
+/// (folders), `root` itself left out.
+fn modes_other_than(root: &std::path::Path, file: u32, dir: u32) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bad = Vec::new();
+    let mut todo = vec![root.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            let mode = meta.permissions().mode() & 0o7777;
+            let want = if meta.is_dir() { dir } else { file };
+            if mode != want {
+                bad.push(format!("{} {mode:o}", p.display()));
+            }
+            if meta.is_dir() {
+                todo.push(p);
+            }
+        }
+    }
+    bad
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn state_and_repository_files_are_private_unless_the_umask_says_otherwise() {
+    // The usual umask, whatever this test was started with: livemount must not rely on it.
+    // SAFETY: umask only sets the process's file creation mask.
+    unsafe { libc::umask(0o022) };
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(2 * MIB, 71));
+    let cfg = kvm_config(t.path(), "pv", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "pv", "--name", "pv"]);
+    server.cli(&["mount", "pv", "--name", "pv-ro", "--read-only"]);
+    let mut c = connect(&server, "pv").await;
+    let dir = c.root_nfs_fh3();
+    let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+    nfs_write(&mut c, &disk, 8192, b"the VM's own bytes").await;
+    let nvram = create(&mut c, &dir, "pv.nvram").await;
+    nfs_write(&mut c, &nvram, 0, b"nvram").await;
+    drop(c);
+    // A boot of the read-only mount, ended by its unmount: a profile.
+    let mut c = connect(&server, "pv-ro").await;
+    let dir = c.root_nfs_fh3();
+    let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+    read_at(&mut c, &disk, 0, 65536).await.unwrap();
+    drop(c);
+    server.cli(&["unmount", "pv-ro"]);
+    assert!(server.stop().success());
+    for p in [
+        "overlays/pv/disk0.data",
+        "overlays/pv/files.json",
+        "profiles",
+    ] {
+        assert!(state.join(p).exists(), "{p} was not made");
+    }
+    let bad = modes_other_than(&state, 0o600, 0o700);
+    assert!(bad.is_empty(), "state not private: {bad:#?}");
+    let bad = modes_other_than(&repo, 0o600, 0o700);
+    assert!(bad.is_empty(), "repository not private: {bad:#?}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&repo).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "the repository's folder");
+
+    // Unless told otherwise: --umask (or LIVEMOUNT_UMASK) for any command, `umask` in serve's
+    // config.
+    let shared = t.path().join("shared-repo");
+    livemount_ok(&["--umask", "0027", "repo", "init", shared.to_str().unwrap()]);
+    let bad = modes_other_than(&shared, 0o640, 0o750);
+    assert!(bad.is_empty(), "--umask 0027 not followed: {bad:#?}");
+    let config = t.path().join("serve.toml");
+    std::fs::write(&config, "umask = \"0027\"\n").unwrap();
+    let state2 = t.path().join("state2");
+    let server = Server::start(
+        &repo,
+        &state2,
+        "off",
+        &["--config", config.to_str().unwrap()],
+    );
+    server.cli(&["mount", "pv", "--name", "pv"]);
+    assert!(server.stop().success());
+    // The API token is a secret: 0600 whatever the umask.
+    let bad: Vec<_> = modes_other_than(&state2, 0o640, 0o750)
+        .into_iter()
+        .filter(|p| *p != format!("{}/api-token 600", state2.display()))
+        .collect();
+    assert!(bad.is_empty(), "umask = \"0027\" not followed: {bad:#?}");
+    // Bad values are refused, naming the setting.
+    let out = livemount(&["--umask", "0999", "repo", "init", shared.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--umask \"0999\""),
+        "{err}"
+    );
+    std::fs::write(&config, "umask = \"rwx\"\n").unwrap();
+    let out = livemount(&[
+        "serve",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--state",
+        state2.to_str().unwrap(),
+        "--config",
+        config.to_str().unwrap(),
+        "--nfs",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("umask \"rwx\""),
+        "{err}"
+    );
+}

@@ -414,3 +414,53 @@ fn a_handover_cut_short_before_the_retire_retires_the_mount_at_the_next_start() 
     assert!(server.log_text().contains("mount retired"));
     assert!(dest.join("disk.img").exists(), "the copy stays");
 }
+
+#[test]
+fn a_folder_file_with_a_255_byte_name_is_carried_over_cancelled_and_handed_over() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let dest = t.path().join("primary/vm");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    // NAME_MAX exactly: valid over NFS and in the destination, but no room for a suffix.
+    let long = format!("{}.nvram", "n".repeat(249));
+    assert_eq!(long.len(), 255);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = connect(&server, "vm-lm1").await;
+        let root = c.root_nfs_fh3();
+        let fh = create(&mut c, &root, &long).await;
+        nfs_write(&mut c, &fh, 0, b"nvram").await;
+    });
+    let to = dest.to_str().unwrap();
+    server.cli(&["relocate", "vm-lm1", "--to", to, "--rate", "4"]);
+    assert_eq!(
+        std::fs::read(dest.join(&long)).unwrap(),
+        b"nvram",
+        "carried over at the start: {}",
+        server.log_text()
+    );
+    let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert!(!dest.exists(), "the cancel removed the partial copy");
+    assert!(relocation(&server, "vm-lm1").is_none());
+
+    server.cli(&["relocate", "vm-lm1", "--to", to]);
+    wait_for_phase(&server, "vm-lm1", "synced");
+    // The VM's last write must be a few seconds old for the handover.
+    std::thread::sleep(Duration::from_millis(3200));
+    let out = server.cli(&["relocate", "--finish", "vm-lm1"]);
+    assert!(out.contains("handed over"), "{out}");
+    assert_eq!(std::fs::read(dest.join(&long)).unwrap(), b"nvram");
+    let left: Vec<_> = std::fs::read_dir(&dest)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n.len() != 255 && n != "disk.img" && n != "vm.xml")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "temporary files left in the copy: {left:?}"
+    );
+}

@@ -264,14 +264,7 @@ impl Agent {
         let path = self.relocation_path(mount);
         // The record first: a crash before the files exist leaves a record that fails to
         // resume and can be cancelled, never files nobody knows of.
-        persist(&path, &record)?;
-        let r = match Relocator::open(record, path.clone(), m.clone(), config, start, true) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = fs::remove_file(&path);
-                return Err(e);
-            }
-        };
+        let r = persist_and_open(record, path, m.clone(), config, start, true).await?;
         // The config next to the disks from the start (the handover writes it again).
         if let Err(e) = r.write_other_files(dest).await {
             tracing::warn!(mount, error = %e, "config not written yet; the handover writes it");
@@ -297,8 +290,7 @@ impl Agent {
         };
         let path = self.relocation_path(&rec.mount);
         let (config, start) = self.final_config(m, &rec.dest).await?;
-        persist(&path, &retried)?;
-        let r = Relocator::open(retried, path, m.clone(), config, start, false)?;
+        let r = persist_and_open(retried, path, m.clone(), config, start, false).await?;
         self.relocations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -376,4 +368,31 @@ impl Agent {
         tracing::info!(mount = %name, dest = %r.record().dest.display(), "relocation handed over; mount retired");
         Ok(())
     }
+}
+
+/// Persists a relocation's record at `path`, then opens its relocator (`create`: a new one,
+/// whose record goes again if its files cannot be made), on the blocking pool: both write and
+/// fsync files.
+async fn persist_and_open(
+    record: Relocation,
+    path: PathBuf,
+    mount: Arc<LiveMount>,
+    config: FinalConfig,
+    start: Vec<String>,
+    create: bool,
+) -> Result<Arc<Relocator>, RelocateError> {
+    let shown = path.display().to_string();
+    tokio::task::spawn_blocking(move || {
+        persist(&path, &record)?;
+        Relocator::open(record, path.clone(), mount, config, start, create).inspect_err(|_| {
+            if create {
+                let _ = fs::remove_file(&path);
+            }
+        })
+    })
+    .await
+    .map_err(|e| RelocateError::State {
+        path: shown,
+        what: e.to_string(),
+    })?
 }

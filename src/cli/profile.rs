@@ -144,16 +144,13 @@ pub fn run(cmd: ProfileCommand) -> anyhow::Result<ExitCode> {
             let p = load(&a.state, &a.vm)?;
             let mut text = serde_json::to_vec_pretty(&p)?;
             text.push(b'\n');
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&a.file)
-                .map_err(|e| {
+            crate::durable::create_new(&a.file, &text).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
                     anyhow::anyhow!("{}: {e} (export never overwrites a file)", a.file.display())
-                })?;
-            std::io::Write::write_all(&mut f, &text)
-                .and_then(|()| f.sync_all())
-                .map_err(|e| anyhow::anyhow!("{}: {e}", a.file.display()))?;
+                } else {
+                    anyhow::anyhow!("{}: {e}", a.file.display())
+                }
+            })?;
             println!("exported the profile of {} to {}", p.vm, a.file.display());
             Ok(ExitCode::SUCCESS)
         }

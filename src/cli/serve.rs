@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use crate::agent::{Agent, Datastore};
 use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
+use crate::durable::{self, Umask};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
@@ -102,6 +103,9 @@ pub struct ServeConfig {
     pub profiles: Option<ProfilesConfig>,
     /// Fetch ahead of sequential readers of a disk (default true).
     pub read_ahead: Option<bool>,
+    /// File creation mask for the state directory and everything else the server writes, in
+    /// octal. Default `"0077"`: files 0600, folders 0700 (`--umask` or `LIVEMOUNT_UMASK` win).
+    pub umask: Option<String>,
 }
 
 /// `[profiles]`: how new mounts learn their VM's boot.
@@ -144,7 +148,9 @@ pub struct SlowRepoConfig {
     pub bandwidth: Option<String>,
 }
 
-pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
+/// Runs the server. `umask`: the one given on the command line, already set (it wins over
+/// the config's).
+pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode> {
     let file: ServeConfig = match &a.config {
         Some(p) => toml::from_str(
             &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
@@ -152,6 +158,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("{}: not a valid serve config", p.display()))?,
         None => ServeConfig::default(),
     };
+    if let (None, Some(text)) = (umask, &file.umask) {
+        let mask: Umask = text
+            .parse()
+            .map_err(|e| anyhow::anyhow!("umask {text:?} in the config: {e}"))?;
+        crate::durable::set_umask(mask);
+    }
     let repo_text = a
         .repo
         .or(file.repo)
@@ -347,10 +359,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         url: api_url.clone(),
         pid: std::process::id(),
     };
-    std::fs::write(
+    // Replaced whole: a CLI that reads it meanwhile never sees half of it.
+    let (path, bytes) = (
         state.join(control::ADDR_FILE),
         serde_json::to_vec_pretty(&addr_file)?,
-    )?;
+    );
+    tokio::task::spawn_blocking(move || durable::replace(&path, &bytes)).await??;
     let api_state = ApiState {
         agent: agent.clone(),
         token: Arc::new(token),

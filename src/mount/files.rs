@@ -7,19 +7,21 @@
 //! file per regular file (`files/ID`), both in the mount's overlay folder.
 //! Must not: touch the backup's disks or descriptors; the caller refuses changes to those.
 //!
-//! Ordering: a namespace change is durable (tmp, fsync, rename, fsync folder) before it is
+//! Ordering: a namespace change is durable ([`durable::replace`] of `files.json`) before it is
 //! acknowledged. File data follows NFS: UNSTABLE writes are durable at COMMIT, FILE_SYNC ones
-//! before the reply. The namespace is guarded by a std mutex held only for in-memory changes;
+//! before the reply; a data file's name is durable (its folder fsynced) as soon as it is made. The namespace is guarded by a std mutex held only for in-memory changes;
 //! the JSON is written under an async mutex so that saves are serialised and never torn.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::fs::{self, File};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+
+use crate::durable;
 
 /// File ids of folder files start here within a mount's 32-bit id space, above any backup file.
 pub const FIRST_ID: u32 = 0x4000_0000;
@@ -127,7 +129,11 @@ impl FolderFiles {
         config: &[u8],
     ) -> Result<Self, FilesError> {
         let data_dir = dir.join("files");
-        fs::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
+        durable::create_dir_all(&data_dir).map_err(io_err(&data_dir))?;
+        // What an interrupted save left.
+        for d in [dir, &data_dir] {
+            durable::remove_tmp_files(d).map_err(io_err(d))?;
+        }
         let path = dir.join("files.json");
         let table = match fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| FilesError::Io {
@@ -136,7 +142,7 @@ impl FolderFiles {
             })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let data = data_dir.join(config_id.to_string());
-                write_synced(&data, config)?;
+                durable::replace(&data, config).map_err(io_err(&data))?;
                 let mut t = Table {
                     next: FIRST_ID,
                     entries: BTreeMap::new(),
@@ -524,20 +530,15 @@ impl FolderFiles {
     }
 }
 
-/// A regular file's data file, made if it does not exist yet.
+/// A regular file's data file, made if it does not exist yet; a new one's name is made
+/// durable at once (a later COMMIT syncs only the file's data).
 fn open_data(path: &Path) -> Result<File, FilesError> {
-    OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map_err(io_err(path))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), FilesError> {
-    let mut f = File::create(path).map_err(io_err(path))?;
-    f.write_all(bytes).map_err(io_err(path))?;
-    f.sync_all().map_err(io_err(path))
+    let (f, made) = durable::open_or_create(path).map_err(io_err(path))?;
+    if made {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        durable::fsync_dir(dir).map_err(io_err(dir))?;
+    }
+    Ok(f)
 }
 
 fn save_table(dir: &Path, t: &Table) -> Result<(), FilesError> {
@@ -549,18 +550,57 @@ fn save_table(dir: &Path, t: &Table) -> Result<(), FilesError> {
 }
 
 fn save_bytes(dir: &Path, bytes: &[u8]) -> Result<(), FilesError> {
-    let tmp = dir.join("files.json.tmp");
-    write_synced(&tmp, bytes)?;
     let path = dir.join("files.json");
-    fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    durable::replace(&path, bytes).map_err(io_err(&path))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn new_folder_files_are_durable_by_name() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("m");
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        let files = dir.join("files");
+        assert_eq!(
+            durable::synced_under(t.path()),
+            [
+                t.path().to_path_buf(),
+                dir.clone(),
+                files.join("1"),
+                files.clone(),
+                dir.join("files.json"),
+                dir.clone()
+            ]
+        );
+        // A file's data file is made at its first write; its name is durable at once, so
+        // that a COMMIT (which syncs its data) keeps it.
+        let id = f.create(0, "x.nvram", true).await.unwrap();
+        let before = durable::synced_under(&files).len();
+        f.write(id, 0, b"nvram", false).await.unwrap();
+        assert_eq!(durable::synced_under(&files).len(), before + 1);
+        f.write(id, 5, b"!", false).await.unwrap();
+        assert_eq!(durable::synced_under(&files).len(), before + 1);
+    }
+
+    #[tokio::test]
+    async fn a_save_that_fails_leaves_no_temporary_file() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("m");
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        // files.json cannot be replaced: a folder that is not empty took its name.
+        fs::remove_file(dir.join("files.json")).unwrap();
+        fs::create_dir_all(dir.join("files.json/blocked")).unwrap();
+        assert!(f.create(0, "vmware.log", false).await.is_err());
+        let mut names: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["files", "files.json"]);
+    }
 
     #[tokio::test]
     async fn concurrent_creates_of_one_name_make_one_entry() {

@@ -22,9 +22,12 @@
 //!   what counts, and the NFS write verifier changes so that clients resend what they had not
 //!   seen committed. A bit in `N.bitmap` therefore never reaches the disk before its data.
 //! - Bitmap bits are only ever set, never cleared (the disk's size is fixed).
+//! - The files' names are durable from their creation (the folder is fsynced when one is
+//!   made), so a COMMIT, which syncs only their contents, never syncs a file that a power cut
+//!   could unlink.
 
 use std::collections::BTreeSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -34,6 +37,7 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 
 use super::mirror::Mirror;
+use crate::durable;
 use crate::repo::{DiskImage, RepoError};
 
 /// Overlay block size: what a bit of the bitmap covers.
@@ -127,19 +131,17 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Overlay {
-    /// Opens (or creates) the overlay `stem` in `dir` for a disk of `size` bytes.
+    /// Opens (or creates) the overlay `stem` in `dir` for a disk of `size` bytes. Blocks (file
+    /// I/O and fsyncs).
     pub fn open(dir: &Path, stem: &str, size: u64) -> Result<Overlay, OverlayError> {
-        std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+        durable::create_dir_all(dir).map_err(io_err(dir))?;
         let data_path = dir.join(format!("{stem}.data"));
         let bitmap_path = dir.join(format!("{stem}.bitmap"));
+        let made = std::cell::Cell::new(false);
         let open = |p: &Path| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(p)
-                .map_err(io_err(p))
+            let (f, new) = durable::open_or_create(p).map_err(io_err(p))?;
+            made.set(made.get() | new);
+            Ok::<File, OverlayError>(f)
         };
         let data = open(&data_path)?;
         data.set_len(size).map_err(io_err(&data_path))?;
@@ -188,6 +190,9 @@ impl Overlay {
             h[..n].copy_from_slice(&b[..n]);
             live.set_len(0).map_err(io_err(&live_path))?;
             live.write_all_at(&h, 0).map_err(io_err(&live_path))?;
+        }
+        if made.get() {
+            durable::fsync_dir(dir).map_err(io_err(dir))?;
         }
         Ok(Overlay {
             name: data_path.display().to_string(),
@@ -501,4 +506,28 @@ fn page_bytes(words: &[u64], pages: &[u64]) -> Vec<(u64, Vec<u8>)> {
             (p * PAGE, bytes)
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_overlay_is_durable_by_name_before_open_returns() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("overlays/m");
+        Overlay::open(&dir, "disk0", 1 << 20).unwrap();
+        // The folders made on the way, then the folder holding the three new files.
+        assert_eq!(
+            durable::synced_under(t.path()),
+            [
+                t.path().to_path_buf(),
+                t.path().join("overlays"),
+                dir.clone()
+            ]
+        );
+        // Opened again: nothing new to make durable.
+        Overlay::open(&dir, "disk0", 1 << 20).unwrap();
+        assert_eq!(durable::synced_under(t.path()).len(), 3);
+    }
 }

@@ -25,6 +25,8 @@ use std::path::Path;
 
 use nfs3_types::nfs3::nfsstat3;
 
+use crate::durable;
+
 /// Bytes in a handle.
 pub const HANDLE_LEN: usize = 24;
 const TAG_FILE: &str = "datastore-id";
@@ -72,17 +74,6 @@ fn read8(path: &Path) -> io::Result<Option<[u8; 8]>> {
     }
 }
 
-/// Writes `bytes` to `dir/name` durably (temporary file, fsync, rename, fsync of the folder).
-fn write_durable(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(name))?;
-    fs::File::open(dir)?.sync_all()
-}
-
 impl Identity {
     /// Loads (or makes) the datastore tag and this run's verifier from the state directory.
     /// Call once at start, before serving.
@@ -96,7 +87,7 @@ impl Identity {
             Some(t) => t,
             None => {
                 let t = random8();
-                write_durable(state, TAG_FILE, &t)?;
+                durable::replace(&state.join(TAG_FILE), &t)?;
                 t
             }
         };
@@ -117,9 +108,9 @@ impl Identity {
         };
         let mut record = verifier.to_vec();
         record.extend_from_slice(boot.as_bytes());
-        write_durable(state, VERIFIER_FILE, &record)?;
+        durable::replace(&state.join(VERIFIER_FILE), &record)?;
         match fs::remove_file(&clean) {
-            Ok(()) => fs::File::open(state)?.sync_all()?,
+            Ok(()) => durable::fsync_dir(state)?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
@@ -142,7 +133,7 @@ impl Identity {
     /// Records that every write is durable, so the next start may keep this verifier. Call
     /// after the last write was synced, as the last thing before exiting.
     pub fn mark_clean_stop(&self, state: &Path) -> io::Result<()> {
-        write_durable(state, CLEAN_STOP_FILE, &self.verifier)
+        durable::replace(&state.join(CLEAN_STOP_FILE), &self.verifier)
     }
 
     pub fn verifier(&self) -> [u8; 8] {

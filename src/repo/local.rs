@@ -10,15 +10,15 @@
 //! ```
 //! The 256 chunk folders are made at `init`, so a backup never creates a directory.
 //!
-//! Ordering: an object is written under `tmp/`, fdatasynced, renamed to its name; the folders it
-//! landed in are fsynced by [`ChunkStore::sync`] (chunks) or at once (manifests). Readers never
-//! lock: a name that exists always holds its complete, durable bytes.
+//! Ordering: an object is written under `tmp/`, fdatasynced, renamed to its name
+//! ([`durable::put_via`]); the folders it landed in are fsynced by [`ChunkStore::sync`] (chunks)
+//! or at once (manifests). Readers never lock: a name that exists always holds its complete,
+//! durable bytes.
 
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
@@ -27,6 +27,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::SnapshotId;
 use super::{blocking, ChunkId, ChunkSize, ChunkStore, RepoError, RepoLocation};
+use crate::durable;
 
 /// The repository's config file, at the top of its directory.
 pub(crate) const CONFIG_FILE: &str = "livemount-repo.toml";
@@ -85,7 +86,6 @@ impl RepoConfig {
 #[derive(Debug)]
 pub struct LocalStore {
     root: PathBuf,
-    tmp_counter: AtomicU64,
     /// Chunk folders (by first digest byte) that gained a name since the last `sync`.
     dirty: Mutex<BTreeSet<u8>>,
 }
@@ -108,27 +108,24 @@ impl LocalStore {
                 });
             }
         }
-        fs::create_dir_all(root).map_err(io)?;
+        durable::create_dir_all(root).map_err(io)?;
         let chunks = root.join("chunks");
         fs::create_dir(&chunks).map_err(io)?;
         for b in 0..=255u8 {
             let dir = chunks.join(format!("{b:02x}"));
             fs::create_dir(&dir).map_err(io)?;
         }
-        fsync_dir(&chunks)?;
+        durable::fsync_dir(&chunks).map_err(|e| RepoError::io(&chunks, e))?;
         fs::create_dir(root.join("snapshots")).map_err(io)?;
         fs::create_dir(root.join("tmp")).map_err(io)?;
         File::create(root.join("lock")).map_err(io)?;
         let config = RepoConfig::new(chunk_size);
         let text = config.to_toml()?;
         // The config file is written last: a directory without it is not a repository.
-        write_durably(
-            &root.join("tmp"),
-            &root.join(CONFIG_FILE),
-            text.as_bytes(),
-            "config",
-        )?;
-        fsync_dir(root)?;
+        let path = root.join(CONFIG_FILE);
+        durable::put_via(&root.join("tmp"), &path, text.as_bytes())
+            .map_err(|e| RepoError::io(&path, e))?;
+        durable::fsync_dir(root).map_err(io)?;
         Ok(config)
     }
 
@@ -149,7 +146,6 @@ impl LocalStore {
         let config = RepoConfig::parse(&text, &repo)?;
         let store = LocalStore {
             root: root.into(),
-            tmp_counter: AtomicU64::new(0),
             dirty: Mutex::new(BTreeSet::new()),
         };
         Ok((store, config))
@@ -193,7 +189,10 @@ impl LocalStore {
                     scope.spawn(move || {
                         (0..=255u8)
                             .filter(|b| usize::from(*b) % SYNC_CONCURRENCY == k)
-                            .try_for_each(|b| fsync_dir(&chunks.join(format!("{b:02x}"))))
+                            .try_for_each(|b| {
+                                let dir = chunks.join(format!("{b:02x}"));
+                                durable::fsync_dir(&dir).map_err(|e| RepoError::io(&dir, e))
+                            })
                     })
                 })
                 .collect();
@@ -212,13 +211,6 @@ impl LocalStore {
 
     fn manifest_path(&self, id: &SnapshotId) -> PathBuf {
         self.root.join("snapshots").join(format!("{id}.json"))
-    }
-
-    fn tmp_path(&self, what: &str) -> PathBuf {
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        self.root
-            .join("tmp")
-            .join(format!("{what}.{}.{n}", std::process::id()))
     }
 }
 
@@ -262,13 +254,16 @@ impl ChunkStore for LocalStore {
 
     async fn put_chunk(&self, id: &ChunkId, stored: Bytes) -> Result<(), RepoError> {
         let path = self.chunk_path(id);
-        let tmp = self.tmp_path(&id.to_hex());
+        let tmp_dir = self.root.join("tmp");
         // Marked dirty before the rename, so a rename that happens is always synced later.
         self.dirty
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id.0[0]);
-        blocking(move || write_tmp_then_rename(&tmp, &path, &stored)).await
+        blocking(move || {
+            durable::put_via(&tmp_dir, &path, &stored).map_err(|e| RepoError::io(&path, e))
+        })
+        .await
     }
 
     async fn sync(&self) -> Result<(), RepoError> {
@@ -282,7 +277,8 @@ impl ChunkStore for LocalStore {
             .map(|b| {
                 let dir = chunks.join(format!("{b:02x}"));
                 async move {
-                    blocking(move || fsync_dir(&dir)).await?;
+                    blocking(move || durable::fsync_dir(&dir).map_err(|e| RepoError::io(&dir, e)))
+                        .await?;
                     self.dirty
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
@@ -312,7 +308,13 @@ impl ChunkStore for LocalStore {
     async fn put_manifest(&self, id: &SnapshotId, bytes: Bytes) -> Result<(), RepoError> {
         let path = self.manifest_path(id);
         let tmp_dir = self.root.join("tmp");
-        blocking(move || write_durably(&tmp_dir, &path, &bytes, "manifest")).await
+        blocking(move || {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            durable::put_via(&tmp_dir, &path, &bytes)
+                .and_then(|()| durable::fsync_dir(dir))
+                .map_err(|e| RepoError::io(&path, e))
+        })
+        .await
     }
 
     async fn list_manifests(&self) -> Result<Vec<SnapshotId>, RepoError> {
@@ -358,36 +360,6 @@ fn not_a_repository_hint(root: &Path) -> String {
         }
         _ => String::new(),
     }
-}
-
-/// Writes `bytes` to `tmp`, makes them durable, and renames `tmp` to `path`. The caller fsyncs
-/// `path`'s folder (at once, or batched in `sync`).
-fn write_tmp_then_rename(tmp: &Path, path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(tmp)
-        .map_err(|e| RepoError::io(tmp, e))?;
-    f.write_all(bytes).map_err(|e| RepoError::io(tmp, e))?;
-    f.sync_data().map_err(|e| RepoError::io(tmp, e))?;
-    drop(f);
-    fs::rename(tmp, path).map_err(|e| RepoError::io(path, e))
-}
-
-/// Writes a file whole and durably: tmp, fsync, rename, fsync of its folder.
-fn write_durably(tmp_dir: &Path, path: &Path, bytes: &[u8], what: &str) -> Result<(), RepoError> {
-    let tmp = tmp_dir.join(format!("{what}.{}.{}", std::process::id(), random_id()));
-    write_tmp_then_rename(&tmp, path, bytes)?;
-    match path.parent() {
-        Some(dir) => fsync_dir(dir),
-        None => Ok(()),
-    }
-}
-
-fn fsync_dir(dir: &Path) -> Result<(), RepoError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| RepoError::io(dir, e))
 }
 
 /// A random-enough id: the digest of the time, the process and a stack address.

@@ -1,13 +1,15 @@
 //! Restore: the classic full restore of a snapshot into a folder (config plus raw disks), the
 //! baseline a live mount is measured against.
 //!
-//! Each disk is written as a sparse raw file of its exact size (zero blocks stay holes), to
-//! `NAME.partial` first, fsynced and then renamed, so a restore that fails leaves no file that
+//! Each disk is written as a sparse raw file of its exact size (zero blocks stay holes), to a
+//! temporary file first (a fixed-length name from [`durable::tmp_name`], whatever the disk's
+//! name), fsynced and then linked to its name, so a restore that fails leaves no file that
 //! looks complete. ESXi disks get a `NAME.vmdk` descriptor next to their `NAME-flat.vmdk`, so the
-//! original .vmx finds them. Existing files are never overwritten.
+//! original .vmx finds them. Existing files are never overwritten. The folder is fsynced before
+//! the restore returns.
 
 use std::collections::HashSet;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,6 +19,7 @@ use futures::{StreamExt, TryStreamExt};
 
 use crate::disk::export::{flat_descriptor, AdapterType};
 use crate::disk::DiskFormat;
+use crate::durable;
 use crate::vmconfig::Hypervisor;
 
 use super::manifest::{DiskManifest, SnapshotId};
@@ -132,37 +135,48 @@ impl Repository {
             taken.extend(desc.clone());
             plan.push((d, dir.join(data), desc.map(|n| dir.join(n))));
         }
-        fs::create_dir_all(dir).map_err(|e| RepoError::File {
-            path: dir.to_path_buf(),
-            source: e,
-        })?;
-        for name in &taken {
-            let p = dir.join(name);
-            if p.exists() {
-                return Err(target(format!(
-                    "{} exists; restore into an empty folder",
-                    p.display()
-                ))
-                .into());
-            }
-            let partial = partial_path(&p);
-            if partial.exists() {
-                return Err(target(format!(
-                    "{} is left from an interrupted restore; remove it and run the restore again",
-                    partial.display()
-                ))
-                .into());
-            }
+        let folder = dir.to_path_buf();
+        let (exists, leftover) = blocking(move || {
+            durable::create_dir_all(&folder).map_err(|e| RepoError::File {
+                path: folder.clone(),
+                source: e,
+            })?;
+            let exists = taken
+                .iter()
+                .map(|name| folder.join(name))
+                .find(|p| p.symlink_metadata().is_ok());
+            let leftover = fs::read_dir(&folder)
+                .map_err(|e| RepoError::io(&folder, e))?
+                .flatten()
+                .find(|e| durable::is_tmp_name(&e.file_name()))
+                .map(|e| e.path());
+            Ok((exists, leftover))
+        })
+        .await?;
+        if let Some(p) = exists {
+            return Err(target(format!(
+                "{} exists; restore into an empty folder",
+                p.display()
+            ))
+            .into());
+        }
+        if let Some(p) = leftover {
+            return Err(target(format!(
+                "{} is left from an interrupted restore; remove it and run the restore again",
+                p.display()
+            ))
+            .into());
         }
         let config = snap.config_bytes().await?;
 
         progress.set_total(m.disks.iter().map(|d| d.size).sum());
-        // Every disk is written as NAME.partial; only when all have succeeded are they published,
-        // with link(2), which never replaces an existing file. A failure removes the partials.
+        // Every disk is written to a temporary file; only when all have succeeded are they
+        // published, with link(2), which never replaces an existing file. A failure removes the
+        // temporary files.
         let mut written = 0u64;
         let mut partials = Vec::new();
-        for (i, (_, data_path, _)) in plan.iter().enumerate() {
-            let partial = partial_path(data_path);
+        for i in 0..plan.len() {
+            let partial = dir.join(durable::tmp_name());
             let result = match snap.disk(i).await {
                 Ok(image) => self.restore_disk(&image, &partial, progress).await,
                 Err(e) => Err(e),
@@ -182,19 +196,16 @@ impl Repository {
             }
         }
         let mut disks = Vec::new();
+        let mut publish = Vec::new();
         for ((d, data_path, desc_path), partial) in plan.into_iter().zip(partials) {
-            fs::hard_link(&partial, &data_path)
-                .map_err(|e| target(format!("cannot publish {}: {e}", data_path.display())))?;
-            fs::remove_file(&partial).map_err(|e| RepoError::io(&partial, e))?;
-            if let Some(desc) = &desc_path {
-                let flat = data_path
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                if let Some(text) = descriptor_for(d, &flat, id) {
-                    write_synced(desc, text.as_bytes())?;
-                }
-            }
+            let flat = data_path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let desc = desc_path
+                .clone()
+                .and_then(|p| descriptor_for(d, &flat, id).map(|text| (p, text)));
+            publish.push((partial, data_path.clone(), desc));
             disks.push(RestoredDisk {
                 name: d.name.clone(),
                 path: data_path,
@@ -202,10 +213,25 @@ impl Repository {
                 size: d.size,
             });
         }
-        write_synced(&config_path, &config)?;
-        File::open(dir)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| RepoError::io(dir, e))?;
+        let (config_file, folder) = (config_path.clone(), dir.to_path_buf());
+        blocking(move || {
+            for (partial, data_path, desc) in publish {
+                fs::hard_link(&partial, &data_path).map_err(|e| {
+                    RestoreTarget(
+                        folder.clone(),
+                        format!("cannot publish {}: {e}", data_path.display()),
+                    )
+                })?;
+                fs::remove_file(&partial).map_err(|e| RepoError::io(&partial, e))?;
+                if let Some((path, text)) = desc {
+                    durable::create_new(&path, text.as_bytes())
+                        .map_err(|e| RepoError::io(&path, e))?;
+                }
+            }
+            // Last, and with an fsync of the folder: every name above is durable with it.
+            durable::create_new(&config_file, &config).map_err(|e| RepoError::io(&config_file, e))
+        })
+        .await?;
         let logical = m.disks.iter().map(|d| d.size).sum();
         let seconds = started.elapsed().as_secs_f64();
         Ok(RestoreSummary {
@@ -275,13 +301,6 @@ pub(crate) fn descriptor_for(d: &DiskManifest, flat_name: &str, id: &SnapshotId)
     flat_descriptor(d.size, flat_name, AdapterType::for_device(&d.device), cid)
 }
 
-/// `NAME.partial`, where a disk is written until the whole restore has succeeded.
-fn partial_path(data: &Path) -> PathBuf {
-    let mut name = data.file_name().unwrap_or_default().to_os_string();
-    name.push(".partial");
-    data.with_file_name(name)
-}
-
 struct RestoreTarget(PathBuf, String);
 
 impl From<RestoreTarget> for RepoError {
@@ -304,17 +323,6 @@ fn safe_name(name: &str) -> String {
     } else {
         base
     }
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), RepoError> {
-    use std::io::Write;
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| RepoError::io(path, e))?;
-    f.write_all(bytes).map_err(|e| RepoError::io(path, e))?;
-    f.sync_all().map_err(|e| RepoError::io(path, e))
 }
 
 #[cfg(test)]
