@@ -379,9 +379,10 @@ async fn client_names_stay_out_of_metrics_and_offsets_near_2_64_are_refused() {
 }
 
 /// READDIR (procedure 16) and READDIRPLUS: a client's counts are capped at the 64 KiB FSINFO
-/// offers (a folder of 2,000 entries asked for with maxcount 2^32-1 comes in several pages,
-/// each within 64 KiB, together every entry once); a count too small for one entry is
-/// NFS3ERR_TOOSMALL.
+/// offers (a folder of 9,998 entries, the most a mount's folder takes besides its config and
+/// the folder itself, asked for with maxcount 2^32-1, comes in several pages, each within
+/// 64 KiB, together every entry once); the entry past the limit is NFS3ERR_NOSPC; a count too
+/// small for one entry is NFS3ERR_TOOSMALL.
 #[tokio::test(flavor = "multi_thread")]
 async fn readdir_counts_are_capped_and_too_small_is_refused() {
     let t = tempfile::tempdir().unwrap();
@@ -409,11 +410,30 @@ async fn readdir_counts_are_capped_and_too_small_is_refused() {
         },
         MKDIR3res::Err((e, _)) => panic!("MKDIR: {e:?}"),
     };
-    for i in 0..2000 {
+    // The config and the folder are two of the 10,000 entries.
+    let t0 = std::time::Instant::now();
+    for i in 0..9998 {
         create(&mut c, &dir, &format!("a-rather-long-file-name-{i:05}.log")).await;
     }
+    eprintln!("9,998 creates over NFS: {:?}", t0.elapsed());
+    let past = CREATE3args {
+        where_: diropargs3 {
+            dir: dir.clone(),
+            name: name("one-too-many"),
+        },
+        how: createhow3::UNCHECKED(sattr3::default()),
+    };
+    match c.create(&past).await.unwrap() {
+        CREATE3res::Err((e, _)) => assert_eq!(e, nfsstat3::NFS3ERR_NOSPC),
+        CREATE3res::Ok(_) => panic!("a 10,001st entry was made"),
+    }
+    assert_eq!(
+        lookup(&mut c, &dir, "one-too-many").await,
+        Err(nfsstat3::NFS3ERR_NOENT)
+    );
     let page_bytes = |n: usize| n * (4 + 8 + 4 + 32 + 8 + 4 + 84 + 4 + 4 + 24);
     for plus in [false, true] {
+        let t0 = std::time::Instant::now();
         let (mut cookie, mut seen, mut pages) = (0u64, Vec::new(), 0);
         loop {
             let (names, eof) = if plus {
@@ -459,12 +479,16 @@ async fn readdir_counts_are_capped_and_too_small_is_refused() {
             if eof {
                 break;
             }
-            assert!(pages < 100, "no end");
+            assert!(pages < 1000, "no end");
         }
-        assert!(pages > 1, "READDIR plus={plus}: one page of 2,000 entries");
+        eprintln!(
+            "READDIR plus={plus}: 9,998 entries in {pages} pages, {:?}",
+            t0.elapsed()
+        );
+        assert!(pages > 1, "READDIR plus={plus}: one page of 9,998 entries");
         seen.sort();
         seen.dedup();
-        assert_eq!(seen.len(), 2000, "plus={plus}");
+        assert_eq!(seen.len(), 9998, "plus={plus}");
     }
     // A count too small for one entry.
     match c

@@ -113,3 +113,78 @@ async fn a_full_state_filesystem_refuses_writes_loses_nothing_and_recovers() {
     drop(c);
     assert!(server.stop().success());
 }
+
+/// Issue 15, item 14: a namespace change that cannot be saved (the state filesystem full) is
+/// refused with NFS3ERR_NOSPC and is not visible afterwards, not even until a restart; once
+/// space returns the same change works. Creates are made until one is refused (a change's
+/// record needs a new page of the full filesystem).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_change_that_cannot_be_saved_is_refused_and_not_visible() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(4 * MIB, 92));
+    let cfg = kvm_config(t.path(), "nsp", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let _fs = Tmpfs::mount(&state, "16m");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "nsp", "--name", "w"]);
+    let mut c = connect(&server, "w").await;
+    let dir = c.root_nfs_fh3();
+
+    // Fill the filesystem to the last page.
+    let filler = state.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![7u8; 4096];
+        while f.write_all(&block).is_ok() {}
+    }
+    let mut refused = None;
+    for i in 0..1000 {
+        let n = format!("lock-{i:04}-with-a-name-long-enough-to-fill-pages-soon.lck");
+        let args = CREATE3args {
+            where_: diropargs3 {
+                dir: dir.clone(),
+                name: name(&n),
+            },
+            how: createhow3::UNCHECKED(sattr3::default()),
+        };
+        match c.create(&args).await.unwrap() {
+            CREATE3res::Ok(_) => {}
+            CREATE3res::Err((e, _)) => {
+                assert_eq!(e, nfsstat3::NFS3ERR_NOSPC, "{n}");
+                refused = Some(n);
+                break;
+            }
+        }
+    }
+    let refused = refused.expect("a create was refused on a full filesystem");
+    assert_eq!(
+        lookup(&mut c, &dir, &refused).await,
+        Err(nfsstat3::NFS3ERR_NOENT),
+        "a refused create is not visible"
+    );
+    // A rename that cannot be saved leaves both names as they were.
+    assert_eq!(
+        rename(&mut c, &dir, "nsp.xml", "renamed.xml").await,
+        nfsstat3::NFS3ERR_NOSPC
+    );
+    assert!(lookup(&mut c, &dir, "nsp.xml").await.is_ok());
+    assert_eq!(
+        lookup(&mut c, &dir, "renamed.xml").await,
+        Err(nfsstat3::NFS3ERR_NOENT)
+    );
+
+    // Space returns: the same create works and is there after a restart.
+    std::fs::remove_file(&filler).unwrap();
+    create(&mut c, &dir, &refused).await;
+    drop(c);
+    assert!(server.stop().success());
+    let server = Server::start(&repo, &state, "off", &[]);
+    let mut c = connect(&server, "w").await;
+    let dir = c.root_nfs_fh3();
+    assert!(lookup(&mut c, &dir, &refused).await.is_ok());
+    assert!(lookup(&mut c, &dir, "nsp.xml").await.is_ok());
+    drop(c);
+    assert!(server.stop().success());
+}

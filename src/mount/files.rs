@@ -7,12 +7,22 @@
 //! file per regular file (`files/ID`), both in the mount's overlay folder.
 //! Must not: touch the backup's disks or descriptors; the caller refuses changes to those.
 //!
-//! Ordering: a namespace change is durable ([`durable::replace`] of `files.json`) before it is
-//! acknowledged. File data follows NFS: UNSTABLE writes are durable at COMMIT, FILE_SYNC ones
-//! before the reply; a data file's name is durable (its folder fsynced) as soon as it is made. The namespace is guarded by a std mutex held only for in-memory changes;
-//! the JSON is written under an async mutex so that saves are serialised and never torn.
+//! Ordering: a namespace change is durable before it is acknowledged, and visible only once it
+//! is durable: it is worked out against the table as it stands, appended to `files.journal`
+//! (one JSON line per entry changed, then fdatasync) on the blocking pool, and only then
+//! applied in memory. So a change costs what it changes, not the size of the folder, and a
+//! save that fails (ENOSPC, EIO) leaves the namespace as the client last saw it acknowledged.
+//! When the journal outgrows the snapshot (`files.json`, and at least [`COMPACT_AT`]), the
+//! snapshot is replaced whole ([`durable::replace`]) and the journal emptied; replaying a
+//! journal over a snapshot that already holds its changes is harmless (each line sets or
+//! removes one entry by id). A last line torn by a crash was never acknowledged and is cut off
+//! at open. File data follows NFS: UNSTABLE writes are durable at COMMIT, FILE_SYNC ones
+//! before the reply; a data file's name is durable (its folder fsynced) as soon as it is made.
+//! Changes are serialised by an async mutex; the table's std mutex is held only to read it or
+//! to apply a saved change, with indexes by (parent, name) and by parent so that a lookup, a
+//! create and a page of READDIR cost the same in a folder of 10 entries or of 10,000.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -29,6 +39,10 @@ pub const FIRST_ID: u32 = 0x4000_0000;
 pub const MAX_FILE: u64 = 16 << 40;
 /// Entries a mount's folder may gain.
 pub const MAX_ENTRIES: usize = 10_000;
+/// The journal is folded into the snapshot once it is this large and larger than the snapshot.
+pub const COMPACT_AT: u64 = 256 * 1024;
+const SNAPSHOT: &str = "files.json";
+const JOURNAL: &str = "files.journal";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -59,6 +73,67 @@ pub struct Entry {
 struct Table {
     next: u32,
     entries: BTreeMap<u32, Entry>,
+    /// Id by (parent, name).
+    #[serde(skip)]
+    by_name: HashMap<(u32, String), u32>,
+    /// Ids by parent, in id order.
+    #[serde(skip)]
+    children: HashMap<u32, BTreeSet<u32>>,
+}
+
+/// One line of the journal: an entry set (made or changed) or removed, by id.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+enum Op {
+    Put { id: u32, entry: Entry },
+    Del { id: u32 },
+}
+
+impl Table {
+    /// Builds the indexes after a load.
+    fn index(&mut self) {
+        self.by_name.clear();
+        self.children.clear();
+        for (id, e) in &self.entries {
+            self.by_name.insert((e.parent, e.name.clone()), *id);
+            self.children.entry(e.parent).or_default().insert(*id);
+        }
+    }
+
+    fn lookup(&self, parent: u32, name: &str) -> Option<u32> {
+        self.by_name.get(&(parent, name.to_string())).copied()
+    }
+
+    fn has_children(&self, id: u32) -> bool {
+        self.children.get(&id).is_some_and(|c| !c.is_empty())
+    }
+
+    fn unlink(&mut self, id: u32) -> Option<Entry> {
+        let e = self.entries.remove(&id)?;
+        self.by_name.remove(&(e.parent, e.name.clone()));
+        if let Some(c) = self.children.get_mut(&e.parent) {
+            c.remove(&id);
+            if c.is_empty() {
+                self.children.remove(&e.parent);
+            }
+        }
+        Some(e)
+    }
+
+    fn apply(&mut self, op: Op) {
+        match op {
+            Op::Put { id, entry } => {
+                self.unlink(id);
+                self.by_name.insert((entry.parent, entry.name.clone()), id);
+                self.children.entry(entry.parent).or_default().insert(id);
+                self.entries.insert(id, entry);
+                self.next = self.next.max(id.saturating_add(1));
+            }
+            Op::Del { id } => {
+                self.unlink(id);
+            }
+        }
+    }
 }
 
 /// Errors, each mapped to one NFS status by the adapter.
@@ -90,7 +165,16 @@ pub enum FilesError {
 pub struct FolderFiles {
     dir: PathBuf,
     table: Mutex<Table>,
-    save: tokio::sync::Mutex<()>,
+    /// Serialises changes; holds the journal and its length.
+    save: tokio::sync::Mutex<Journal>,
+}
+
+/// The journal file, appended to under [`FolderFiles::save`].
+struct Journal {
+    file: std::sync::Arc<Mutex<File>>,
+    len: u64,
+    /// The snapshot's size when last written.
+    snapshot_len: u64,
 }
 
 impl std::fmt::Debug for FolderFiles {
@@ -134,7 +218,7 @@ impl FolderFiles {
         for d in [dir, &data_dir] {
             durable::remove_tmp_files(d).map_err(io_err(d))?;
         }
-        let path = dir.join("files.json");
+        let path = dir.join(SNAPSHOT);
         let table = match fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b).map_err(|e| FilesError::Io {
                 path: path.display().to_string(),
@@ -145,7 +229,7 @@ impl FolderFiles {
                 durable::replace(&data, config).map_err(io_err(&data))?;
                 let mut t = Table {
                     next: FIRST_ID,
-                    entries: BTreeMap::new(),
+                    ..Table::default()
                 };
                 t.entries.insert(
                     config_id,
@@ -164,10 +248,18 @@ impl FolderFiles {
             }
             Err(e) => return Err(io_err(&path)(e)),
         };
+        let mut table = table;
+        table.index();
+        let snapshot_len = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let (file, len) = open_journal(dir, &mut table)?;
         Ok(FolderFiles {
             dir: dir.to_path_buf(),
             table: Mutex::new(table),
-            save: tokio::sync::Mutex::new(()),
+            save: tokio::sync::Mutex::new(Journal {
+                file: std::sync::Arc::new(Mutex::new(file)),
+                len,
+                snapshot_len,
+            }),
         })
     }
 
@@ -185,43 +277,101 @@ impl FolderFiles {
     }
 
     pub fn lookup(&self, parent: u32, name: &[u8]) -> Option<u32> {
+        let name = std::str::from_utf8(name).ok()?;
         let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        t.entries
-            .iter()
-            .find(|(_, e)| e.parent == parent && e.name.as_bytes() == name)
-            .map(|(id, _)| *id)
+        t.lookup(parent, name)
+    }
+
+    /// Entries of a folder (0: the mount's folder) with ids above `after`, in id order, at
+    /// most `limit` of them.
+    pub fn list_after(&self, parent: u32, after: u32, limit: usize) -> Vec<(u32, Entry)> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(ids) = t.children.get(&parent) else {
+            return Vec::new();
+        };
+        ids.range((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .filter_map(|id| t.entries.get(id).map(|e| (*id, e.clone())))
+            .collect()
     }
 
     /// Entries of a folder (0: the mount's folder), in id order.
     pub fn list(&self, parent: u32) -> Vec<(u32, Entry)> {
-        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        t.entries
-            .iter()
-            .filter(|(_, e)| e.parent == parent)
-            .map(|(id, e)| (*id, e.clone()))
-            .collect()
+        self.list_after(parent, 0, usize::MAX)
     }
 
-    /// Applies a change to the table and makes it durable before returning.
+    /// Works a change out against the table (`f` returns its answer and the entries it sets
+    /// or removes), makes it durable, and only then applies it.
     async fn change<T>(
         &self,
-        f: impl FnOnce(&mut Table) -> Result<T, FilesError>,
+        f: impl FnOnce(&Table) -> Result<(T, Vec<Op>), FilesError>,
     ) -> Result<T, FilesError> {
-        let _serial = self.save.lock().await;
-        let (out, snapshot) = {
-            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            let out = f(&mut t)?;
-            (
-                out,
-                serde_json::to_vec_pretty(&*t).map_err(|e| FilesError::Io {
-                    path: "files.json".into(),
-                    source: io::Error::other(e),
-                })?,
-            )
+        let mut journal = self.save.lock().await;
+        let (out, ops) = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            f(&t)?
         };
-        let dir = self.dir.clone();
-        blocking(move || save_bytes(&dir, &snapshot)).await?;
+        if ops.is_empty() {
+            return Ok(out);
+        }
+        let mut lines = Vec::new();
+        for op in &ops {
+            serde_json::to_writer(&mut lines, op).map_err(|e| FilesError::Io {
+                path: JOURNAL.into(),
+                source: io::Error::other(e),
+            })?;
+            lines.push(b'\n');
+        }
+        let (file, path, at) = (journal.file.clone(), self.dir.join(JOURNAL), journal.len);
+        let added = lines.len() as u64;
+        blocking(move || append(&file, &path, at, &lines)).await?;
+        journal.len += added;
+        {
+            let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            for op in ops {
+                t.apply(op);
+            }
+        }
+        if journal.len >= COMPACT_AT && journal.len > journal.snapshot_len {
+            self.compact(&mut journal).await?;
+        }
         Ok(out)
+    }
+
+    /// Folds the journal into a new snapshot and empties it. A failure leaves both as they
+    /// were (the journal still holds every change), and is reported: the change that
+    /// triggered it is durable all the same, so it is only logged.
+    async fn compact(&self, journal: &mut Journal) -> Result<(), FilesError> {
+        let snapshot = {
+            let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+            serde_json::to_vec(&*t).map_err(|e| FilesError::Io {
+                path: SNAPSHOT.into(),
+                source: io::Error::other(e),
+            })?
+        };
+        let (dir, file) = (self.dir.clone(), journal.file.clone());
+        let len = snapshot.len() as u64;
+        let done = blocking(move || {
+            save_bytes(&dir, &snapshot)?;
+            let path = dir.join(JOURNAL);
+            let f = file.lock().unwrap_or_else(|p| p.into_inner());
+            f.set_len(0)
+                .and_then(|()| f.sync_data())
+                .map_err(io_err(&path))
+        })
+        .await;
+        match done {
+            Ok(()) => {
+                journal.len = 0;
+                journal.snapshot_len = len;
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "folding the mount folder's journal into its snapshot failed; it is tried again at the next change");
+                // Try again only after the journal has grown as much again.
+                journal.snapshot_len = journal.len;
+            }
+        }
+        Ok(())
     }
 
     /// Creates a regular file (or, when `exclusive` is false and it exists, returns it).
@@ -264,42 +414,35 @@ impl FolderFiles {
     ) -> Result<u32, FilesError> {
         self.check_parent(parent)?;
         self.change(|t| {
-            let existing = t
-                .entries
-                .iter()
-                .find(|(_, e)| e.parent == parent && e.name == name);
-            if let Some((id, e)) = existing {
+            if let Some(id) = t.lookup(parent, name) {
+                let e = t.entries.get(&id).ok_or(FilesError::NotFound)?;
                 if verf.is_some() && e.verf == verf && e.kind == kind {
-                    return Ok(*id);
+                    return Ok((id, vec![]));
                 }
                 return if exclusive || e.kind != kind || kind == Kind::Dir {
                     Err(FilesError::Exists)
                 } else {
-                    Ok(*id)
+                    Ok((id, vec![]))
                 };
             }
             if t.entries.len() >= MAX_ENTRIES {
                 return Err(FilesError::Full);
             }
             let id = t.next;
-            t.next += 1;
             let (mode, size) = match kind {
                 Kind::File => (0o644, 0),
                 Kind::Dir => (0o755, 4096),
             };
-            t.entries.insert(
-                id,
-                Entry {
-                    name: name.to_string(),
-                    parent,
-                    kind,
-                    mode,
-                    mtime: jiff::Timestamp::now(),
-                    size,
-                    verf,
-                },
-            );
-            Ok(id)
+            let entry = Entry {
+                name: name.to_string(),
+                parent,
+                kind,
+                mode,
+                mtime: jiff::Timestamp::now(),
+                size,
+                verf,
+            };
+            Ok((id, vec![Op::Put { id, entry }]))
         })
         .await
     }
@@ -323,13 +466,10 @@ impl FolderFiles {
             match (e.kind, dir) {
                 (Kind::Dir, false) => return Err(FilesError::IsDir),
                 (Kind::File, true) => return Err(FilesError::NotDir),
-                (Kind::Dir, true) if t.entries.values().any(|c| c.parent == id) => {
-                    return Err(FilesError::NotEmpty)
-                }
+                (Kind::Dir, true) if t.has_children(id) => return Err(FilesError::NotEmpty),
                 _ => {}
             }
-            t.entries.remove(&id);
-            Ok(())
+            Ok(((), vec![Op::Del { id }]))
         })
         .await?;
         let path = self.data_path(id);
@@ -350,17 +490,18 @@ impl FolderFiles {
         let replaced = self.lookup(to_parent, to.as_bytes()).filter(|r| *r != id);
         self.change(|t| {
             let kind = t.entries.get(&id).ok_or(FilesError::NotFound)?.kind;
+            let mut ops = Vec::new();
             if let Some(r) = replaced {
                 let rk = t.entries.get(&r).map(|e| e.kind);
                 match (kind, rk) {
                     (Kind::File, Some(Kind::Dir)) => return Err(FilesError::IsDir),
                     (Kind::Dir, Some(Kind::File)) => return Err(FilesError::NotDir),
-                    (Kind::Dir, Some(Kind::Dir)) if t.entries.values().any(|c| c.parent == r) => {
+                    (Kind::Dir, Some(Kind::Dir)) if t.has_children(r) => {
                         return Err(FilesError::NotEmpty)
                     }
                     _ => {}
                 }
-                t.entries.remove(&r);
+                ops.push(Op::Del { id: r });
             }
             // A folder may not move into itself or below itself.
             let mut p = to_parent;
@@ -370,11 +511,12 @@ impl FolderFiles {
                 }
                 p = t.entries.get(&p).map(|e| e.parent).unwrap_or(0);
             }
-            let e = t.entries.get_mut(&id).ok_or(FilesError::NotFound)?;
+            let mut e = t.entries.get(&id).ok_or(FilesError::NotFound)?.clone();
             e.parent = to_parent;
             e.name = to.to_string();
             e.mtime = jiff::Timestamp::now();
-            Ok(())
+            ops.push(Op::Put { id, entry: e });
+            Ok(((), ops))
         })
         .await?;
         if let Some(r) = replaced {
@@ -406,7 +548,7 @@ impl FolderFiles {
             .await?;
         }
         self.change(|t| {
-            let e = t.entries.get_mut(&id).ok_or(FilesError::NotFound)?;
+            let mut e = t.entries.get(&id).ok_or(FilesError::NotFound)?.clone();
             if let Some(s) = size {
                 e.size = s;
             }
@@ -414,7 +556,7 @@ impl FolderFiles {
                 e.mode = m & 0o7777;
             }
             e.mtime = jiff::Timestamp::now();
-            Ok(e.clone())
+            Ok((e.clone(), vec![Op::Put { id, entry: e }]))
         })
         .await
     }
@@ -489,10 +631,10 @@ impl FolderFiles {
         if end > e.size {
             return self
                 .change(|t| {
-                    let e = t.entries.get_mut(&id).ok_or(FilesError::NotFound)?;
+                    let mut e = t.entries.get(&id).ok_or(FilesError::NotFound)?.clone();
                     e.size = e.size.max(end);
                     e.mtime = jiff::Timestamp::now();
-                    Ok(e.clone())
+                    Ok((e.clone(), vec![Op::Put { id, entry: e }]))
                 })
                 .await;
         }
@@ -542,21 +684,116 @@ fn open_data(path: &Path) -> Result<File, FilesError> {
 }
 
 fn save_table(dir: &Path, t: &Table) -> Result<(), FilesError> {
-    let bytes = serde_json::to_vec_pretty(t).map_err(|e| FilesError::Io {
-        path: "files.json".into(),
+    let bytes = serde_json::to_vec(t).map_err(|e| FilesError::Io {
+        path: SNAPSHOT.into(),
         source: io::Error::other(e),
     })?;
     save_bytes(dir, &bytes)
 }
 
 fn save_bytes(dir: &Path, bytes: &[u8]) -> Result<(), FilesError> {
-    let path = dir.join("files.json");
+    let path = dir.join(SNAPSHOT);
     durable::replace(&path, bytes).map_err(io_err(&path))
+}
+
+/// Opens (or makes) the journal and replays it onto `t`. A last line torn by a crash (not
+/// ended, or not a record) is cut off; a bad line before the last is damage, and an error.
+/// Returns the file and its length.
+fn open_journal(dir: &Path, t: &mut Table) -> Result<(File, u64), FilesError> {
+    let path = dir.join(JOURNAL);
+    let (file, made) = durable::open_or_create(&path).map_err(io_err(&path))?;
+    if made {
+        durable::fsync_dir(dir).map_err(io_err(dir))?;
+    }
+    let bytes = fs::read(&path).map_err(io_err(&path))?;
+    let mut good = 0usize;
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let Some(end) = rest.iter().position(|b| *b == b'\n') else {
+            break; // torn: no end of line
+        };
+        match serde_json::from_slice::<Op>(&rest[..end]) {
+            Ok(op) => t.apply(op),
+            Err(_) if end + 1 == rest.len() => break, // torn last line
+            Err(e) => {
+                return Err(FilesError::Io {
+                    path: path.display().to_string(),
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("line at byte {good} is not a change record: {e}"),
+                    ),
+                })
+            }
+        }
+        good += end + 1;
+        rest = &rest[end + 1..];
+    }
+    if good < bytes.len() {
+        tracing::warn!(journal = %path.display(), kept = good, cut = bytes.len() - good, "a change torn by a crash (never acknowledged) is cut off the journal");
+        file.set_len(good as u64)
+            .and_then(|()| file.sync_data())
+            .map_err(io_err(&path))?;
+    }
+    Ok((file, good as u64))
+}
+
+/// Appends `lines` to the journal at `at` and makes them durable.
+fn append(file: &Mutex<File>, path: &Path, at: u64, lines: &[u8]) -> Result<(), FilesError> {
+    let f = file.lock().unwrap_or_else(|p| p.into_inner());
+    let written = f.write_all_at(lines, at).and_then(|()| f.sync_data());
+    if let Err(e) = written {
+        // Leave no part of the change behind: a later append starts where this one did.
+        let _ = f.set_len(at);
+        return Err(io_err(path)(e));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
+
+    /// Creates per second with 10 and with 10,000 entries in the folder (issue 15, item 4).
+    /// On demand: `cargo test --release --lib creates_per_second -- --ignored --nocapture`
+    /// (the folder under $BENCH_DIR, default the system's temporary folder).
+    #[tokio::test(flavor = "multi_thread")]
+    #[ignore]
+    async fn creates_per_second() {
+        let base = std::env::var_os("BENCH_DIR").map_or_else(std::env::temp_dir, PathBuf::from);
+        let t = tempfile::tempdir_in(base).unwrap();
+        let f = FolderFiles::open(&t.path().join("m"), "x.vmx", 1, b"x").unwrap();
+        let rate = |n: usize, s: std::time::Duration| n as f64 / s.as_secs_f64();
+        for i in 0..9 {
+            f.create(0, &format!("warm-{i}"), true).await.unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        for i in 0..100 {
+            f.create(0, &format!("small-{i}.log"), true).await.unwrap();
+            f.remove(0, format!("small-{i}.log").as_bytes(), false)
+                .await
+                .unwrap();
+        }
+        let small = rate(100, t0.elapsed() / 2);
+        for i in 0..(MAX_ENTRIES - 11) {
+            f.create(0, &format!("file-{i:05}.log"), true)
+                .await
+                .unwrap();
+        }
+        let t0 = std::time::Instant::now();
+        for i in 0..100 {
+            f.create(0, &format!("big-{i}.log"), true).await.unwrap();
+            f.remove(0, format!("big-{i}.log").as_bytes(), false)
+                .await
+                .unwrap();
+        }
+        let big = rate(100, t0.elapsed() / 2);
+        eprintln!(
+            "creates per second (each followed by a remove, both durable): {small:.0} with 10 \
+             entries, {big:.0} with {} entries",
+            MAX_ENTRIES - 1
+        );
+    }
 
     #[tokio::test]
     async fn new_folder_files_are_durable_by_name() {
@@ -572,6 +809,8 @@ mod tests {
                 files.join("1"),
                 files.clone(),
                 dir.join("files.json"),
+                dir.clone(),
+                // The journal, made empty.
                 dir.clone()
             ]
         );
@@ -586,20 +825,87 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_save_that_fails_leaves_no_temporary_file() {
+    async fn a_fold_that_fails_leaves_no_temporary_file_and_loses_no_change() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("m");
         let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
         // files.json cannot be replaced: a folder that is not empty took its name.
         fs::remove_file(dir.join("files.json")).unwrap();
         fs::create_dir_all(dir.join("files.json/blocked")).unwrap();
-        assert!(f.create(0, "vmware.log", false).await.is_err());
+        // Enough changes to fold the journal: each is acknowledged (the journal has it).
+        let mut n = 0;
+        while fs::metadata(dir.join(JOURNAL)).unwrap().len() < COMPACT_AT + 4096 {
+            f.create(0, &format!("f{n}"), true).await.unwrap();
+            n += 1;
+        }
         let mut names: Vec<String> = fs::read_dir(&dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["files", "files.json"]);
+        assert_eq!(names, ["files", "files.journal", "files.json"]);
+        // Once the snapshot can be written again, a reopen after the next fold has them all.
+        fs::remove_dir_all(dir.join("files.json")).unwrap();
+        fs::write(
+            dir.join("files.json"),
+            b"{\"next\":1073741824,\"entries\":{}}",
+        )
+        .unwrap();
+        drop(f);
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        for i in 0..n {
+            assert!(f.lookup(0, format!("f{i}").as_bytes()).is_some(), "f{i}");
+        }
+    }
+
+    #[tokio::test]
+    async fn changes_are_journalled_folded_and_replayed_and_a_torn_last_line_is_cut() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("m");
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        let a = f.create(0, "a.log", true).await.unwrap();
+        let d = f.mkdir(0, "sub").await.unwrap();
+        f.create(d, "b.log", true).await.unwrap();
+        f.rename(0, b"a.log", d, "c.log").await.unwrap();
+        f.setattr(a, Some(4096), None).await.unwrap();
+        // Small changes: the journal has them, the snapshot does not yet.
+        assert!(fs::metadata(dir.join(JOURNAL)).unwrap().len() < 2048);
+        let snapshot = fs::read_to_string(dir.join(SNAPSHOT)).unwrap();
+        assert!(!snapshot.contains("c.log"));
+        // A crash halfway through the next append: a torn line, never acknowledged.
+        let mut j = fs::OpenOptions::new()
+            .append(true)
+            .open(dir.join(JOURNAL))
+            .unwrap();
+        j.write_all(b"{\"put\":{\"id\":99,\"entr").unwrap();
+        drop((j, f));
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        assert_eq!(f.lookup(d, b"c.log"), Some(a));
+        assert_eq!(f.get(a).unwrap().size, 4096);
+        assert_eq!(f.lookup(0, b"a.log"), None);
+        assert_eq!(f.list(d).len(), 2);
+        assert!(f.get(99).is_none());
+        // The torn line is gone: the next change appends after the last good one.
+        f.create(0, "e.log", true).await.unwrap();
+        drop(f);
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        assert!(f.lookup(0, b"e.log").is_some());
+        // Enough changes fold the journal into the snapshot.
+        for i in 0..3000 {
+            f.create(0, &format!("n{i}"), true).await.unwrap();
+        }
+        assert!(fs::metadata(dir.join(JOURNAL)).unwrap().len() < COMPACT_AT);
+        drop(f);
+        let f = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap();
+        assert!(f.lookup(0, b"n2999").is_some());
+        assert_eq!(f.list(0).len(), 3000 + 3);
+        // A damaged line before the last is an error that names the journal, not a guess.
+        drop(f);
+        let mut bytes = fs::read(dir.join(JOURNAL)).unwrap();
+        bytes.splice(0..0, b"garbage\n".iter().copied());
+        fs::write(dir.join(JOURNAL), &bytes).unwrap();
+        let err = FolderFiles::open(&dir, "x.vmx", 1, b"x").unwrap_err();
+        assert!(err.to_string().contains("files.journal"), "{err}");
     }
 
     #[tokio::test]

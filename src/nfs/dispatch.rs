@@ -625,7 +625,10 @@ fn readdir(
     // server's choice, not the client's.
     let maxcount = maxcount.min(MAX_DIR_REPLY);
     let dircount = dircount.map(|d| d.min(MAX_DIR_REPLY));
-    let entries = match fs.readdir(dir, cookie) {
+    // No entry takes less than 24 bytes of a reply: ask for no more than fit, and one more
+    // to tell whether the page ends the folder.
+    let fit = (maxcount as usize / 24) + 1;
+    let entries = match fs.readdir(dir, cookie, fit) {
         // The root lists only the mounts this client may use.
         Ok(mut e) => {
             e.retain(|(id, _)| fs.host_allowed(*id, ip));

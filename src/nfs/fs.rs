@@ -159,9 +159,15 @@ impl DatastoreFs {
         }
     }
 
-    /// Every entry of a folder after `cookie`, in file id order: (fileid, name). Attributes
-    /// are not made here: a READDIR page needs them for the entries it sends only.
-    fn entries(&self, dir: u64, cookie: u64) -> Result<Vec<(fileid3, Vec<u8>)>, nfsstat3> {
+    /// The entries of a folder after `cookie`, in file id order, at most `limit` of them:
+    /// (fileid, name). Attributes are not made here: a READDIR page needs them for the entries
+    /// it sends only. A page costs what it holds, not the size of the folder.
+    fn entries(
+        &self,
+        dir: u64,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<(fileid3, Vec<u8>)>, nfsstat3> {
         let (m, parent) = match self.node(dir)? {
             Node::Root => {
                 let mut out: Vec<_> = self
@@ -188,14 +194,19 @@ impl DatastoreFs {
             );
         }
         if let Some(folder) = &m.folder {
-            for (low, e) in folder.list(parent) {
-                let fileid = (u64::from(m.spec.id) << 32) | u64::from(low);
-                if fileid > cookie {
-                    out.push((fileid, e.name.into_bytes()));
-                }
+            // Folder files' ids are the mount's id and a low part: resume after the cookie's.
+            let base = u64::from(m.spec.id) << 32;
+            let after = match cookie.checked_sub(base) {
+                Some(low) if low <= u64::from(u32::MAX) => low as u32,
+                Some(_) => u32::MAX,
+                None => 0,
+            };
+            for (low, e) in folder.list_after(parent, after, limit) {
+                out.push((base | u64::from(low), e.name.into_bytes()));
             }
         }
         out.sort_unstable_by_key(|e| e.0);
+        out.truncate(limit);
         Ok(out)
     }
 
@@ -696,9 +707,15 @@ impl DatastoreFs {
     /// The entries of folder `dir` after `cookie` (0: from the start), in file id order. An
     /// entry's cookie is its file id, so a listing resumes at the right place across restarts
     /// and while other entries come and go.
-    /// The entries of folder `dir` after `cookie` (a file id), in file id order.
-    pub fn readdir(&self, dir: u64, cookie: u64) -> Result<Vec<(fileid3, Vec<u8>)>, nfsstat3> {
-        self.entries(dir, cookie)
+    /// The entries of folder `dir` after `cookie` (a file id), in file id order, at most
+    /// `limit` of them.
+    pub fn readdir(
+        &self,
+        dir: u64,
+        cookie: u64,
+        limit: usize,
+    ) -> Result<Vec<(fileid3, Vec<u8>)>, nfsstat3> {
+        self.entries(dir, cookie, limit)
     }
 
     pub fn fsinfo(&self) -> FsInfo {
