@@ -448,3 +448,40 @@ async fn reads_nobody_takes_stay_within_the_call_memory_and_others_still_read() 
     assert!(grew < 250 * MIB, "RSS grew by {} MiB", grew >> 20);
     drop(stuck);
 }
+
+/// Issue 15, item 11: a handle a client made up is refused by construction. Everything but the
+/// key is known to a client (the datastore tag is in every handle, mount ids are sequential,
+/// the stamp shows as the folder's ctime): a handle built from them for a mount the client may
+/// use is BADHANDLE without the MAC, and one of the layout before the MAC is STALE.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_handle_a_client_made_up_is_refused() {
+    let t = tempfile::tempdir().unwrap();
+    write(&t.path().join("d.img"), &mixed_disk(MIB, 6));
+    let cfg = kvm_config(t.path(), "hm", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "hm", "--name", "open"]);
+    let port = server.nfs_port;
+    let mut s = connect_from("127.0.0.1", port).await.unwrap();
+    let real = mnt(&mut s, "/livemount/open").await.unwrap();
+    assert_eq!(getattr(&mut s, &real).await, 0);
+    assert_eq!(real.len(), 40);
+
+    let tag = std::fs::read(state.join("datastore-id")).unwrap();
+    let spec: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(state.join("mounts/open.json")).unwrap()).unwrap();
+    let id = spec["id"].as_u64().unwrap();
+    let created: jiff::Timestamp = spec["created"].as_str().unwrap().parse().unwrap();
+    let mut body = tag.clone();
+    body.extend_from_slice(&(id << 32).to_be_bytes());
+    body.extend_from_slice(&(created.as_nanosecond() as u64).max(1).to_be_bytes());
+    // The old layout, made up: stale.
+    assert_eq!(getattr(&mut s, &body).await, 70, "NFS3ERR_STALE");
+    // The new layout with a guessed MAC: bad handle.
+    let mut forged = body.clone();
+    forged.extend_from_slice(&[0u8; 16]);
+    assert_eq!(getattr(&mut s, &forged).await, 10001, "NFS3ERR_BADHANDLE");
+    // The real one's body is the made-up one: only the MAC tells them apart.
+    assert_eq!(real[..24], body[..]);
+}

@@ -113,11 +113,17 @@ async fn handles_cookies_and_unstable_writes_survive_restarts_and_kill_9() {
         nfsstat3::NFS3ERR_STALE
     );
     let mut bad = disk.clone();
-    bad.data = vec![7u8; 24].into();
+    bad.data = vec![7u8; 40].into();
     assert_eq!(
         read_at(&mut c, &bad, 0, 16).await.unwrap_err(),
         nfsstat3::NFS3ERR_STALE,
         "a handle of another datastore"
+    );
+    bad.data = vec![7u8; 24].into();
+    assert_eq!(
+        read_at(&mut c, &bad, 0, 16).await.unwrap_err(),
+        nfsstat3::NFS3ERR_STALE,
+        "a handle of the layout before the MAC"
     );
     bad.data = vec![7u8; 9].into();
     assert_eq!(
