@@ -13,6 +13,11 @@
 //! allocated once.
 //! Durability: a new mount is on disk before `mount` answers: its overlay folder (made
 //! durably), its `snapshot` stamp, its overlay and folder files, then its spec.
+//! Tasks: relocations, pre-staging, disk-cache warm-ups and boot-window watchers run under the
+//! agent's task tracker ([`Agent::spawn_task`]); a graceful stop ([`Agent::stop_tasks`]) ends
+//! them at an await point and waits for them before the final sync, so none writes after it.
+//! Each keeps its state consistent at every await (a relocation resumes from its recorded
+//! frontier, a pre-stage or an unfinished boot window is simply not kept).
 
 mod relocations;
 mod warmups;
@@ -25,6 +30,9 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use bytes::Bytes;
 
@@ -62,6 +70,10 @@ pub struct Agent {
     read_ahead: bool,
     /// Boot sets warmed into the disk cache ahead of any mount, by snapshot.
     warmups: warmups::Warmups,
+    /// The background tasks (relocations, pre-staging, warm-ups, boot windows) and what stops
+    /// them.
+    tasks: TaskTracker,
+    stop: CancellationToken,
 }
 
 impl std::fmt::Debug for Agent {
@@ -185,6 +197,8 @@ impl Agent {
             learn_lock: Arc::default(),
             relocations: std::sync::Mutex::new(BTreeMap::new()),
             read_ahead,
+            tasks: TaskTracker::new(),
+            stop: CancellationToken::new(),
         };
         for entry in fs::read_dir(state.join("mounts"))? {
             let path = entry?.path();
@@ -405,7 +419,7 @@ impl Agent {
             self.start_prestage(&mount);
         }
         if let Some(w) = &mount.window {
-            tokio::spawn(watch_window(w.clone(), mount.clone(), self.learner()));
+            self.spawn_task(watch_window(w.clone(), mount.clone(), self.learner()));
         }
         let out = describe(&mount, &info);
         self.insert(mount);
@@ -428,8 +442,39 @@ impl Agent {
         tracing::info!(mount = %mount.spec.name, ?source, chunks = chunks.len(), "pre-staging the boot set");
         let p = Prestage::new(source, chunks, cs);
         if mount.prestage.set(p.clone()).is_ok() {
-            tokio::spawn(p.run(self.cache.clone()));
+            self.spawn_task(p.run(self.cache.clone()));
         }
+    }
+
+    /// Runs `work` as a background task of the agent: tracked, and ended at its next await
+    /// by [`Agent::stop_tasks`].
+    pub(crate) fn spawn_task<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = T> + Send + 'static,
+    ) {
+        let stop = self.stop.clone();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => {}
+                _ = work => {}
+            }
+        });
+    }
+
+    /// Background tasks running now.
+    pub fn tasks_running(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Ends every background task at its next await and waits for them (at most `within`);
+    /// no new one starts after this. False if some did not end in time.
+    pub async fn stop_tasks(&self, within: std::time::Duration) -> bool {
+        self.stop.cancel();
+        self.tasks.close();
+        tokio::time::timeout(within, self.tasks.wait())
+            .await
+            .is_ok()
     }
 
     fn learner(&self) -> Learner {

@@ -453,7 +453,7 @@ impl Relocator {
             self.wake.notify_one();
             return;
         }
-        tokio::spawn(self.clone().run(agent.clone()));
+        agent.spawn_task(self.clone().run(agent.clone()));
     }
 
     /// The relocation's task (one at a time, started by [`Relocator::drive`]).

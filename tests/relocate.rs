@@ -464,3 +464,43 @@ fn a_folder_file_with_a_255_byte_name_is_carried_over_cancelled_and_handed_over(
         "temporary files left in the copy: {left:?}"
     );
 }
+
+/// Issue 15, item 15: a graceful stop ends a running relocation before the final sync (its
+/// task is the agent's, not a bare spawn), the server says every write is on disk, and at the
+/// next start the relocation resumes from what it had recorded and can be cancelled cleanly.
+#[test]
+fn a_graceful_stop_ends_a_running_relocation_cleanly_and_it_resumes() {
+    let t = tempfile::tempdir().unwrap();
+    let (_model, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let dest = t.path().join("primary/vm");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    server.cli(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        "4",
+    ]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let before = relocation(&server, "vm-lm1").unwrap();
+    assert_eq!(before["phase"], "copying", "{before}");
+    let t0 = Instant::now();
+    let log_path = state.with_extension("log");
+    assert!(server.stop().success());
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("every mount's writes are on disk"), "{log}");
+    assert!(!log.contains("background tasks still running"), "{log}");
+
+    let server = Server::start(&repo, &state, "off", &[]);
+    let after = relocation(&server, "vm-lm1").expect("the relocation is back");
+    assert_eq!(after["phase"], "copying", "{after}");
+    assert!(after["copied"].as_u64().unwrap() > 0, "{after}");
+    let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert!(!dest.exists());
+    server.cli(&["unmount", "vm-lm1"]);
+}

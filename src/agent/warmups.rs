@@ -103,7 +103,7 @@ impl Agent {
             }
             all.insert(info.id, w.clone());
         }
-        tokio::spawn(prestage.run_into(self.cache.clone(), Target::Disk));
+        self.spawn_task(prestage.run_into(self.cache.clone(), Target::Disk));
         Ok(warm_info(&info.id, &w))
     }
 

@@ -403,6 +403,11 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     cancel.cancel();
     tasks.close();
     tasks.wait().await;
+    // Relocations, pre-staging and boot windows end before the final sync: none of them may
+    // write after it.
+    if !agent.stop_tasks(std::time::Duration::from_secs(30)).await {
+        tracing::warn!("background tasks still running 30 s into the stop; the sync goes ahead");
+    }
     let _ = std::fs::remove_file(state.join(control::ADDR_FILE));
     // Nothing is serving now: make every acknowledged write durable, committed or not.
     agent
