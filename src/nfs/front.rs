@@ -511,7 +511,7 @@ async fn serve_connection(
 
 /// Reads one whole record (all its fragments), each fragment's bytes taken from `budget`
 /// before they are read. `None`: the client closed between records.
-async fn read_record(
+pub(crate) async fn read_record(
     read: &mut (impl AsyncRead + Unpin),
     budget: &Budget,
 ) -> io::Result<Option<(Bytes, Taken)>> {
@@ -555,6 +555,73 @@ async fn read_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fragment(last: bool, body: &[u8]) -> Vec<u8> {
+        let mark = (u32::from(last) << 31) | body.len() as u32;
+        let mut v = mark.to_be_bytes().to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
+    async fn records(stream: &[u8]) -> Vec<io::Result<Option<Vec<u8>>>> {
+        let budget = Budget::new(4 * MAX_RECORD);
+        let mut r = stream;
+        let mut out = Vec::new();
+        loop {
+            let got = read_record(&mut r, &budget).await;
+            let end = !matches!(got, Ok(Some(_)));
+            out.push(got.map(|o| o.map(|(b, _)| b.to_vec())));
+            if end {
+                return out;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn records_spread_over_fragments_and_empty_fragments_are_put_together() {
+        let mut s = fragment(false, b"abc");
+        s.extend(fragment(false, b""));
+        s.extend(fragment(false, b"defg"));
+        s.extend(fragment(true, b"h"));
+        // An empty last fragment ends a record too; an empty record is a record.
+        s.extend(fragment(false, b"xy"));
+        s.extend(fragment(true, b""));
+        s.extend(fragment(true, b""));
+        let got = records(&s).await;
+        assert_eq!(got.len(), 4, "three records, then the end");
+        assert_eq!(got[0].as_ref().unwrap().as_deref(), Some(&b"abcdefgh"[..]));
+        assert_eq!(got[1].as_ref().unwrap().as_deref(), Some(&b"xy"[..]));
+        assert_eq!(got[2].as_ref().unwrap().as_deref(), Some(&b""[..]));
+        assert!(matches!(got[3], Ok(None)));
+    }
+
+    #[tokio::test]
+    async fn a_record_over_the_limit_across_fragments_is_refused_before_it_is_read() {
+        // Fragments each within the limit, together over it: refused at the fragment that
+        // would cross it, whose bytes were never sent.
+        let half = vec![1u8; MAX_RECORD / 2 + 1];
+        let mut s = fragment(false, &half);
+        s.extend(((MAX_RECORD / 2 + 1) as u32).to_be_bytes());
+        let got = records(&s).await;
+        let err = got[0].as_ref().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("limit"), "{err}");
+        // A fragment announcing 2 GiB is refused the same way, not allocated.
+        let s = 0x7fff_ffffu32.to_be_bytes();
+        let got = records(&s).await;
+        assert_eq!(
+            got[0].as_ref().unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        // A stream cut halfway through a fragment is an error, not a short record.
+        let mut s = fragment(true, b"abcdef");
+        s.truncate(7);
+        let got = records(&s).await;
+        assert_eq!(
+            got[0].as_ref().unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
 
     #[test]
     fn allow_list_matches_cidrs_and_mapped_addresses() {

@@ -85,15 +85,20 @@ impl Harness {
         Ok(h)
     }
 
-    /// A fuzzer's input as a call: a first byte below 128 sends the rest as it is; otherwise
+    /// A fuzzer's input as a call: a first byte below 64 sends the rest as it is; from 64 to
+    /// 127 the rest is a TCP stream of record fragments, framed as the NFS front frames them
+    /// (several fragments, empty ones, records over the limit), each record answered; from 128
     /// it picks a well-formed call (so that deep paths are reached without a corpus) and the
     /// rest mutates it: byte pairs (position, xor), and an odd last byte cuts the record.
     pub fn call_structured(&self, data: &[u8]) -> usize {
         let Some((&mode, rest)) = data.split_first() else {
             return 0;
         };
-        if mode < 128 {
+        if mode < 64 {
             return self.call(rest);
+        }
+        if mode < 128 {
+            return self.stream(rest);
         }
         let mut rec = self.seeds[usize::from(mode) % self.seeds.len()].clone();
         let mut pairs = rest.chunks_exact(2);
@@ -105,6 +110,24 @@ impl Harness {
             rec.truncate(rec.len() * usize::from(*cut) / 255);
         }
         self.call(&rec)
+    }
+
+    /// Frames `stream` into records as the NFS front does and answers each; returns the total
+    /// length of the replies. Stops at the first framing error (the front closes the
+    /// connection there).
+    pub fn stream(&self, stream: &[u8]) -> usize {
+        let budget = super::budget::Budget::new(4 * super::front::MAX_RECORD);
+        self.rt.block_on(async {
+            let mut r = stream;
+            let mut total = 0;
+            while let Ok(Some((record, _taken))) = super::front::read_record(&mut r, &budget).await
+            {
+                total += dispatch::handle(&self.fs, &record, LOCALHOST)
+                    .await
+                    .map_or(0, |r| r.wire_len());
+            }
+            total
+        })
     }
 
     /// Answers one call record; returns the reply's length (0: no reply).
