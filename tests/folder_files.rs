@@ -593,10 +593,11 @@ async fn state_and_repository_files_are_private_unless_the_umask_says_otherwise(
     );
     server.cli(&["mount", "pv", "--name", "pv"]);
     assert!(server.stop().success());
-    // The API token is a secret: 0600 whatever the umask.
+    // The API token and the handle key are secrets: 0600 whatever the umask.
+    let secrets = ["api-token", "handle-key"].map(|s| format!("{}/{s} 600", state2.display()));
     let bad: Vec<_> = modes_other_than(&state2, 0o640, 0o750)
         .into_iter()
-        .filter(|p| *p != format!("{}/api-token 600", state2.display()))
+        .filter(|p| !secrets.contains(p))
         .collect();
     assert!(bad.is_empty(), "umask = \"0027\" not followed: {bad:#?}");
     // Bad values are refused, naming the setting.
