@@ -15,6 +15,7 @@
 //! a COMMIT of the VM syncs the mirror with the overlay, so after a crash every byte below a
 //! recorded frontier is in the copy, and everything above it is copied again.
 
+pub mod dest;
 pub mod state;
 
 use std::collections::VecDeque;
