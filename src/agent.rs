@@ -44,7 +44,7 @@ use crate::mount::reader::MountReader;
 use crate::mount::{check_name, LiveMount, MountError, MountSpec};
 use crate::prestage::{BootWindow, Learning, Prestage, PrestageStatus, WindowStatus};
 use crate::profile::{plan, Profile, ProfileStore};
-use crate::relocate::{RelocationStatus, Relocator};
+use crate::relocate::{RelocateRoots, RelocationStatus, Relocator};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
 use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
 
@@ -66,6 +66,8 @@ pub struct Agent {
     learn_lock: Arc<std::sync::Mutex<()>>,
     /// Relocations by mount name: running ones, and those handed over since the start.
     relocations: std::sync::Mutex<BTreeMap<String, Arc<Relocator>>>,
+    /// The folders relocations may write into, set once by `resume_relocations`; none: off.
+    relocate_roots: std::sync::OnceLock<RelocateRoots>,
     /// Fetch ahead of sequential readers (`read_ahead` in serve's config).
     read_ahead: bool,
     /// Boot sets warmed into the disk cache ahead of any mount, by snapshot.
@@ -196,6 +198,7 @@ impl Agent {
             profiles: ProfileStore::new(state),
             learn_lock: Arc::default(),
             relocations: std::sync::Mutex::new(BTreeMap::new()),
+            relocate_roots: std::sync::OnceLock::new(),
             read_ahead,
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
@@ -214,8 +217,7 @@ impl Agent {
                 Err(e) => tracing::error!(spec = %path.display(), error = %e, "mount not served"),
             }
         }
-        // Before any NFS client is served: the copies must see every write from the start.
-        agent.open_relocations().await?;
+        // Relocations come back with `resume_relocations`, before any NFS client is served.
         Ok(agent)
     }
 

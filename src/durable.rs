@@ -11,6 +11,11 @@
 //!   (a name made from the target's, `.NAME.tmp`, passes NAME_MAX when NAME is near 255 bytes),
 //!   and the removal of those an interrupted writer left;
 //! - `fsync_dir`, and creating folders and files durably (create, then fsync the parent);
+//! - the same under a folder handle instead of a path (`*_at`: `put_at`, `create_dir_at`,
+//!   `fsync_dir_at`, `remove_tmp_files_at`), for folders whose path is not trusted (a
+//!   relocation's destination): names are resolved in the handle's folder only, the temporary
+//!   file is made with O_EXCL|O_NOFOLLOW and renamed with renameat, so a symbolic link is never
+//!   followed. The caller passes single-component names;
 //! - the umask: 0077 unless the operator says otherwise (`--umask`, `LIVEMOUNT_UMASK`, serve's
 //!   `umask`), so files are made 0600 and folders 0700 (decision 0013).
 //!
@@ -21,7 +26,10 @@
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, Mode, OFlags};
 
 /// What every temporary file's name starts with.
 pub const TMP_PREFIX: &str = ".lm-tmp-";
@@ -229,6 +237,77 @@ pub fn remove_tmp_files(dir: &Path) -> io::Result<usize> {
     Ok(n)
 }
 
+/// [`put_via`] under the folder handle `dir`: a new temporary file in `dir` (O_EXCL and
+/// O_NOFOLLOW), written, fdatasynced and renamed to `name` in `dir` (renameat: a symbolic link
+/// named `name` is replaced, never followed). `dir`'s names are not fsynced: the caller does
+/// that ([`fsync_dir_at`]). After a failure the temporary file is gone and `name` is as it was.
+/// `name` must be a single component (the caller checks).
+pub fn put_at(dir: impl AsFd, name: &OsStr, bytes: &[u8]) -> io::Result<()> {
+    let dir = dir.as_fd();
+    let (tmp, mut f) = create_tmp_at(dir)?;
+    let written = f
+        .write_all(bytes)
+        .and_then(|()| f.sync_data())
+        .and_then(|()| {
+            drop(f);
+            Ok(rustix::fs::renameat(dir, tmp.as_str(), dir, name)?)
+        });
+    if written.is_err() {
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
+    }
+    written
+}
+
+/// [`create_tmp`] under the folder handle `dir`; returns the temporary file's name.
+fn create_tmp_at(dir: impl AsFd) -> io::Result<(String, File)> {
+    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut last = None;
+    for _ in 0..TMP_TRIES {
+        let name = tmp_name();
+        match rustix::fs::openat(&dir, name.as_str(), flags, Mode::from_raw_mode(0o666)) {
+            Ok(fd) => return Ok((name, File::from(fd))),
+            Err(rustix::io::Errno::EXIST) => last = Some(io::Error::from(rustix::io::Errno::EXIST)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::other("no temporary name was free")))
+}
+
+/// Makes the folder `name` in the folder handle `dir` durably (mkdirat, then `dir` fsynced).
+/// Returns whether it was made here (false: it existed; nothing is synced then). The folder's
+/// mode is 0777 less the umask.
+pub fn create_dir_at(dir: impl AsFd, name: &OsStr) -> io::Result<bool> {
+    match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o777)) {
+        Ok(()) => {}
+        Err(rustix::io::Errno::EXIST) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    }
+    fsync_dir_at(dir)?;
+    Ok(true)
+}
+
+/// Makes the names in the folder handle `dir` durable (files created, renamed or removed).
+pub fn fsync_dir_at(dir: impl AsFd) -> io::Result<()> {
+    Ok(rustix::fs::fsync(dir)?)
+}
+
+/// [`remove_tmp_files`] in the folder handle `dir`. Returns how many.
+pub fn remove_tmp_files_at(dir: impl AsFd) -> io::Result<usize> {
+    let mut n = 0;
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let name: &OsStr = std::os::unix::ffi::OsStrExt::from_bytes(entry.file_name().to_bytes());
+        if is_tmp_name(name) {
+            match rustix::fs::unlinkat(&dir, entry.file_name(), AtFlags::empty()) {
+                Ok(()) => n += 1,
+                Err(rustix::io::Errno::NOENT) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(n)
+}
+
 /// The folder holding `path` (`.` for a bare name).
 fn parent(path: &Path) -> &Path {
     match path.parent() {
@@ -416,6 +495,27 @@ mod tests {
         assert!(made);
         let (_, made) = open_or_create(&deep.join("g")).unwrap();
         assert!(!made);
+    }
+
+    #[test]
+    fn under_a_folder_handle_a_replace_leaves_no_temporary_file_and_folders_are_made_once() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = File::open(t.path()).unwrap();
+        put_at(&dir, OsStr::new("state.json"), b"one").unwrap();
+        put_at(&dir, OsStr::new("state.json"), b"two").unwrap();
+        fsync_dir_at(&dir).unwrap();
+        assert_eq!(fs::read(t.path().join("state.json")).unwrap(), b"two");
+        assert_eq!(names(t.path()), ["state.json"]);
+        // The rename fails (a folder that is not empty): the temporary file goes.
+        assert!(create_dir_at(&dir, OsStr::new("busy")).unwrap());
+        assert!(!create_dir_at(&dir, OsStr::new("busy")).unwrap());
+        fs::write(t.path().join("busy/inside"), b"x").unwrap();
+        assert!(put_at(&dir, OsStr::new("busy"), b"new").is_err());
+        assert_eq!(names(t.path()), ["busy", "state.json"]);
+        let (_, _) = create_tmp_at(&dir).unwrap();
+        fs::write(t.path().join(".lm-tmp-notours"), b"x").unwrap();
+        assert_eq!(remove_tmp_files_at(&dir).unwrap(), 1);
+        assert_eq!(names(t.path()), [".lm-tmp-notours", "busy", "state.json"]);
     }
 
     #[test]

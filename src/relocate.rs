@@ -7,7 +7,9 @@
 //! persisted as `relocations/MOUNT.json`), the handover (fence, copy the rest, verify, write
 //! the config) and the cleanup of a cancelled copy.
 //! Must not: speak NFS or HTTP, or decide what a mount is (the agent opens mounts and retires
-//! them; this module only asks it to).
+//! them; this module only asks it to); touch its destination other than through the
+//! destination's folder handle ([`dest::DestDir`], reached through `relocate_roots`), or write
+//! a file there whose name is not a plain name.
 //!
 //! The VM's writes reach the copy through each disk's [`Mirror`], attached to its overlay for
 //! the relocation's whole life (see `mount::mirror` for why no write is lost in between).
@@ -15,6 +17,7 @@
 //! a COMMIT of the VM syncs the mirror with the overlay, so after a crash every byte below a
 //! recorded frontier is in the copy, and everything above it is copied again.
 
+pub mod dest;
 pub mod state;
 
 use std::collections::VecDeque;
@@ -26,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+pub use dest::{DestDir, DestError, RelocateRoots};
 pub use state::{DiskCopy, Event, Next, Phase, Refused, Relocation, Resume};
 
 use crate::agent::Agent;
@@ -54,6 +58,8 @@ pub enum RelocateError {
     },
     #[error(transparent)]
     Refused(#[from] Refused),
+    #[error(transparent)]
+    Roots(#[from] DestError),
     #[error("relocation destination {path}: {what}")]
     Dest { path: String, what: String },
     #[error(
@@ -120,6 +126,10 @@ struct Job {
 /// One relocation.
 pub struct Relocator {
     record: Mutex<Relocation>,
+    /// The destination folder, held open while the copy is made (copying, synced, finishing);
+    /// otherwise reached through `roots` when needed (the cleanup).
+    dest: Option<Arc<DestDir>>,
+    roots: RelocateRoots,
     /// Serialises events, so each is persisted before the next is applied.
     applying: tokio::sync::Mutex<()>,
     path: PathBuf,
@@ -198,8 +208,9 @@ fn planned_files(mount: &LiveMount, config: &FinalConfig) -> Vec<String> {
 
 impl Relocator {
     /// Opens the relocation `record` of `mount` (made new by the caller or read back at a
-    /// start): opens (`create`: makes) the destination files and attaches the mirrors, so every
-    /// VM write from now on reaches the copy. `path` is where the record lives.
+    /// start): opens the destination folder through `roots` (`create`: makes it, and its
+    /// files), opens its files and attaches the mirrors, so every VM write from now on reaches
+    /// the copy. `path` is where the record lives. Blocks (file I/O).
     pub fn open(
         record: Relocation,
         path: PathBuf,
@@ -207,13 +218,25 @@ impl Relocator {
         config: FinalConfig,
         start: Vec<String>,
         create: bool,
+        roots: &RelocateRoots,
     ) -> Result<Arc<Relocator>, RelocateError> {
-        let dest = record.dest.clone();
-        if create {
-            durable::create_dir_all(&dest).map_err(|e| dest_err(&dest, e))?;
+        let copying = !matches!(
+            record.phase,
+            Phase::Cancelling | Phase::Done | Phase::Failed
+        );
+        // Nothing copied yet (a retry, or a crash right after the record was made): the folder
+        // is made if it is missing, as are its files below.
+        let fresh = create || (record.phase == Phase::Copying && record.copied() == 0);
+        let dest = if copying {
+            Some(Arc::new(roots.open(&record.dest, fresh)?))
+        } else {
+            // Nothing to copy or mirror: the files may be gone already.
+            None
+        };
+        if let (true, Some(dest)) = (create, &dest) {
             for name in planned_files(&mount, &config) {
-                let p = dest.join(&name);
-                if p.symlink_metadata().is_ok() {
+                let p = record.dest.join(&name);
+                if dest.exists(&name).map_err(|e| dest_err(&p, e))? {
                     return Err(dest_err(
                         &p,
                         "exists already; relocate into a folder without the VM's files",
@@ -223,12 +246,14 @@ impl Relocator {
         }
         let mut jobs = Vec::new();
         // Files made here, removed again if a later one cannot be made.
-        let mut made: Vec<PathBuf> = Vec::new();
+        let mut made: Vec<String> = Vec::new();
         // Whether a file was made here (then its name is made durable below).
         let mut new_names = false;
-        let undo = |made: &[PathBuf]| {
-            for p in made {
-                let _ = fs::remove_file(p);
+        let undo = |made: &[String]| {
+            if let Some(dest) = &dest {
+                for name in made {
+                    let _ = dest.remove(name);
+                }
             }
         };
         for (d, f) in mount.files.iter().enumerate() {
@@ -242,30 +267,22 @@ impl Relocator {
                     what: format!("the record has no disk {} (file {d} of the mount)", f.name),
                 });
             };
-            let p = dest.join(&f.name);
-            if matches!(
-                record.phase,
-                Phase::Cancelling | Phase::Done | Phase::Failed
-            ) {
-                // Nothing to copy or mirror: the files may be gone already.
+            let Some(dir) = &dest else {
                 continue;
-            }
+            };
+            let p = record.dest.join(&f.name);
             let file = if create {
-                fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)
+                dir.create_new(&f.name)
                     .and_then(|file| file.set_len(image.size()).map(|()| file))
             } else if record.phase == Phase::Copying && copy.copied == 0 {
                 // Nothing of it is recorded as copied (a retry, or a crash right after the
                 // record was made): the file is made if it is missing.
-                durable::open_or_create(&p).and_then(|(file, new)| {
+                dir.open_or_create(&f.name).and_then(|(file, new)| {
                     new_names |= new;
                     file.set_len(image.size()).map(|()| file)
                 })
             } else {
-                fs::OpenOptions::new().read(true).write(true).open(&p)
+                dir.open(&f.name)
             };
             let file = match file {
                 Ok(file) => file,
@@ -275,7 +292,7 @@ impl Relocator {
                 }
             };
             if create {
-                made.push(p.clone());
+                made.push(f.name.clone());
                 new_names = true;
             }
             let mirror = Arc::new(Mirror::new(&p, file, image.size(), copy.copied));
@@ -288,14 +305,16 @@ impl Relocator {
         }
         // A checkpoint syncs the copy's data and then records its frontier: its name must be
         // durable before that.
-        if new_names {
-            if let Err(e) = durable::fsync_dir(&dest) {
+        if let (true, Some(dir)) = (new_names, &dest) {
+            if let Err(e) = dir.sync() {
                 undo(&made);
-                return Err(dest_err(&dest, e));
+                return Err(dest_err(&record.dest, e));
             }
         }
         let r = Arc::new(Relocator {
             record: Mutex::new(record),
+            dest,
+            roots: roots.clone(),
             applying: tokio::sync::Mutex::new(()),
             path,
             mount,
@@ -699,8 +718,7 @@ impl Relocator {
         if self.phase() != Phase::Finishing {
             return Ok(()); // cancelled meanwhile
         }
-        let dest = self.record().dest;
-        let config = self.write_other_files(&dest).await?;
+        let config = self.write_other_files().await?;
         *self.outcome.lock().unwrap_or_else(|p| p.into_inner()) = Some(config);
         match self.apply(Event::Verified).await {
             Ok(_) => Ok(()),
@@ -766,10 +784,19 @@ impl Relocator {
         Ok(())
     }
 
-    /// Writes the descriptors, the config and the mount folder's small files into `dest`
-    /// (at the start, so the copy is a VM folder from the outset, and again at the handover).
-    /// Returns the config's path.
-    pub(crate) async fn write_other_files(&self, dest: &Path) -> Result<PathBuf, String> {
+    /// Writes the descriptors, the config and the mount folder's small files into the
+    /// destination (at the start, so the copy is a VM folder from the outset, and again at the
+    /// handover), through its folder handle. A folder file whose name is not a plain name is
+    /// left out, with a warning. Returns the config's path.
+    pub(crate) async fn write_other_files(&self) -> Result<PathBuf, String> {
+        let shown = self.record().dest;
+        let Some(dest) = self.dest.clone() else {
+            return Err(format!(
+                "writing into {}: the destination is not open (the relocation is {})",
+                shown.display(),
+                self.phase()
+            ));
+        };
         let mut out: Vec<(String, Bytes)> = Vec::new();
         for f in &self.mount.files {
             if let Content::Bytes(b) = &f.content {
@@ -796,6 +823,11 @@ impl Relocator {
                 if skip {
                     continue;
                 }
+                if !dest::plain_name(&e.name) {
+                    // Names come from the VM's client; only plain names go into the folder.
+                    tracing::warn!(mount = %self.mount.spec.name, name = ?e.name, "a file of the mount's folder is not carried over: its name is not a plain file name");
+                    continue;
+                }
                 let (bytes, _) = folder
                     .read(id, 0, e.size as u32)
                     .await
@@ -803,17 +835,17 @@ impl Relocator {
                 out.push((e.name.clone(), bytes));
             }
         }
-        let dest = dest.to_path_buf();
-        let config = dest.join(&config_name);
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let config = shown.join(&config_name);
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
             for (name, bytes) in out {
-                durable::put_via(&dest, &dest.join(&name), &bytes)?;
+                dest.replace(&name, &bytes)
+                    .map_err(|e| format!("writing {name:?} into {}: {e}", dest.path().display()))?;
             }
-            durable::fsync_dir(&dest)
+            dest.sync()
+                .map_err(|e| format!("syncing {}: {e}", dest.path().display()))
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("writing into {}: {e}", self.record().dest.display()))?;
+        .map_err(|e| e.to_string())??;
         Ok(config)
     }
 
@@ -831,25 +863,33 @@ impl Relocator {
                 }
             }
         }
-        let dest = r.dest.clone();
-        let result = tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        // No other name was made there (and none other may be removed there).
+        names.retain(|n| dest::plain_name(n));
+        let (held, roots, path) = (self.dest.clone(), self.roots.clone(), r.dest.clone());
+        let result = tokio::task::spawn_blocking(move || -> Result<(), String> {
+            // Not held (resumed after a restart, or failed before): through the roots again.
+            let dest = match held {
+                Some(d) => d,
+                None => match roots.open(&path, false) {
+                    Ok(d) => Arc::new(d),
+                    // Gone already: nothing to remove.
+                    Err(DestError::Missing { .. }) => return Ok(()),
+                    Err(e) => return Err(e.to_string()),
+                },
+            };
             for name in names {
-                match fs::remove_file(dest.join(&name)) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(e),
-                }
+                dest.remove(&name).map_err(|e| format!("{name:?}: {e}"))?;
             }
             // What an interrupted `write_other_files` left.
-            durable::remove_tmp_files(&dest)?;
+            dest.remove_tmp_files().map_err(|e| e.to_string())?;
             // The folder goes too if nothing else is in it.
-            let _ = fs::remove_dir(&dest);
+            let _ = dest.remove_if_empty();
             Ok(())
         })
         .await;
         let why = match result {
             Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e.to_string()),
+            Ok(Err(e)) => Some(e),
             Err(e) => Some(e.to_string()),
         };
         let event = match &why {

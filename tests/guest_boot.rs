@@ -203,7 +203,8 @@ fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
         .unwrap()
         .port();
     let nfs = format!("127.0.0.1:{port}");
-    let args = ["--nfs", nfs.as_str()];
+    let config = relocate_config(t.path(), &[&t.path().join("primary")], "");
+    let args = ["--nfs", nfs.as_str(), "--config", config.to_str().unwrap()];
     let _port111 = port_111_lock();
     let server = Server::start(&repo, &state, "127.0.0.1:111", &args);
     server.cli(&["mount", "lmguest", "--name", "lmguest-lm1"]);

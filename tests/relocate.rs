@@ -1,7 +1,9 @@
 //! Relocation through the real server and a real NFS client: the copy follows the VM's writes
 //! through a SIGKILL and a restart, resumes where it was, and the handover's copy equals the
 //! mount's final view; a cancelled relocation leaves the mount as it was; bad requests change
-//! nothing.
+//! nothing. Destinations stay under `relocate_roots`: outside them, through a symbolic link or
+//! `..`, or with none configured, a relocation is refused; a destination swapped for a link
+//! after the start, or a folder file whose name is not a plain name, gets no byte outside it.
 
 mod common;
 
@@ -20,6 +22,12 @@ fn setup(t: &Path) -> (Vec<u8>, std::path::PathBuf) {
     write(&t.join("disk.img"), &disk);
     let cfg = kvm_config(t, "vm", &[("disk.img", "raw")]);
     (disk, repo_with_backup(t, &cfg))
+}
+
+/// A server over `repo` whose relocations may write under `t/primary` (its only root).
+fn start(t: &Path, repo: &Path, state: &Path) -> Server {
+    let config = relocate_config(t, &[&t.join("primary")], "");
+    Server::start(repo, state, "off", &["--config", config.to_str().unwrap()])
 }
 
 fn relocation(server: &Server, mount: &str) -> Option<serde_json::Value> {
@@ -68,7 +76,7 @@ fn a_relocation_follows_writes_through_a_kill_and_hands_over_an_exact_copy() {
     let state = t.path().join("state");
     let dest = t.path().join("primary/vm");
     let mut rng = Rng::new(99);
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     write_some(&server, &mut model, &mut rng, 40);
 
@@ -102,7 +110,7 @@ fn a_relocation_follows_writes_through_a_kill_and_hands_over_an_exact_copy() {
     server.kill();
 
     // Restart: the copy resumes from its last checkpoint, not from zero.
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     let after = relocation(&server, "vm-lm1").expect("the relocation is back");
     let copied = after["copied"].as_u64().unwrap();
     assert!(
@@ -178,8 +186,11 @@ fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
     let dest = t.path().join("primary/vm");
     let mut rng = Rng::new(5);
     // Read-ahead off here: the reads below check that the setting serves the same bytes.
-    let config = t.path().join("serve.toml");
-    std::fs::write(&config, "read_ahead = false\n").unwrap();
+    let config = relocate_config(
+        t.path(),
+        &[&t.path().join("primary")],
+        "read_ahead = false\n",
+    );
     let server = Server::start(
         &repo,
         &state,
@@ -228,10 +239,10 @@ fn bad_relocation_requests_are_refused_and_change_nothing() {
     let t = tempfile::tempdir().unwrap();
     let (_, repo) = setup(t.path());
     let state = t.path().join("state");
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     let st = state.to_str().unwrap();
-    let busy = t.path().join("busy");
+    let busy = t.path().join("primary/busy");
     std::fs::create_dir_all(&busy).unwrap();
     std::fs::write(busy.join("other"), b"x").unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
@@ -305,7 +316,13 @@ fn a_relocation_that_runs_out_of_space_fails_and_the_mount_runs_on() {
     let _umount = Unmount(small.clone());
     let dest = small.join("vm");
     let mut rng = Rng::new(11);
-    let server = Server::start(&repo, &state, "off", &[]);
+    let config = relocate_config(t.path(), &[&small], "");
+    let server = Server::start(
+        &repo,
+        &state,
+        "off",
+        &["--config", config.to_str().unwrap()],
+    );
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     write_some(&server, &mut model, &mut rng, 10);
 
@@ -392,7 +409,7 @@ fn a_handover_cut_short_before_the_retire_retires_the_mount_at_the_next_start() 
     let (_, repo) = setup(t.path());
     let state = t.path().join("state");
     let dest = t.path().join("primary/vm");
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     server.cli(&["relocate", "vm-lm1", "--to", dest.to_str().unwrap()]);
     wait_for_phase(&server, "vm-lm1", "synced");
@@ -405,7 +422,7 @@ fn a_handover_cut_short_before_the_retire_retires_the_mount_at_the_next_start() 
     r["phase"] = "done".into();
     std::fs::write(&record, serde_json::to_vec(&r).unwrap()).unwrap();
 
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     // Retired before any client is served: no mount to write to, no record, no overlay.
     let mounts = server.cli(&["mounts", "--json"]);
     assert!(!mounts.contains("vm-lm1"), "{mounts}");
@@ -421,7 +438,7 @@ fn a_folder_file_with_a_255_byte_name_is_carried_over_cancelled_and_handed_over(
     let (_, repo) = setup(t.path());
     let state = t.path().join("state");
     let dest = t.path().join("primary/vm");
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     // NAME_MAX exactly: valid over NFS and in the destination, but no room for a suffix.
     let long = format!("{}.nvram", "n".repeat(249));
@@ -465,6 +482,309 @@ fn a_folder_file_with_a_255_byte_name_is_carried_over_cancelled_and_handed_over(
     );
 }
 
+fn names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+fn no_records(state: &Path) -> bool {
+    let dir = state.join("relocations");
+    !dir.exists() || names(&dir).is_empty()
+}
+
+#[test]
+fn destinations_outside_the_relocate_roots_are_refused_and_nothing_is_made() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let primary = t.path().join("primary");
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let server = start(t.path(), &repo, &state);
+    std::os::unix::fs::symlink(&outside, primary.join("link")).unwrap();
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    let st = state.to_str().unwrap();
+    let elsewhere = t.path().join("elsewhere/vm");
+    let through_link = primary.join("link/vm");
+    let dotdot = format!("{}/../outside/vm", primary.display());
+    let cases: Vec<(&str, &str)> = vec![
+        (elsewhere.to_str().unwrap(), "is not under relocate_roots"),
+        (through_link.to_str().unwrap(), "is a symbolic link"),
+        (&dotdot, "has a `..` component"),
+        (primary.to_str().unwrap(), "is a relocate root itself"),
+    ];
+    for (to, want) in &cases {
+        let out = livemount(&["relocate", "vm-lm1", "--to", to, "--state", st]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--to {to} succeeded");
+        assert!(err.contains(want) && err.contains(to), "--to {to}: {err}");
+    }
+    assert!(names(&outside).is_empty(), "{:?}", names(&outside));
+    assert_eq!(names(&primary), ["link"]);
+    assert!(!t.path().join("elsewhere").exists());
+    assert!(no_records(&state));
+    assert!(relocation(&server, "vm-lm1").is_none());
+    server.stop();
+
+    // No roots configured: every relocation is refused, saying what to set.
+    let server = Server::start(&repo, &state, "off", &[]);
+    let to = primary.join("vm");
+    let out = livemount(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        to.to_str().unwrap(),
+        "--state",
+        st,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "relocated without roots");
+    assert!(
+        err.contains("set relocate_roots in serve's config"),
+        "{err}"
+    );
+    assert_eq!(names(&primary), ["link"]);
+    assert!(no_records(&state));
+    // A bad root is refused at the start, naming it.
+    let config = t.path().join("bad.toml");
+    std::fs::write(&config, "relocate_roots = [\"relative/dir\"]\n").unwrap();
+    let out = livemount(&[
+        "serve",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--state",
+        st,
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("relocate_roots") && err.contains("relative/dir is not absolute"),
+        "{err}"
+    );
+    drop(server);
+}
+
+#[test]
+fn a_destination_swapped_for_a_link_after_the_start_gets_no_byte_outside_it() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let primary = t.path().join("primary");
+    // Someone else's files, where the link will point.
+    let outside = t.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let decoys = ["disk.img", "vm.nvram", "vm.xml"];
+    for n in decoys {
+        std::fs::write(outside.join(n), b"decoy").unwrap();
+    }
+    let untouched = || {
+        assert_eq!(names(&outside), decoys);
+        for n in decoys {
+            assert_eq!(std::fs::read(outside.join(n)).unwrap(), b"decoy", "{n}");
+        }
+    };
+    let server = start(t.path(), &repo, &state);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let mut c = connect(&server, "vm-lm1").await;
+        let root = c.root_nfs_fh3();
+        let fh = create(&mut c, &root, "vm.nvram").await;
+        nfs_write(&mut c, &fh, 0, b"nvram").await;
+    });
+
+    // Swapped mid-copy, then cancelled: the cancel removes the copy, not what the link reaches.
+    let dest = primary.join("vm");
+    let to = dest.to_str().unwrap();
+    server.cli(&["relocate", "vm-lm1", "--to", to, "--rate", "4"]);
+    assert_eq!(std::fs::read(dest.join("vm.nvram")).unwrap(), b"nvram");
+    std::fs::rename(&dest, primary.join("vm-moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, &dest).unwrap();
+    let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    assert!(out.contains("cancelled"), "{out}");
+    untouched();
+    assert!(
+        names(&primary.join("vm-moved")).is_empty(),
+        "the copy's files are removed where they are"
+    );
+
+    // Swapped once in sync, then handed over: the config and the folder's files go where the
+    // copy is.
+    let dest = primary.join("vm2");
+    server.cli(&["relocate", "vm-lm1", "--to", dest.to_str().unwrap()]);
+    wait_for_phase(&server, "vm-lm1", "synced");
+    std::fs::rename(&dest, primary.join("vm2-moved")).unwrap();
+    std::os::unix::fs::symlink(&outside, &dest).unwrap();
+    std::thread::sleep(Duration::from_millis(3200));
+    let out = server.cli(&["relocate", "--finish", "vm-lm1"]);
+    assert!(out.contains("handed over"), "{out}");
+    untouched();
+    let moved = primary.join("vm2-moved");
+    assert_eq!(names(&moved), ["disk.img", "vm.nvram", "vm.xml"]);
+    assert_eq!(std::fs::read(moved.join("vm.nvram")).unwrap(), b"nvram");
+    assert_eq!(
+        std::fs::metadata(moved.join("disk.img")).unwrap().len(),
+        SIZE
+    );
+}
+
+#[test]
+fn a_folder_file_whose_name_is_not_a_plain_name_is_neither_carried_over_nor_removed() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let primary = t.path().join("primary");
+    let server = start(t.path(), &repo, &state);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    server.stop();
+    // As if a name got past the NFS checks into the mount folder's namespace.
+    let dir = state.join("overlays/vm-lm1");
+    let mut table: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("files.json")).unwrap()).unwrap();
+    let id = table["next"].as_u64().unwrap();
+    table["next"] = (id + 1).into();
+    table["entries"][id.to_string()] = serde_json::json!({
+        "name": "../keep.nvram", "parent": 0, "kind": "file", "mode": 420,
+        "mtime": "2026-01-01T00:00:00Z", "size": 6,
+    });
+    std::fs::write(dir.join("files.json"), serde_json::to_vec(&table).unwrap()).unwrap();
+    std::fs::write(dir.join("files").join(id.to_string()), b"escape").unwrap();
+    // Another VM's file where that name points from the destination.
+    std::fs::write(primary.join("keep.nvram"), b"not yours").unwrap();
+
+    let server = start(t.path(), &repo, &state);
+    let dest = primary.join("vm");
+    server.cli(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        "4",
+    ]);
+    assert!(dest.join("vm.xml").exists(), "{}", server.log_text());
+    assert_eq!(
+        std::fs::read(primary.join("keep.nvram")).unwrap(),
+        b"not yours"
+    );
+    assert_eq!(names(&primary), ["keep.nvram", "vm"]);
+    let log = server.log_text();
+    assert!(
+        log.contains("not carried over") && log.contains("\"../keep.nvram\""),
+        "{log}"
+    );
+    let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
+    assert!(out.contains("cancelled"), "{out}");
+    assert_eq!(
+        std::fs::read(primary.join("keep.nvram")).unwrap(),
+        b"not yours"
+    );
+    assert_eq!(names(&primary), ["keep.nvram"]);
+}
+
+#[test]
+fn a_relocation_whose_root_left_the_config_fails_at_the_restart_and_is_left_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let (_, repo) = setup(t.path());
+    let state = t.path().join("state");
+    let primary = t.path().join("primary");
+    let dest = primary.join("vm");
+    let server = start(t.path(), &repo, &state);
+    server.cli(&["mount", "vm", "--name", "vm-lm1"]);
+    server.cli(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        "4",
+    ]);
+    std::thread::sleep(Duration::from_millis(1500));
+    server.stop();
+    let before: Vec<(String, u64)> = names(&dest)
+        .into_iter()
+        .map(|n| {
+            let len = std::fs::metadata(dest.join(&n)).unwrap().len();
+            (n, len)
+        })
+        .collect();
+
+    // Another root only: the relocation fails at the start, saying why; a retry is refused.
+    let other = t.path().join("other");
+    let config = t.path().join("other.toml");
+    std::fs::create_dir_all(&other).unwrap();
+    std::fs::write(
+        &config,
+        format!("relocate_roots = [{:?}]\n", other.to_str().unwrap()),
+    )
+    .unwrap();
+    let server = Server::start(
+        &repo,
+        &state,
+        "off",
+        &["--config", config.to_str().unwrap()],
+    );
+    let r = relocation(&server, "vm-lm1").expect("the relocation is kept");
+    assert_eq!(r["phase"], "failed", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(error.contains("is not under relocate_roots"), "{error}");
+    let st = state.to_str().unwrap();
+    let out = livemount(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--state",
+        st,
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("is not under relocate_roots"),
+        "{err}"
+    );
+    assert_eq!(relocation(&server, "vm-lm1").unwrap()["phase"], "failed");
+    // A cancel cannot reach the copy either: it says so and keeps the record.
+    let out = livemount(&["relocate", "--cancel", "vm-lm1", "--state", st]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("relocate_roots"),
+        "{err}"
+    );
+    assert_eq!(
+        relocation(&server, "vm-lm1").unwrap()["phase"],
+        "cancelling"
+    );
+    let after: Vec<(String, u64)> = names(&dest)
+        .into_iter()
+        .map(|n| {
+            let len = std::fs::metadata(dest.join(&n)).unwrap().len();
+            (n, len)
+        })
+        .collect();
+    assert_eq!(before, after, "the copy is left as it was");
+    assert!(names(&other).is_empty());
+    server.stop();
+
+    // The root back: the cancel is carried out at the start.
+    let server = start(t.path(), &repo, &state);
+    let t0 = Instant::now();
+    while relocation(&server, "vm-lm1").is_some() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{}",
+            server.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!dest.exists(), "the partial copy is removed");
+}
+
 /// Issue 15, item 15: a graceful stop ends a running relocation before the final sync (its
 /// task is the agent's, not a bare spawn), the server says every write is on disk, and at the
 /// next start the relocation resumes from what it had recorded and can be cancelled cleanly.
@@ -474,7 +794,7 @@ fn a_graceful_stop_ends_a_running_relocation_cleanly_and_it_resumes() {
     let (_model, repo) = setup(t.path());
     let state = t.path().join("state");
     let dest = t.path().join("primary/vm");
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
     server.cli(&[
         "relocate",
@@ -495,7 +815,7 @@ fn a_graceful_stop_ends_a_running_relocation_cleanly_and_it_resumes() {
     assert!(log.contains("every mount's writes are on disk"), "{log}");
     assert!(!log.contains("background tasks still running"), "{log}");
 
-    let server = Server::start(&repo, &state, "off", &[]);
+    let server = start(t.path(), &repo, &state);
     let after = relocation(&server, "vm-lm1").expect("the relocation is back");
     assert_eq!(after["phase"], "copying", "{after}");
     assert!(after["copied"].as_u64().unwrap() > 0, "{after}");

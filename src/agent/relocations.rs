@@ -2,6 +2,9 @@
 //! at a start, and retiring a mount once its copy is handed over.
 //!
 //! State directory: `relocations/MOUNT.json`, one [`Relocation`] record per relocation.
+//! Destinations: only under `relocate_roots` (serve's config, given to
+//! [`Agent::resume_relocations`]); a new one is checked before its record is made, and every
+//! relocation, also one brought back at a start, reaches its folder through the roots again.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,8 +13,8 @@ use std::sync::Arc;
 use super::Agent;
 use crate::mount::{Content, LiveMount};
 use crate::relocate::{
-    persist, Event, FinalConfig, Phase, RelocateError, Relocation, RelocationStatus, Relocator,
-    QUIET_BEFORE_FINISH,
+    persist, Event, FinalConfig, Phase, RelocateError, RelocateRoots, Relocation, RelocationStatus,
+    Relocator, QUIET_BEFORE_FINISH,
 };
 use crate::vmconfig::Hypervisor;
 
@@ -19,7 +22,7 @@ use crate::vmconfig::Hypervisor;
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RelocateRequest {
-    /// The destination folder (absolute; new or empty).
+    /// The destination folder (absolute, under one of `relocate_roots`; new or empty).
     pub to: PathBuf,
     /// At most this many bytes per second.
     #[serde(default)]
@@ -30,6 +33,11 @@ pub struct RelocateRequest {
 }
 
 impl Agent {
+    /// The folders relocations may write into (none before `resume_relocations`).
+    fn relocate_roots(&self) -> RelocateRoots {
+        self.relocate_roots.get().cloned().unwrap_or_default()
+    }
+
     fn relocation_path(&self, mount: &str) -> PathBuf {
         self.state.join("relocations").join(format!("{mount}.json"))
     }
@@ -104,10 +112,26 @@ impl Agent {
         }
     }
 
-    /// Brings back the relocations recorded in the state directory, mirrors attached (called
-    /// at open, before any client is served). A record that cannot be resumed (its mount is
-    /// gone, its copy's files are missing) is marked failed, not dropped.
-    pub(super) async fn open_relocations(&self) -> anyhow::Result<()> {
+    /// Sets the folders relocations may write into (`relocate_roots` in serve's config), then
+    /// brings back the relocations recorded in the state directory, mirrors attached, and starts
+    /// their tasks. Called once, after [`Agent::open`] and before any client is served: the
+    /// copies must see every write from the start.
+    pub async fn resume_relocations(self: &Arc<Self>, roots: RelocateRoots) -> anyhow::Result<()> {
+        if self.relocate_roots.set(roots).is_err() {
+            anyhow::bail!("relocations were resumed already");
+        }
+        self.open_relocations().await?;
+        for r in self.relocators() {
+            r.drive(self);
+        }
+        Ok(())
+    }
+
+    /// Brings back the relocations recorded in the state directory, mirrors attached. A record
+    /// that cannot be resumed (its mount is gone, its copy's files are missing, its destination
+    /// is no longer under the roots) is marked failed, not dropped.
+    async fn open_relocations(&self) -> anyhow::Result<()> {
+        let roots = self.relocate_roots();
         let dir = self.state.join("relocations");
         let entries = match fs::read_dir(&dir) {
             Ok(e) => e,
@@ -158,6 +182,7 @@ impl Agent {
                 config.clone(),
                 start.clone(),
                 false,
+                &roots,
             ) {
                 Ok(r) => r,
                 Err(e) => {
@@ -167,7 +192,7 @@ impl Agent {
                         _ => record.clone(),
                     };
                     persist(&path, &failed)?;
-                    Relocator::open(failed, path.clone(), mount, config, start, false)?
+                    Relocator::open(failed, path.clone(), mount, config, start, false, &roots)?
                 }
             };
             tracing::info!(mount = %record.mount, phase = %r.phase(), "relocation resumed");
@@ -177,13 +202,6 @@ impl Agent {
                 .insert(record.mount.clone(), r);
         }
         Ok(())
-    }
-
-    /// Starts the tasks of the relocations brought back at open.
-    pub fn start_relocations(self: &Arc<Self>) {
-        for r in self.relocators() {
-            r.drive(self);
-        }
     }
 
     /// Starts relocating a mount's disks into `req.to`, or retries a failed relocation.
@@ -222,29 +240,22 @@ impl Agent {
                 what: "give an absolute path".into(),
             });
         }
-        match fs::read_dir(dest) {
-            Ok(mut entries) => {
-                if entries.next().is_some() {
-                    return Err(RelocateError::Dest {
-                        path: dest.display().to_string(),
-                        what: "is not empty; relocate into a new or empty folder".into(),
-                    });
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(RelocateError::Dest {
-                    path: dest.display().to_string(),
-                    what: e.to_string(),
-                })
-            }
-        }
         if req.rate == Some(0) {
             return Err(RelocateError::Dest {
                 path: dest.display().to_string(),
                 what: "--rate must be above zero".into(),
             });
         }
+        // Under a root, reached without a symbolic link, new or empty; nothing is made yet.
+        let roots = self.relocate_roots();
+        let checked = dest.clone();
+        let check = roots.clone();
+        tokio::task::spawn_blocking(move || check.check_new(&checked))
+            .await
+            .map_err(|e| RelocateError::Dest {
+                path: dest.display().to_string(),
+                what: e.to_string(),
+            })??;
         let disks = m
             .files
             .iter()
@@ -264,9 +275,9 @@ impl Agent {
         let path = self.relocation_path(mount);
         // The record first: a crash before the files exist leaves a record that fails to
         // resume and can be cancelled, never files nobody knows of.
-        let r = persist_and_open(record, path, m.clone(), config, start, true).await?;
+        let r = persist_and_open(record, path, m.clone(), config, start, true, roots).await?;
         // The config next to the disks from the start (the handover writes it again).
-        if let Err(e) = r.write_other_files(dest).await {
+        if let Err(e) = r.write_other_files().await {
             tracing::warn!(mount, error = %e, "config not written yet; the handover writes it");
         }
         self.relocations
@@ -284,13 +295,22 @@ impl Agent {
         m: &Arc<LiveMount>,
         rec: Relocation,
     ) -> Result<RelocationStatus, RelocateError> {
+        // Still under the roots (they may have changed since)? Refused before the record is.
+        let roots = self.relocate_roots();
+        let (check, dest) = (roots.clone(), rec.dest.clone());
+        tokio::task::spawn_blocking(move || check.open(&dest, true).map(drop))
+            .await
+            .map_err(|e| RelocateError::Dest {
+                path: rec.dest.display().to_string(),
+                what: e.to_string(),
+            })??;
         let retried = match rec.apply(Event::Retry)? {
             crate::relocate::Next::Keep(r) => r,
             crate::relocate::Next::Gone => unreachable!("a retry keeps its record"),
         };
         let path = self.relocation_path(&rec.mount);
         let (config, start) = self.final_config(m, &rec.dest).await?;
-        let r = persist_and_open(retried, path, m.clone(), config, start, false).await?;
+        let r = persist_and_open(retried, path, m.clone(), config, start, false, roots).await?;
         self.relocations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -370,9 +390,9 @@ impl Agent {
     }
 }
 
-/// Persists a relocation's record at `path`, then opens its relocator (`create`: a new one,
-/// whose record goes again if its files cannot be made), on the blocking pool: both write and
-/// fsync files.
+/// Persists a relocation's record at `path`, then opens its relocator through `roots`
+/// (`create`: a new one, whose record goes again if its files cannot be made), on the blocking
+/// pool: both write and fsync files.
 async fn persist_and_open(
     record: Relocation,
     path: PathBuf,
@@ -380,15 +400,18 @@ async fn persist_and_open(
     config: FinalConfig,
     start: Vec<String>,
     create: bool,
+    roots: RelocateRoots,
 ) -> Result<Arc<Relocator>, RelocateError> {
     let shown = path.display().to_string();
     tokio::task::spawn_blocking(move || {
         persist(&path, &record)?;
-        Relocator::open(record, path.clone(), mount, config, start, create).inspect_err(|_| {
-            if create {
-                let _ = fs::remove_file(&path);
-            }
-        })
+        Relocator::open(record, path.clone(), mount, config, start, create, &roots).inspect_err(
+            |_| {
+                if create {
+                    let _ = fs::remove_file(&path);
+                }
+            },
+        )
     })
     .await
     .map_err(|e| RelocateError::State {

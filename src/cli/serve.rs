@@ -18,6 +18,7 @@ use crate::durable::{self, Umask};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
+use crate::relocate::RelocateRoots;
 use crate::repo::{RepoLocation, Repository, S3Config, Slowness};
 use crate::units::parse_duration;
 
@@ -106,6 +107,9 @@ pub struct ServeConfig {
     /// File creation mask for the state directory and everything else the server writes, in
     /// octal. Default `"0077"`: files 0600, folders 0700 (`--umask` or `LIVEMOUNT_UMASK` win).
     pub umask: Option<String>,
+    /// The folders `relocate --to DIR` may write into (absolute, existing): DIR must lie under
+    /// one of them, reached without a symbolic link. Default none: relocation is refused.
+    pub relocate_roots: Option<Vec<PathBuf>>,
 }
 
 /// `[profiles]`: how new mounts learn their VM's boot.
@@ -245,6 +249,10 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         anyhow::bail!("--cache-disk-size must be above zero");
     }
     let learning = file.profiles.unwrap_or_default().learning()?;
+    let relocate_roots = RelocateRoots::new(file.relocate_roots.clone().unwrap_or_default())?;
+    if relocate_roots.is_empty() {
+        tracing::info!("relocation is off: no relocate_roots in the config");
+    }
     let mut repo =
         Repository::open_at(&location, &file.repository.clone().unwrap_or_default()).await?;
     if let Some(slow) = &file.slow_repository {
@@ -297,7 +305,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         )
         .await?,
     );
-    agent.start_relocations();
+    agent.resume_relocations(relocate_roots).await?;
     let identity = Identity::load(&state).with_context(|| {
         format!(
             "state directory {}: cannot load the datastore identity",

@@ -123,6 +123,10 @@ impl From<RelocateError> for ApiError {
             | RelocateError::Refused(_)
             | RelocateError::Running { .. } => StatusCode::CONFLICT,
             RelocateError::Dest { .. } => StatusCode::BAD_REQUEST,
+            RelocateError::Roots(crate::relocate::DestError::Io { .. }) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            RelocateError::Roots(_) => StatusCode::BAD_REQUEST,
             RelocateError::State { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(code, e.to_string())

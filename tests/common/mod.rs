@@ -131,6 +131,22 @@ pub fn esxi_config(dir: &Path, name: &str, vmdks: &[&str]) -> PathBuf {
     path
 }
 
+/// Writes a serve config, `dir/serve.toml`: the lines `extra` (top-level keys), then
+/// `relocate_roots` listing `roots` (each made if missing). Returns its path, for `--config`.
+pub fn relocate_config(dir: &Path, roots: &[&Path], extra: &str) -> PathBuf {
+    for r in roots {
+        std::fs::create_dir_all(r).unwrap();
+    }
+    let list: Vec<String> = roots
+        .iter()
+        .map(|r| format!("{:?}", r.to_str().unwrap()))
+        .collect();
+    let path = dir.join("serve.toml");
+    let text = format!("{extra}relocate_roots = [{}]\n", list.join(", "));
+    write(&path, text.as_bytes());
+    path
+}
+
 /// Runs the livemount binary.
 pub fn livemount(args: &[&str]) -> Output {
     livemount_env(args, &[])
