@@ -379,18 +379,22 @@ pub(crate) fn synced_under(root: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
+/// The names in `dir`, sorted (for tests of what a folder holds).
+#[cfg(test)]
+pub(crate) fn sorted_names(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
+    use super::sorted_names as names;
 
     #[test]
     fn replace_leaves_the_new_bytes_and_no_temporary_file_and_syncs_the_folder() {

@@ -308,13 +308,16 @@ impl FetchScheduler {
                 }
             }
         }
-        // Forget requesters whose reads are over and past the hold (mounts come and go).
-        let hold = self.hold;
-        st.vm.retain(|_, r| {
-            r.in_flight > 0
-                || r.ended
-                    .is_some_and(|t| t.elapsed() < hold && !hold.is_zero())
-        });
+        if class == FetchClass::Vm {
+            // Forget requesters whose reads are over and past the hold (mounts come and go);
+            // only VM reads make entries, so only their ends need to look.
+            let hold = self.hold;
+            st.vm.retain(|_, r| {
+                r.in_flight > 0
+                    || r.ended
+                        .is_some_and(|t| t.elapsed() < hold && !hold.is_zero())
+            });
+        }
     }
 
     /// Gives free slots to waiters, best class first; within a class, the requester with the

@@ -75,9 +75,7 @@ async fn getattr(s: &mut TcpStream, fh: &[u8]) -> u32 {
 #[tokio::test(flavor = "multi_thread")]
 async fn mounts_limited_to_hosts_and_the_server_allow_list_refuse_everyone_else() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(MIB, 5));
-    let cfg = kvm_config(t.path(), "ac", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "ac", &mixed_disk(MIB, 5));
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "ac", "--name", "open"]);
@@ -207,9 +205,7 @@ impl Drop for Netns {
 #[test]
 fn metrics_stay_on_loopback_unless_made_public_and_a_public_api_is_warned_about() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(MIB, 81));
-    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "vm", &mixed_disk(MIB, 81));
     let ns = Netns::new("metrics", "10.99.0.1");
     for public in [false, true] {
         let state = t.path().join(format!("state-{public}"));
@@ -291,9 +287,7 @@ async fn lookup_fh(s: &mut TcpStream, dir: &[u8], name: &str) -> Vec<u8> {
 async fn idle_connections_and_a_client_that_never_reads_do_not_lock_out_a_hypervisor() {
     let t = tempfile::tempdir().unwrap();
     let disk = mixed_disk(16 * MIB, 91);
-    write(&t.path().join("d.img"), &disk);
-    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "vm", &disk);
     let server = Server::start(&repo, &t.path().join("state"), "off", &[]);
     server.cli(&["mount", "vm", "--name", "m"]);
     let port = server.nfs_port;
@@ -375,9 +369,7 @@ async fn reads_nobody_takes_stay_within_the_call_memory_and_others_still_read() 
     let t = tempfile::tempdir().unwrap();
     let mut disk = vec![0u8; (CHUNKS * MIB) as usize];
     Rng::new(101).fill(&mut disk);
-    write(&t.path().join("d.img"), &disk);
-    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "vm", &disk);
     let conf = t.path().join("serve.toml");
     std::fs::write(&conf, "call_memory = \"32MiB\"\n").unwrap();
     let server = Server::start(
@@ -456,9 +448,7 @@ async fn reads_nobody_takes_stay_within_the_call_memory_and_others_still_read() 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_handle_a_client_made_up_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(MIB, 6));
-    let cfg = kvm_config(t.path(), "hm", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "hm", &mixed_disk(MIB, 6));
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "hm", "--name", "open"]);

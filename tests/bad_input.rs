@@ -103,9 +103,7 @@ async fn blast(port: u16, seeds: Vec<Vec<u8>>, seed: u64, records: usize) -> usi
 async fn hundreds_of_thousands_of_mutated_records_change_nothing_they_should_not() {
     let t = tempfile::tempdir().unwrap();
     let raw = mixed_disk(2 * MIB, 81);
-    write(&t.path().join("d.img"), &raw);
-    let cfg = kvm_config(t.path(), "bi", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "bi", &raw);
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "bi", "--name", "bi"]);

@@ -210,9 +210,7 @@ async fn esxi_power_on_files_work_and_survive_a_restart_while_disks_stay_protect
 #[tokio::test(flavor = "multi_thread")]
 async fn a_graceful_stop_keeps_unstable_writes_that_were_never_committed() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(2 * MIB, 61));
-    let cfg = kvm_config(t.path(), "gs", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "gs", &mixed_disk(2 * MIB, 61));
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "gs", "--name", "gs"]);
@@ -266,9 +264,7 @@ async fn a_graceful_stop_keeps_unstable_writes_that_were_never_committed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn exclusive_create_is_idempotent_for_its_own_verifier() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(MIB, 61));
-    let cfg = kvm_config(t.path(), "ex", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "ex", &mixed_disk(MIB, 61));
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "ex", "--name", "ex"]);
@@ -317,9 +313,7 @@ async fn exclusive_create_is_idempotent_for_its_own_verifier() {
 #[tokio::test(flavor = "multi_thread")]
 async fn client_names_stay_out_of_metrics_and_offsets_near_2_64_are_refused() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(MIB, 71));
-    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "vm", &mixed_disk(MIB, 71));
     let server = Server::start(&repo, &t.path().join("state"), "off", &[]);
     server.cli(&["mount", "vm", "--name", "m"]);
 
@@ -386,9 +380,7 @@ async fn client_names_stay_out_of_metrics_and_offsets_near_2_64_are_refused() {
 #[tokio::test(flavor = "multi_thread")]
 async fn readdir_counts_are_capped_and_too_small_is_refused() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(MIB, 72));
-    let cfg = kvm_config(t.path(), "vm", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "vm", &mixed_disk(MIB, 72));
     let server = Server::start(&repo, &t.path().join("state"), "off", &[]);
     server.cli(&["mount", "vm", "--name", "m"]);
     let mut c = connect(&server, "m").await;
@@ -431,7 +423,10 @@ async fn readdir_counts_are_capped_and_too_small_is_refused() {
         lookup(&mut c, &dir, "one-too-many").await,
         Err(nfsstat3::NFS3ERR_NOENT)
     );
-    let page_bytes = |n: usize| n * (4 + 8 + 4 + 32 + 8 + 4 + 84 + 4 + 4 + 24);
+    // Bytes an entry of these names takes at least: READDIR's, and READDIRPLUS's with its
+    // attributes and handle.
+    let plain_bytes = |n: usize| n * (4 + 8 + 4 + 36 + 8);
+    let page_bytes = |n: usize| n * (4 + 8 + 4 + 36 + 8 + 4 + 84 + 4 + 4 + 40);
     for plus in [false, true] {
         let t0 = std::time::Instant::now();
         let (mut cookie, mut seen, mut pages) = (0u64, Vec::new(), 0);
@@ -439,41 +434,15 @@ async fn readdir_counts_are_capped_and_too_small_is_refused() {
             let (names, eof) = if plus {
                 readdirplus(&mut c, &dir, cookie, u32::MAX).await.unwrap()
             } else {
-                match c
-                    .readdir(&READDIR3args {
-                        dir: dir.clone(),
-                        cookie,
-                        cookieverf: cookieverf3::default(),
-                        count: u32::MAX,
-                    })
-                    .await
-                    .unwrap()
-                {
-                    READDIR3res::Ok(ok) => (
-                        ok.reply
-                            .entries
-                            .0
-                            .iter()
-                            .map(|e| {
-                                (
-                                    String::from_utf8_lossy(e.name.as_ref()).into_owned(),
-                                    e.cookie,
-                                )
-                            })
-                            .collect::<Vec<_>>(),
-                        ok.reply.eof,
-                    ),
-                    READDIR3res::Err((e, _)) => panic!("READDIR: {e:?}"),
-                }
+                readdir(&mut c, &dir, cookie, u32::MAX).await.unwrap()
             };
             pages += 1;
-            if plus {
-                assert!(
-                    page_bytes(names.len()) <= 64 * 1024 + 4096,
-                    "{} entries",
-                    names.len()
-                );
-            }
+            let size = if plus {
+                page_bytes(names.len())
+            } else {
+                plain_bytes(names.len())
+            };
+            assert!(size <= 64 * 1024, "{} entries, plus={plus}", names.len());
             cookie = names.last().map_or(cookie, |n| n.1);
             seen.extend(names.into_iter().map(|n| n.0));
             if eof {
@@ -491,19 +460,10 @@ async fn readdir_counts_are_capped_and_too_small_is_refused() {
         assert_eq!(seen.len(), 9998, "plus={plus}");
     }
     // A count too small for one entry.
-    match c
-        .readdir(&READDIR3args {
-            dir: dir.clone(),
-            cookie: 0,
-            cookieverf: cookieverf3::default(),
-            count: 100,
-        })
-        .await
-        .unwrap()
-    {
-        READDIR3res::Err((e, _)) => assert_eq!(e, nfsstat3::NFS3ERR_TOOSMALL),
-        READDIR3res::Ok(ok) => panic!("{} entries in 100 bytes", ok.reply.entries.0.len()),
-    }
+    assert_eq!(
+        readdir(&mut c, &dir, 0, 100).await,
+        Err(nfsstat3::NFS3ERR_TOOSMALL)
+    );
     assert_eq!(
         readdirplus(&mut c, &dir, 0, 120).await,
         Err(nfsstat3::NFS3ERR_TOOSMALL)
@@ -539,9 +499,7 @@ async fn state_and_repository_files_are_private_unless_the_umask_says_otherwise(
     // SAFETY: umask only sets the process's file creation mask.
     unsafe { libc::umask(0o022) };
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(2 * MIB, 71));
-    let cfg = kvm_config(t.path(), "pv", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "pv", &mixed_disk(2 * MIB, 71));
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "pv", "--name", "pv"]);

@@ -42,9 +42,7 @@ impl Drop for Tmpfs {
 async fn a_full_state_filesystem_refuses_writes_loses_nothing_and_recovers() {
     let t = tempfile::tempdir().unwrap();
     let raw = mixed_disk(64 * MIB, 91);
-    write(&t.path().join("d.img"), &raw);
-    let cfg = kvm_config(t.path(), "nospc", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "nospc", &raw);
     let state = t.path().join("state");
     let _fs = Tmpfs::mount(&state, "24m");
     let server = Server::start(&repo, &state, "off", &[]);
@@ -121,9 +119,7 @@ async fn a_full_state_filesystem_refuses_writes_loses_nothing_and_recovers() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_change_that_cannot_be_saved_is_refused_and_not_visible() {
     let t = tempfile::tempdir().unwrap();
-    write(&t.path().join("d.img"), &mixed_disk(4 * MIB, 92));
-    let cfg = kvm_config(t.path(), "nsp", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "nsp", &mixed_disk(4 * MIB, 92));
     let state = t.path().join("state");
     let _fs = Tmpfs::mount(&state, "16m");
     let server = Server::start(&repo, &state, "off", &[]);

@@ -30,6 +30,18 @@ fn start(t: &Path, repo: &Path, state: &Path) -> Server {
     Server::start(repo, state, "off", &["--config", config.to_str().unwrap()])
 }
 
+/// Starts relocating `vm-lm1` to `dest` at `rate` MB/s; what the CLI printed.
+fn relocate_at(server: &Server, dest: &Path, rate: &str) -> String {
+    server.cli(&[
+        "relocate",
+        "vm-lm1",
+        "--to",
+        dest.to_str().unwrap(),
+        "--rate",
+        rate,
+    ])
+}
+
 fn relocation(server: &Server, mount: &str) -> Option<serde_json::Value> {
     relocation_of(server, mount)
 }
@@ -81,14 +93,7 @@ fn a_relocation_follows_writes_through_a_kill_and_hands_over_an_exact_copy() {
     write_some(&server, &mut model, &mut rng, 40);
 
     // 48 MiB at 8 MB/s: about six seconds, so the kill lands mid-copy.
-    let out = server.cli(&[
-        "relocate",
-        "vm-lm1",
-        "--to",
-        dest.to_str().unwrap(),
-        "--rate",
-        "8",
-    ]);
+    let out = relocate_at(&server, &dest, "8");
     assert!(out.contains("relocating vm-lm1"), "{out}");
     // The copy is a VM folder from the start: its config points at the copied disk.
     let xml = std::fs::read_to_string(dest.join("vm.xml")).unwrap();
@@ -207,14 +212,7 @@ fn a_cancelled_relocation_leaves_the_mount_as_it_was() {
         let fh = create(&mut c, &root, "vm.nvram").await;
         nfs_write(&mut c, &fh, 0, b"nvram").await;
     });
-    server.cli(&[
-        "relocate",
-        "vm-lm1",
-        "--to",
-        dest.to_str().unwrap(),
-        "--rate",
-        "4",
-    ]);
+    relocate_at(&server, &dest, "4");
     assert_eq!(std::fs::read(dest.join("vm.nvram")).unwrap(), b"nvram");
     std::thread::sleep(Duration::from_millis(1000));
     write_some(&server, &mut model, &mut rng, 20);
@@ -660,14 +658,7 @@ fn a_folder_file_whose_name_is_not_a_plain_name_is_neither_carried_over_nor_remo
 
     let server = start(t.path(), &repo, &state);
     let dest = primary.join("vm");
-    server.cli(&[
-        "relocate",
-        "vm-lm1",
-        "--to",
-        dest.to_str().unwrap(),
-        "--rate",
-        "4",
-    ]);
+    relocate_at(&server, &dest, "4");
     assert!(dest.join("vm.xml").exists(), "{}", server.log_text());
     assert_eq!(
         std::fs::read(primary.join("keep.nvram")).unwrap(),
@@ -697,14 +688,7 @@ fn a_relocation_whose_root_left_the_config_fails_at_the_restart_and_is_left_alon
     let dest = primary.join("vm");
     let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
-    server.cli(&[
-        "relocate",
-        "vm-lm1",
-        "--to",
-        dest.to_str().unwrap(),
-        "--rate",
-        "4",
-    ]);
+    relocate_at(&server, &dest, "4");
     std::thread::sleep(Duration::from_millis(1500));
     server.stop();
     let before: Vec<(String, u64)> = names(&dest)
@@ -796,14 +780,7 @@ fn a_graceful_stop_ends_a_running_relocation_cleanly_and_it_resumes() {
     let dest = t.path().join("primary/vm");
     let server = start(t.path(), &repo, &state);
     server.cli(&["mount", "vm", "--name", "vm-lm1"]);
-    server.cli(&[
-        "relocate",
-        "vm-lm1",
-        "--to",
-        dest.to_str().unwrap(),
-        "--rate",
-        "4",
-    ]);
+    relocate_at(&server, &dest, "4");
     std::thread::sleep(Duration::from_millis(2500));
     let before = relocation(&server, "vm-lm1").unwrap();
     assert_eq!(before["phase"], "copying", "{before}");
@@ -818,7 +795,15 @@ fn a_graceful_stop_ends_a_running_relocation_cleanly_and_it_resumes() {
     let server = start(t.path(), &repo, &state);
     let after = relocation(&server, "vm-lm1").expect("the relocation is back");
     assert_eq!(after["phase"], "copying", "{after}");
-    assert!(after["copied"].as_u64().unwrap() > 0, "{after}");
+    let copied = after["copied"].as_u64().unwrap();
+    assert!(copied > 0, "{after}");
+    // It goes on from there (the frontier is recorded every 2 s).
+    std::thread::sleep(Duration::from_millis(3000));
+    let later = relocation(&server, "vm-lm1").unwrap();
+    assert!(
+        later["copied"].as_u64().unwrap() > copied,
+        "{after} then {later}"
+    );
     let out = server.cli(&["relocate", "--cancel", "vm-lm1"]);
     assert!(out.contains("cancelled"), "{out}");
     assert!(!dest.exists());

@@ -13,9 +13,7 @@ use nfs3_client::nfs3_types::nfs3::*;
 async fn handles_cookies_and_unstable_writes_survive_restarts_and_kill_9() {
     let t = tempfile::tempdir().unwrap();
     let raw = mixed_disk(4 * MIB, 71);
-    write(&t.path().join("d.img"), &raw);
-    let cfg = kvm_config(t.path(), "rs", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "rs", &raw);
     let state = t.path().join("state");
     let server = Server::start(&repo, &state, "off", &[]);
     server.cli(&["mount", "rs", "--name", "rs"]);
@@ -142,9 +140,7 @@ fn qemu_io_keeps_working_through_repeated_kill_9() {
     let t = tempfile::tempdir().unwrap();
     let size = 8 * MIB as usize;
     let mut model = mixed_disk(size as u64, 72);
-    write(&t.path().join("d.img"), &model);
-    let cfg = kvm_config(t.path(), "k9", &[("d.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
+    let repo = repo_with_disk(t.path(), "k9", &model);
     let state = t.path().join("state");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -838,12 +838,10 @@ mod tests {
             f.create(0, &format!("f{n}"), true).await.unwrap();
             n += 1;
         }
-        let mut names: Vec<String> = fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["files", "files.journal", "files.json"]);
+        assert_eq!(
+            durable::sorted_names(&dir),
+            ["files", "files.journal", "files.json"]
+        );
         // Once the snapshot can be written again, a reopen after the next fold has them all.
         fs::remove_dir_all(dir.join("files.json")).unwrap();
         fs::write(

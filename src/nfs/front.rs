@@ -288,14 +288,27 @@ impl NfsServer {
                     let shared = self.shared();
                     let cancel = cancel.child_token();
                     tasks.spawn(async move {
-                        let wait = permits.acquire_owned();
-                        match tokio::time::timeout(Duration::from_secs(5), wait).await {
-                            Ok(Ok(permit)) => {
+                        // Several newcomers at once wait in turn; one whose slot went to
+                        // another closes the next idlest connection, for up to 5 s.
+                        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+                        let permit = loop {
+                            let wait = permits.clone().acquire_owned();
+                            match tokio::time::timeout(Duration::from_millis(500), wait).await {
+                                Ok(Ok(p)) => break Some(p),
+                                Ok(Err(_)) => break None,
+                                Err(_) if tokio::time::Instant::now() < until => {
+                                    shared.conns.evict_idlest();
+                                }
+                                Err(_) => break None,
+                            }
+                        };
+                        match permit {
+                            Some(permit) => {
                                 tracing::info!(%peer, "connection accepted in place of one idle longest");
                                 serve_tracked(socket, peer, cancel, shared).await;
                                 drop(permit);
                             }
-                            _ => tracing::warn!(%peer, "connection refused: too many connections"),
+                            None => tracing::warn!(%peer, "connection refused: too many connections"),
                         }
                     });
                     continue;

@@ -395,14 +395,7 @@ mod tests {
     use std::fs;
     use std::os::unix::fs::symlink;
 
-    fn names(dir: &Path) -> Vec<String> {
-        let mut v: Vec<String> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        v.sort();
-        v
-    }
+    use crate::durable::sorted_names as names;
 
     /// A root and a folder outside it.
     fn setup() -> (tempfile::TempDir, PathBuf, PathBuf, RelocateRoots) {

@@ -390,6 +390,14 @@ pub fn guest_image() -> PathBuf {
     img
 }
 
+/// A repository in `dir/repo` holding one backup of KVM VM `vm` whose one raw disk, `d.img`
+/// (written into `dir`), holds `disk`.
+pub fn repo_with_disk(dir: &Path, vm: &str, disk: &[u8]) -> PathBuf {
+    write(&dir.join("d.img"), disk);
+    let cfg = kvm_config(dir, vm, &[("d.img", "raw")]);
+    repo_with_backup(dir, &cfg)
+}
+
 /// Makes a repository in `dir/repo` and backs up the VM whose config is `config`; returns the
 /// repository's path.
 pub fn repo_with_backup(dir: &Path, config: &Path) -> PathBuf {

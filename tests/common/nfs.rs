@@ -214,6 +214,38 @@ pub async fn commit(c: &mut Conn, fh: &nfs_fh3) -> Result<writeverf3, nfsstat3> 
     }
 }
 
+/// One READDIR call (procedure 16): (name, cookie) of each entry, and eof.
+pub async fn readdir(
+    c: &mut Conn,
+    dir: &nfs_fh3,
+    cookie: u64,
+    count: u32,
+) -> Result<(Vec<(String, u64)>, bool), nfsstat3> {
+    let args = READDIR3args {
+        dir: dir.clone(),
+        cookie,
+        cookieverf: cookieverf3::default(),
+        count,
+    };
+    match c.readdir(&args).await.expect("READDIR") {
+        READDIR3res::Ok(ok) => Ok((
+            ok.reply
+                .entries
+                .0
+                .iter()
+                .map(|e| {
+                    (
+                        String::from_utf8_lossy(e.name.as_ref()).into_owned(),
+                        e.cookie,
+                    )
+                })
+                .collect(),
+            ok.reply.eof,
+        )),
+        READDIR3res::Err((e, _)) => Err(e),
+    }
+}
+
 /// One READDIRPLUS call: (name, cookie) of each entry, and eof.
 pub async fn readdirplus(
     c: &mut Conn,
