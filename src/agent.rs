@@ -45,6 +45,7 @@ use crate::mount::{check_name, LiveMount, MountError, MountSpec};
 use crate::prestage::{BootWindow, Learning, Prestage, PrestageStatus, WindowStatus};
 use crate::profile::{plan, Profile, ProfileStore};
 use crate::relocate::{RelocateRoots, RelocationStatus, Relocator};
+use crate::repo::lease::{LeaseHolder, LeaseKind, SnapshotUse};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
 use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
 
@@ -76,6 +77,9 @@ pub struct Agent {
     /// them.
     tasks: TaskTracker,
     stop: CancellationToken,
+    /// This agent's lease in the repository: the snapshots its mounts use, so that no forget
+    /// or prune, here or on another agent, takes them (decision 0017).
+    lease: Arc<LeaseHolder>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -83,6 +87,26 @@ impl std::fmt::Debug for Agent {
         f.debug_struct("Agent")
             .field("state", &self.state)
             .finish_non_exhaustive()
+    }
+}
+
+/// The lease name of the agent whose state directory is `state` on this host: the same at
+/// every start, so a restarted agent replaces its own lease.
+fn agent_lease_name(state: &Path) -> String {
+    let full = fs::canonicalize(state).unwrap_or_else(|_| state.to_path_buf());
+    let h = blake3::Hasher::new()
+        .update(b"livemount agent lease")
+        .update(crate::repo::lease::host_name().as_bytes())
+        .update(full.as_os_str().as_encoded_bytes())
+        .finalize();
+    format!("agent-{}", &h.to_hex()[..16])
+}
+
+/// A mount's use of its snapshot, as leases record it.
+fn mount_use(spec: &MountSpec) -> SnapshotUse {
+    SnapshotUse {
+        snapshot: spec.snapshot,
+        what: format!("mount {}", spec.name),
     }
 }
 
@@ -179,6 +203,31 @@ impl Agent {
         })
         .await?
         .map_err(|e| anyhow::anyhow!("state directory {}: {e}", state.display()))?;
+        // The persisted mounts' snapshots are in the lease before any of them is opened.
+        let mut specs = Vec::new();
+        for entry in fs::read_dir(state.join("mounts"))? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                continue;
+            }
+            let spec: MountSpec = serde_json::from_slice(&fs::read(&path)?)
+                .map_err(|e| anyhow::anyhow!("{}: unreadable mount spec: {e}", path.display()))?;
+            specs.push((path, spec));
+        }
+        let lease = LeaseHolder::new(
+            repo.store().clone(),
+            agent_lease_name(state),
+            LeaseKind::Agent,
+            format!("agent {}:{}", datastore.host, datastore.export),
+            repo.lease_expiry(),
+            specs.iter().map(|(_, s)| mount_use(s)).collect(),
+        );
+        if let Err(e) = lease.write().await {
+            // The mounts below cannot open either while the repository cannot be reached;
+            // the renewals keep trying.
+            tracing::error!(error = %e, "cannot write this agent's lease in the repository: until it is written, a prune on another agent does not know which snapshots this one serves");
+        }
+        lease.start_renewing();
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
         let cache = Arc::new(ChunkCache::new(source, cache_bytes));
         if let Some(d) = disk_cache {
@@ -202,14 +251,9 @@ impl Agent {
             read_ahead,
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
+            lease,
         };
-        for entry in fs::read_dir(state.join("mounts"))? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("json") {
-                continue;
-            }
-            let spec: MountSpec = serde_json::from_slice(&fs::read(&path)?)
-                .map_err(|e| anyhow::anyhow!("{}: unreadable mount spec: {e}", path.display()))?;
+        for (path, spec) in specs {
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the
             // others from being served: it is left out, loudly, and its state is kept.
             match agent.open_mount(spec, false).await {
@@ -413,9 +457,27 @@ impl Agent {
             created: jiff::Timestamp::now(),
             hosts,
         };
-        let mount = self.open_mount(spec.clone(), true).await?;
-        let (path, persisted) = (self.spec_path(&spec.name), spec.clone());
-        on_blocking_pool(&path.clone(), move || persist(&path, &persisted)).await?;
+        // In the lease before the snapshot is opened: a forget that misses the lease has
+        // removed the manifest before it is read, and the mount fails (decision 0017).
+        let mut uses = self.lease_uses();
+        uses.push(mount_use(&spec));
+        self.lease.set_uses(uses).await.map_err(spec_err)?;
+        let persisted = match self.open_mount(spec.clone(), true).await {
+            Ok(mount) => {
+                let (path, persisted) = (self.spec_path(&spec.name), spec.clone());
+                on_blocking_pool(&path.clone(), move || persist(&path, &persisted))
+                    .await
+                    .map(|()| mount)
+            }
+            Err(e) => Err(e),
+        };
+        let mount = match persisted {
+            Ok(m) => m,
+            Err(e) => {
+                self.renew_lease().await;
+                return Err(e);
+            }
+        };
         let mount = Arc::new(mount);
         if req.prestage != PrestageMode::Off {
             self.start_prestage(&mount);
@@ -462,6 +524,26 @@ impl Agent {
                 _ = work => {}
             }
         });
+    }
+
+    /// What this agent's mounts use, for its lease.
+    fn lease_uses(&self) -> Vec<SnapshotUse> {
+        self.mounts().iter().map(|m| mount_use(&m.spec)).collect()
+    }
+
+    /// Writes the lease with the mounts as they are now; a failure is logged (the renewals
+    /// keep trying), since what is left out of it is no longer in use.
+    async fn renew_lease(&self) {
+        if let Err(e) = self.lease.set_uses(self.lease_uses()).await {
+            tracing::warn!(error = %e, "cannot update this agent's lease in the repository");
+        }
+    }
+
+    /// Removes this agent's lease (a graceful stop, after every mount is synced).
+    pub async fn release_lease(&self) {
+        if let Err(e) = self.lease.release().await {
+            tracing::warn!(error = %e, "cannot remove this agent's lease from the repository; it expires by itself");
+        }
     }
 
     /// Background tasks running now.
@@ -562,6 +644,7 @@ impl Agent {
             })
             .await?;
         }
+        self.renew_lease().await;
         tracing::info!(mount = %name, "unmounted");
         Ok(m.spec.clone())
     }

@@ -16,11 +16,13 @@ use crate::repo::{RepoError, RepoLocation, Repository, S3Config, SnapshotInfo, S
 
 mod backup;
 mod backups;
+mod forget;
 mod mount;
 mod mounts;
 mod prestage;
 mod profile;
 mod progress;
+mod prune;
 mod relocate;
 mod repo_init;
 mod restore;
@@ -56,6 +58,11 @@ enum Command {
     Show(show::ShowArgs),
     /// Re-read and check every chunk of one snapshot or of all; exits 1 if any is bad.
     Verify(verify::VerifyArgs),
+    /// Forget snapshots: by a retention policy (--keep-..., --policy) or by name. Their chunks
+    /// go at the next prune; snapshots in use (a live mount, a restore) are never forgotten.
+    Forget(forget::ForgetArgs),
+    /// Delete the chunks no snapshot needs; safe beside running backups and live mounts.
+    Prune(prune::PruneArgs),
     /// Restore a snapshot in full (config and raw disks) into a folder.
     Restore(restore::RestoreArgs),
     /// Run the media agent: serve live mounts as an NFSv3 datastore.
@@ -117,7 +124,10 @@ impl RepoArgs {
             .or(file.repo)
             .context("--repo is required (a directory or s3://BUCKET/PREFIX)")?;
         let location = RepoLocation::parse(&text)?;
-        let repo = Repository::open_at(&location, &file.repository.unwrap_or_default()).await?;
+        let expiry = file.retention.clone().unwrap_or_default().lease_expiry()?;
+        let repo = Repository::open_at(&location, &file.repository.unwrap_or_default())
+            .await?
+            .with_lease_expiry(expiry);
         let Some(text) = &self.slow_repository else {
             return Ok(repo);
         };
@@ -137,6 +147,51 @@ impl RepoArgs {
 pub(crate) struct RepoFile {
     pub repo: Option<String>,
     pub repository: Option<S3Config>,
+    pub retention: Option<RetentionFile>,
+}
+
+/// `[retention]`: the policy `forget --policy` applies, and how long leases count.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RetentionFile {
+    pub keep_last: Option<u32>,
+    pub keep_hourly: Option<u32>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    /// How long a lease (an agent's, a backup's, a restore's) counts after its holder last
+    /// renewed it (default `"10m"`); the same on every agent sharing the repository.
+    pub lease_expiry: Option<String>,
+}
+
+impl RetentionFile {
+    pub(crate) fn policy(&self) -> crate::repo::retention::Policy {
+        crate::repo::retention::Policy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+        }
+    }
+
+    /// `lease_expiry`, checked.
+    pub(crate) fn lease_expiry(&self) -> anyhow::Result<std::time::Duration> {
+        let Some(text) = &self.lease_expiry else {
+            return Ok(crate::repo::lease::DEFAULT_EXPIRY);
+        };
+        let d = crate::units::parse_duration(text)
+            .map_err(|e| anyhow::anyhow!("retention.lease_expiry {text:?}: {e}"))?;
+        if d < crate::repo::lease::MIN_EXPIRY {
+            anyhow::bail!(
+                "retention.lease_expiry {text:?} is below {} s: leases are renewed every tenth of it",
+                crate::repo::lease::MIN_EXPIRY.as_secs()
+            );
+        }
+        Ok(d)
+    }
 }
 
 impl RepoFile {
@@ -192,6 +247,8 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Show(a) => show::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Restore(a) => restore::run(a).await,
+        Command::Forget(a) => forget::run(a).await,
+        Command::Prune(a) => prune::run(a).await,
         Command::Serve(a) => serve::run(a, umask).await,
         Command::Mount(a) => mount::run(a).await,
         Command::Mounts(a) => mounts::run(a).await,

@@ -22,12 +22,16 @@
 mod blocks;
 mod catalog;
 mod codec;
+mod forget;
 mod ingest;
+pub mod lease;
 mod local;
 mod location;
 mod manifest;
+mod prune;
 mod read;
 mod restore;
+pub mod retention;
 mod s3;
 mod slow;
 mod store;
@@ -37,16 +41,18 @@ use std::path::PathBuf;
 
 pub use blocks::{BlockIdx, ChunkSize};
 pub use catalog::{parse_time, SnapshotInfo, SnapshotSpec};
+pub use forget::{ForgetPlan, ForgetTarget, Verdict};
 pub use ingest::{BackupOptions, BackupSummary, ChangedBlocks, DiskInput};
 pub use local::LocalStore;
 pub use location::RepoLocation;
 pub use manifest::{DiskManifest, Manifest, SnapshotId, VmInfo};
+pub use prune::{Counts, PruneReport};
 pub use read::{ChunkReader, DiskImage, RepoStats, Repository, Snapshot};
 pub(crate) use restore::{descriptor_for, plan_files};
 pub use restore::{RestoreSummary, RestoredDisk};
 pub use s3::{S3Config, S3Store};
 pub use slow::{SlowStore, Slowness};
-pub use store::{ChunkId, ChunkStore};
+pub use store::{is_record_name, Area, ChunkId, ChunkStore, Record};
 pub use verify::{BadChunk, ChunkProblem, VerifyReport};
 
 /// Progress of long work (backup, restore, verify), in bytes. The CLI draws a bar with it.
@@ -131,6 +137,8 @@ pub enum RepoError {
     },
     #[error("restore target {path}: {what}")]
     RestoreTarget { path: PathBuf, what: String },
+    #[error("snapshot {snapshot} is in use: {uses}; unmount it (or let the relocation or restore finish) before forgetting it")]
+    InUse { snapshot: String, uses: String },
     #[error("a background task failed: {0}")]
     Task(String),
 }

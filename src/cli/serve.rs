@@ -110,6 +110,9 @@ pub struct ServeConfig {
     /// The folders `relocate --to DIR` may write into (absolute, existing): DIR must lie under
     /// one of them, reached without a symbolic link. Default none: relocation is refused.
     pub relocate_roots: Option<Vec<PathBuf>>,
+    /// The retention policy (for `forget --policy` with this file) and `lease_expiry`: how
+    /// long this agent's lease counts after its last renewal.
+    pub retention: Option<crate::cli::RetentionFile>,
 }
 
 /// `[profiles]`: how new mounts learn their VM's boot.
@@ -253,8 +256,10 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     if relocate_roots.is_empty() {
         tracing::info!("relocation is off: no relocate_roots in the config");
     }
-    let mut repo =
-        Repository::open_at(&location, &file.repository.clone().unwrap_or_default()).await?;
+    let lease_expiry = file.retention.clone().unwrap_or_default().lease_expiry()?;
+    let mut repo = Repository::open_at(&location, &file.repository.clone().unwrap_or_default())
+        .await?
+        .with_lease_expiry(lease_expiry);
     if let Some(slow) = &file.slow_repository {
         let how = Slowness::parse(slow.latency.as_deref(), slow.bandwidth.as_deref())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -422,6 +427,11 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         .sync_all()
         .await
         .context("syncing the mounts' writes at stop")?;
+    // Mounts outlive a stop (they come back at the next start): their lease stays and
+    // expires by itself if this agent is gone for longer than lease_expiry.
+    if agent.mounts().is_empty() {
+        agent.release_lease().await;
+    }
     if undrained.load(std::sync::atomic::Ordering::SeqCst) {
         tracing::warn!("some calls were aborted at the stop: the write verifier will change");
     } else {

@@ -62,6 +62,7 @@ pub fn to_nfsstat(e: &RepoError) -> nfsstat3 {
         | RepoError::BadChunkSize { .. }
         | RepoError::AmbiguousSnapshot { .. }
         | RepoError::Locked { .. }
+        | RepoError::InUse { .. }
         | RepoError::Invalid(_)
         | RepoError::RestoreTarget { .. } => nfsstat3::NFS3ERR_SERVERFAULT,
     }

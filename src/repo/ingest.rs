@@ -22,6 +22,7 @@ use futures::{StreamExt, TryStreamExt};
 use crate::disk::{self, DiskFormat, DiskSource};
 use crate::vmconfig::{self, VmConfig};
 
+use super::lease::{self, LeaseKind};
 use super::manifest::{
     BlockTable, ConfigRef, DiskManifest, Manifest, SnapshotId, VmInfo, MANIFEST_FORMAT,
     MAX_CONFIG_BYTES,
@@ -234,6 +235,30 @@ impl Repository {
     ) -> Result<BackupSummary, RepoError> {
         let started = Instant::now();
         let _lock = self.lock_for_write()?;
+        // A prune that runs meanwhile waits for this backup before it deletes a chunk the
+        // backup may have found present (decision 0017). The lease is in the repository
+        // before the first chunk is looked for.
+        let lease = self
+            .take_lease(
+                lease::random_name(LeaseKind::Backup),
+                LeaseKind::Backup,
+                format!("backup of {}", opts.config.name),
+                Vec::new(),
+            )
+            .await?;
+        let result = self.backup_leased(opts, progress, started).await;
+        if let Err(e) = lease.release().await {
+            tracing::warn!(error = %e, "cannot remove the backup's lease; it expires by itself");
+        }
+        result
+    }
+
+    async fn backup_leased(
+        &self,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+        started: Instant,
+    ) -> Result<BackupSummary, RepoError> {
         let cs = self.chunk_size();
 
         let parent = match (&opts.parent, &opts.changed) {

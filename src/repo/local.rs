@@ -26,6 +26,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::SnapshotId;
+use super::store::{Area, Record};
 use super::{blocking, ChunkId, ChunkSize, ChunkStore, RepoError, RepoLocation};
 use crate::durable;
 
@@ -212,6 +213,72 @@ impl LocalStore {
     fn manifest_path(&self, id: &SnapshotId) -> PathBuf {
         self.root.join("snapshots").join(format!("{id}.json"))
     }
+
+    fn record_path(&self, area: Area, name: &str) -> Result<PathBuf, RepoError> {
+        checked_name(name)?;
+        Ok(self.root.join(area.dir()).join(name))
+    }
+
+    fn bin_path(&self, bin: &str) -> Result<PathBuf, RepoError> {
+        checked_name(bin)?;
+        Ok(self.root.join("trash").join(bin))
+    }
+}
+
+/// Refuses a record or bin name that could reach outside its folder.
+fn checked_name(name: &str) -> Result<(), RepoError> {
+    if super::store::is_record_name(name) {
+        Ok(())
+    } else {
+        Err(RepoError::Invalid(format!(
+            "{name:?} is not a repository record name"
+        )))
+    }
+}
+
+/// A file's modification time as a timestamp.
+fn modified(meta: &fs::Metadata, path: &Path) -> Result<jiff::Timestamp, RepoError> {
+    let t = meta.modified().map_err(|e| RepoError::io(path, e))?;
+    jiff::Timestamp::try_from(t).map_err(|e| RepoError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// The chunks in a folder of `<64 hex>` files, with their sizes; other names are skipped. A
+/// folder that is not there holds none.
+fn chunks_in(dir: &Path) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(RepoError::io(dir, e)),
+    };
+    let mut out = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| RepoError::io(dir, e))?;
+        let name = entry.file_name();
+        let Some(id) = name.to_str().and_then(ChunkId::from_hex) else {
+            continue;
+        };
+        match entry.metadata() {
+            Ok(m) => out.push((id, m.len())),
+            // Taken away meanwhile (a prune beside this one): not there.
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(RepoError::io(entry.path(), e)),
+        }
+    }
+    Ok(out)
+}
+
+/// The folder holding `path`.
+fn parent_of(path: &Path) -> &Path {
+    path.parent().unwrap_or(Path::new("."))
+}
+
+/// Removes `path`; one that is not there is no error.
+fn remove_if_there(path: &Path) -> Result<(), RepoError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(RepoError::io(path, e)),
+    }
 }
 
 #[async_trait]
@@ -343,6 +410,193 @@ impl ChunkStore for LocalStore {
             Err(e) => Err(RepoError::io(&path, e)),
         })
         .await
+    }
+
+    async fn delete_manifest(&self, id: &SnapshotId) -> Result<(), RepoError> {
+        let path = self.manifest_path(id);
+        blocking(move || {
+            remove_if_there(&path)?;
+            durable::fsync_dir(parent_of(&path)).map_err(|e| RepoError::io(&path, e))
+        })
+        .await
+    }
+
+    async fn list_chunks(&self) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+        let chunks = self.root.join("chunks");
+        // The 256 folders read 16 at a time: a listing of 200,000 chunks is as many stats.
+        futures::stream::iter(0..=255u8)
+            .map(|b| {
+                let dir = chunks.join(format!("{b:02x}"));
+                blocking(move || chunks_in(&dir))
+            })
+            .buffer_unordered(SYNC_CONCURRENCY)
+            .try_concat()
+            .await
+    }
+
+    async fn put_record(&self, area: Area, name: &str, bytes: Bytes) -> Result<(), RepoError> {
+        let path = self.record_path(area, name)?;
+        // The temporary file in the record's own folder, not in `tmp/`: a backup that starts
+        // empties `tmp/`, and records (leases) are written while backups run.
+        blocking(move || {
+            durable::create_dir_all(parent_of(&path))
+                .and_then(|()| durable::replace(&path, &bytes))
+                .map_err(|e| RepoError::io(&path, e))
+        })
+        .await
+    }
+
+    async fn get_record(&self, area: Area, name: &str) -> Result<Option<Bytes>, RepoError> {
+        let path = self.record_path(area, name)?;
+        blocking(move || match fs::read(&path) {
+            Ok(v) => Ok(Some(Bytes::from(v))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn list_records(&self, area: Area) -> Result<Vec<Record>, RepoError> {
+        let dir = self.root.join(area.dir());
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(RepoError::io(&dir, e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| RepoError::io(&dir, e))?;
+                let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if !super::store::is_record_name(&name) {
+                    continue;
+                }
+                let meta = match entry.metadata() {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(RepoError::io(entry.path(), e)),
+                };
+                out.push(Record {
+                    modified: modified(&meta, &entry.path())?,
+                    name,
+                });
+            }
+            out.sort_by(|a, b| a.name.cmp(&b.name));
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn delete_record(&self, area: Area, name: &str) -> Result<(), RepoError> {
+        let path = self.record_path(area, name)?;
+        blocking(move || {
+            remove_if_there(&path)?;
+            match durable::fsync_dir(parent_of(&path)) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(RepoError::io(&path, e)),
+                _ => Ok(()),
+            }
+        })
+        .await
+    }
+
+    async fn set_aside(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError> {
+        let to = self.bin_path(bin)?.join(id.to_hex());
+        let from = self.chunk_path(id);
+        blocking(move || {
+            durable::create_dir_all(parent_of(&to)).map_err(|e| RepoError::io(&to, e))?;
+            match fs::rename(&from, &to) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(RepoError::io(&from, e)),
+            }
+        })
+        .await
+    }
+
+    async fn list_bins(&self) -> Result<Vec<String>, RepoError> {
+        let dir = self.root.join("trash");
+        blocking(move || {
+            let entries = match fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => return Err(RepoError::io(&dir, e)),
+            };
+            let mut out = Vec::new();
+            for entry in entries {
+                let entry = entry.map_err(|e| RepoError::io(&dir, e))?;
+                if let Some(name) = entry.file_name().to_str() {
+                    if super::store::is_record_name(name) {
+                        out.push(name.to_string());
+                    }
+                }
+            }
+            out.sort();
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_set_aside(&self, bin: &str) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+        let dir = self.bin_path(bin)?;
+        blocking(move || chunks_in(&dir)).await
+    }
+
+    async fn get_set_aside(&self, bin: &str, id: &ChunkId) -> Result<Option<Bytes>, RepoError> {
+        let path = self.bin_path(bin)?.join(id.to_hex());
+        blocking(move || match fs::read(&path) {
+            Ok(v) => Ok(Some(Bytes::from(v))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(RepoError::io(&path, e)),
+        })
+        .await
+    }
+
+    async fn put_back(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError> {
+        let from = self.bin_path(bin)?.join(id.to_hex());
+        let to = self.chunk_path(id);
+        blocking(move || {
+            if to.exists() {
+                return remove_if_there(&from);
+            }
+            match fs::rename(&from, &to) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(RepoError::io(&from, e)),
+            }
+            durable::fsync_dir(parent_of(&to)).map_err(|e| RepoError::io(&to, e))
+        })
+        .await
+    }
+
+    async fn delete_set_aside(&self, bin: &str, ids: &[ChunkId]) -> Result<(), RepoError> {
+        let dir = self.bin_path(bin)?;
+        let ids = ids.to_vec();
+        blocking(move || {
+            for id in ids {
+                remove_if_there(&dir.join(id.to_hex()))?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn remove_bin(&self, bin: &str) -> Result<(), RepoError> {
+        let dir = self.bin_path(bin)?;
+        blocking(move || {
+            match fs::remove_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(RepoError::io(&dir, e)),
+            }
+            durable::fsync_dir(parent_of(&dir)).map_err(|e| RepoError::io(&dir, e))
+        })
+        .await
+    }
+
+    async fn now(&self) -> Result<jiff::Timestamp, RepoError> {
+        Ok(jiff::Timestamp::now())
     }
 }
 

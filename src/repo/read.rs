@@ -57,6 +57,8 @@ struct Inner {
     local: Option<Arc<LocalStore>>,
     store: Arc<dyn ChunkStore>,
     config: RepoConfig,
+    /// How long this process's leases count after their last renewal.
+    lease_expiry: std::time::Duration,
 }
 
 impl Repository {
@@ -78,6 +80,7 @@ impl Repository {
                 local: Some(local),
                 store,
                 config,
+                lease_expiry: super::lease::DEFAULT_EXPIRY,
             }),
         })
     }
@@ -125,6 +128,7 @@ impl Repository {
                 local: None,
                 store: Arc::new(store),
                 config,
+                lease_expiry: super::lease::DEFAULT_EXPIRY,
             }),
         }
     }
@@ -140,8 +144,48 @@ impl Repository {
                 local: self.inner.local.clone(),
                 store,
                 config: self.inner.config.clone(),
+                lease_expiry: self.inner.lease_expiry,
             }),
         }
+    }
+
+    /// The same repository, its leases (backups, restores, a serving agent's) counting for
+    /// `expiry` after each renewal (`[retention] lease_expiry`).
+    pub fn with_lease_expiry(self, expiry: std::time::Duration) -> Repository {
+        Repository {
+            inner: Arc::new(Inner {
+                location: self.inner.location.clone(),
+                counters: self.inner.counters.clone(),
+                local: self.inner.local.clone(),
+                store: self.inner.store.clone(),
+                config: self.inner.config.clone(),
+                lease_expiry: expiry.max(super::lease::MIN_EXPIRY),
+            }),
+        }
+    }
+
+    /// How long this process's leases count after their last renewal.
+    pub fn lease_expiry(&self) -> std::time::Duration {
+        self.inner.lease_expiry
+    }
+
+    /// Takes a lease in the repository (see [`super::lease`]): renewed until released.
+    pub async fn take_lease(
+        &self,
+        name: String,
+        kind: super::lease::LeaseKind,
+        holder: String,
+        uses: Vec<super::lease::SnapshotUse>,
+    ) -> Result<Arc<super::lease::LeaseHolder>, RepoError> {
+        super::lease::LeaseHolder::take(
+            self.inner.store.clone(),
+            name,
+            kind,
+            holder,
+            self.inner.lease_expiry,
+            uses,
+        )
+        .await
     }
 
     /// Fetches from the store since the repository was opened.
@@ -194,13 +238,29 @@ impl Repository {
     ) -> Result<Bytes, RepoError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.inner.counters.fetches.fetch_add(1, Relaxed);
-        let stored = self.inner.store.get_chunk(id).await?;
+        let stored = match self.inner.store.get_chunk(id).await {
+            Err(RepoError::MissingChunk { chunk }) => self.set_aside_chunk(&chunk).await?,
+            r => r?,
+        };
         self.inner
             .counters
             .fetched_bytes
             .fetch_add(stored.len() as u64, Relaxed);
         let id = *id;
         blocking(move || codec::decode(&id, &stored, max_len)).await
+    }
+
+    /// A chunk that is not in `chunks/` but in a bin of `trash/`: a prune set it aside while a
+    /// backup that names it was running, and puts it back once that backup's snapshot is there
+    /// (decision 0017). Readers find it meanwhile, so no snapshot ever reads as damaged.
+    async fn set_aside_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+        for bin in self.inner.store.list_bins().await? {
+            if let Some(bytes) = self.inner.store.get_set_aside(&bin, id).await? {
+                return Ok(bytes);
+            }
+        }
+        // Put back meanwhile?
+        self.inner.store.get_chunk(id).await
     }
 
     /// Reads and checks a snapshot's manifest.

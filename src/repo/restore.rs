@@ -120,6 +120,32 @@ impl Repository {
         dir: &Path,
         progress: &dyn Progress,
     ) -> Result<RestoreSummary, RepoError> {
+        // The snapshot is not forgotten, nor its chunks pruned, while the restore runs; the
+        // lease is in the repository before the manifest is read (decision 0017).
+        let lease = self
+            .take_lease(
+                super::lease::random_name(super::lease::LeaseKind::Restore),
+                super::lease::LeaseKind::Restore,
+                "restore".into(),
+                vec![super::lease::SnapshotUse {
+                    snapshot: *id,
+                    what: format!("restore into {}", dir.display()),
+                }],
+            )
+            .await?;
+        let result = self.restore_leased(id, dir, progress).await;
+        if let Err(e) = lease.release().await {
+            tracing::warn!(error = %e, "cannot remove the restore's lease; it expires by itself");
+        }
+        result
+    }
+
+    async fn restore_leased(
+        &self,
+        id: &SnapshotId,
+        dir: &Path,
+        progress: &dyn Progress,
+    ) -> Result<RestoreSummary, RepoError> {
         let started = Instant::now();
         let snap = self.snapshot(id).await?;
         let m = &snap.manifest;

@@ -22,14 +22,18 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::{StreamExt, TryStreamExt};
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, RetryConfig};
 
 use super::local::{RepoConfig, CONFIG_FILE};
 use super::manifest::SnapshotId;
+use super::store::{is_record_name, Area, Record};
 use super::{ChunkId, ChunkSize, ChunkStore, RepoError, RepoLocation};
+
+/// Keys deleted by one request of a batch delete (S3's DeleteObjects takes up to 1000).
+const DELETE_BATCH: usize = 1000;
 
 /// A connection that is not made in this long is a failed attempt (retried).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -225,6 +229,36 @@ impl S3Store {
         self.key(&format!("snapshots/{id}.json"))
     }
 
+    fn record_key(&self, area: Area, name: &str) -> Result<ObjectPath, RepoError> {
+        checked_name(name)?;
+        Ok(self.key(&format!("{}/{name}", area.dir())))
+    }
+
+    fn set_aside_key(&self, bin: &str, id: &ChunkId) -> Result<ObjectPath, RepoError> {
+        checked_name(bin)?;
+        Ok(self.key(&format!("trash/{bin}/{}", id.to_hex())))
+    }
+
+    /// Every object under `dir` (a folder of the layout).
+    async fn list_under(&self, dir: &str) -> Result<Vec<object_store::ObjectMeta>, RepoError> {
+        self.client
+            .list(Some(&self.key(dir)))
+            .try_collect()
+            .await
+            .map_err(|e| self.error(e))
+    }
+
+    /// DELETE of one object; a 404 is no error.
+    async fn delete_key(&self, key: &ObjectPath) -> Result<(), RepoError> {
+        match self.client.delete(key).await {
+            Ok(()) => Ok(()),
+            Err(e) => match self.get_error(e) {
+                Missing => Ok(()),
+                Failed(e) => Err(e),
+            },
+        }
+    }
+
     /// GET of a whole object; a 404 of the object (not of the bucket) is `Missing`.
     async fn get(&self, key: &ObjectPath) -> Result<Bytes, GetError> {
         let result = match self.client.get(key).await {
@@ -271,6 +305,32 @@ impl S3Store {
             },
         }
     }
+}
+
+/// Refuses a record or bin name that is not one of ours.
+fn checked_name(name: &str) -> Result<(), RepoError> {
+    if is_record_name(name) {
+        Ok(())
+    } else {
+        Err(RepoError::Invalid(format!(
+            "{name:?} is not a repository record name"
+        )))
+    }
+}
+
+/// An object's Last-Modified as a timestamp.
+fn timestamp(meta: &object_store::ObjectMeta) -> jiff::Timestamp {
+    let t = meta.last_modified;
+    jiff::Timestamp::new(t.timestamp(), t.timestamp_subsec_nanos() as i32)
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH)
+}
+
+/// The chunks among listed objects (names of 64 hex digits), with their sizes.
+fn chunks_of(objects: &[object_store::ObjectMeta]) -> Vec<(ChunkId, u64)> {
+    objects
+        .iter()
+        .filter_map(|o| Some((ChunkId::from_hex(o.location.filename()?)?, o.size)))
+        .collect()
 }
 
 enum GetError {
@@ -357,6 +417,154 @@ impl ChunkStore for S3Store {
                 Failed(e) => Err(e),
             },
         }
+    }
+
+    async fn delete_manifest(&self, id: &SnapshotId) -> Result<(), RepoError> {
+        self.delete_key(&self.manifest_key(id)).await
+    }
+
+    async fn list_chunks(&self) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+        Ok(chunks_of(&self.list_under("chunks").await?))
+    }
+
+    async fn put_record(&self, area: Area, name: &str, bytes: Bytes) -> Result<(), RepoError> {
+        let key = self.record_key(area, name)?;
+        self.client
+            .put(&key, bytes.into())
+            .await
+            .map(|_| ())
+            .map_err(|e| self.error(e))
+    }
+
+    async fn get_record(&self, area: Area, name: &str) -> Result<Option<Bytes>, RepoError> {
+        match self.get(&self.record_key(area, name)?).await {
+            Ok(b) => Ok(Some(b)),
+            Err(Missing) => Ok(None),
+            Err(Failed(e)) => Err(e),
+        }
+    }
+
+    async fn list_records(&self, area: Area) -> Result<Vec<Record>, RepoError> {
+        let mut out: Vec<Record> = self
+            .list_under(area.dir())
+            .await?
+            .iter()
+            .filter_map(|o| {
+                let name = o.location.filename()?;
+                is_record_name(name).then(|| Record {
+                    name: name.to_string(),
+                    modified: timestamp(o),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out.dedup_by(|a, b| a.name == b.name);
+        Ok(out)
+    }
+
+    async fn delete_record(&self, area: Area, name: &str) -> Result<(), RepoError> {
+        self.delete_key(&self.record_key(area, name)?).await
+    }
+
+    async fn set_aside(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError> {
+        // No rename on S3: a server-side copy, then the delete.
+        let to = self.set_aside_key(bin, id)?;
+        match self.client.copy(&self.chunk_key(id), &to).await {
+            Ok(()) => {}
+            Err(e) => match self.get_error(e) {
+                Missing => return Ok(()),
+                Failed(e) => return Err(e),
+            },
+        }
+        self.delete_key(&self.chunk_key(id)).await
+    }
+
+    async fn list_bins(&self) -> Result<Vec<String>, RepoError> {
+        let listing = self
+            .client
+            .list_with_delimiter(Some(&self.key("trash")))
+            .await
+            .map_err(|e| self.error(e))?;
+        let mut out: Vec<String> = listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| {
+                p.filename()
+                    .filter(|n| is_record_name(n))
+                    .map(str::to_string)
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    async fn list_set_aside(&self, bin: &str) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+        checked_name(bin)?;
+        Ok(chunks_of(&self.list_under(&format!("trash/{bin}")).await?))
+    }
+
+    async fn get_set_aside(&self, bin: &str, id: &ChunkId) -> Result<Option<Bytes>, RepoError> {
+        match self.get(&self.set_aside_key(bin, id)?).await {
+            Ok(b) => Ok(Some(b)),
+            Err(Missing) => Ok(None),
+            Err(Failed(e)) => Err(e),
+        }
+    }
+
+    async fn put_back(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError> {
+        let from = self.set_aside_key(bin, id)?;
+        if !self.has_chunk(id).await? {
+            match self.client.copy(&from, &self.chunk_key(id)).await {
+                Ok(()) => {}
+                Err(e) => match self.get_error(e) {
+                    Missing => return Ok(()),
+                    Failed(e) => return Err(e),
+                },
+            }
+        }
+        self.delete_key(&from).await
+    }
+
+    async fn delete_set_aside(&self, bin: &str, ids: &[ChunkId]) -> Result<(), RepoError> {
+        for batch in ids.chunks(DELETE_BATCH) {
+            let keys: Vec<object_store::Result<ObjectPath>> = batch
+                .iter()
+                .map(|id| self.set_aside_key(bin, id))
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .map(Ok)
+                .collect();
+            let mut results = self
+                .client
+                .delete_stream(futures::stream::iter(keys).boxed());
+            while let Some(r) = results.next().await {
+                if let Err(e) = r {
+                    if let Failed(e) = self.get_error(e) {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_bin(&self, _bin: &str) -> Result<(), RepoError> {
+        // A prefix is no object: an empty bin is gone already.
+        Ok(())
+    }
+
+    async fn now(&self) -> Result<jiff::Timestamp, RepoError> {
+        // The store's own clock, as it stamps what is written now.
+        let key = self.key("clock");
+        self.client
+            .put(
+                &key,
+                Bytes::from_static(b"the store's clock, read by livemount\n").into(),
+            )
+            .await
+            .map_err(|e| self.error(e))?;
+        let meta = self.client.head(&key).await.map_err(|e| self.error(e))?;
+        Ok(timestamp(&meta))
     }
 }
 

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 use super::manifest::SnapshotId;
+use super::store::{Area, Record};
 use super::{ChunkId, ChunkStore, RepoError};
 
 /// How much slower than the real store.
@@ -129,6 +130,68 @@ impl ChunkStore for SlowStore {
 
     async fn chunk_stored_size(&self, id: &ChunkId) -> Result<Option<u64>, RepoError> {
         self.inner.chunk_stored_size(id).await
+    }
+
+    // Housekeeping (retention) is not slowed: only reads a VM waits for are.
+    async fn delete_manifest(&self, id: &SnapshotId) -> Result<(), RepoError> {
+        self.inner.delete_manifest(id).await
+    }
+
+    async fn list_chunks(&self) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+        self.inner.list_chunks().await
+    }
+
+    async fn put_record(&self, area: Area, name: &str, bytes: Bytes) -> Result<(), RepoError> {
+        self.inner.put_record(area, name, bytes).await
+    }
+
+    async fn get_record(&self, area: Area, name: &str) -> Result<Option<Bytes>, RepoError> {
+        self.inner.get_record(area, name).await
+    }
+
+    async fn list_records(&self, area: Area) -> Result<Vec<Record>, RepoError> {
+        self.inner.list_records(area).await
+    }
+
+    async fn delete_record(&self, area: Area, name: &str) -> Result<(), RepoError> {
+        self.inner.delete_record(area, name).await
+    }
+
+    async fn set_aside(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError> {
+        self.inner.set_aside(bin, id).await
+    }
+
+    async fn list_bins(&self) -> Result<Vec<String>, RepoError> {
+        self.inner.list_bins().await
+    }
+
+    async fn list_set_aside(&self, bin: &str) -> Result<Vec<(ChunkId, u64)>, RepoError> {
+        self.inner.list_set_aside(bin).await
+    }
+
+    async fn get_set_aside(&self, bin: &str, id: &ChunkId) -> Result<Option<Bytes>, RepoError> {
+        let start = Instant::now();
+        let bytes = self.inner.get_set_aside(bin, id).await?;
+        if let Some(b) = &bytes {
+            self.delay(start, b.len()).await;
+        }
+        Ok(bytes)
+    }
+
+    async fn put_back(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError> {
+        self.inner.put_back(bin, id).await
+    }
+
+    async fn delete_set_aside(&self, bin: &str, ids: &[ChunkId]) -> Result<(), RepoError> {
+        self.inner.delete_set_aside(bin, ids).await
+    }
+
+    async fn remove_bin(&self, bin: &str) -> Result<(), RepoError> {
+        self.inner.remove_bin(bin).await
+    }
+
+    async fn now(&self) -> Result<jiff::Timestamp, RepoError> {
+        self.inner.now().await
     }
 }
 

@@ -58,6 +58,48 @@ impl<'de> serde::Deserialize<'de> for ChunkId {
     }
 }
 
+/// A folder of small housekeeping objects, beside `chunks/` and `snapshots/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Area {
+    /// `leases/`: who uses which snapshot (agents, backups, restores), renewed while they run.
+    Leases,
+    /// `forgotten/`: manifests `forget` took out of `snapshots/`, kept while a lease may name
+    /// them.
+    Forgotten,
+    /// `prune/`: one record per collection of chunks a prune set aside.
+    Prune,
+}
+
+impl Area {
+    /// The folder (or key prefix) of the area.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Area::Leases => "leases",
+            Area::Forgotten => "forgotten",
+            Area::Prune => "prune",
+        }
+    }
+}
+
+/// A housekeeping object as a listing shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub name: String,
+    /// When it was last written, by the store's clock (a file's mtime, an object's
+    /// Last-Modified).
+    pub modified: jiff::Timestamp,
+}
+
+/// Whether `name` may name a record or a bin of set-aside chunks: 1-128 of `[0-9a-z._-]`, not
+/// starting with a dot.
+pub fn is_record_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b"._-".contains(&b))
+}
+
 /// Storage of a repository's chunks and snapshot manifests.
 ///
 /// Durability contract: `put_chunk` makes the chunk's bytes durable before it is visible under its
@@ -88,4 +130,50 @@ pub trait ChunkStore: Send + Sync + std::fmt::Debug {
 
     /// Stored size in bytes of a chunk, if the backend can tell cheaply.
     async fn chunk_stored_size(&self, id: &ChunkId) -> Result<Option<u64>, RepoError>;
+
+    /// Removes a published manifest (durably); one that is not there is no error.
+    async fn delete_manifest(&self, id: &SnapshotId) -> Result<(), RepoError>;
+
+    /// Every stored chunk and its stored size, in no particular order.
+    async fn list_chunks(&self) -> Result<Vec<(ChunkId, u64)>, RepoError>;
+
+    /// Writes a housekeeping object whole (durably, atomically). `name` passes
+    /// [`is_record_name`].
+    async fn put_record(&self, area: Area, name: &str, bytes: Bytes) -> Result<(), RepoError>;
+
+    /// A housekeeping object's bytes, or `None` if there is none.
+    async fn get_record(&self, area: Area, name: &str) -> Result<Option<Bytes>, RepoError>;
+
+    /// Every object of an area.
+    async fn list_records(&self, area: Area) -> Result<Vec<Record>, RepoError>;
+
+    /// Removes a housekeeping object; one that is not there is no error.
+    async fn delete_record(&self, area: Area, name: &str) -> Result<(), RepoError>;
+
+    /// Moves a chunk out of `chunks/` into the bin `bin` of `trash/`: readers still find it
+    /// there ([`ChunkStore::get_set_aside`]), [`ChunkStore::has_chunk`] no longer does. A chunk
+    /// that is not in `chunks/` is no error.
+    async fn set_aside(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError>;
+
+    /// The bins of `trash/`.
+    async fn list_bins(&self) -> Result<Vec<String>, RepoError>;
+
+    /// The chunks of a bin and their stored sizes.
+    async fn list_set_aside(&self, bin: &str) -> Result<Vec<(ChunkId, u64)>, RepoError>;
+
+    /// A set-aside chunk's stored bytes, or `None` if the bin does not hold it.
+    async fn get_set_aside(&self, bin: &str, id: &ChunkId) -> Result<Option<Bytes>, RepoError>;
+
+    /// Moves a set-aside chunk back into `chunks/` (durably), or just drops it from the bin when
+    /// `chunks/` has it again.
+    async fn put_back(&self, bin: &str, id: &ChunkId) -> Result<(), RepoError>;
+
+    /// Deletes set-aside chunks for good; ones not in the bin are no error.
+    async fn delete_set_aside(&self, bin: &str, ids: &[ChunkId]) -> Result<(), RepoError>;
+
+    /// Removes a bin once it is empty.
+    async fn remove_bin(&self, bin: &str) -> Result<(), RepoError>;
+
+    /// The store's clock: the time a record written now would show as `modified`.
+    async fn now(&self) -> Result<jiff::Timestamp, RepoError>;
 }
