@@ -218,7 +218,12 @@ impl Agent {
             repo.store().clone(),
             agent_lease_name(state),
             LeaseKind::Agent,
-            format!("agent {}:{}", datastore.host, datastore.export),
+            format!(
+                "agent {}:{} (state {})",
+                datastore.host,
+                datastore.export,
+                state.display()
+            ),
             repo.lease_expiry(),
             specs.iter().map(|(_, s)| mount_use(s)).collect(),
         );

@@ -229,6 +229,16 @@ pub(crate) fn spec(text: &str, at: Option<&str>) -> Result<SnapshotSpec, RepoErr
 /// Parses the command line and runs the command. Returns the process exit code.
 pub async fn run() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // A command's output piped into `head` ends it quietly, as for any Unix tool, instead
+        // of a panic on the closed pipe. The server keeps SIGPIPE ignored: a client that goes
+        // away is an error on its connection only.
+        // SAFETY: signal(2) only sets this process's disposition of SIGPIPE; nothing in these
+        // commands installs a handler of its own for it.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // Before anything is written. main.rs has set the default (0077) already.
     let umask = match &cli.umask {
         Some(text) => Some(

@@ -59,6 +59,11 @@ pub struct Lease {
     pub holder: String,
     pub host: String,
     pub pid: u32,
+    /// The kernel's boot id and the process's pid namespace (`BOOT_ID/pid:[INODE]`): a lease
+    /// of this kernel and namespace whose pid is not running is gone at once, without waiting
+    /// for its expiry (a holder killed on this host).
+    #[serde(default)]
+    pub process_space: Option<String>,
     pub started: Timestamp,
     /// Seconds after its last renewal that the lease stops counting.
     pub expiry_seconds: u64,
@@ -94,7 +99,30 @@ pub fn host_name() -> String {
         .unwrap_or_else(|| "localhost".into())
 }
 
-/// The leases that count at the store's time `now`, and the names of those that expired.
+/// This process's kernel boot id and pid namespace, if they can be read.
+fn process_space() -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ns = std::fs::read_link("/proc/self/ns/pid").ok()?;
+    Some(format!("{}/{}", boot.trim(), ns.to_string_lossy()))
+}
+
+/// Whether the lease's holder is a process of this kernel and pid namespace that is no
+/// longer running. A pid reused since only makes the lease count longer (until its expiry).
+fn holder_is_gone(lease: &Lease) -> bool {
+    let Some(space) = &lease.process_space else {
+        return false;
+    };
+    if process_space().as_ref() != Some(space) || lease.pid == std::process::id() {
+        return false;
+    }
+    matches!(
+        std::fs::metadata(format!("/proc/{}", lease.pid)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound
+    )
+}
+
+/// The leases that count at the store's time `now`, and the names of those that expired (or
+/// whose holder, on this host, is gone).
 pub async fn live_leases(
     store: &dyn ChunkStore,
     now: Timestamp,
@@ -117,7 +145,7 @@ pub async fn live_leases(
             .modified
             .checked_add(Duration::from_secs(lease.expiry_seconds))
             .unwrap_or(Timestamp::MAX);
-        if until < now {
+        if until < now || holder_is_gone(&lease) {
             expired.push(rec.name);
         } else {
             live.push(LiveLease {
@@ -185,6 +213,7 @@ impl LeaseHolder {
             holder,
             host: host_name(),
             pid: std::process::id(),
+            process_space: process_space(),
             started: Timestamp::now(),
             expiry_seconds: expiry.as_secs(),
             uses,
