@@ -12,7 +12,9 @@
 //! across an await. Mount and unmount are serialised by an async mutex so that names and ids are
 //! allocated once.
 //! Durability: a new mount is on disk before `mount` answers: its overlay folder (made
-//! durably), its `snapshot` stamp, its overlay and folder files, then its spec.
+//! durably), its `snapshot` stamp, its overlay and folder files, then its spec. A mount that
+//! fails (ENOSPC, EIO) removes what it made, its spec and a new overlay folder, as far as the
+//! disk lets it, so that it does not come back at the next start.
 //! Tasks: relocations, pre-staging, disk-cache warm-ups and boot-window watchers run under the
 //! agent's task tracker ([`Agent::spawn_task`]); a graceful stop ([`Agent::stop_tasks`]) ends
 //! them at an await point and waits for them before the final sync, so none writes after it.
@@ -467,23 +469,33 @@ impl Agent {
         let mut uses = self.lease_uses();
         uses.push(mount_use(&spec));
         self.lease.set_uses(uses).await.map_err(spec_err)?;
-        let persisted = match self.open_mount(spec.clone(), true).await {
-            Ok(mount) => {
-                let (path, persisted) = (self.spec_path(&spec.name), spec.clone());
-                on_blocking_pool(&path.clone(), move || persist(&path, &persisted))
-                    .await
-                    .map(|()| mount)
-            }
-            Err(e) => Err(e),
-        };
-        let mount = match persisted {
-            Ok(m) => m,
+        // What this call makes, it removes again if the mount fails: a spec that took its name
+        // before its folder's sync failed would bring the mount back at the next start, and a
+        // new overlay folder would be taken for kept writes.
+        let overlays = self.overlay_dir(&spec.name);
+        let fresh = !spec.read_only && !overlays.exists();
+        let spec_path = self.spec_path(&spec.name);
+        let made = async {
+            let mount = self.open_mount(spec.clone(), true).await?;
+            let (path, persisted) = (spec_path.clone(), spec.clone());
+            on_blocking_pool(&path.clone(), move || persist(&path, &persisted)).await?;
+            Ok::<_, MountError>(mount)
+        }
+        .await;
+        let mount = match made {
+            Ok(m) => Arc::new(m),
             Err(e) => {
+                let undone = on_blocking_pool(&spec_path.clone(), move || {
+                    undo_mount(&spec_path, fresh.then_some(overlays.as_path()))
+                })
+                .await;
+                if let Err(u) = undone {
+                    tracing::warn!(mount = %spec.name, error = %u, "a failed mount's files could not be removed");
+                }
                 self.renew_lease().await;
                 return Err(e);
             }
         };
-        let mount = Arc::new(mount);
         if req.prestage != PrestageMode::Off {
             self.start_prestage(&mount);
         }
@@ -721,6 +733,24 @@ fn claim_overlays(dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
                 .map_err(|e| state_err(&stamp, e))
         }
         Err(e) => Err(state_err(&stamp, e)),
+    }
+}
+
+/// Removes what a failed mount made: its spec, if it took its name, and the overlay folder
+/// `overlays` (made by the failed mount), each durably.
+fn undo_mount(spec: &Path, overlays: Option<&Path>) -> Result<(), MountError> {
+    let gone = |path: &Path, removed: std::io::Result<()>| match removed {
+        Ok(()) => {
+            let above = path.parent().unwrap_or(Path::new("."));
+            durable::fsync_dir(above).map_err(|e| state_err(above, e))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(state_err(path, e)),
+    };
+    let spec_gone = gone(spec, fs::remove_file(spec));
+    match overlays {
+        Some(dir) => gone(dir, fs::remove_dir_all(dir)).and(spec_gone),
+        None => spec_gone,
     }
 }
 

@@ -175,6 +175,10 @@ struct Journal {
     len: u64,
     /// The snapshot's size when last written.
     snapshot_len: u64,
+    /// A failed append may have left bytes past `len` (its cut failed too): the next append
+    /// cuts them off first, or an append shorter than them would leave records of a refused
+    /// change behind it, to be replayed at the next open.
+    torn: bool,
 }
 
 impl std::fmt::Debug for FolderFiles {
@@ -259,6 +263,7 @@ impl FolderFiles {
                 file: std::sync::Arc::new(Mutex::new(file)),
                 len,
                 snapshot_len,
+                torn: false,
             }),
         })
     }
@@ -323,8 +328,10 @@ impl FolderFiles {
             lines.push(b'\n');
         }
         let (file, path, at) = (journal.file.clone(), self.dir.join(JOURNAL), journal.len);
-        let added = lines.len() as u64;
-        blocking(move || append(&file, &path, at, &lines)).await?;
+        let (added, torn) = (lines.len() as u64, journal.torn);
+        let (appended, torn) = blocking(move || Ok(append(&file, &path, at, &lines, torn))).await?;
+        journal.torn = torn;
+        appended?;
         journal.len += added;
         {
             let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
@@ -737,16 +744,30 @@ fn open_journal(dir: &Path, t: &mut Table) -> Result<(File, u64), FilesError> {
     Ok((file, good as u64))
 }
 
-/// Appends `lines` to the journal at `at` and makes them durable.
-fn append(file: &Mutex<File>, path: &Path, at: u64, lines: &[u8]) -> Result<(), FilesError> {
+/// Appends `lines` to the journal at `at` and makes them durable. `torn`: the file may hold
+/// bytes past `at` (a failed append's), cut off first. Returns the outcome, and whether the
+/// file may now hold bytes past `at`.
+fn append(
+    file: &Mutex<File>,
+    path: &Path,
+    at: u64,
+    lines: &[u8],
+    torn: bool,
+) -> (Result<(), FilesError>, bool) {
     let f = file.lock().unwrap_or_else(|p| p.into_inner());
+    if torn {
+        if let Err(e) = f.set_len(at) {
+            return (Err(io_err(path)(e)), true);
+        }
+    }
     let written = f.write_all_at(lines, at).and_then(|()| f.sync_data());
     if let Err(e) = written {
-        // Leave no part of the change behind: a later append starts where this one did.
-        let _ = f.set_len(at);
-        return Err(io_err(path)(e));
+        // Leave no part of the change behind: a later append starts where this one did, and
+        // cuts the file there first if it cannot be cut now.
+        let torn = f.set_len(at).is_err();
+        return (Err(io_err(path)(e)), torn);
     }
-    Ok(())
+    (Ok(()), false)
 }
 
 #[cfg(test)]

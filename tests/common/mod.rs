@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod cutfs;
 pub mod garage;
 pub mod nfs;
 
@@ -216,6 +217,19 @@ impl Server {
         extra: &[&str],
         env: &[(String, String)],
     ) -> Server {
+        Server::start_with(repo, state, portmap, extra, env, &|_| {})
+    }
+
+    /// The same, with `prepare` run on the server's command before it is spawned (to run it
+    /// in a namespace of its own, say).
+    pub fn start_with(
+        repo: &str,
+        state: &Path,
+        portmap: &str,
+        extra: &[&str],
+        env: &[(String, String)],
+        prepare: &dyn Fn(&mut Command),
+    ) -> Server {
         std::fs::create_dir_all(state).unwrap();
         let log = state.with_extension("log");
         let _ = std::fs::remove_file(state.join("api.json"));
@@ -233,14 +247,14 @@ impl Server {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_livemount"))
-            .args(&args)
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_livemount"));
+        cmd.args(&args)
             .env("LIVEMOUNT_LOG", "info")
             .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .expect("starting livemount serve");
+            .stderr(out);
+        prepare(&mut cmd);
+        let child = cmd.spawn().expect("starting livemount serve");
         let mut server = Server {
             child,
             state: state.to_path_buf(),
