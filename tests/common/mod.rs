@@ -8,6 +8,7 @@
 pub mod cutfs;
 pub mod garage;
 pub mod nfs;
+pub mod retention;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
