@@ -5,7 +5,7 @@
 //!   reported. A killed agent's lease stops counting after `lease_expiry`.
 //! - Backups and prunes run at the same time, in a loop: no chunk any snapshot needs is lost
 //!   (verify clean, every snapshot restores byte-identical).
-//! - A prune killed with SIGKILL at random moments leaves a repository verify finds clean, and
+//! - A prune killed with SIGKILL at 12 random moments leaves a repository verify finds clean, and
 //!   the next prune finishes the work.
 //! - Bad input is refused with a clear error and changes nothing.
 //!
@@ -108,9 +108,11 @@ fn a_prune_killed_at_random_moments_leaves_the_repository_clean() {
     let repo = r.dir();
     let keep_disk = mixed_disk(2 * MIB, 3);
     let keep = r.backup(t.path(), "keep", &keep_disk);
-    // 48 MiB of chunks only the forgotten snapshots need.
+    // 1,536 chunks (96 MiB, incompressible) only the forgotten snapshots need.
     for i in 0..3 {
-        r.backup(t.path(), "gone", &mixed_disk(16 * MIB, 10 + i));
+        let mut disk = vec![0u8; 32 * MIB as usize];
+        Rng::new(10 + i).fill(&mut disk);
+        r.backup(t.path(), "gone", &disk);
     }
     r.ok(&["forget", "gone", "--keep-last", "0"]);
     std::thread::sleep(Duration::from_secs(11));
@@ -133,7 +135,7 @@ fn a_prune_killed_at_random_moments_leaves_the_repository_clean() {
     let whole = t0.elapsed();
 
     let mut rng = Rng::new(77);
-    for round in 0..8 {
+    for round in 0..12 {
         let mut child = Command::new(env!("CARGO_BIN_EXE_livemount"))
             .args([
                 "prune",
@@ -151,7 +153,13 @@ fn a_prune_killed_at_random_moments_leaves_the_repository_clean() {
         std::thread::sleep(at);
         child.kill().unwrap();
         let status = child.wait().unwrap();
-        eprintln!("round {round}: killed at {at:?} of {whole:?}: {status}");
+        let bins = std::fs::read_dir(repo.join("trash"))
+            .map(|d| d.count())
+            .unwrap_or(0);
+        eprintln!(
+            "round {round}: killed at {at:?} of {whole:?}: {status}; {} chunks left in chunks/, {bins} bin(s)",
+            chunk_files(&repo).len()
+        );
         r.verify_clean();
     }
     // The next prune finishes what the killed ones began.
