@@ -303,3 +303,136 @@ fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
         "the files are in the relocated disk: want {files}\n{text}"
     );
 }
+
+/// Issue 16: a guest boots and writes from a live mount, and keeps running and reading while
+/// its repository is forgotten around it and pruned. The mounted snapshot cannot be forgotten
+/// (named: refused; under a policy: kept as in use); an earlier backup of the same VM and
+/// another VM's snapshot are forgotten and pruned. The server's cache is small (8 MiB), so the
+/// guest's reads after the prune (it drops its page cache and reads its files again in a loop)
+/// are fetched from the repository. Then verify is clean.
+#[test]
+fn a_running_guest_rides_through_forget_and_prune_of_its_repository() {
+    let image = guest_image();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), "lmguest", &[("guest.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let config = t.path().join("retention.toml");
+    std::fs::write(&config, "[retention]\nlease_expiry = \"10s\"\n").unwrap();
+    let lm = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend_from_slice(&[
+            "--repo",
+            repo.to_str().unwrap(),
+            "--repo-config",
+            config.to_str().unwrap(),
+        ]);
+        livemount(&a)
+    };
+    let ok = |args: &[&str]| {
+        let out = lm(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // A second backup of the guest (the one mounted), and another VM's.
+    ok(&["backup", "--config", cfg.to_str().unwrap()]);
+    let mut other = vec![0u8; 8 << 20];
+    Rng::new(16).fill(&mut other);
+    write(&t.path().join("other.img"), &other);
+    let other_cfg = kvm_config(t.path(), "other", &[("other.img", "raw")]);
+    ok(&["backup", "--config", other_cfg.to_str().unwrap()]);
+    let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&ok(&["backups", "--json"]))
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_string())
+        .collect();
+    let guest_snaps: Vec<&String> = names.iter().filter(|n| n.starts_with("lmguest@")).collect();
+    assert_eq!(guest_snaps.len(), 2, "{names:?}");
+    let (older, mounted) = (guest_snaps[0].clone(), guest_snaps[1].clone());
+
+    let _port111 = port_111_lock();
+    let server = Server::start(
+        &repo,
+        &t.path().join("state"),
+        "127.0.0.1:111",
+        &["--config", config.to_str().unwrap(), "--cache-size", "8MiB"],
+    );
+    server.cli(&["mount", &mounted, "--name", "lmguest-lm1"]);
+    let log = t.path().join("serial.log");
+    let guest = {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            boot(
+                "nfs://127.0.0.1/livemount/lmguest-lm1/guest.img",
+                &log,
+                "",
+                &["-fw_cfg", "name=opt/livemount/busy,string=45"],
+            )
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("LIVEMOUNT-GUEST-BOOTED")
+    {
+        assert!(t0.elapsed().as_secs() < 120, "the guest did not boot");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // The mounted snapshot: refused by name, kept as in use under a policy.
+    let out = lm(&["forget", &mounted]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("mount lmguest-lm1"),
+        "{err}"
+    );
+    let plan: serde_json::Value =
+        serde_json::from_str(&ok(&["forget", "lmguest", "--keep-last", "0", "--json"])).unwrap();
+    assert_eq!(plan["forgotten"], serde_json::json!([older]), "{plan}");
+    assert!(
+        plan["keep"][0]["reasons"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("in use: mount lmguest-lm1"),
+        "{plan}"
+    );
+    ok(&["forget", "other", "--keep-last", "0"]);
+    // Forgotten manifests count for one lease expiry (10 s); then the prune takes what only
+    // they needed, while the guest runs.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    let fetched = |s: &Server| {
+        let v: serde_json::Value = serde_json::from_str(&s.cli(&["status", "--json"])).unwrap();
+        v["repository_fetches"]["fetches"].as_u64().unwrap()
+    };
+    let p: serde_json::Value = serde_json::from_str(&ok(&["prune", "--json"])).unwrap();
+    eprintln!("prune beside the running guest: {p}");
+    assert!(p["deleted"]["chunks"].as_u64().unwrap() >= 8, "{p}");
+    let after_prune = fetched(&server);
+    assert!(
+        !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("LIVEMOUNT-BUSY-FILES"),
+        "the guest was still running when the prune ended"
+    );
+
+    let (booted, text) = guest.join().unwrap();
+    assert!(booted, "{text}\nserver:\n{}", server.log_text());
+    assert!(!text.contains("BUSY-FILES 0 "), "{text}");
+    assert!(
+        fetched(&server) > after_prune,
+        "the guest's reads after the prune were fetched from the repository"
+    );
+    let out = lm(&["verify"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&ok(&["backups", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(server.stop().success());
+}
