@@ -106,6 +106,8 @@ impl Repository {
         for (id, r) in results {
             match r {
                 Ok(m) => good.push(SnapshotInfo::from_manifest(id, &m)),
+                // Listed, then gone: forgotten meanwhile (or Garage still listing a deleted key).
+                Err(RepoError::NoSnapshot { .. }) => {}
                 Err(e) => bad.push((id, e)),
             }
         }

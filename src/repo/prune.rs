@@ -216,7 +216,9 @@ impl Repository {
 
         // What every snapshot needs, listed after the readiness check above: a backup that
         // finished before it has its manifest in `snapshots/` by now.
-        let (mut needed, mut seen) = self.needed_chunks(&leases, now, grace, report).await?;
+        let (mut needed, mut seen) = (HashSet::new(), HashSet::new());
+        self.add_counted(&mut needed, &mut seen, &leases, now, grace, report)
+            .await?;
 
         // Count what is stored.
         let stored = store.list_chunks().await?;
@@ -282,7 +284,8 @@ impl Repository {
                 .try_collect::<()>()
                 .await?;
             // The backups that may have found one of these chunks before it moved.
-            let (leases2, _) = live_leases(&*store, store.now().await?).await?;
+            let now2 = store.now().await?;
+            let (leases2, _) = live_leases(&*store, now2).await?;
             let backups: Vec<&LiveLease> = leases2
                 .iter()
                 .filter(|l| l.lease.kind == LeaseKind::Backup)
@@ -293,7 +296,7 @@ impl Repository {
             self.put_bin_record(&bin, &rec).await?;
             if backups.is_empty() {
                 // Snapshots finished since the first listing need their chunks back.
-                self.add_new_snapshots(&mut needed, &mut seen, report)
+                self.add_counted(&mut needed, &mut seen, &leases2, now2, grace, report)
                     .await?;
                 self.empty_bin(&bin, &unneeded, &needed, report).await?;
             } else {
@@ -405,20 +408,19 @@ impl Repository {
             .await
     }
 
-    /// Every chunk the snapshots need: those in `snapshots/`, and forgotten ones a live lease
-    /// names or forgotten less than `grace` ago. Also returns the snapshots read. A manifest
+    /// Adds to `needed` every chunk of the snapshots not in `seen` yet: those in `snapshots/`,
+    /// and forgotten ones a live lease names or forgotten less than `grace` ago. A manifest
     /// that cannot be read stops the prune: what it needs is unknown.
-    async fn needed_chunks(
+    async fn add_counted(
         &self,
+        needed: &mut HashSet<ChunkId>,
+        seen: &mut HashSet<SnapshotId>,
         leases: &[LiveLease],
         now: jiff::Timestamp,
         grace: Duration,
         report: &mut PruneReport,
-    ) -> Result<(HashSet<ChunkId>, HashSet<SnapshotId>), RepoError> {
-        let mut needed = HashSet::new();
-        let mut seen = HashSet::new();
-        self.add_new_snapshots(&mut needed, &mut seen, report)
-            .await?;
+    ) -> Result<(), RepoError> {
+        self.add_new_snapshots(needed, seen, report).await?;
         let leased: HashSet<SnapshotId> = leases
             .iter()
             .flat_map(|l| l.lease.uses.iter().map(|u| u.snapshot))
@@ -448,7 +450,7 @@ impl Repository {
             seen.insert(id);
             report.snapshots += 1;
         }
-        Ok((needed, seen))
+        Ok(())
     }
 
     /// Adds the chunks of every manifest in `snapshots/` not in `seen` yet.
@@ -467,18 +469,24 @@ impl Repository {
             .collect();
         let mut reads = futures::stream::iter(ids)
             .map(|id| async move {
-                let m = self.manifest(&id).await.map_err(|e| {
+                let m = match self.manifest(&id).await {
+                    // Listed, then forgotten: its copy in forgotten/ is counted below.
+                    Err(RepoError::NoSnapshot { .. }) => return Ok((id, None)),
+                    r => r,
+                };
+                let m = m.map_err(|e| {
                     RepoError::Invalid(format!(
                         "snapshot {} cannot be read ({e}): a prune cannot tell which chunks \
                          it needs, so it deletes nothing; run `livemount verify`",
                         id.short()
                     ))
                 })?;
-                Ok::<_, RepoError>((id, self.manifest_chunks(&id, &m).await?))
+                Ok::<_, RepoError>((id, Some(self.manifest_chunks(&id, &m).await?)))
             })
             .buffer_unordered(PRUNE_CONCURRENCY / 4);
         while let Some(r) = reads.next().await {
             let (id, chunks) = r?;
+            let Some(chunks) = chunks else { continue };
             needed.extend(chunks);
             seen.insert(id);
             report.snapshots += 1;
