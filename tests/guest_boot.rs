@@ -188,6 +188,33 @@ fn a_learned_boot_profile_prestages_the_next_boot() {
 /// writing files and reading; meanwhile its disk is relocated, and the server is killed and
 /// restarted mid-copy. Once the guest has powered off, the handover verifies the copy; the
 /// copy equals the mount's final view, and the guest boots from it with all its files.
+/// Boots the test guest from mount MOUNT over NFS in the background, busy for `seconds` (it
+/// writes files and reads its libraries again in a loop), and returns once it has booted.
+fn boot_busy(
+    mount: &str,
+    log: &std::path::Path,
+    seconds: u32,
+) -> std::thread::JoinHandle<(bool, String)> {
+    let (url, log) = (
+        format!("nfs://127.0.0.1/livemount/{mount}/guest.img"),
+        log.to_path_buf(),
+    );
+    let busy = format!("name=opt/livemount/busy,string={seconds}");
+    let guest = {
+        let log = log.clone();
+        std::thread::spawn(move || boot(&url, &log, "", &["-fw_cfg", &busy]))
+    };
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("LIVEMOUNT-GUEST-BOOTED")
+    {
+        assert!(t0.elapsed().as_secs() < 120, "the guest did not boot");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    guest
+}
+
 #[test]
 fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
     let image = guest_image();
@@ -210,25 +237,7 @@ fn a_running_guest_is_relocated_through_a_kill_and_boots_from_its_new_home() {
     server.cli(&["mount", "lmguest", "--name", "lmguest-lm1"]);
 
     let log = t.path().join("serial.log");
-    let guest = {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            boot(
-                "nfs://127.0.0.1/livemount/lmguest-lm1/guest.img",
-                &log,
-                "",
-                &["-fw_cfg", "name=opt/livemount/busy,string=30"],
-            )
-        })
-    };
-    let t0 = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("LIVEMOUNT-GUEST-BOOTED")
-    {
-        assert!(t0.elapsed().as_secs() < 120, "the guest did not boot");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let guest = boot_busy("lmguest-lm1", &log, 30);
     // The guest is running: relocate it, slowly enough that the kill lands mid-copy.
     server.cli(&[
         "relocate",
@@ -361,25 +370,7 @@ fn a_running_guest_rides_through_forget_and_prune_of_its_repository() {
     );
     server.cli(&["mount", &mounted, "--name", "lmguest-lm1"]);
     let log = t.path().join("serial.log");
-    let guest = {
-        let log = log.clone();
-        std::thread::spawn(move || {
-            boot(
-                "nfs://127.0.0.1/livemount/lmguest-lm1/guest.img",
-                &log,
-                "",
-                &["-fw_cfg", "name=opt/livemount/busy,string=45"],
-            )
-        })
-    };
-    let t0 = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("LIVEMOUNT-GUEST-BOOTED")
-    {
-        assert!(t0.elapsed().as_secs() < 120, "the guest did not boot");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    let guest = boot_busy("lmguest-lm1", &log, 45);
 
     // The mounted snapshot: refused by name, kept as in use under a policy.
     let out = lm(&["forget", &mounted]);

@@ -287,6 +287,11 @@ impl LeaseHolder {
     /// writes the lease again after it is removed.
     pub async fn release(&self) -> Result<(), RepoError> {
         let _one = self.writing.lock().await;
+        self.stop_renewing();
+        self.store.delete_record(Area::Leases, &self.name).await
+    }
+
+    fn stop_renewing(&self) {
         if let Some(t) = self
             .renewer
             .lock()
@@ -295,20 +300,12 @@ impl LeaseHolder {
         {
             t.abort();
         }
-        self.store.delete_record(Area::Leases, &self.name).await
     }
 }
 
 impl Drop for LeaseHolder {
     fn drop(&mut self) {
-        if let Some(t) = self
-            .renewer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            t.abort();
-        }
+        self.stop_renewing();
     }
 }
 

@@ -26,7 +26,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 
 use super::manifest::SnapshotId;
-use super::store::{Area, Record};
+use super::store::{check_record_name, Area, Record};
 use super::{blocking, ChunkId, ChunkSize, ChunkStore, RepoError, RepoLocation};
 use crate::durable;
 
@@ -215,24 +215,13 @@ impl LocalStore {
     }
 
     fn record_path(&self, area: Area, name: &str) -> Result<PathBuf, RepoError> {
-        checked_name(name)?;
+        check_record_name(name)?;
         Ok(self.root.join(area.dir()).join(name))
     }
 
     fn bin_path(&self, bin: &str) -> Result<PathBuf, RepoError> {
-        checked_name(bin)?;
+        check_record_name(bin)?;
         Ok(self.root.join("trash").join(bin))
-    }
-}
-
-/// Refuses a record or bin name that could reach outside its folder.
-fn checked_name(name: &str) -> Result<(), RepoError> {
-    if super::store::is_record_name(name) {
-        Ok(())
-    } else {
-        Err(RepoError::Invalid(format!(
-            "{name:?} is not a repository record name"
-        )))
     }
 }
 
@@ -245,10 +234,8 @@ fn modified(meta: &fs::Metadata, path: &Path) -> Result<jiff::Timestamp, RepoErr
 /// The chunks in a folder of `<64 hex>` files, with their sizes; other names are skipped. A
 /// folder that is not there holds none.
 fn chunks_in(dir: &Path) -> Result<Vec<(ChunkId, u64)>, RepoError> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(RepoError::io(dir, e)),
+    let Some(entries) = read_dir_if_there(dir)? else {
+        return Ok(Vec::new());
     };
     let mut out = Vec::new();
     for entry in entries {
@@ -270,6 +257,15 @@ fn chunks_in(dir: &Path) -> Result<Vec<(ChunkId, u64)>, RepoError> {
 /// The folder holding `path`.
 fn parent_of(path: &Path) -> &Path {
     path.parent().unwrap_or(Path::new("."))
+}
+
+/// The entries of folder `dir`, or `None` if there is no such folder.
+fn read_dir_if_there(dir: &Path) -> Result<Option<fs::ReadDir>, RepoError> {
+    match fs::read_dir(dir) {
+        Ok(e) => Ok(Some(e)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(RepoError::io(dir, e)),
+    }
 }
 
 /// Removes `path`; one that is not there is no error.
@@ -459,10 +455,8 @@ impl ChunkStore for LocalStore {
     async fn list_records(&self, area: Area) -> Result<Vec<Record>, RepoError> {
         let dir = self.root.join(area.dir());
         blocking(move || {
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => return Err(RepoError::io(&dir, e)),
+            let Some(entries) = read_dir_if_there(&dir)? else {
+                return Ok(Vec::new());
             };
             let mut out = Vec::new();
             for entry in entries {
@@ -518,10 +512,8 @@ impl ChunkStore for LocalStore {
     async fn list_bins(&self) -> Result<Vec<String>, RepoError> {
         let dir = self.root.join("trash");
         blocking(move || {
-            let entries = match fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
-                Err(e) => return Err(RepoError::io(&dir, e)),
+            let Some(entries) = read_dir_if_there(&dir)? else {
+                return Ok(Vec::new());
             };
             let mut out = Vec::new();
             for entry in entries {

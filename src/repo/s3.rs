@@ -29,7 +29,7 @@ use object_store::{BackoffConfig, ClientOptions, ObjectStore, ObjectStoreExt, Re
 
 use super::local::{RepoConfig, CONFIG_FILE};
 use super::manifest::SnapshotId;
-use super::store::{is_record_name, Area, Record};
+use super::store::{check_record_name, is_record_name, Area, Record};
 use super::{ChunkId, ChunkSize, ChunkStore, RepoError, RepoLocation};
 
 /// Keys deleted by one request of a batch delete (S3's DeleteObjects takes up to 1000).
@@ -230,12 +230,12 @@ impl S3Store {
     }
 
     fn record_key(&self, area: Area, name: &str) -> Result<ObjectPath, RepoError> {
-        checked_name(name)?;
+        check_record_name(name)?;
         Ok(self.key(&format!("{}/{name}", area.dir())))
     }
 
     fn set_aside_key(&self, bin: &str, id: &ChunkId) -> Result<ObjectPath, RepoError> {
-        checked_name(bin)?;
+        check_record_name(bin)?;
         Ok(self.key(&format!("trash/{bin}/{}", id.to_hex())))
     }
 
@@ -304,17 +304,6 @@ impl S3Store {
                 what: s3_code(&text).unwrap_or_else(|| one_line(&text)),
             },
         }
-    }
-}
-
-/// Refuses a record or bin name that is not one of ours.
-fn checked_name(name: &str) -> Result<(), RepoError> {
-    if is_record_name(name) {
-        Ok(())
-    } else {
-        Err(RepoError::Invalid(format!(
-            "{name:?} is not a repository record name"
-        )))
     }
 }
 
@@ -499,7 +488,7 @@ impl ChunkStore for S3Store {
     }
 
     async fn list_set_aside(&self, bin: &str) -> Result<Vec<(ChunkId, u64)>, RepoError> {
-        checked_name(bin)?;
+        check_record_name(bin)?;
         Ok(chunks_of(&self.list_under(&format!("trash/{bin}")).await?))
     }
 

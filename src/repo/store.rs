@@ -100,6 +100,17 @@ pub fn is_record_name(name: &str) -> bool {
             .all(|b| b.is_ascii_digit() || b.is_ascii_lowercase() || b"._-".contains(&b))
 }
 
+/// Refuses a record or bin name that is not one of ours (it could reach outside its folder).
+pub(crate) fn check_record_name(name: &str) -> Result<(), RepoError> {
+    if is_record_name(name) {
+        Ok(())
+    } else {
+        Err(RepoError::Invalid(format!(
+            "{name:?} is not a repository record name"
+        )))
+    }
+}
+
 /// Storage of a repository's chunks and snapshot manifests.
 ///
 /// Durability contract: `put_chunk` makes the chunk's bytes durable before it is visible under its
