@@ -29,6 +29,7 @@ pub mod durable;
 pub mod fetch;
 pub mod metrics;
 pub mod mount;
+pub mod nbd;
 pub mod nfs;
 pub mod prestage;
 pub mod profile;

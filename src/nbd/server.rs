@@ -1,0 +1,696 @@
+//! The NBD server's connections: the accept loop (allow-list, a connection limit, TCP
+//! keepalive), the fixed newstyle handshake with its options, and transmission, where up to
+//! [`IN_FLIGHT`] requests run at once and their replies go out as each is done (NBD replies
+//! carry the request's cookie, so they need not keep order).
+//!
+//! Limits, as the NFS front has them: the whole negotiation within [`HANDSHAKE`], at most
+//! [`MAX_OPTIONS`] options; an option's announced length and a request's length are checked
+//! before anything is read or allocated; a connection idle for [`IDLE_CLOSE`] with nothing in
+//! flight is closed; a request half sent or a reply the client does not take for [`STALL`]
+//! closes it. A graceful stop answers what is in flight, then closes.
+//!
+//! Must not: know what an export is beyond [`Exports`] and [`BlockDevice`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::proto::{self, *};
+use crate::nfs::AllowList;
+
+/// Connections served at once.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Requests of one connection in flight at once.
+pub const IN_FLIGHT: usize = 16;
+/// The whole negotiation, greeting to the last option.
+pub const HANDSHAKE: Duration = Duration::from_secs(30);
+/// Options one connection may send.
+pub const MAX_OPTIONS: usize = 64;
+/// A connection with nothing in flight and no request for this long is closed.
+pub const IDLE_CLOSE: Duration = Duration::from_secs(6 * 60);
+/// A request half read, or a reply not taken, for this long closes the connection.
+pub const STALL: Duration = Duration::from_secs(60);
+/// The block size offered: any byte range works, 4 KiB is preferred.
+const MIN_BLOCK: u32 = 1;
+const PREFERRED_BLOCK: u32 = 4096;
+
+/// Why a block request failed, as NBD tells a client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BlockError {
+    /// The export is read-only.
+    ReadOnly,
+    /// The range is past the end of the disk.
+    OutOfRange,
+    /// The state directory is full.
+    NoSpace,
+    /// Anything else (a repository read that failed, a disk error); the text is logged.
+    Io(String),
+}
+
+impl BlockError {
+    /// The NBD error number.
+    pub fn errno(&self) -> u32 {
+        match self {
+            BlockError::ReadOnly => EPERM,
+            BlockError::OutOfRange => EINVAL,
+            BlockError::NoSpace => ENOSPC,
+            BlockError::Io(_) => EIO,
+        }
+    }
+}
+
+/// A disk as a block protocol serves it.
+#[async_trait]
+pub trait BlockDevice: Send + Sync {
+    fn size(&self) -> u64;
+    fn read_only(&self) -> bool;
+    /// Reads `len` bytes at `offset` (inside the disk).
+    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError>;
+    /// Writes `data` at `offset` (inside the disk); durable when it returns if `fua`.
+    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;
+    /// Makes every acknowledged write durable.
+    async fn flush(&self) -> Result<(), BlockError>;
+}
+
+/// The exports a client may see and open.
+pub trait Exports: Send + Sync {
+    /// The names of the exports a client at `peer` may open.
+    fn list(&self, peer: IpAddr) -> Vec<String>;
+    /// The export `name`, if it exists and `peer` may open it (one answer for both, so a
+    /// client cannot learn the names of exports it may not use).
+    fn open(&self, name: &str, peer: IpAddr) -> Option<Arc<dyn BlockDevice>>;
+}
+
+/// The NBD server on one TCP port.
+pub struct NbdServer {
+    listener: TcpListener,
+    exports: Arc<dyn Exports>,
+    allow: AllowList,
+    permits: Arc<Semaphore>,
+}
+
+impl NbdServer {
+    pub async fn bind(
+        addr: SocketAddr,
+        exports: Arc<dyn Exports>,
+        allow: AllowList,
+    ) -> std::io::Result<NbdServer> {
+        Ok(NbdServer {
+            listener: TcpListener::bind(addr).await?,
+            exports,
+            allow,
+            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `cancel`; connections run as tasks of `tasks`.
+    pub async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "nbd: accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            if !self.allow.allows(peer.ip()) {
+                tracing::warn!(%peer, "nbd: connection refused: not in the allow-list");
+                continue;
+            }
+            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "nbd: connection refused: too many connections");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(60))
+                    .with_interval(Duration::from_secs(10)),
+            );
+            let (exports, cancel) = (self.exports.clone(), cancel.clone());
+            tasks.spawn(async move {
+                if let Err(e) = serve(stream, peer.ip(), exports, cancel).await {
+                    tracing::info!(%peer, error = %e, "nbd: connection closed");
+                }
+                drop(permit);
+            });
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+async fn read_exact<const N: usize>(s: &mut TcpStream) -> Res<[u8; N]> {
+    let mut b = [0u8; N];
+    s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+    Ok(b)
+}
+
+async fn write_all(s: &mut TcpStream, b: &[u8]) -> Res<()> {
+    s.write_all(b).await.map_err(|e| e.to_string())
+}
+
+/// One connection: negotiation, then transmission of the export it chose.
+async fn serve(
+    mut s: TcpStream,
+    peer: IpAddr,
+    exports: Arc<dyn Exports>,
+    cancel: CancellationToken,
+) -> Res<()> {
+    let chosen = tokio::time::timeout(HANDSHAKE, negotiate(&mut s, peer, &*exports))
+        .await
+        .map_err(|_| "the negotiation took too long".to_string())??;
+    let Some((name, disk)) = chosen else {
+        return Ok(());
+    };
+    tracing::info!(%peer, export = %name, "nbd: export opened");
+    transmit(s, disk, cancel).await
+}
+
+/// The handshake and option haggling; the export chosen by `NBD_OPT_GO` or
+/// `NBD_OPT_EXPORT_NAME`, or `None` when the client aborted.
+async fn negotiate(
+    s: &mut TcpStream,
+    peer: IpAddr,
+    exports: &dyn Exports,
+) -> Res<Option<(String, Arc<dyn BlockDevice>)>> {
+    write_all(s, &greeting()).await?;
+    let flags = client_flags(read_exact::<4>(s).await?)?;
+    let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+    for _ in 0..MAX_OPTIONS {
+        let h = option_header(read_exact::<16>(s).await?)?;
+        if h.len > MAX_OPTION_LEN {
+            // Too long to be one of ours: say so, and drop its data unread only if small
+            // enough to skip; a huge one closes the connection.
+            return Err(format!("option {} announces {} bytes", h.option, h.len));
+        }
+        let mut data = vec![0u8; h.len as usize];
+        s.read_exact(&mut data).await.map_err(|e| e.to_string())?;
+        match h.option {
+            OPT_ABORT => {
+                let _ = write_all(s, &option_reply(OPT_ABORT, REP_ACK, &[])).await;
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    write_all(
+                        s,
+                        &option_error(OPT_LIST, REP_ERR_INVALID, "NBD_OPT_LIST takes no data"),
+                    )
+                    .await?;
+                    continue;
+                }
+                for name in exports.list(peer) {
+                    write_all(s, &server_reply(&name)).await?;
+                }
+                write_all(s, &option_reply(OPT_LIST, REP_ACK, &[])).await?;
+            }
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).to_string();
+                // No way to refuse but closing the connection.
+                let disk = exports
+                    .open(&name, peer)
+                    .ok_or_else(|| format!("no export {name:?}"))?;
+                write_all(
+                    s,
+                    &export_name_reply(disk.size(), transmission_flags(&*disk), no_zeroes),
+                )
+                .await?;
+                return Ok(Some((name, disk)));
+            }
+            OPT_INFO | OPT_GO => {
+                let Some(req) = info_request(&data) else {
+                    write_all(
+                        s,
+                        &option_error(h.option, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO"),
+                    )
+                    .await?;
+                    continue;
+                };
+                let name = String::from_utf8_lossy(&req.name).to_string();
+                let Some(disk) = exports.open(&name, peer) else {
+                    let msg = format!(
+                        "no export {name:?}: exports are named MOUNT/DISK (`livemount mounts`)"
+                    );
+                    write_all(s, &option_error(h.option, REP_ERR_UNKNOWN, &msg)).await?;
+                    continue;
+                };
+                write_all(
+                    s,
+                    &info_export(h.option, disk.size(), transmission_flags(&*disk)),
+                )
+                .await?;
+                for asked in &req.asked {
+                    match *asked {
+                        INFO_BLOCK_SIZE => {
+                            write_all(
+                                s,
+                                &info_block_size(
+                                    h.option,
+                                    MIN_BLOCK,
+                                    PREFERRED_BLOCK,
+                                    proto::MAX_IO,
+                                ),
+                            )
+                            .await?
+                        }
+                        INFO_NAME => write_all(s, &info_text(h.option, INFO_NAME, &name)).await?,
+                        _ => {}
+                    }
+                }
+                write_all(s, &option_reply(h.option, REP_ACK, &[])).await?;
+                if h.option == OPT_GO {
+                    return Ok(Some((name, disk)));
+                }
+            }
+            other => {
+                write_all(
+                    s,
+                    &option_error(other, REP_ERR_UNSUP, "option not supported by livemount"),
+                )
+                .await?;
+            }
+        }
+    }
+    Err(format!("more than {MAX_OPTIONS} options"))
+}
+
+fn transmission_flags(disk: &dyn BlockDevice) -> u16 {
+    let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if disk.read_only() {
+        f |= TFLAG_READ_ONLY;
+    } else {
+        f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES;
+    }
+    f
+}
+
+/// A reply ready to go: header and READ data.
+struct Reply {
+    header: [u8; 16],
+    data: Option<Bytes>,
+}
+
+/// Transmission: requests read in order, run as tasks (at most [`IN_FLIGHT`]), replies written
+/// by one writer as they come.
+async fn transmit(s: TcpStream, disk: Arc<dyn BlockDevice>, cancel: CancellationToken) -> Res<()> {
+    let (mut rd, mut wr) = s.into_split();
+    let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let writer = tokio::spawn(async move {
+        while let Some(r) = rx.recv().await {
+            let write = async {
+                wr.write_all(&r.header).await?;
+                if let Some(d) = &r.data {
+                    wr.write_all(d).await?;
+                }
+                Ok::<(), std::io::Error>(())
+            };
+            match tokio::time::timeout(STALL, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(e.to_string()),
+                Err(_) => return Err("the client did not take a reply for 60 s".into()),
+            }
+        }
+        let _ = wr.shutdown().await;
+        Ok(())
+    });
+    let result = loop {
+        // Idle: nothing in flight and no request for IDLE_CLOSE; a stop ends the loop.
+        let mut first = [0u8; 1];
+        let got = tokio::select! {
+            _ = cancel.cancelled() => break Ok(()),
+            r = tokio::time::timeout(IDLE_CLOSE, rd.read(&mut first)) => r,
+        };
+        match got {
+            Err(_) if slots.available_permits() == IN_FLIGHT => break Err("idle".into()),
+            Err(_) => continue,
+            Ok(Ok(0)) => break Ok(()),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => break Err(e.to_string()),
+        }
+        let mut rest = [0u8; 27];
+        if let Err(e) = read_within(&mut rd, &mut rest).await {
+            break Err(e);
+        }
+        let mut raw = [0u8; 28];
+        raw[0] = first[0];
+        raw[1..].copy_from_slice(&rest);
+        let req = match request(raw) {
+            Ok(r) => r,
+            Err(e) => break Err(e),
+        };
+        if req.kind == CMD_DISC {
+            break Ok(());
+        }
+        // A WRITE's data is read before the next request, whatever becomes of it.
+        let mut data = Vec::new();
+        if req.kind == CMD_WRITE {
+            if req.len > proto::MAX_IO {
+                break Err(format!("a WRITE of {} bytes", req.len));
+            }
+            data = vec![0u8; req.len as usize];
+            if let Err(e) = read_within(&mut rd, &mut data).await {
+                break Err(e);
+            }
+        }
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            break Ok(());
+        };
+        let (disk, tx) = (disk.clone(), tx.clone());
+        tokio::spawn(async move {
+            let reply = run(&*disk, req, &data).await;
+            let _ = tx.send(reply).await;
+            drop(slot);
+        });
+    };
+    // Answer what is in flight, then close.
+    let _ = slots.acquire_many(IN_FLIGHT as u32).await;
+    drop(tx);
+    let written = writer.await.map_err(|e| e.to_string())?;
+    result.and(written)
+}
+
+/// Reads exactly `buf.len()` bytes, each part arriving within [`STALL`].
+async fn read_within(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut [u8]) -> Res<()> {
+    match tokio::time::timeout(STALL, rd.read_exact(buf)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("a request stalled halfway for 60 s".into()),
+    }
+}
+
+/// Runs one request; its reply.
+async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8]) -> Reply {
+    let ok = |data: Option<Bytes>| Reply {
+        header: simple_reply(0, req.cookie),
+        data,
+    };
+    let fail = |e: BlockError| {
+        if let BlockError::Io(text) = &e {
+            tracing::error!(offset = req.offset, len = req.len, error = ?text, "nbd: request failed");
+        }
+        Reply {
+            header: simple_reply(e.errno(), req.cookie),
+            data: None,
+        }
+    };
+    let in_range = req
+        .offset
+        .checked_add(u64::from(req.len))
+        .is_some_and(|end| end <= disk.size());
+    let fua = req.flags & CMD_FLAG_FUA != 0;
+    match req.kind {
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !in_range => {
+            fail(BlockError::OutOfRange)
+        }
+        CMD_READ if req.len > proto::MAX_IO => fail(BlockError::OutOfRange),
+        CMD_READ => match disk.read(req.offset, req.len).await {
+            Ok(b) => ok(Some(b)),
+            Err(e) => fail(e),
+        },
+        CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if disk.read_only() => fail(BlockError::ReadOnly),
+        CMD_WRITE => match disk.write(req.offset, data, fua).await {
+            Ok(()) => ok(None),
+            Err(e) => fail(e),
+        },
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            // Zeros into the overlay, a MiB at a time: a trimmed or zeroed range reads as
+            // zeros, and the backup is never touched.
+            let zeros = vec![0u8; 1 << 20];
+            let mut at = req.offset;
+            let end = req.offset + u64::from(req.len);
+            while at < end {
+                let n = (end - at).min(zeros.len() as u64) as usize;
+                if let Err(e) = disk.write(at, &zeros[..n], false).await {
+                    return fail(e);
+                }
+                at += n as u64;
+            }
+            if fua {
+                if let Err(e) = disk.flush().await {
+                    return fail(e);
+                }
+            }
+            ok(None)
+        }
+        CMD_FLUSH => match disk.flush().await {
+            Ok(()) => ok(None),
+            Err(e) => fail(e),
+        },
+        _ => Reply {
+            header: simple_reply(EINVAL, req.cookie),
+            data: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A disk in memory.
+    struct MemDisk {
+        bytes: Mutex<Vec<u8>>,
+        read_only: bool,
+        flushes: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait]
+    impl BlockDevice for MemDisk {
+        fn size(&self) -> u64 {
+            self.bytes.lock().unwrap().len() as u64
+        }
+        fn read_only(&self) -> bool {
+            self.read_only
+        }
+        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+            let b = self.bytes.lock().unwrap();
+            Ok(Bytes::copy_from_slice(
+                &b[offset as usize..offset as usize + len as usize],
+            ))
+        }
+        async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), BlockError> {
+            let mut b = self.bytes.lock().unwrap();
+            b[offset as usize..offset as usize + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        async fn flush(&self) -> Result<(), BlockError> {
+            self.flushes
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    struct Two(Arc<MemDisk>, Arc<MemDisk>);
+
+    impl Exports for Two {
+        fn list(&self, _: IpAddr) -> Vec<String> {
+            vec!["m/rw.img".into(), "m/ro.img".into()]
+        }
+        fn open(&self, name: &str, _: IpAddr) -> Option<Arc<dyn BlockDevice>> {
+            match name {
+                "m/rw.img" => Some(self.0.clone()),
+                "m/ro.img" => Some(self.1.clone()),
+                _ => None,
+            }
+        }
+    }
+
+    fn disk(len: usize, fill: u8, read_only: bool) -> Arc<MemDisk> {
+        Arc::new(MemDisk {
+            bytes: Mutex::new(vec![fill; len]),
+            read_only,
+            flushes: Default::default(),
+        })
+    }
+
+    fn qemu_io(url: &str, cmd: &str) -> std::process::Output {
+        // Run by QEMU's own NBD client; a missing qemu-io fails the test.
+        std::process::Command::new("qemu-io")
+            .args(["-f", "raw", "-c", cmd, url])
+            .output()
+            .expect("qemu-io is required (scripts/install-deps installs qemu-utils)")
+    }
+
+    /// QEMU's own NBD client against the server: reads, writes, flush, zeroes, a read-only
+    /// export refusing writes, an unknown export refused, a read past the end refused.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn qemu_reads_and_writes_through_the_nbd_server() {
+        let (rw, ro) = (disk(4 << 20, 0x11, false), disk(1 << 20, 0x22, true));
+        let server = NbdServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Two(rw.clone(), ro.clone())),
+            AllowList::loopback(),
+        )
+        .await
+        .unwrap();
+        let port = server.local_addr().unwrap().port();
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tokio::spawn(server.run(cancel.clone(), tasks.clone()));
+        let url = |name: &str| format!("nbd://127.0.0.1:{port}/{name}");
+        let run = |name: &str, cmd: &str| {
+            let (u, c) = (url(name), cmd.to_string());
+            tokio::task::spawn_blocking(move || qemu_io(&u, &c))
+        };
+
+        let out = run("m/rw.img", "read -P 0x11 0 4M").await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let out = run("m/rw.img", "write -P 0x5a 4096 8192").await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(rw.bytes.lock().unwrap()[4096..12288]
+            .iter()
+            .all(|b| *b == 0x5a));
+        let out = run("m/rw.img", "write -z 0 4096").await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(rw.bytes.lock().unwrap()[..4096].iter().all(|b| *b == 0));
+        let out = run("m/rw.img", "flush").await.unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(rw.flushes.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+
+        // The read-only export says so: QEMU opens it read-only, and refuses to open it for
+        // writing.
+        let u = url("m/ro.img");
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("qemu-io")
+                .args(["-r", "-f", "raw", "-c", "read -P 0x22 0 1M", &u])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let out = run("m/ro.img", "write -P 1 0 512").await.unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        assert!(ro.bytes.lock().unwrap().iter().all(|b| *b == 0x22));
+
+        let out = run("nosuch/disk", "read 0 512").await.unwrap();
+        assert!(!out.status.success(), "{out:?}");
+        cancel.cancel();
+    }
+    /// Negotiates `name` with NBD_OPT_GO over a raw socket; the transmission flags.
+    async fn go(s: &mut TcpStream, name: &str) -> Option<u16> {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        s.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut data = (name.len() as u32).to_be_bytes().to_vec();
+        data.extend_from_slice(name.as_bytes());
+        data.extend_from_slice(&0u16.to_be_bytes());
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        opt.extend_from_slice(&data);
+        s.write_all(&opt).await.unwrap();
+        let mut flags = None;
+        loop {
+            let mut h = [0u8; 20];
+            s.read_exact(&mut h).await.unwrap();
+            let kind = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let len = u32::from_be_bytes(h[16..20].try_into().unwrap()) as usize;
+            let mut d = vec![0u8; len];
+            s.read_exact(&mut d).await.unwrap();
+            match kind {
+                REP_INFO if d[..2] == INFO_EXPORT.to_be_bytes() => {
+                    flags = Some(u16::from_be_bytes([d[10], d[11]]))
+                }
+                REP_ACK => return flags,
+                k if k & (1 << 31) != 0 => return None,
+                _ => {}
+            }
+        }
+    }
+
+    async fn ask(s: &mut TcpStream, kind: u16, offset: u64, len: u32, data: &[u8]) -> u32 {
+        let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&42u64.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r.extend_from_slice(data);
+        s.write_all(&r).await.unwrap();
+        let mut h = [0u8; 16];
+        s.read_exact(&mut h).await.unwrap();
+        assert_eq!(u64::from_be_bytes(h[8..].try_into().unwrap()), 42);
+        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
+        if err == 0 && kind == CMD_READ {
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).await.unwrap();
+        }
+        err
+    }
+
+    /// What no QEMU sends, sent by hand: a read past the end, a write to a read-only export
+    /// (its data still read), an unknown command, an unknown export, a bad magic and an
+    /// option announcing more than the limit (the connection closes; others go on).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn bad_requests_get_their_error_and_nothing_is_written() {
+        let (rw, ro) = (disk(1 << 20, 0x11, false), disk(1 << 20, 0x22, true));
+        let server = NbdServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(Two(rw.clone(), ro.clone())),
+            AllowList::loopback(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
+
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let flags = go(&mut s, "m/ro.img").await.unwrap();
+        assert!(flags & TFLAG_READ_ONLY != 0);
+        assert_eq!(ask(&mut s, CMD_READ, (1 << 20) - 10, 11, &[]).await, EINVAL);
+        assert_eq!(ask(&mut s, CMD_READ, u64::MAX - 1, 4, &[]).await, EINVAL);
+        assert_eq!(ask(&mut s, CMD_WRITE, 0, 4, &[9; 4]).await, EPERM);
+        assert_eq!(ask(&mut s, CMD_WRITE_ZEROES, 0, 4096, &[]).await, EPERM);
+        assert_eq!(ask(&mut s, 99, 0, 0, &[]).await, EINVAL);
+        assert_eq!(ask(&mut s, CMD_READ, 0, 512, &[]).await, 0);
+        assert!(ro.bytes.lock().unwrap().iter().all(|b| *b == 0x22));
+
+        let mut s2 = TcpStream::connect(addr).await.unwrap();
+        assert_eq!(go(&mut s2, "m/other.img").await, None, "unknown export");
+        let mut s3 = TcpStream::connect(addr).await.unwrap();
+        let mut g = [0u8; 18];
+        s3.read_exact(&mut g).await.unwrap();
+        s3.write_all(&3u32.to_be_bytes()).await.unwrap();
+        let mut opt = IHAVEOPT.to_be_bytes().to_vec();
+        opt.extend_from_slice(&OPT_GO.to_be_bytes());
+        opt.extend_from_slice(&u32::MAX.to_be_bytes());
+        s3.write_all(&opt).await.unwrap();
+        let mut rest = Vec::new();
+        let n = s3.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(
+            n, 0,
+            "a 4 GiB option closes the connection, nothing allocated"
+        );
+        // A bad request magic closes only its own connection.
+        let mut r = vec![0u8; 28];
+        r[..4].copy_from_slice(b"JUNK");
+        s.write_all(&r).await.unwrap();
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+        let mut s4 = TcpStream::connect(addr).await.unwrap();
+        assert!(go(&mut s4, "m/rw.img").await.is_some());
+        assert_eq!(ask(&mut s4, CMD_READ, 0, 4096, &[]).await, 0);
+        cancel.cancel();
+    }
+}
