@@ -568,6 +568,7 @@ pub(crate) async fn read_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     fn fragment(last: bool, body: &[u8]) -> Vec<u8> {
         let mark = (u32::from(last) << 31) | body.len() as u32;
@@ -634,6 +635,121 @@ mod tests {
             got[0].as_ref().unwrap_err().kind(),
             io::ErrorKind::UnexpectedEof
         );
+    }
+
+    /// A server over an agent with no mounts, on 127.0.0.1, and the folder holding its
+    /// repository and state. (The clocks below need nothing mounted.)
+    async fn server() -> (SocketAddr, CancellationToken, tempfile::TempDir) {
+        use crate::agent::{Agent, Datastore};
+        use crate::repo::{ChunkSize, Repository};
+        let dir = tempfile::tempdir().unwrap();
+        let repo =
+            Repository::init(&dir.path().join("repo"), ChunkSize::new(64 * 1024).unwrap()).unwrap();
+        let datastore = Datastore {
+            host: "127.0.0.1".into(),
+            export: "/livemount".into(),
+        };
+        let agent = Agent::open(
+            repo,
+            datastore,
+            &dir.path().join("state"),
+            1 << 20,
+            None,
+            None,
+            false,
+        )
+        .await
+        .unwrap();
+        let identity = super::super::handle::Identity::fixed(*b"clocktst", *b"verifier");
+        let fs = Arc::new(DatastoreFs::new(Arc::new(agent), false, identity));
+        let server = NfsServer::bind("127.0.0.1:0".parse().unwrap(), fs, AllowList::loopback())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
+        (addr, cancel, dir)
+    }
+
+    /// NFS NULL as one record.
+    fn null_call(xid: u32) -> Vec<u8> {
+        let call = super::super::fuzzing::call_record(xid, dispatch::NFS_PROGRAM, 3, 0, &[]);
+        fragment(true, &call)
+    }
+
+    /// Reads one reply record and checks its xid.
+    async fn reply_to(s: &mut TcpStream, xid: u32) {
+        let mut mark = [0u8; 4];
+        s.read_exact(&mut mark).await.expect("a reply");
+        let mut body = vec![0u8; (u32::from_be_bytes(mark) & 0x7fff_ffff) as usize];
+        s.read_exact(&mut body).await.expect("the reply's body");
+        assert_eq!(body[..4], xid.to_be_bytes());
+    }
+
+    /// How long until the server closes the connection (reading and dropping what comes).
+    async fn time_to_close(s: &mut TcpStream) -> Duration {
+        let t = tokio::time::Instant::now();
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return t.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// A connection that talks every 5 min stays open however long it lives; one that falls
+    /// silent is closed IDLE_CLOSE after its last call, not before. (Paused clock: the
+    /// minutes pass at once.)
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_connection_is_closed_after_idle_close_and_a_talking_one_is_not() {
+        let (addr, cancel, _dir) = server().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        for xid in 1..=4 {
+            s.write_all(&null_call(xid)).await.unwrap();
+            reply_to(&mut s, xid).await;
+            tokio::time::sleep(Duration::from_secs(5 * 60)).await;
+        }
+        // 20 minutes of a call every 5: still served. Then silence.
+        s.write_all(&null_call(5)).await.unwrap();
+        reply_to(&mut s, 5).await;
+        let closed = time_to_close(&mut s).await;
+        assert!(
+            closed >= IDLE_CLOSE && closed < IDLE_CLOSE + Duration::from_secs(1),
+            "closed {closed:?} after its last call, not at {IDLE_CLOSE:?}"
+        );
+        // A connection that never sent a call is closed the same way.
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        let closed = time_to_close(&mut s).await;
+        assert!(closed >= IDLE_CLOSE && closed < IDLE_CLOSE + Duration::from_secs(1));
+        cancel.cancel();
+    }
+
+    /// A record that stops halfway closes its connection after STALL, not at IDLE_CLOSE and
+    /// not before; a record that arrives slowly but keeps coming within STALL is served.
+    #[tokio::test(start_paused = true)]
+    async fn a_record_that_stalls_halfway_closes_its_connection_after_stall() {
+        let (addr, cancel, _dir) = server().await;
+        let call = null_call(7);
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        // Slow but whole: 16 bytes every 10 s, the record whole within STALL.
+        let t = tokio::time::Instant::now();
+        for (i, piece) in call.chunks(16).enumerate() {
+            if i > 0 {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+            s.write_all(piece).await.unwrap();
+        }
+        assert!(t.elapsed() >= Duration::from_secs(30) && t.elapsed() < STALL);
+        reply_to(&mut s, 7).await;
+        // Half a record, then nothing.
+        s.write_all(&call[..call.len() / 2]).await.unwrap();
+        let closed = time_to_close(&mut s).await;
+        assert!(
+            closed >= STALL && closed < STALL + Duration::from_secs(1),
+            "a stalled record closed its connection after {closed:?}, not {STALL:?}"
+        );
+        cancel.cancel();
     }
 
     #[test]
