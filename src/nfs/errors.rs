@@ -79,8 +79,42 @@ mod tests {
                 nfsstat3::NFS3ERR_SERVERFAULT,
             ),
         ];
+        let mut seen = [false; VARIANTS];
         for (e, want) in table {
             assert_eq!(to_nfsstat(&e), want, "{e:?}");
+            seen[variant(&e)] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "a variant has no row: {seen:?}");
+    }
+
+    /// How many variants [`DatastoreError`] has.
+    const VARIANTS: usize = 21;
+
+    /// A variant's number. No wildcard: a new variant does not compile until it has a number
+    /// here, and then the test above fails until the table has a row for it.
+    fn variant(e: &DatastoreError) -> usize {
+        match e {
+            DatastoreError::NotFound => 0,
+            DatastoreError::Stale => 1,
+            DatastoreError::Exists => 2,
+            DatastoreError::NotDir => 3,
+            DatastoreError::IsDir => 4,
+            DatastoreError::NotEmpty => 5,
+            DatastoreError::ReadOnlyMount => 6,
+            DatastoreError::Fenced => 7,
+            DatastoreError::BackupFile => 8,
+            DatastoreError::NotWritable => 9,
+            DatastoreError::Root => 10,
+            DatastoreError::HostNotAllowed => 11,
+            DatastoreError::BadName => 12,
+            DatastoreError::NameTooLong => 13,
+            DatastoreError::Invalid(_) => 14,
+            DatastoreError::CrossMount => 15,
+            DatastoreError::NoSpace => 16,
+            DatastoreError::TooBig => 17,
+            DatastoreError::NotSupported => 18,
+            DatastoreError::Io(_) => 19,
+            DatastoreError::Internal(_) => 20,
         }
     }
 
