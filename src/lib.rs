@@ -24,6 +24,7 @@ pub mod agent;
 pub mod cache;
 pub mod cli;
 pub mod control;
+pub mod datastore;
 pub mod disk;
 pub mod durable;
 pub mod fetch;

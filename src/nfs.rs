@@ -1,10 +1,12 @@
 //! The NFS server: NFSv3 and MOUNT v3 over live mounts, and the portmapper.
 //!
-//! Owns: the datastore namespace as NFSv3 sees it ([`DatastoreFs`]), file handles and the write
-//! verifier (`handle.rs`), ONC RPC headers (`rpc.rs`), the NFS and MOUNT procedures
-//! (`dispatch.rs`), the mapping of errors to `nfsstat3` (in `errors.rs`, one place), the TCP
-//! front ([`NfsServer`]: accept loop, allow-list, framing, limits, shutdown).
-//! Must not: know about chunks; everything below goes through `mount`.
+//! Owns: the datastore as NFSv3 sees it ([`DatastoreFs`], a thin adapter over the protocol-free
+//! [`crate::datastore`]: handles, `fattr3`, ACCESS3 bits), file handles and the write verifier
+//! (`handle.rs`), ONC RPC headers (`rpc.rs`), the NFS and MOUNT procedures (`dispatch.rs`), the
+//! mapping of the datastore's errors to `nfsstat3` (in `errors.rs`, one place), the TCP front
+//! ([`NfsServer`]: accept loop, allow-list, framing, limits, shutdown).
+//! Must not: decide what an operation means for the datastore (`datastore` does), know about
+//! chunks or mounts; everything below goes through `datastore`.
 
 mod budget;
 mod dispatch;
@@ -19,7 +21,7 @@ pub mod portmap;
 mod rpc;
 
 pub use budget::DEFAULT_BYTES as CALL_MEMORY;
-pub use errors::{overlay_to_nfsstat, to_nfsstat};
+pub use errors::to_nfsstat;
 pub use front::{AllowList, NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};
 pub use fs::{DatastoreFs, MAX_IO};
 pub use handle::Identity;

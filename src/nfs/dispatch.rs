@@ -5,8 +5,10 @@
 //! checked against the bytes that are there before anything is used), the reply layout
 //! (results packed with `nfs3_types`), per-call authentication (AUTH_SYS unless AUTH_NONE is
 //! allowed), weak cache consistency data, and the size limits of READDIR(PLUS) replies.
-//! Must not: decide what a call means for the datastore (that is `fs`), block, or panic on any
-//! input. A READ's data is not copied: the reply carries the cache's `Bytes` to the socket.
+//! Must not: decide what a call means for the datastore (that is `crate::datastore`, through
+//! `fs`), block, or panic on any input. A call's handles are resolved to nodes once, at the
+//! start, and the nodes passed down. A READ's data is not copied: the reply carries the cache's
+//! `Bytes` to the socket.
 
 use std::io;
 use std::net::IpAddr;
@@ -19,8 +21,9 @@ use nfs3_types::nfs3::{
 use nfs3_types::xdr_codec::{List, Opaque, Pack};
 
 use super::budget::{Budget, Taken};
-use super::fs::{CreateMode, DatastoreFs, SetAttr, MAX_IO};
+use super::fs::{DatastoreFs, MAX_IO};
 use super::rpc::{self, Accept, AuthStat, Call, Cred, Reader};
+use crate::datastore::{CreateMode, Node, SetAttr, MAX_NAME};
 
 pub const NFS_PROGRAM: u32 = 100_003;
 pub const MOUNT_PROGRAM: u32 = 100_005;
@@ -144,14 +147,15 @@ fn pack<T: Pack>(out: &mut BytesMut, value: &T) {
     }
 }
 
-fn fh(fs: &DatastoreFs, fileid: u64) -> Option<nfs_fh3> {
-    fs.handle_of(fileid).map(|h| nfs_fh3 {
-        data: Opaque::owned(h.to_vec()),
-    })
+fn fh(fs: &DatastoreFs, node: &Node) -> nfs_fh3 {
+    nfs_fh3 {
+        data: Opaque::owned(fs.handle(node).to_vec()),
+    }
 }
 
-fn post_op(fs: &DatastoreFs, id: Option<u64>) -> nfs::post_op_attr {
-    match id.and_then(|id| fs.getattr(id).ok()) {
+/// A node's attributes as they are now (a call may have changed them since it resolved it).
+fn post_op(fs: &DatastoreFs, node: Option<&Node>) -> nfs::post_op_attr {
+    match node.and_then(|n| fs.attr_now(n)) {
         Some(a) => Nfs3Option::Some(a),
         None => Nfs3Option::None,
     }
@@ -168,11 +172,11 @@ fn pre_op(attr: Option<&fattr3>) -> nfs::pre_op_attr {
     }
 }
 
-/// Weak cache consistency data for `id`: `before` as read before the change, after as now.
-fn wcc(fs: &DatastoreFs, id: Option<u64>, before: Option<&fattr3>) -> wcc_data {
+/// Weak cache consistency data for `node`: `before` as read before the change, after as now.
+fn wcc(fs: &DatastoreFs, node: Option<&Node>, before: Option<&fattr3>) -> wcc_data {
     wcc_data {
         before: pre_op(before),
-        after: post_op(fs, id),
+        after: post_op(fs, node),
     }
 }
 
@@ -181,10 +185,10 @@ fn status(out: &mut BytesMut, s: nfsstat3) {
 }
 
 /// An error reply whose failure body is one `post_op_attr`.
-fn fail_attr(fs: &DatastoreFs, s: nfsstat3, id: Option<u64>) -> Results {
+fn fail_attr(fs: &DatastoreFs, s: nfsstat3, node: Option<&Node>) -> Results {
     let mut body = BytesMut::new();
     status(&mut body, s);
-    pack(&mut body, &post_op(fs, id));
+    pack(&mut body, &post_op(fs, node));
     Results {
         body,
         ..Results::default()
@@ -192,10 +196,15 @@ fn fail_attr(fs: &DatastoreFs, s: nfsstat3, id: Option<u64>) -> Results {
 }
 
 /// An error reply whose failure body is one `wcc_data`.
-fn fail_wcc(fs: &DatastoreFs, s: nfsstat3, id: Option<u64>, before: Option<&fattr3>) -> Results {
+fn fail_wcc(
+    fs: &DatastoreFs,
+    s: nfsstat3,
+    node: Option<&Node>,
+    before: Option<&fattr3>,
+) -> Results {
     let mut body = BytesMut::new();
     status(&mut body, s);
-    pack(&mut body, &wcc(fs, id, before));
+    pack(&mut body, &wcc(fs, node, before));
     Results {
         body,
         ..Results::default()
@@ -264,7 +273,7 @@ async fn nfs_call(
         0 => Results::default(),
         1 => {
             let h = r.fh()?;
-            match fs.resolve(h, ip).and_then(|id| fs.getattr(id)) {
+            match fs.resolve(h, ip).map(|node| fs.getattr(&node)) {
                 Ok(a) => Results::packed(&nfs::GETATTR3res::Ok(nfs::GETATTR3resok {
                     obj_attributes: a,
                 })),
@@ -285,40 +294,29 @@ async fn nfs_call(
                 Ok(d) => d,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
-            match fs
-                .lookup(dir, name)
-                .and_then(|id| match fs.host_allowed(id, ip) {
-                    true => Ok(id),
-                    false => Err(nfsstat3::NFS3ERR_ACCES),
-                }) {
-                Ok(id) => match fh(fs, id) {
-                    Some(object) => Results::packed(&nfs::LOOKUP3res::Ok(nfs::LOOKUP3resok {
-                        object,
-                        obj_attributes: post_op(fs, Some(id)),
-                        dir_attributes: post_op(fs, Some(dir)),
-                    })),
-                    None => fail_attr(fs, nfsstat3::NFS3ERR_STALE, Some(dir)),
-                },
-                Err(s) => fail_attr(fs, s, Some(dir)),
+            match fs.lookup(&dir, name, ip) {
+                Ok(node) => Results::packed(&nfs::LOOKUP3res::Ok(nfs::LOOKUP3resok {
+                    object: fh(fs, &node),
+                    obj_attributes: post_op(fs, Some(&node)),
+                    dir_attributes: post_op(fs, Some(&dir)),
+                })),
+                Err(s) => fail_attr(fs, s, Some(&dir)),
             }
         }
         4 => {
             let (h, asked) = (r.fh()?, r.u32()?);
-            match fs
-                .resolve(h, ip)
-                .and_then(|id| Ok((id, fs.access(id, asked)?)))
-            {
-                Ok((id, access)) => Results::packed(&nfs::ACCESS3res::Ok(nfs::ACCESS3resok {
-                    obj_attributes: post_op(fs, Some(id)),
-                    access,
+            match fs.resolve(h, ip) {
+                Ok(node) => Results::packed(&nfs::ACCESS3res::Ok(nfs::ACCESS3resok {
+                    obj_attributes: post_op(fs, Some(&node)),
+                    access: fs.access(&node, asked),
                 })),
                 Err(s) => fail_attr(fs, s, None),
             }
         }
         5 => {
             // READLINK: there are no symbolic links.
-            let id = fs.resolve(r.fh()?, ip).ok();
-            fail_attr(fs, nfsstat3::NFS3ERR_INVAL, id)
+            let node = fs.resolve(r.fh()?, ip).ok();
+            fail_attr(fs, nfsstat3::NFS3ERR_INVAL, node.as_ref())
         }
         6 => read(fs, r, ip, budget).await?,
         7 => write(fs, r, ip).await?,
@@ -329,21 +327,21 @@ async fn nfs_call(
                 Ok(d) => d,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
-            let before = fs.getattr(dir).ok();
-            match fs.mkdir(dir, name).await {
-                Ok(id) => Results::packed(&nfs::MKDIR3res::Ok(nfs::MKDIR3resok {
-                    obj: fh(fs, id).map_or(Nfs3Option::None, Nfs3Option::Some),
-                    obj_attributes: post_op(fs, Some(id)),
-                    dir_wcc: wcc(fs, Some(dir), before.as_ref()),
+            let before = Some(fs.getattr(&dir));
+            match fs.mkdir(&dir, name).await {
+                Ok(node) => Results::packed(&nfs::MKDIR3res::Ok(nfs::MKDIR3resok {
+                    obj: Nfs3Option::Some(fh(fs, &node)),
+                    obj_attributes: post_op(fs, Some(&node)),
+                    dir_wcc: wcc(fs, Some(&dir), before.as_ref()),
                 })),
-                Err(s) => fail_wcc(fs, s, Some(dir), before.as_ref()),
+                Err(s) => fail_wcc(fs, s, Some(&dir), before.as_ref()),
             }
         }
         // SYMLINK, MKNOD: not made here. Only the folder is decoded.
         10 | 11 => {
             let (dir, _name) = (r.fh()?, r.name()?);
             match fs.resolve(dir, ip) {
-                Ok(d) => fail_wcc(fs, fs.refuse_special(d), Some(d), None),
+                Ok(d) => fail_wcc(fs, fs.refuse_special(&d), Some(&d), None),
                 Err(s) => fail_wcc(fs, s, None, None),
             }
         }
@@ -353,35 +351,35 @@ async fn nfs_call(
                 Ok(d) => d,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
-            let before = fs.getattr(dir).ok();
-            match fs.remove(dir, name, call.proc_ == 13).await {
+            let before = Some(fs.getattr(&dir));
+            match fs.remove(&dir, name, call.proc_ == 13).await {
                 Ok(()) => {
                     let mut body = BytesMut::new();
                     status(&mut body, nfsstat3::NFS3_OK);
-                    pack(&mut body, &wcc(fs, Some(dir), before.as_ref()));
+                    pack(&mut body, &wcc(fs, Some(&dir), before.as_ref()));
                     Results {
                         body,
                         ..Results::default()
                     }
                 }
-                Err(s) => fail_wcc(fs, s, Some(dir), before.as_ref()),
+                Err(s) => fail_wcc(fs, s, Some(&dir), before.as_ref()),
             }
         }
         14 => {
             let (from_dir, from, to_dir, to) = (r.fh()?, r.name()?, r.fh()?, r.name()?);
             let (fd, td) = (fs.resolve(from_dir, ip), fs.resolve(to_dir, ip));
             let (b1, b2) = (
-                fd.as_ref().ok().and_then(|d| fs.getattr(*d).ok()),
-                td.as_ref().ok().and_then(|d| fs.getattr(*d).ok()),
+                fd.as_ref().ok().map(|d| fs.getattr(d)),
+                td.as_ref().ok().map(|d| fs.getattr(d)),
             );
-            let result = match (fd, td) {
+            let result = match (&fd, &td) {
                 (Ok(f), Ok(t)) => fs.rename(f, from, t, to).await,
-                (Err(s), _) | (_, Err(s)) => Err(s),
+                (Err(s), _) | (_, Err(s)) => Err(*s),
             };
             let mut body = BytesMut::new();
             status(&mut body, result.err().unwrap_or(nfsstat3::NFS3_OK));
-            pack(&mut body, &wcc(fs, fd.ok(), b1.as_ref()));
-            pack(&mut body, &wcc(fs, td.ok(), b2.as_ref()));
+            pack(&mut body, &wcc(fs, fd.as_ref().ok(), b1.as_ref()));
+            pack(&mut body, &wcc(fs, td.as_ref().ok(), b2.as_ref()));
             Results {
                 body,
                 ..Results::default()
@@ -392,12 +390,12 @@ async fn nfs_call(
             let (file, dir, _name) = (r.fh()?, r.fh()?, r.name()?);
             let file = fs.resolve(file, ip).ok();
             let s = match fs.resolve(dir, ip) {
-                Ok(d) => fs.refuse_special(d),
+                Ok(d) => fs.refuse_special(&d),
                 Err(s) => s,
             };
             let mut body = BytesMut::new();
             status(&mut body, s);
-            pack(&mut body, &post_op(fs, file));
+            pack(&mut body, &post_op(fs, file.as_ref()));
             pack(&mut body, &wcc_data::default());
             Results {
                 body,
@@ -414,14 +412,14 @@ async fn nfs_call(
             readdir(fs, ip, dir, cookie, Some(dircount), maxcount)
         }
         18 => {
-            let id = match fs.resolve(r.fh()?, ip) {
-                Ok(id) => id,
+            let node = match fs.resolve(r.fh()?, ip) {
+                Ok(node) => node,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
             let (total, free, avail) = super::fsstat::space(fs.state_dir()).unwrap_or((0, 0, 0));
             let (files, ffree, favail) = super::fsstat::files(fs.state_dir()).unwrap_or((0, 0, 0));
             Results::packed(&nfs::FSSTAT3res::Ok(nfs::FSSTAT3resok {
-                obj_attributes: post_op(fs, Some(id)),
+                obj_attributes: post_op(fs, Some(&node)),
                 tbytes: total,
                 fbytes: free,
                 abytes: avail,
@@ -432,13 +430,13 @@ async fn nfs_call(
             }))
         }
         19 => {
-            let id = match fs.resolve(r.fh()?, ip) {
-                Ok(id) => id,
+            let node = match fs.resolve(r.fh()?, ip) {
+                Ok(node) => node,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
             let info = fs.fsinfo();
             Results::packed(&nfs::FSINFO3res::Ok(nfs::FSINFO3resok {
-                obj_attributes: post_op(fs, Some(id)),
+                obj_attributes: post_op(fs, Some(&node)),
                 rtmax: info.rtmax,
                 rtpref: info.pref,
                 rtmult: 4096,
@@ -456,14 +454,14 @@ async fn nfs_call(
             }))
         }
         20 => {
-            let id = match fs.resolve(r.fh()?, ip) {
-                Ok(id) => id,
+            let node = match fs.resolve(r.fh()?, ip) {
+                Ok(node) => node,
                 Err(s) => return Some(fail_attr(fs, s, None)),
             };
             Results::packed(&nfs::PATHCONF3res::Ok(nfs::PATHCONF3resok {
-                obj_attributes: post_op(fs, Some(id)),
+                obj_attributes: post_op(fs, Some(&node)),
                 linkmax: 1,
-                name_max: super::fs::MAX_NAME as u32,
+                name_max: MAX_NAME as u32,
                 no_trunc: true,
                 chown_restricted: true,
                 case_insensitive: false,
@@ -472,17 +470,17 @@ async fn nfs_call(
         }
         21 => {
             let (h, _offset, _count) = (r.fh()?, r.u64()?, r.u32()?);
-            let id = match fs.resolve(h, ip) {
-                Ok(id) => id,
+            let node = match fs.resolve(h, ip) {
+                Ok(node) => node,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
-            let before = fs.getattr(id).ok();
-            match fs.commit(id).await {
+            let before = Some(fs.getattr(&node));
+            match fs.commit(&node).await {
                 Ok(()) => Results::packed(&nfs::COMMIT3res::Ok(nfs::COMMIT3resok {
-                    file_wcc: wcc(fs, Some(id), before.as_ref()),
+                    file_wcc: wcc(fs, Some(&node), before.as_ref()),
                     verf: writeverf3(fs.identity().verifier()),
                 })),
-                Err(s) => fail_wcc(fs, s, Some(id), before.as_ref()),
+                Err(s) => fail_wcc(fs, s, Some(&node), before.as_ref()),
             }
         }
         _ => Results::unavail(),
@@ -499,21 +497,24 @@ async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Res
     } else {
         None
     };
-    let id = match fs.resolve(h, ip) {
-        Ok(id) => id,
+    let node = match fs.resolve(h, ip) {
+        Ok(node) => node,
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
-    let before = fs.getattr(id).ok();
-    if let (Some(g), Some(b)) = (guard, &before) {
-        if g != b.ctime {
-            return Some(fail_wcc(fs, nfsstat3::NFS3ERR_NOT_SYNC, Some(id), Some(b)));
-        }
+    let before = fs.getattr(&node);
+    if guard.is_some_and(|g| g != before.ctime) {
+        return Some(fail_wcc(
+            fs,
+            nfsstat3::NFS3ERR_NOT_SYNC,
+            Some(&node),
+            Some(&before),
+        ));
     }
-    Some(match fs.setattr(id, attrs).await {
+    Some(match fs.setattr(&node, attrs).await {
         Ok(_) => Results::packed(&nfs::SETATTR3res::Ok(nfs::SETATTR3resok {
-            obj_wcc: wcc(fs, Some(id), before.as_ref()),
+            obj_wcc: wcc(fs, Some(&node), Some(&before)),
         })),
-        Err(s) => fail_wcc(fs, s, Some(id), before.as_ref()),
+        Err(s) => fail_wcc(fs, s, Some(&node), Some(&before)),
     })
 }
 
@@ -524,17 +525,17 @@ async fn read(
     budget: &Budget,
 ) -> Option<Results> {
     let (h, offset, count) = (r.fh()?, r.u64()?, r.u32()?);
-    let id = match fs.resolve(h, ip) {
-        Ok(id) => id,
+    let node = match fs.resolve(h, ip) {
+        Ok(node) => node,
         Err(s) => return Some(fail_attr(fs, s, None)),
     };
     // Room for the data before it is read; held until the reply is written.
     let taken = budget.take(count.min(MAX_IO) as usize).await;
-    Some(match fs.read(id, offset, count).await {
+    Some(match fs.read(&node, offset, count).await {
         Ok((data, eof)) => {
             let mut body = BytesMut::with_capacity(128);
             status(&mut body, nfsstat3::NFS3_OK);
-            pack(&mut body, &post_op(fs, Some(id)));
+            pack(&mut body, &post_op(fs, Some(&node)));
             body.put_u32(data.len() as u32);
             body.put_u32(u32::from(eof));
             body.put_u32(data.len() as u32);
@@ -545,7 +546,7 @@ async fn read(
                 unavail: false,
             }
         }
-        Err(s) => fail_attr(fs, s, Some(id)),
+        Err(s) => fail_attr(fs, s, Some(&node)),
     })
 }
 
@@ -557,13 +558,13 @@ async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resul
     }
     // A client may send more than wtmax; it is told how much was written and sends the rest.
     let data = &data[..(count.min(MAX_IO) as usize)];
-    let id = match fs.resolve(h, ip) {
-        Ok(id) => id,
+    let node = match fs.resolve(h, ip) {
+        Ok(node) => node,
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
-    let before = fs.getattr(id).ok();
+    let before = Some(fs.getattr(&node));
     let sync = stable != 0;
-    Some(match fs.write(id, offset, data, sync).await {
+    Some(match fs.write(&node, offset, data, sync).await {
         Ok(after) => Results::packed(&nfs::WRITE3res::Ok(nfs::WRITE3resok {
             file_wcc: wcc_data {
                 before: pre_op(before.as_ref()),
@@ -577,7 +578,7 @@ async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resul
             },
             verf: writeverf3(fs.identity().verifier()),
         })),
-        Err(s) => fail_wcc(fs, s, Some(id), before.as_ref()),
+        Err(s) => fail_wcc(fs, s, Some(&node), before.as_ref()),
     })
 }
 
@@ -593,14 +594,14 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resu
         Ok(d) => d,
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
-    let before = fs.getattr(dir).ok();
-    Some(match fs.create(dir, name, mode, attrs).await {
-        Ok(id) => Results::packed(&nfs::CREATE3res::Ok(nfs::CREATE3resok {
-            obj: fh(fs, id).map_or(Nfs3Option::None, Nfs3Option::Some),
-            obj_attributes: post_op(fs, Some(id)),
-            dir_wcc: wcc(fs, Some(dir), before.as_ref()),
+    let before = Some(fs.getattr(&dir));
+    Some(match fs.create(&dir, name, mode, attrs).await {
+        Ok(node) => Results::packed(&nfs::CREATE3res::Ok(nfs::CREATE3resok {
+            obj: Nfs3Option::Some(fh(fs, &node)),
+            obj_attributes: post_op(fs, Some(&node)),
+            dir_wcc: wcc(fs, Some(&dir), before.as_ref()),
         })),
-        Err(s) => fail_wcc(fs, s, Some(dir), before.as_ref()),
+        Err(s) => fail_wcc(fs, s, Some(&dir), before.as_ref()),
     })
 }
 
@@ -628,15 +629,12 @@ fn readdir(
     // No entry takes less than 24 bytes of a reply: ask for no more than fit, and one more
     // to tell whether the page ends the folder.
     let fit = (maxcount as usize / 24) + 1;
-    let entries = match fs.readdir(dir, cookie, fit) {
-        // The root lists only the mounts this client may use.
-        Ok(mut e) => {
-            e.retain(|(id, _)| fs.host_allowed(*id, ip));
-            e
-        }
-        Err(s) => return fail_attr(fs, s, Some(dir)),
+    // The root lists only the mounts this client may use.
+    let entries = match fs.readdir(&dir, cookie, fit, ip) {
+        Ok(e) => e,
+        Err(s) => return fail_attr(fs, s, Some(&dir)),
     };
-    let dir_attributes = post_op(fs, Some(dir));
+    let dir_attributes = post_op(fs, Some(&dir));
     // RPC header, status, attributes, verifier, end of list, eof.
     let mut used = 24 + 4 + dir_attributes.packed_size() + 8 + 4 + 4;
     let mut dir_used = 0usize;
@@ -644,7 +642,8 @@ fn readdir(
     let total = entries.len();
     let mut plain = Vec::new();
     let mut plus = Vec::new();
-    for (fileid, name) in entries {
+    for e in entries {
+        let (fileid, name) = (e.fileid, e.name);
         let name_len = 4 + name.len().next_multiple_of(4);
         let dir_part = 8 + name_len + 8;
         let size = match dircount {
@@ -667,16 +666,14 @@ fn readdir(
                 fileid,
                 name: name.into(),
                 cookie: fileid,
-                name_attributes: fs
-                    .getattr(fileid)
-                    .map_or(Nfs3Option::None, Nfs3Option::Some),
-                name_handle: fh(fs, fileid).map_or(Nfs3Option::None, Nfs3Option::Some),
+                name_attributes: Nfs3Option::Some(fs.getattr(&e.node)),
+                name_handle: Nfs3Option::Some(fh(fs, &e.node)),
             }),
         }
     }
     let sent = plain.len() + plus.len();
     if sent == 0 && total > 0 {
-        return fail_attr(fs, nfsstat3::NFS3ERR_TOOSMALL, Some(dir));
+        return fail_attr(fs, nfsstat3::NFS3ERR_TOOSMALL, Some(&dir));
     }
     let eof = sent == total;
     let cookieverf = cookieverf3([0; 8]);
@@ -710,10 +707,7 @@ fn mount_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> 
         0 | 4 => {}
         1 => {
             let path = r.opaque(MNT_PATH_LEN)?;
-            match fs
-                .mount_path(path, ip)
-                .and_then(|id| fs.handle_of(id).ok_or(nfsstat3::NFS3ERR_STALE))
-            {
+            match fs.mount_path(path, ip).map(|node| fs.handle(&node)) {
                 Ok(h) => {
                     body.put_u32(0); // MNT3_OK
                     rpc::put_opaque(&mut body, &h);

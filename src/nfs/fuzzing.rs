@@ -146,12 +146,12 @@ impl Harness {
 
     /// Handles of the mount's folder and its disk, for [`seed_calls`].
     pub fn handles(&self) -> (Vec<u8>, Vec<u8>) {
-        let dir = self.fs.mount_path(b"/livemount/fz", LOCALHOST).unwrap_or(0);
-        let disk = self.fs.lookup(dir, b"d.img").unwrap_or(0);
-        let h = |id| {
-            self.fs
-                .handle_of(id)
-                .map(|h| h.to_vec())
+        let dir = self.fs.mount_path(b"/livemount/fz", LOCALHOST).ok();
+        let disk = dir
+            .as_ref()
+            .and_then(|d| self.fs.lookup(d, b"d.img", LOCALHOST).ok());
+        let h = |node: Option<crate::datastore::Node>| {
+            node.map(|n| self.fs.handle(&n).to_vec())
                 .unwrap_or_default()
         };
         (h(dir), h(disk))

@@ -1,0 +1,354 @@
+//! The core's rules per kind of node, on a real agent: a repository with one small KVM backup,
+//! mounted read-write twice (`rw`, `rw2`), read-only (`ro`) and for one network only (`lim`).
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::Arc;
+
+use super::*;
+use crate::agent::{Agent, Datastore, MountRequest, PrestageMode};
+use crate::repo::{BackupOptions, ChunkSize, NoProgress, Repository};
+
+const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const ELSEWHERE: IpAddr = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7));
+const DISK: u64 = 1 << 20;
+
+async fn core(dir: &Path) -> DatastoreCore {
+    let disk: Vec<u8> = (0..DISK as u32).map(|i| (i >> 9) as u8).collect();
+    std::fs::write(dir.join("d.img"), disk).unwrap();
+    std::fs::write(
+        dir.join("vm.xml"),
+        "<domain type='kvm'><name>vm</name><uuid>4b1c9a1e-1111-4222-8333-944455556666</uuid>\
+         <memory unit='KiB'>65536</memory><os><type arch='x86_64'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='d.img'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+    )
+    .unwrap();
+    let repo = Repository::init(&dir.join("repo"), ChunkSize::new(64 * 1024).unwrap()).unwrap();
+    let opts = BackupOptions::from_config_file(&dir.join("vm.xml"), &[]).unwrap();
+    repo.backup(&opts, &NoProgress).await.unwrap();
+    let datastore = Datastore {
+        host: "127.0.0.1".into(),
+        export: "/livemount".into(),
+    };
+    let agent = Agent::open(
+        repo,
+        datastore,
+        &dir.join("state"),
+        16 << 20,
+        None,
+        None,
+        true,
+    )
+    .await
+    .unwrap();
+    for (name, read_only, hosts) in [
+        ("rw", false, vec![]),
+        ("rw2", false, vec![]),
+        ("ro", true, vec![]),
+        ("lim", false, vec!["127.0.0.0/8".to_string()]),
+    ] {
+        agent
+            .mount(&MountRequest {
+                snapshot: "vm".into(),
+                at: None,
+                name: Some(name.into()),
+                read_only,
+                keep_network: false,
+                prestage: PrestageMode::Off,
+                hosts,
+            })
+            .await
+            .unwrap();
+    }
+    DatastoreCore::new(Arc::new(agent))
+}
+
+fn folder(c: &DatastoreCore, name: &str) -> Node {
+    c.lookup(&Node::Root, name.as_bytes(), HERE).unwrap()
+}
+
+fn set_size(size: u64) -> SetAttr {
+    SetAttr {
+        size: Some(size),
+        mode: None,
+    }
+}
+
+#[tokio::test]
+async fn rules_per_kind_of_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = core(dir.path()).await;
+    let (rw, rw2, ro) = (folder(&c, "rw"), folder(&c, "rw2"), folder(&c, "ro"));
+    let disk = c.lookup(&rw, b"d.img", HERE).unwrap();
+    let ro_disk = c.lookup(&ro, b"d.img", HERE).unwrap();
+    assert!(matches!(disk, Node::BackupFile(..)), "{disk:?}");
+
+    // Rights.
+    let all = Rights {
+        modify: true,
+        extend: true,
+        delete: true,
+    };
+    let write_only = Rights {
+        modify: true,
+        ..Rights::default()
+    };
+    assert_eq!(Node::Root.rights(), Rights::default());
+    assert_eq!(rw.rights(), all);
+    assert_eq!(ro.rights(), Rights::default());
+    assert_eq!(
+        disk.rights(),
+        write_only,
+        "a disk takes writes, never grows"
+    );
+    assert_eq!(ro_disk.rights(), Rights::default());
+
+    // The root cannot be changed.
+    assert_eq!(
+        c.setattr(&Node::Root, set_size(1)).await.unwrap_err(),
+        DatastoreError::Root
+    );
+    let made = c
+        .create(&Node::Root, b"x", CreateMode::Guarded, SetAttr::default())
+        .await;
+    assert_eq!(made.unwrap_err(), DatastoreError::Root);
+    assert_eq!(c.refuse_special(&Node::Root), DatastoreError::Root);
+
+    // The backup's own files: written, never resized, removed, renamed or replaced.
+    assert_eq!(
+        c.setattr(&disk, set_size(DISK + 1)).await.unwrap_err(),
+        DatastoreError::BackupFile
+    );
+    assert_eq!(c.setattr(&disk, set_size(DISK)).await.unwrap().size, DISK);
+    assert_eq!(
+        c.remove(&rw, b"d.img", false).await.unwrap_err(),
+        DatastoreError::BackupFile
+    );
+    assert_eq!(
+        c.rename(&rw, b"d.img", &rw, b"e.img").await.unwrap_err(),
+        DatastoreError::BackupFile
+    );
+    let made = c
+        .create(&rw, b"d.img", CreateMode::Unchecked, SetAttr::default())
+        .await;
+    assert_eq!(made.unwrap_err(), DatastoreError::Exists);
+    let after = c.write(&disk, 4096, b"new", true).await.unwrap();
+    assert_eq!((after.size, after.fileid), (DISK, disk.fileid()));
+    let (data, eof) = c.read(&disk, 4096, 3).await.unwrap();
+    assert_eq!((&data[..], eof), (&b"new"[..], false));
+
+    // A read-only mount refuses every change.
+    assert_eq!(
+        c.write(&ro_disk, 0, b"x", false).await.unwrap_err(),
+        DatastoreError::ReadOnlyMount
+    );
+    assert_eq!(
+        c.mkdir(&ro, b"d").await.unwrap_err(),
+        DatastoreError::ReadOnlyMount
+    );
+    assert_eq!(
+        c.setattr(&ro_disk, set_size(1)).await.unwrap_err(),
+        DatastoreError::ReadOnlyMount
+    );
+
+    // Folders are not read or written; files are not listed.
+    assert_eq!(c.read(&rw, 0, 1).await.unwrap_err(), DatastoreError::IsDir);
+    assert_eq!(
+        c.write(&Node::Root, 0, b"x", false).await.unwrap_err(),
+        DatastoreError::IsDir
+    );
+    assert_eq!(
+        c.readdir(&disk, 0, 10, HERE).unwrap_err(),
+        DatastoreError::NotDir
+    );
+    assert_eq!(
+        c.lookup(&disk, b"x", HERE).unwrap_err(),
+        DatastoreError::NotDir
+    );
+
+    // The hypervisor's own files: made, written, resized, renamed, removed.
+    let f = c
+        .create(&rw, b"vm.vswp", CreateMode::Guarded, set_size(8192))
+        .await
+        .unwrap();
+    assert_eq!(c.attr(&f).size, 8192, "the node is as the create left it");
+    assert_eq!(f.rights(), all);
+    let again = c
+        .create(&rw, b"vm.vswp", CreateMode::Guarded, SetAttr::default())
+        .await;
+    assert_eq!(again.unwrap_err(), DatastoreError::Exists);
+    c.rename(&rw, b"vm.vswp", &rw, b"vm.vswp~").await.unwrap();
+    assert_eq!(
+        c.rename(&rw, b"vm.vswp~", &rw2, b"x").await.unwrap_err(),
+        DatastoreError::CrossMount
+    );
+    assert_eq!(
+        c.rename(&rw, b"vm.vswp~", &rw, b"d.img").await.unwrap_err(),
+        DatastoreError::BackupFile
+    );
+    c.remove(&rw, b"vm.vswp~", false).await.unwrap();
+    assert_eq!(
+        c.lookup(&rw, b"vm.vswp~", HERE).unwrap_err(),
+        DatastoreError::NotFound
+    );
+    assert_eq!(c.attr_now(&f), None, "a removed file has no attributes");
+    assert_eq!(c.refuse_special(&rw), DatastoreError::NotSupported);
+
+    // Names.
+    assert_eq!(
+        c.create(&rw, b".", CreateMode::Guarded, SetAttr::default())
+            .await
+            .unwrap_err(),
+        DatastoreError::Exists
+    );
+    assert!(matches!(
+        c.remove(&rw, b"..", true).await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    assert_eq!(
+        c.lookup(&rw, b"a/b", HERE).unwrap_err(),
+        DatastoreError::BadName
+    );
+    assert_eq!(
+        c.lookup(&rw, &[b'x'; 256], HERE).unwrap_err(),
+        DatastoreError::NameTooLong
+    );
+}
+
+#[tokio::test]
+async fn dots_stay_inside_and_nodes_resolve_for_their_host() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = core(dir.path()).await;
+    let rw = folder(&c, "rw");
+    let sub = c.mkdir(&rw, b"sub").await.unwrap();
+    let deeper = c.mkdir(&sub, b"deeper").await.unwrap();
+    assert!(sub.is_dir());
+    let up = |n: &Node| c.lookup(n, b"..", HERE).unwrap().fileid();
+    assert_eq!(up(&deeper), sub.fileid());
+    assert_eq!(up(&sub), rw.fileid());
+    assert_eq!(up(&rw), crate::mount::ROOT_FILEID);
+    assert_eq!(up(&Node::Root), crate::mount::ROOT_FILEID);
+    assert_eq!(c.lookup(&sub, b".", HERE).unwrap().fileid(), sub.fileid());
+    assert_eq!(
+        c.remove(&rw, b"sub", true).await.unwrap_err(),
+        DatastoreError::NotEmpty
+    );
+
+    // A file id a client kept: its mount's generation and the client's host count.
+    let id = deeper.fileid();
+    let g = deeper.generation();
+    assert_eq!(c.resolve(id).unwrap().fileid(), id);
+    assert_eq!(c.resolve_held(id, g, HERE).unwrap().fileid(), id);
+    assert_eq!(
+        c.resolve_held(id, g + 1, HERE).unwrap_err(),
+        DatastoreError::Stale
+    );
+    assert_eq!(
+        c.resolve_held(crate::mount::ROOT_FILEID, 1, HERE)
+            .unwrap_err(),
+        DatastoreError::Stale
+    );
+    assert_eq!(
+        c.resolve(id | 0x3fff_0000).unwrap_err(),
+        DatastoreError::Stale
+    );
+    assert_eq!(
+        c.resolve(0xffff_0000_0000_0000).unwrap_err(),
+        DatastoreError::Stale
+    );
+
+    // A mount limited to other networks: not found, listed or resolved from elsewhere.
+    let lim = c.mount_path(b"/livemount/lim", HERE).unwrap();
+    assert_eq!(
+        c.mount_path(b"/livemount/lim/", ELSEWHERE).unwrap_err(),
+        DatastoreError::HostNotAllowed
+    );
+    assert_eq!(
+        c.lookup(&Node::Root, b"lim", ELSEWHERE).unwrap_err(),
+        DatastoreError::HostNotAllowed
+    );
+    assert_eq!(
+        c.resolve_held(lim.fileid(), lim.generation(), ELSEWHERE)
+            .unwrap_err(),
+        DatastoreError::HostNotAllowed
+    );
+    let names = |host| -> Vec<String> {
+        c.readdir(&Node::Root, 0, 100, host)
+            .unwrap()
+            .into_iter()
+            .map(|e| String::from_utf8(e.name).unwrap())
+            .collect()
+    };
+    assert_eq!(names(HERE), ["rw", "rw2", "ro", "lim"]);
+    assert_eq!(names(ELSEWHERE), ["rw", "rw2", "ro"]);
+    assert!(matches!(
+        c.mount_path(b"/livemount", ELSEWHERE),
+        Ok(Node::Root)
+    ));
+    assert_eq!(
+        c.mount_path(b"/elsewhere/rw", HERE).unwrap_err(),
+        DatastoreError::NotFound
+    );
+
+    // A listing resumes after its cookie, in file id order.
+    let all = c.readdir(&rw, 0, 100, HERE).unwrap();
+    let ids: Vec<u64> = all.iter().map(|e| e.fileid).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    let rest = c.readdir(&rw, ids[0], 100, HERE).unwrap();
+    assert_eq!(rest.len(), all.len() - 1);
+    assert_eq!(c.readdir(&rw, 0, 1, HERE).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_disk_by_name_for_block_protocols() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = core(dir.path()).await;
+    let d = c.disk("rw/d.img", HERE).unwrap();
+    assert_eq!(
+        (d.name(), d.size(), d.read_only()),
+        ("rw/d.img".into(), DISK, false)
+    );
+    d.write(DISK - 3, b"end", false).await.unwrap();
+    d.flush().await.unwrap();
+    assert_eq!(&d.read(DISK - 3, 3).await.unwrap()[..], b"end");
+    assert_eq!(d.read(0, 512).await.unwrap().len(), 512);
+    assert!(matches!(
+        d.read(DISK - 3, 4).await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    assert!(matches!(
+        d.read(u64::MAX, 1).await,
+        Err(DatastoreError::Invalid(_))
+    ));
+    assert_eq!(
+        d.write(DISK - 1, b"xy", false).await.unwrap_err(),
+        DatastoreError::TooBig
+    );
+
+    let ro = c.disk("ro/d.img", HERE).unwrap();
+    assert!(ro.read_only());
+    assert_eq!(
+        ro.write(0, b"x", true).await.unwrap_err(),
+        DatastoreError::ReadOnlyMount
+    );
+    assert_eq!(
+        &ro.read(DISK - 3, 3).await.unwrap()[..],
+        &[((DISK - 3) >> 9) as u8; 3],
+        "the other mount's writes are not this one's"
+    );
+
+    for missing in ["rw", "rw/", "nope/d.img", "rw/vm.xml", "rw/../rw/d.img"] {
+        assert!(c.disk(missing, HERE).is_err(), "{missing}");
+    }
+    assert_eq!(
+        c.disk("lim/d.img", ELSEWHERE).unwrap_err(),
+        DatastoreError::HostNotAllowed
+    );
+    let names = |host| -> Vec<String> { c.disks(host).iter().map(|d| d.name()).collect() };
+    assert_eq!(
+        names(HERE),
+        ["rw/d.img", "rw2/d.img", "ro/d.img", "lim/d.img"]
+    );
+    assert_eq!(names(ELSEWHERE).len(), 3);
+}
