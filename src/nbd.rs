@@ -1,10 +1,13 @@
 //! The NBD server (issue 17): a live mount's disks as network block devices, for QEMU,
 //! `nbd-client` and libnbd. Exports are named `MOUNT/DISK`.
 //!
-//! Today: the wire format (`proto`). The connection loop follows once the datastore core gives
-//! protocols a disk to read and write without knowing about mounts.
+//! Owns: the wire format (`proto.rs`), the connections (`server.rs`: handshake, transmission,
+//! limits), and the datastore's disks as exports with its errors as NBD's (`exports.rs`).
+//! Must not: know about mounts, overlays or chunks: a disk comes from the datastore core.
 
+mod exports;
 pub mod proto;
 pub mod server;
 
+pub use exports::{to_block, DatastoreExports};
 pub use server::{BlockDevice, BlockError, Exports, NbdServer};

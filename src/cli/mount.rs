@@ -139,6 +139,12 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
     for u in &reply.attach.disk_urls {
         println!("  {u}");
     }
+    if !reply.attach.block.is_empty() {
+        println!("block devices:");
+        for c in &reply.attach.block {
+            println!("  {c}");
+        }
+    }
     match &m.boot.prestage {
         Some(p) => println!("pre-staging: {}", describe_prestage(p)),
         None if a.prestage != Prestage::Off => {

@@ -1,5 +1,5 @@
-//! `livemount serve`: the media agent. NFSv3 + MOUNT on one port, the portmapper on 111, the
-//! control API on loopback.
+//! `livemount serve`: the media agent. NFSv3 + MOUNT on one port, the portmapper on 111, NBD
+//! when asked (`--nbd`), the control API on loopback.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,13 +14,18 @@ use tokio_util::task::TaskTracker;
 use crate::agent::{Agent, Datastore};
 use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
+use crate::datastore::DatastoreCore;
 use crate::durable::{self, Umask};
+use crate::nbd::{DatastoreExports, NbdServer};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
 use crate::relocate::RelocateRoots;
 use crate::repo::{RepoLocation, Repository, S3Config, Slowness};
 use crate::units::parse_duration;
+
+/// NBD's port (IANA).
+const NBD_PORT: u16 = 10809;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -40,6 +45,10 @@ pub struct ServeArgs {
     /// Portmapper address, or `off` [default: 0.0.0.0:111].
     #[arg(long, value_name = "ADDR:111|off")]
     portmap: Option<String>,
+    /// Serve the mounts' disks over NBD on this address (port 10809 if none is given), as
+    /// exports named MOUNT/DISK [default: off].
+    #[arg(long, value_name = "ADDR[:PORT]|off")]
+    nbd: Option<String>,
     /// Control API address [default: 127.0.0.1:7480].
     #[arg(long, value_name = "ADDR:PORT")]
     api: Option<SocketAddr>,
@@ -79,6 +88,8 @@ pub struct ServeConfig {
     pub nfs: Option<SocketAddr>,
     /// Default `0.0.0.0:111`; `off` for none.
     pub portmap: Option<String>,
+    /// NBD address (`ADDR:PORT`, or `ADDR` for port 10809); default off.
+    pub nbd: Option<String>,
     /// Default `127.0.0.1:7480`.
     pub api: Option<SocketAddr>,
     /// Default `2GiB`.
@@ -192,6 +203,8 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
                 .with_context(|| format!("--portmap {text:?}: give ADDR:PORT or off"))?,
         ),
     };
+    let nbd_text = a.nbd.or(file.nbd.clone());
+    let nbd_addr = optional_listen(nbd_text.as_deref(), "--nbd", NBD_PORT)?;
     let api_addr = a.api.or(file.api).unwrap_or(([127, 0, 0, 1], 7480).into());
     let cache_text = a
         .cache_size
@@ -331,6 +344,21 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         .with_call_memory(call_memory);
     let nfs_port = nfs.local_addr()?.port();
     let undrained = nfs.undrained();
+    let nbd = match nbd_addr {
+        None => None,
+        Some(addr) => {
+            let exports = Arc::new(DatastoreExports::new(DatastoreCore::new(agent.clone())));
+            let server = NbdServer::bind(addr, exports, allow.clone())
+                .await
+                .with_context(|| format!("cannot listen for NBD on {addr} (--nbd)"))?;
+            Some(server)
+        }
+    };
+    let nbd_port = nbd
+        .as_ref()
+        .map(|n| n.local_addr())
+        .transpose()?
+        .map(|a| a.port());
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -385,6 +413,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         export: export.clone(),
         nfs_port,
         portmap: portmap_on,
+        nbd_port,
         metrics_public: file.metrics_public.unwrap_or(false),
     };
     tasks.spawn({
@@ -396,9 +425,16 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         }
     });
     tasks.spawn(nfs.run(cancel.child_token(), tasks.clone()));
+    if let Some(nbd) = nbd {
+        tasks.spawn(nbd.run(cancel.child_token(), tasks.clone()));
+    }
 
+    let nbd_text = match (nbd_addr, nbd_port) {
+        (Some(a), Some(p)) => format!("{}:{p}", a.ip()),
+        _ => "off".into(),
+    };
     println!(
-        "livemount serving {} mounts from {}: NFS {}:{nfs_port}{export}, portmapper {portmap}, API {api_url}",
+        "livemount serving {} mounts from {}: NFS {}:{nfs_port}{export}, portmapper {portmap}, NBD {nbd_text}, API {api_url}",
         agent.mounts().len(),
         location,
         nfs_addr.ip(),
@@ -441,4 +477,54 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     }
     println!("livemount: stopped; every mount's writes are on disk");
     Ok(ExitCode::SUCCESS)
+}
+
+/// A listening address as `--nbd` (and later `--iscsi`) take it: `off`, `ADDR:PORT`, or an
+/// address alone for the protocol's own port. `flag` names the setting in the error.
+fn optional_listen(
+    text: Option<&str>,
+    flag: &str,
+    default_port: u16,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(text) = text else {
+        return Ok(None);
+    };
+    if text == "off" {
+        return Ok(None);
+    }
+    if let Ok(a) = text.parse::<SocketAddr>() {
+        return Ok(Some(a));
+    }
+    let bare = text.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(ip) => Ok(Some(SocketAddr::new(ip, default_port))),
+        Err(_) => anyhow::bail!(
+            "{flag} {text:?}: give ADDR:PORT, an address alone (port {default_port}), or off"
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses_take_a_port_a_bare_address_or_off() {
+        let p = |t| optional_listen(Some(t), "--nbd", 10809);
+        assert_eq!(p("off").unwrap(), None);
+        assert_eq!(optional_listen(None, "--nbd", 10809).unwrap(), None);
+        assert_eq!(
+            p("127.0.0.1:10900").unwrap(),
+            Some("127.0.0.1:10900".parse().unwrap())
+        );
+        assert_eq!(
+            p("0.0.0.0").unwrap(),
+            Some("0.0.0.0:10809".parse().unwrap())
+        );
+        assert_eq!(p("[::1]").unwrap(), Some("[::1]:10809".parse().unwrap()));
+        assert_eq!(p("::1").unwrap(), Some("[::1]:10809".parse().unwrap()));
+        let e = p("nbd.example:1").unwrap_err().to_string();
+        assert!(e.contains("--nbd") && e.contains("ADDR:PORT"), "{e}");
+        assert!(p("127.0.0.1:99999").is_err());
+    }
 }

@@ -39,6 +39,10 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         s.nfs_port,
         if s.portmap { "on" } else { "off" }
     );
+    match s.nbd_port {
+        Some(p) => println!("block       NBD port {p} (exports MOUNT/DISK)"),
+        None => println!("block       NBD off (serve --nbd ADDR:PORT)"),
+    }
     println!("mounts      {}", s.mounts);
     println!(
         "cache       {} of {}, {} hits, {} misses, {} fetch errors",

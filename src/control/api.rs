@@ -28,6 +28,8 @@ pub struct ApiState {
     pub export: String,
     pub nfs_port: u16,
     pub portmap: bool,
+    /// The NBD server's port, if it is on.
+    pub nbd_port: Option<u16>,
     /// Serve `/metrics` to other hosts too (else to loopback only).
     pub metrics_public: bool,
 }
@@ -41,6 +43,9 @@ pub struct StatusReply {
     pub advertise: String,
     pub nfs_port: u16,
     pub portmap: bool,
+    /// The NBD server's port; none when NBD is off.
+    #[serde(default)]
+    pub nbd_port: Option<u16>,
     pub mounts: usize,
     pub cache: CacheStats,
     /// Chunk and manifest fetches from the repository's store since the server started.
@@ -56,6 +61,10 @@ pub struct AttachInfo {
     /// KVM: fetch and define the rewritten domain XML; the disks' URLs.
     pub kvm: Vec<String>,
     pub disk_urls: Vec<String>,
+    /// Each disk as a block device, by each block protocol that is on: how QEMU, libvirt
+    /// and Linux attach it (to a VM that is already running, say).
+    #[serde(default)]
+    pub block: Vec<String>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -300,6 +309,7 @@ async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
         advertise: s.advertise.clone(),
         nfs_port: s.nfs_port,
         portmap: s.portmap,
+        nbd_port: s.nbd_port,
         mounts: s.agent.mounts().len(),
         cache: s.agent.cache().stats(),
         repository_fetches: s.agent.repo().stats(),
@@ -422,9 +432,26 @@ fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
             m.spec.name, m.spec.name
         ),
     ];
+    let mut block = Vec::new();
+    if let Some(port) = s.nbd_port {
+        let host = &s.advertise;
+        for f in m.files.iter().filter(|f| f.disk) {
+            let export = format!("{}/{}", m.spec.name, f.name);
+            let url = format!("nbd://{host}:{port}/{export}");
+            block.push(format!("# {export} over NBD"));
+            block.push(format!(
+                "qemu-system-x86_64 ... -drive file={url},format=raw"
+            ));
+            block.push(format!(
+                "virsh attach-disk VM {export} vdX --source-protocol nbd --source-host-name {host}:{port} --driver qemu --subdriver raw --live"
+            ));
+            block.push(format!("nbd-client -N {export} {host} {port} /dev/nbd0"));
+        }
+    }
     AttachInfo {
         esxi,
         kvm,
         disk_urls,
+        block,
     }
 }

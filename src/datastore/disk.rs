@@ -104,9 +104,19 @@ impl Disk {
         Node::BackupFile(self.mount.clone(), self.index)
     }
 
+    /// [`DatastoreError::Stale`] once the disk's mount is unmounted (or made again): a
+    /// block client that holds the disk open gets errors, never another mount's bytes.
+    fn current(&self) -> Result<(), DatastoreError> {
+        match self.core.agent.mount_by_id(self.mount.spec.id) {
+            Some(m) if Arc::ptr_eq(&m, &self.mount) => Ok(()),
+            _ => Err(DatastoreError::Stale),
+        }
+    }
+
     /// Reads `len` bytes at `offset`, all within the disk (else [`DatastoreError::Invalid`]);
     /// the caller bounds `len`.
     pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DatastoreError> {
+        self.current()?;
         if offset
             .checked_add(u64::from(len))
             .is_none_or(|end| end > self.size())
@@ -121,12 +131,14 @@ impl Disk {
     /// returns. A read-only mount refuses ([`DatastoreError::ReadOnlyMount`]); a write past
     /// the end is [`DatastoreError::TooBig`] (disks do not grow).
     pub async fn write(&self, offset: u64, data: &[u8], sync: bool) -> Result<(), DatastoreError> {
+        self.current()?;
         self.core.write(&self.node(), offset, data, sync).await?;
         Ok(())
     }
 
     /// Makes every acknowledged write durable (NFS's COMMIT).
     pub async fn flush(&self) -> Result<(), DatastoreError> {
+        self.current()?;
         self.core.commit(&self.node()).await
     }
 }

@@ -351,4 +351,31 @@ async fn a_disk_by_name_for_block_protocols() {
         ["rw/d.img", "rw2/d.img", "ro/d.img", "lim/d.img"]
     );
     assert_eq!(names(ELSEWHERE).len(), 3);
+
+    // A disk held open across an unmount goes stale, and stays stale when a mount of the
+    // same name comes back: a block client never reads another mount's bytes.
+    let held = c.disk("rw2/d.img", HERE).unwrap();
+    held.write(0, b"rw2", true).await.unwrap();
+    c.agent.unmount("rw2", false).await.unwrap();
+    assert_eq!(held.read(0, 3).await.unwrap_err(), DatastoreError::Stale);
+    assert_eq!(
+        held.write(0, b"x", false).await.unwrap_err(),
+        DatastoreError::Stale
+    );
+    assert_eq!(held.flush().await.unwrap_err(), DatastoreError::Stale);
+    c.agent
+        .mount(&MountRequest {
+            snapshot: "vm".into(),
+            at: None,
+            name: Some("rw2".into()),
+            read_only: false,
+            keep_network: false,
+            prestage: PrestageMode::Off,
+            hosts: vec![],
+        })
+        .await
+        .unwrap();
+    assert_eq!(held.read(0, 3).await.unwrap_err(), DatastoreError::Stale);
+    let again = c.disk("rw2/d.img", HERE).unwrap();
+    assert_eq!(&again.read(0, 3).await.unwrap()[..], &[0u8; 3]);
 }

@@ -1,0 +1,256 @@
+//! Block exports over NBD, with clients nobody here wrote: libnbd's `nbdinfo`, `qemu-img`,
+//! `qemu-io` and a QEMU guest booting from `nbd://`, against `serve --nbd`.
+//!
+//! Exports are `MOUNT/DISK`; the VM's writes go to the mount's overlay, never to the backup.
+
+mod common;
+
+use std::process::Output;
+
+use common::*;
+
+/// The running server's NBD port, from `status --json`.
+fn nbd_port(server: &Server) -> u16 {
+    let status: serde_json::Value =
+        serde_json::from_str(&server.cli(&["status", "--json"])).unwrap();
+    status["nbd_port"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no nbd_port in the status: {status}")) as u16
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `qemu-io` on an NBD URL (raw), one command.
+fn qemu_io(url: &str, cmd: &str) -> Output {
+    client("qemu-io", &["-f", "raw", "-c", cmd, url])
+}
+
+fn compare(url: &str, file: &std::path::Path) -> Output {
+    client(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            url,
+            file.to_str().unwrap(),
+        ],
+    )
+}
+
+#[test]
+fn disks_are_listed_read_and_written_over_nbd_and_the_backup_is_untouched() {
+    let t = tempfile::tempdir().unwrap();
+    let d = mixed_disk(8 << 20, 17);
+    // A size that is not a multiple of the chunk size or of 4 KiB.
+    let e = mixed_disk((3 << 20) + 512, 18);
+    write(&t.path().join("d.img"), &d);
+    write(&t.path().join("e.img"), &e);
+    let cfg = kvm_config(t.path(), "blk", &[("d.img", "raw"), ("e.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let server = Server::start(
+        &repo,
+        &t.path().join("state"),
+        "off",
+        &["--nbd", "127.0.0.1:0"],
+    );
+    let port = nbd_port(&server);
+    let url = |export: &str| format!("nbd://127.0.0.1:{port}/{export}");
+    let out = server.cli(&["mount", "blk", "--name", "rw"]);
+    assert!(
+        out.contains(&format!("nbd://127.0.0.1:{port}/rw/d.img")),
+        "mount prints how to attach each disk over NBD:\n{out}"
+    );
+    server.cli(&["mount", "blk", "--name", "ro", "--read-only"]);
+    server.cli(&["mount", "blk", "--name", "other", "--allow", "127.0.0.2"]);
+
+    // nbdinfo lists the disks of the mounts this host may use, with their sizes; not the
+    // config, not the mount limited to another host.
+    let out = client(
+        "nbdinfo",
+        &["--list", "--json", &format!("nbd://127.0.0.1:{port}")],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut exports: Vec<(String, u64, bool)> = list["exports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| {
+            (
+                x["export-name"].as_str().unwrap().to_string(),
+                x["export-size"].as_u64().unwrap(),
+                x["is_read_only"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    exports.sort();
+    let want = vec![
+        ("ro/d.img".to_string(), d.len() as u64, true),
+        ("ro/e.img".to_string(), e.len() as u64, true),
+        ("rw/d.img".to_string(), d.len() as u64, false),
+        ("rw/e.img".to_string(), e.len() as u64, false),
+    ];
+    assert_eq!(exports, want, "{}", text(&out));
+
+    // Every disk reads back as the source, byte for byte.
+    for export in ["rw/d.img", "ro/d.img"] {
+        let out = compare(&url(export), &t.path().join("d.img"));
+        assert!(out.status.success(), "{export}: {}", text(&out));
+    }
+    for export in ["rw/e.img", "ro/e.img"] {
+        let out = compare(&url(export), &t.path().join("e.img"));
+        assert!(out.status.success(), "{export}: {}", text(&out));
+    }
+
+    // Writes, zeroes and trims go to the overlay and read back.
+    let rw = url("rw/d.img");
+    for cmd in [
+        "write -P 0xab 1048576 65536",
+        "write -P 0xcd 4095 3",
+        "write -z 2097152 131072",
+        "discard 3145728 65536",
+        "flush",
+    ] {
+        let out = qemu_io(&rw, cmd);
+        assert!(
+            out.status.success() && !text(&out).contains("error"),
+            "{cmd}: {}",
+            text(&out)
+        );
+    }
+    for cmd in [
+        "read -P 0xab 1048576 65536",
+        "read -P 0xcd 4095 3",
+        "read -P 0 2097152 131072",
+        "read -P 0 3145728 65536",
+    ] {
+        let out = qemu_io(&rw, cmd);
+        assert!(
+            out.status.success() && !text(&out).contains("Pattern verification failed"),
+            "{cmd}: {}",
+            text(&out)
+        );
+    }
+    // The bytes around them are the backup's.
+    let mut want = d.clone();
+    want[1048576..1048576 + 65536].fill(0xab);
+    want[4095..4098].fill(0xcd);
+    want[2097152..2097152 + 131072].fill(0);
+    want[3145728..3145728 + 65536].fill(0);
+    write(&t.path().join("want.img"), &want);
+    let out = compare(&rw, &t.path().join("want.img"));
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A read-only mount says so and refuses writes; nothing changes.
+    let ro = url("ro/d.img");
+    let out = client("nbdinfo", &["--is", "read-only", &ro]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let out = qemu_io(&ro, "write -P 0x11 0 4096");
+    assert!(
+        !out.status.success() || text(&out).contains("error"),
+        "a write to a read-only mount must fail: {}",
+        text(&out)
+    );
+    let out = compare(&ro, &t.path().join("d.img"));
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Unknown exports, a disk name that is not one, and a mount for another host: refused
+    // alike at the handshake.
+    for export in [
+        "nope/d.img",
+        "rw/blk.xml",
+        "rw/zz.img",
+        "other/d.img",
+        "rw",
+        "",
+    ] {
+        let out = client("nbdinfo", &["--size", &url(export)]);
+        assert!(
+            !out.status.success(),
+            "{export:?} must be refused: {}",
+            text(&out)
+        );
+    }
+
+    // The backup itself is untouched: a fresh mount reads as the source.
+    server.cli(&["mount", "blk", "--name", "fresh"]);
+    let out = compare(&url("fresh/d.img"), &t.path().join("d.img"));
+    assert!(out.status.success(), "{}", text(&out));
+    // And the server is still well.
+    assert!(server.stop().success());
+}
+
+/// The test guest boots from `nbd://` (QEMU's own NBD client), writes a file; livemount is
+/// killed with SIGKILL and started again on the same port; the next boot sees the file.
+#[test]
+fn a_guest_boots_over_nbd_and_its_write_survives_a_kill_of_the_server() {
+    let image = guest_image();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), "nbdguest", &[("guest.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    // A fixed port, so the second server is where the first was.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let nbd = format!("127.0.0.1:{port}");
+    let server = Server::start(&repo, &state, "off", &["--nbd", &nbd]);
+    server.cli(&["mount", "nbdguest", "--name", "g"]);
+    let url = format!("nbd://127.0.0.1:{port}/g/guest.img");
+    let log = t.path().join("serial.log");
+    let write = ["-fw_cfg", "name=opt/livemount/write,string=kept-over-nbd"];
+    let (ok, out) = boot_guest(&url, &log, "", &write);
+    assert!(
+        ok && out.contains("LIVEMOUNT-WROTE kept-over-nbd"),
+        "the guest did not boot over NBD:\n{out}\nserver:\n{}",
+        server.log_text()
+    );
+
+    server.kill();
+    let server = Server::start(&repo, &state, "off", &["--nbd", &nbd]);
+    let (ok, out) = boot_guest(&url, &log, "", &[]);
+    assert!(
+        ok && out.contains("LIVEMOUNT-FILE kept-over-nbd"),
+        "the write is gone after the kill:\n{out}\nserver:\n{}",
+        server.log_text()
+    );
+    // The backup is untouched.
+    server.cli(&["mount", "nbdguest", "--name", "fresh"]);
+    let out = compare(&format!("nbd://127.0.0.1:{port}/fresh/guest.img"), &image);
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn serve_refuses_a_bad_nbd_address_and_says_what_to_give() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo_with_disk(t.path(), "v", &[0u8; 4096]);
+    let out = livemount(&[
+        "serve",
+        "--repo",
+        repo.to_str().unwrap(),
+        "--state",
+        t.path().join("state").to_str().unwrap(),
+        "--nbd",
+        "somewhere:10809",
+        "--nfs",
+        "127.0.0.1:0",
+        "--portmap",
+        "off",
+        "--api",
+        "127.0.0.1:0",
+    ]);
+    let err = text(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("--nbd") && err.contains("ADDR:PORT"), "{err}");
+}
