@@ -6,6 +6,8 @@
 //! Must not: know about mounts, overlays or chunks: a disk comes from the datastore core.
 
 mod exports;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod proto;
 pub mod server;
 

@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -156,19 +156,23 @@ impl NbdServer {
 
 type Res<T> = Result<T, String>;
 
-async fn read_exact<const N: usize>(s: &mut TcpStream) -> Res<[u8; N]> {
+/// What a connection is: a TCP stream, or (fuzzing) one end of an in-memory pipe.
+pub trait Conn: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Conn for T {}
+
+async fn read_exact<const N: usize>(s: &mut (impl AsyncRead + Unpin)) -> Res<[u8; N]> {
     let mut b = [0u8; N];
     s.read_exact(&mut b).await.map_err(|e| e.to_string())?;
     Ok(b)
 }
 
-async fn write_all(s: &mut TcpStream, b: &[u8]) -> Res<()> {
+async fn write_all(s: &mut (impl AsyncWrite + Unpin), b: &[u8]) -> Res<()> {
     s.write_all(b).await.map_err(|e| e.to_string())
 }
 
 /// One connection: negotiation, then transmission of the export it chose.
-async fn serve(
-    mut s: TcpStream,
+pub(crate) async fn serve(
+    mut s: impl Conn,
     peer: IpAddr,
     exports: Arc<dyn Exports>,
     cancel: CancellationToken,
@@ -186,7 +190,7 @@ async fn serve(
 /// The handshake and option haggling; the export chosen by `NBD_OPT_GO` or
 /// `NBD_OPT_EXPORT_NAME`, or `None` when the client aborted.
 async fn negotiate(
-    s: &mut TcpStream,
+    s: &mut impl Conn,
     peer: IpAddr,
     exports: &dyn Exports,
 ) -> Res<Option<(String, Arc<dyn BlockDevice>)>> {
@@ -309,11 +313,16 @@ struct Reply {
 
 /// Transmission: requests read in order, run as tasks (at most [`IN_FLIGHT`]), replies written
 /// by one writer as they come.
-async fn transmit(s: TcpStream, disk: Arc<dyn BlockDevice>, cancel: CancellationToken) -> Res<()> {
-    let (mut rd, mut wr) = s.into_split();
+async fn transmit(s: impl Conn, disk: Arc<dyn BlockDevice>, cancel: CancellationToken) -> Res<()> {
+    let (mut rd, mut wr) = tokio::io::split(s);
     let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    // Set when the writer gives up (the client does not take its replies, or is gone): the
+    // connection ends then, not when it would next go idle.
+    let dead = CancellationToken::new();
+    let writer_dead = dead.clone();
     let writer = tokio::spawn(async move {
+        let _dead = writer_dead.drop_guard();
         while let Some(r) = rx.recv().await {
             let write = async {
                 wr.write_all(&r.header).await?;
@@ -336,6 +345,7 @@ async fn transmit(s: TcpStream, disk: Arc<dyn BlockDevice>, cancel: Cancellation
         let mut first = [0u8; 1];
         let got = tokio::select! {
             _ = cancel.cancelled() => break Ok(()),
+            _ = dead.cancelled() => break Ok(()),
             r = tokio::time::timeout(IDLE_CLOSE, rd.read(&mut first)) => r,
         };
         match got {
@@ -359,14 +369,14 @@ async fn transmit(s: TcpStream, disk: Arc<dyn BlockDevice>, cancel: Cancellation
         if req.kind == CMD_DISC {
             break Ok(());
         }
-        // A WRITE's data is read before the next request, whatever becomes of it.
+        // A WRITE's data is read before the next request, whatever becomes of it; the
+        // buffer grows with the bytes that arrive, not with the length announced.
         let mut data = Vec::new();
         if req.kind == CMD_WRITE {
             if req.len > proto::MAX_IO {
                 break Err(format!("a WRITE of {} bytes", req.len));
             }
-            data = vec![0u8; req.len as usize];
-            if let Err(e) = read_within(&mut rd, &mut data).await {
+            if let Err(e) = read_data(&mut rd, req.len, &mut data).await {
                 break Err(e);
             }
         }
@@ -387,8 +397,19 @@ async fn transmit(s: TcpStream, disk: Arc<dyn BlockDevice>, cancel: Cancellation
     result.and(written)
 }
 
+/// Reads a WRITE's `len` bytes of data into `data`, all within [`STALL`].
+async fn read_data(rd: &mut (impl AsyncRead + Unpin), len: u32, data: &mut Vec<u8>) -> Res<()> {
+    let mut part = (&mut *rd).take(u64::from(len));
+    match tokio::time::timeout(STALL, part.read_to_end(data)).await {
+        Ok(Ok(n)) if n == len as usize => Ok(()),
+        Ok(Ok(n)) => Err(format!("a WRITE's data ended after {n} of {len} bytes")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("a request stalled halfway for 60 s".into()),
+    }
+}
+
 /// Reads exactly `buf.len()` bytes, each part arriving within [`STALL`].
-async fn read_within(rd: &mut tokio::net::tcp::OwnedReadHalf, buf: &mut [u8]) -> Res<()> {
+async fn read_within(rd: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> Res<()> {
     match tokio::time::timeout(STALL, rd.read_exact(buf)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(e.to_string()),
@@ -463,41 +484,9 @@ async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8]) -> Reply {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fuzzing::{disk, Harness, MemDisk};
     use super::*;
-    use std::sync::Mutex;
-
-    /// A disk in memory.
-    struct MemDisk {
-        bytes: Mutex<Vec<u8>>,
-        read_only: bool,
-        flushes: std::sync::atomic::AtomicUsize,
-    }
-
-    #[async_trait]
-    impl BlockDevice for MemDisk {
-        fn size(&self) -> u64 {
-            self.bytes.lock().unwrap().len() as u64
-        }
-        fn read_only(&self) -> bool {
-            self.read_only
-        }
-        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
-            let b = self.bytes.lock().unwrap();
-            Ok(Bytes::copy_from_slice(
-                &b[offset as usize..offset as usize + len as usize],
-            ))
-        }
-        async fn write(&self, offset: u64, data: &[u8], _fua: bool) -> Result<(), BlockError> {
-            let mut b = self.bytes.lock().unwrap();
-            b[offset as usize..offset as usize + data.len()].copy_from_slice(data);
-            Ok(())
-        }
-        async fn flush(&self) -> Result<(), BlockError> {
-            self.flushes
-                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            Ok(())
-        }
-    }
+    use tokio::net::TcpStream;
 
     struct Two(Arc<MemDisk>, Arc<MemDisk>);
 
@@ -512,14 +501,6 @@ mod tests {
                 _ => None,
             }
         }
-    }
-
-    fn disk(len: usize, fill: u8, read_only: bool) -> Arc<MemDisk> {
-        Arc::new(MemDisk {
-            bytes: Mutex::new(vec![fill; len]),
-            read_only,
-            flushes: Default::default(),
-        })
     }
 
     fn qemu_io(url: &str, cmd: &str) -> std::process::Output {
@@ -692,5 +673,101 @@ mod tests {
         assert!(go(&mut s4, "m/rw.img").await.is_some());
         assert_eq!(ask(&mut s4, CMD_READ, 0, 4096, &[]).await, 0);
         cancel.cancel();
+    }
+
+    /// A connection over an in-memory pipe to [`TwoDisks`]: the client's end and the
+    /// server's task.
+    fn pipe() -> (
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<Res<()>>,
+        Arc<MemDisk>,
+    ) {
+        let (client, server) = tokio::io::duplex(64 << 10);
+        let rw = disk(4 << 20, 0x5a, false);
+        let exports = Arc::new(super::super::fuzzing::TwoDisks {
+            rw: rw.clone(),
+            ro: disk(4096, 0, true),
+        });
+        let peer = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let task = tokio::spawn(serve(server, peer, exports, CancellationToken::new()));
+        (client, task, rw)
+    }
+
+    /// Opens `m/rw.img` and takes the handshake's replies.
+    async fn open_rw(c: &mut tokio::io::DuplexStream) {
+        c.write_all(&Harness::go("m/rw.img")).await.unwrap();
+        let mut replies = [0u8; 18 + 32 + 20];
+        c.read_exact(&mut replies).await.unwrap();
+    }
+
+    /// How long until the server ends the connection, and how it ended.
+    async fn time_to_end(task: tokio::task::JoinHandle<Res<()>>) -> (Duration, Res<()>) {
+        let t = tokio::time::Instant::now();
+        let r = task.await.unwrap();
+        (t.elapsed(), r)
+    }
+
+    fn about(d: Duration, want: Duration) -> bool {
+        d >= want && d < want + Duration::from_secs(1)
+    }
+
+    /// The clocks of a connection, on a paused clock: a handshake that never ends is cut at
+    /// HANDSHAKE; an open export with nothing asked is closed at IDLE_CLOSE, and one asked
+    /// something every 5 min is not; a request half sent is cut at STALL.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_handshake_an_idle_export_and_a_stalled_request_are_closed_in_time() {
+        let (_c, task, _) = pipe();
+        let (took, r) = time_to_end(task).await;
+        assert!(about(took, HANDSHAKE), "{took:?} {r:?}");
+
+        let (mut c, task, _) = pipe();
+        open_rw(&mut c).await;
+        for _ in 0..3 {
+            tokio::time::sleep(Duration::from_secs(5 * 60)).await;
+            c.write_all(&Harness::request(CMD_FLUSH, 0, 0, 0))
+                .await
+                .unwrap();
+            let mut reply = [0u8; 16];
+            c.read_exact(&mut reply).await.unwrap();
+            assert_eq!(&reply[4..8], &[0, 0, 0, 0], "flush answered");
+        }
+        let (took, r) = time_to_end(task).await;
+        assert!(about(took, IDLE_CLOSE), "{took:?} {r:?}");
+
+        let (mut c, task, _) = pipe();
+        open_rw(&mut c).await;
+        c.write_all(&Harness::request(CMD_READ, 0, 0, 512)[..10])
+            .await
+            .unwrap();
+        let (took, r) = time_to_end(task).await;
+        assert!(about(took, STALL), "{took:?} {r:?}");
+
+        // A WRITE whose data stops halfway: the same.
+        let (mut c, task, rw) = pipe();
+        open_rw(&mut c).await;
+        c.write_all(&Harness::request(CMD_WRITE, 0, 0, 4096))
+            .await
+            .unwrap();
+        c.write_all(&[1u8; 100]).await.unwrap();
+        let (took, r) = time_to_end(task).await;
+        assert!(about(took, STALL), "{took:?} {r:?}");
+        assert!(rw.bytes.lock().unwrap()[..4096].iter().all(|b| *b == 0x5a));
+    }
+
+    /// A client that asks and never takes its replies: the connection ends STALL after the
+    /// first reply that cannot be written, not at IDLE_CLOSE.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_no_reply_is_cut_at_stall() {
+        let (mut c, task, _) = pipe();
+        open_rw(&mut c).await;
+        // 4 reads of 1 MiB: far more than the pipe holds.
+        for i in 0..4u64 {
+            c.write_all(&Harness::request(CMD_READ, 0, i << 20, 1 << 20))
+                .await
+                .unwrap();
+        }
+        let (took, r) = time_to_end(task).await;
+        assert!(about(took, STALL), "{took:?} {r:?}");
+        assert!(r.unwrap_err().contains("did not take a reply"));
     }
 }
