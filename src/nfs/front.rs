@@ -752,6 +752,75 @@ mod tests {
         cancel.cancel();
     }
 
+    /// 16 READs of 1 MiB sent by a client whose socket takes 4 KiB at a time and which
+    /// reads nothing: the reply writer waits STALL, then the connection closes. A client
+    /// that starts taking its replies before that gets them all.
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_takes_no_reply_is_cut_at_stall() {
+        use bytes::BufMut;
+        let dir = tempfile::tempdir().unwrap();
+        let fs = super::super::fuzzing::one_mount(dir.path()).await.unwrap();
+        let (_, disk) = super::super::fuzzing::handles(&fs);
+        let server = NfsServer::bind("127.0.0.1:0".parse().unwrap(), fs, AllowList::loopback())
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
+        let reads = || {
+            let mut v = Vec::new();
+            for i in 0..16u32 {
+                let mut args = bytes::BytesMut::new();
+                super::super::rpc::put_opaque(&mut args, &disk);
+                args.put_u64(u64::from(i % 2) << 20);
+                args.put_u32(1 << 20);
+                let call =
+                    super::super::fuzzing::call_record(100 + i, dispatch::NFS_PROGRAM, 3, 6, &args);
+                v.extend(fragment(true, &call));
+            }
+            v
+        };
+        let connect = || async {
+            let sock = tokio::net::TcpSocket::new_v4().unwrap();
+            sock.set_recv_buffer_size(4096).unwrap();
+            sock.connect(addr).await.unwrap()
+        };
+        // Everything a client reads until the connection ends.
+        async fn drain(s: &mut TcpStream) -> usize {
+            let mut buf = vec![0u8; 1 << 20];
+            let mut total = 0;
+            while let Ok(n) = s.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                total += n;
+            }
+            total
+        }
+        let whole = 16 * (1 << 20);
+
+        // Taking the replies just before STALL: all of them arrive.
+        let mut s = connect().await;
+        s.write_all(&reads()).await.unwrap();
+        tokio::time::sleep(STALL - Duration::from_secs(1)).await;
+        let mut got = 0;
+        let mut buf = vec![0u8; 1 << 20];
+        while got < whole {
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed after {got} bytes");
+            got += n;
+        }
+        drop(s);
+
+        // Taking nothing until just after STALL: the connection is gone, the replies cut.
+        let mut s = connect().await;
+        s.write_all(&reads()).await.unwrap();
+        tokio::time::sleep(STALL + Duration::from_secs(1)).await;
+        let got = drain(&mut s).await;
+        assert!(got < whole, "{got} bytes: every reply was written");
+        cancel.cancel();
+    }
+
     #[test]
     fn allow_list_matches_cidrs_and_mapped_addresses() {
         let l = AllowList::loopback();

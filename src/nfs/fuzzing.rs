@@ -32,57 +32,17 @@ impl Harness {
         let dir = std::env::temp_dir().join(format!("livemount-fuzz-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        let disk: Vec<u8> = (0..2u32 << 20)
-            .map(|i| (i.wrapping_mul(31) >> 7) as u8)
-            .collect();
-        std::fs::write(dir.join("d.img"), disk)?;
-        std::fs::write(
-            dir.join("fz.xml"),
-            "<domain type='kvm'><name>fz</name><uuid>4b1c9a1e-1111-4222-8333-944455556666</uuid>\
-             <memory unit='KiB'>65536</memory><os><type arch='x86_64'>hvm</type></os><devices>\
-             <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
-             <source file='d.img'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
-        )?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
-        let repo = Repository::init(&dir.join("repo"), ChunkSize::new(64 * 1024)?)?;
-        let opts = BackupOptions::from_config_file(&dir.join("fz.xml"), &[])?;
-        rt.block_on(repo.backup(&opts, &NoProgress))?;
-        let datastore = Datastore {
-            host: "127.0.0.1".into(),
-            export: "/livemount".into(),
-        };
-        let state = dir.join("state");
-        let agent = rt.block_on(Agent::open(
-            repo,
-            datastore,
-            &state,
-            16 << 20,
-            None,
-            None,
-            true,
-        ))?;
-        rt.block_on(agent.mount(&MountRequest {
-            snapshot: "fz".into(),
-            at: None,
-            name: Some("fz".into()),
-            read_only: false,
-            keep_network: false,
-            prestage: PrestageMode::Off,
-            hosts: Vec::new(),
-        }))?;
-        let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");
-        let fs = Arc::new(DatastoreFs::new(Arc::new(agent), false, identity));
-        let mut h = Harness {
+        let fs = rt.block_on(one_mount(&dir))?;
+        let (d, f) = handles(&fs);
+        Ok(Harness {
             rt,
             fs,
             dir,
-            seeds: Vec::new(),
-        };
-        let (d, f) = h.handles();
-        h.seeds = seed_calls(&d, &f);
-        Ok(h)
+            seeds: seed_calls(&d, &f),
+        })
     }
 
     /// A fuzzer's input as a call: a first byte below 64 sends the rest as it is; from 64 to
@@ -146,16 +106,66 @@ impl Harness {
 
     /// Handles of the mount's folder and its disk, for [`seed_calls`].
     pub fn handles(&self) -> (Vec<u8>, Vec<u8>) {
-        let dir = self.fs.mount_path(b"/livemount/fz", LOCALHOST).ok();
-        let disk = dir
-            .as_ref()
-            .and_then(|d| self.fs.lookup(d, b"d.img", LOCALHOST).ok());
-        let h = |node: Option<crate::datastore::Node>| {
-            node.map(|n| self.fs.handle(&n).to_vec())
-                .unwrap_or_default()
-        };
-        (h(dir), h(disk))
+        handles(&self.fs)
     }
+}
+
+/// A datastore over a repository in `dir` holding one backup of a small KVM VM, mounted
+/// read-write as `fz` (its disk `d.img`, 2 MiB).
+pub async fn one_mount(dir: &std::path::Path) -> anyhow::Result<Arc<DatastoreFs>> {
+    let disk: Vec<u8> = (0..2u32 << 20)
+        .map(|i| (i.wrapping_mul(31) >> 7) as u8)
+        .collect();
+    std::fs::write(dir.join("d.img"), disk)?;
+    std::fs::write(
+        dir.join("fz.xml"),
+        "<domain type='kvm'><name>fz</name><uuid>4b1c9a1e-1111-4222-8333-944455556666</uuid>\
+         <memory unit='KiB'>65536</memory><os><type arch='x86_64'>hvm</type></os><devices>\
+         <disk type='file' device='disk'><driver name='qemu' type='raw'/>\
+         <source file='d.img'/><target dev='vda' bus='virtio'/></disk></devices></domain>",
+    )?;
+    let repo = Repository::init(&dir.join("repo"), ChunkSize::new(64 * 1024)?)?;
+    let opts = BackupOptions::from_config_file(&dir.join("fz.xml"), &[])?;
+    repo.backup(&opts, &NoProgress).await?;
+    let datastore = Datastore {
+        host: "127.0.0.1".into(),
+        export: "/livemount".into(),
+    };
+    let agent = Agent::open(
+        repo,
+        datastore,
+        &dir.join("state"),
+        16 << 20,
+        None,
+        None,
+        true,
+    )
+    .await?;
+    agent
+        .mount(&MountRequest {
+            snapshot: "fz".into(),
+            at: None,
+            name: Some("fz".into()),
+            read_only: false,
+            keep_network: false,
+            prestage: PrestageMode::Off,
+            hosts: Vec::new(),
+        })
+        .await?;
+    let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");
+    Ok(Arc::new(DatastoreFs::new(Arc::new(agent), false, identity)))
+}
+
+/// Handles of the folder and the disk of [`one_mount`]'s mount.
+pub fn handles(fs: &DatastoreFs) -> (Vec<u8>, Vec<u8>) {
+    let dir = fs.mount_path(b"/livemount/fz", LOCALHOST).ok();
+    let disk = dir
+        .as_ref()
+        .and_then(|d| fs.lookup(d, b"d.img", LOCALHOST).ok());
+    let h = |node: Option<crate::datastore::Node>| {
+        node.map(|n| fs.handle(&n).to_vec()).unwrap_or_default()
+    };
+    (h(dir), h(disk))
 }
 
 impl Drop for Harness {
