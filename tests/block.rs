@@ -1,10 +1,14 @@
 //! Block exports over NBD, with clients nobody here wrote: libnbd's `nbdinfo`, `qemu-img`,
-//! `qemu-io` and a QEMU guest booting from `nbd://`, against `serve --nbd`.
+//! `qemu-io` and a QEMU guest booting from `nbd://` and getting a disk hot-plugged over QMP,
+//! against `serve --nbd`.
 //!
 //! Exports are `MOUNT/DISK`; the VM's writes go to the mount's overlay, never to the backup.
 
 mod common;
 
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::process::Output;
 
 use common::*;
@@ -229,6 +233,174 @@ fn a_guest_boots_over_nbd_and_its_write_survives_a_kill_of_the_server() {
     server.cli(&["mount", "nbdguest", "--name", "fresh"]);
     let out = compare(&format!("nbd://127.0.0.1:{port}/fresh/guest.img"), &image);
     assert!(out.status.success(), "{}", text(&out));
+}
+
+/// A QMP connection to a running QEMU (its `-qmp unix:PATH,server=on,wait=off` socket). A test
+/// that panics while one is open asks QEMU to quit, so no guest outlives it.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Qmp {
+        let writer = UnixStream::connect(path)
+            .unwrap_or_else(|e| panic!("QMP socket {}: {e}", path.display()));
+        writer
+            .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+            .unwrap();
+        let mut qmp = Qmp {
+            reader: BufReader::new(writer.try_clone().unwrap()),
+            writer,
+        };
+        let greeting = qmp.message();
+        assert!(greeting.get("QMP").is_some(), "{greeting}");
+        qmp.execute("qmp_capabilities", serde_json::json!({}));
+        qmp
+    }
+
+    /// The next message from QEMU.
+    fn message(&mut self) -> serde_json::Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("reading QMP");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("QMP sent {line:?}: {e}"))
+    }
+
+    /// Runs a command; its `return`, or a panic with QEMU's error. Events on the way are skipped.
+    fn execute(&mut self, command: &str, arguments: serde_json::Value) -> serde_json::Value {
+        let request = serde_json::json!({ "execute": command, "arguments": arguments });
+        writeln!(self.writer, "{request}").expect("writing QMP");
+        loop {
+            let reply = self.message();
+            if let Some(r) = reply.get("return") {
+                return r.clone();
+            }
+            assert!(
+                reply.get("event").is_some(),
+                "QMP {command} failed: {reply}"
+            );
+        }
+    }
+}
+
+impl Drop for Qmp {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = writeln!(self.writer, r#"{{"execute": "quit"}}"#);
+        }
+    }
+}
+
+/// Issue 17: a running guest gets a backup's disk hot-plugged over NBD, as one would attach a
+/// recovered disk to a VM that is already up. The backup is of a VM with two disks: the test
+/// guest, which boots from its mount's `nbd://` export, and a data disk, an ext4 file system
+/// (made here with `mkfs.ext4 -d`) holding a known file: a text line, then 3 MiB of random
+/// bytes. Once the guest says it is waiting, QMP's `blockdev-add` opens the data disk's export
+/// through QEMU's NBD client (read-only) and `device_add` plugs it in as a virtio-blk-pci device;
+/// the guest mounts it (/dev/vdb) and prints the file's md5 and first line, then powers off.
+#[test]
+fn a_running_guest_gets_a_backup_disk_hot_plugged_over_nbd_and_reads_a_file_from_it() {
+    let image = guest_image();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let files = t.path().join("files");
+    std::fs::create_dir(&files).unwrap();
+    let line = "livemount hot-plug test: the known file";
+    let mut known = format!("{line}\n").into_bytes();
+    let mut tail = vec![0u8; 3 << 20];
+    Rng::new(1717).fill(&mut tail);
+    known.extend_from_slice(&tail);
+    write(&files.join("known.bin"), &known);
+    let data = t.path().join("data.img");
+    std::fs::File::create(&data)
+        .unwrap()
+        .set_len(32 * MIB)
+        .unwrap();
+    let out = client(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-L",
+            "lmdata",
+            "-d",
+            files.to_str().unwrap(),
+            data.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "mkfs.ext4: {}", text(&out));
+    let out = client("md5sum", &[files.join("known.bin").to_str().unwrap()]);
+    let md5 = String::from_utf8(out.stdout).unwrap()[..32].to_string();
+
+    let cfg = kvm_config(
+        t.path(),
+        "hotplug",
+        &[("guest.img", "raw"), ("data.img", "raw")],
+    );
+    let repo = repo_with_backup(t.path(), &cfg);
+    let server = Server::start(
+        &repo,
+        &t.path().join("state"),
+        "off",
+        &["--nbd", "127.0.0.1:0"],
+    );
+    let port = nbd_port(&server);
+    server.cli(&["mount", "hotplug", "--name", "h"]);
+
+    let log = t.path().join("serial.log");
+    let sock = t.path().join("qmp.sock");
+    let qmp_arg = format!("unix:{},server=on,wait=off", sock.display());
+    let guest = boot_guest_until(
+        &format!("nbd://127.0.0.1:{port}/h/guest.img"),
+        &log,
+        "",
+        &[
+            "-qmp",
+            &qmp_arg,
+            "-fw_cfg",
+            "name=opt/livemount/hotplug,string=known.bin",
+        ],
+        "LIVEMOUNT-WAITING-DISK",
+    );
+    let mut qmp = Qmp::connect(&sock);
+    qmp.execute(
+        "blockdev-add",
+        serde_json::json!({
+            "driver": "raw",
+            "node-name": "restored",
+            "read-only": true,
+            "file": {
+                "driver": "nbd",
+                "server": { "type": "inet", "host": "127.0.0.1", "port": port.to_string() },
+                "export": "h/data.img",
+            },
+        }),
+    );
+    qmp.execute(
+        "device_add",
+        serde_json::json!({ "driver": "virtio-blk-pci", "id": "restored-disk", "drive": "restored" }),
+    );
+    let (ok, out) = guest.join().unwrap();
+    drop(qmp);
+    assert!(
+        ok && out.contains(&format!("LIVEMOUNT-HOTPLUG {md5} {line}")),
+        "the guest did not read the known file from the hot-plugged disk (md5 {md5}):\n{out}\n\
+         server:\n{}",
+        server.log_text()
+    );
+    eprintln!(
+        "{}",
+        out.lines()
+            .filter(|l| l.starts_with("boot-guest:") || l.starts_with("LIVEMOUNT-HOTPLUG"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let log = server.log_text();
+    assert!(
+        !log.contains("ERROR") && !log.contains("WARN"),
+        "the server logged a problem:\n{log}"
+    );
+    assert!(server.stop().success());
 }
 
 #[test]

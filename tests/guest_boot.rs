@@ -195,24 +195,9 @@ fn boot_busy(
     log: &std::path::Path,
     seconds: u32,
 ) -> std::thread::JoinHandle<(bool, String)> {
-    let (url, log) = (
-        format!("nfs://127.0.0.1/livemount/{mount}/guest.img"),
-        log.to_path_buf(),
-    );
+    let url = format!("nfs://127.0.0.1/livemount/{mount}/guest.img");
     let busy = format!("name=opt/livemount/busy,string={seconds}");
-    let guest = {
-        let log = log.clone();
-        std::thread::spawn(move || boot(&url, &log, "", &["-fw_cfg", &busy]))
-    };
-    let t0 = std::time::Instant::now();
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("LIVEMOUNT-GUEST-BOOTED")
-    {
-        assert!(t0.elapsed().as_secs() < 120, "the guest did not boot");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    guest
+    boot_guest_until(&url, log, "", &["-fw_cfg", &busy], "LIVEMOUNT-GUEST-BOOTED")
 }
 
 #[test]

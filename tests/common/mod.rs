@@ -368,6 +368,42 @@ pub fn boot_guest(image: &str, log: &Path, drive_opts: &str, extra: &[&str]) -> 
     (out.status.success(), text)
 }
 
+/// `boot_guest` on a thread of its own, returning once the guest's serial log shows `marker`
+/// (a line the guest prints while it runs); the thread's result is `boot_guest`'s. Panics with
+/// the boot's output if it ends without the marker, or after 120 s.
+pub fn boot_guest_until(
+    image: &str,
+    log: &Path,
+    drive_opts: &str,
+    extra: &[&str],
+    marker: &str,
+) -> std::thread::JoinHandle<(bool, String)> {
+    // An earlier boot's log must not be mistaken for this one's.
+    let _ = std::fs::remove_file(log);
+    let guest = {
+        let (image, log, drive_opts) =
+            (image.to_string(), log.to_path_buf(), drive_opts.to_string());
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+        std::thread::spawn(move || {
+            let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+            boot_guest(&image, &log, &drive_opts, &extra)
+        })
+    };
+    let t0 = std::time::Instant::now();
+    while !std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .contains(marker)
+    {
+        if guest.is_finished() {
+            let (_, text) = guest.join().unwrap();
+            panic!("the guest ended without {marker}:\n{text}");
+        }
+        assert!(t0.elapsed().as_secs() < 120, "no {marker} after 120 s");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    guest
+}
+
 /// Holds the machine-wide lock on TCP port 111 (the portmapper port QEMU's NFS driver asks).
 pub fn port_111_lock() -> std::fs::File {
     let f =
