@@ -135,6 +135,10 @@ pub struct MountRequest {
     pub read_only: bool,
     #[serde(default)]
     pub keep_network: bool,
+    /// Only the disks: no config, no files of the VM's folder (a disk attached to a VM that
+    /// runs elsewhere).
+    #[serde(default)]
+    pub disks_only: bool,
     /// Only these hosts (addresses or CIDRs) may use the mount; empty: all the server allows.
     #[serde(default)]
     pub hosts: Vec<String>,
@@ -334,7 +338,11 @@ impl Agent {
         let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
         let config = self.config_for_mount(&spec, &snapshot, config, None)?;
-        let window = self.learning.filter(|_| fresh).map(BootWindow::new);
+        // A disks-only mount's disks are attached to a VM that booted elsewhere: no boot.
+        let window = self
+            .learning
+            .filter(|_| fresh && !spec.disks_only)
+            .map(BootWindow::new);
         let reader = Arc::new(MountReader::new(
             self.cache.clone(),
             self.metrics.clone(),
@@ -463,6 +471,7 @@ impl Agent {
             keep_network: req.keep_network,
             created: jiff::Timestamp::now(),
             hosts,
+            disks_only: req.disks_only,
         };
         // In the lease before the snapshot is opened: a forget that misses the lease has
         // removed the manifest before it is read, and the mount fails (decision 0017).
@@ -496,7 +505,7 @@ impl Agent {
                 return Err(e);
             }
         };
-        if req.prestage != PrestageMode::Off {
+        if req.prestage != PrestageMode::Off && !spec.disks_only {
             self.start_prestage(&mount);
         }
         if let Some(w) = &mount.window {
@@ -898,6 +907,7 @@ mod tests {
             keep_network: false,
             created: jiff::Timestamp::UNIX_EPOCH,
             hosts: Vec::new(),
+            disks_only: false,
         }
     }
 

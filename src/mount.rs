@@ -77,6 +77,10 @@ pub struct MountSpec {
     /// Only these client networks may use the mount (empty: every client the server allows).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<ipnet::IpNet>,
+    /// Only the disks (and an ESXi disk's descriptor): no config, no files of the VM's
+    /// folder (`mount --disks-only`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disks_only: bool,
 }
 
 /// Runs a mount's file work (making or opening its overlay files, with their fsyncs) on the
@@ -238,9 +242,10 @@ pub struct LiveMount {
     pub spec: MountSpec,
     /// The backup's files: disks and descriptors, and for a read-only mount the config.
     pub files: Vec<MountFile>,
-    /// The VM's config file's name in the folder.
+    /// The VM's config file's name in the folder (empty for a disks-only mount).
     pub config_name: String,
-    /// Files the hypervisor makes, and the config (read-write mounts only).
+    /// Files the hypervisor makes, and the config (read-write mounts that are not
+    /// disks-only).
     pub folder: Option<Arc<files::FolderFiles>>,
     /// The backed-up VM's name (its boot profile's name).
     pub vm: String,
@@ -293,11 +298,16 @@ impl LiveMount {
             source,
         };
         let (config_name, names) = plan_files(m, true);
+        let config_name = if spec.disks_only {
+            String::new()
+        } else {
+            config_name
+        };
         let base = u64::from(spec.id) << 32;
         let mut files = Vec::new();
         // File ids: the config is 1 (a folder file on a read-write mount, so it can be edited),
         // the backup's disk files follow from 2.
-        let folder = if spec.read_only {
+        let folder = if spec.read_only || spec.disks_only {
             None
         } else {
             let (dir, name, bytes) = (overlays.to_path_buf(), config_name.clone(), config.clone());
@@ -316,7 +326,7 @@ impl LiveMount {
             });
             next += 1;
         };
-        if folder.is_none() {
+        if folder.is_none() && !spec.disks_only {
             add(config_name.clone(), Content::Bytes(config));
         }
         for (i, (d, (data, desc))) in m.disks.iter().zip(names).enumerate() {

@@ -69,6 +69,11 @@ pub enum RelocateError {
     Running { mount: String, ago: f64 },
     #[error("relocation state {path}: {what}")]
     State { path: String, what: String },
+    #[error(
+        "mount {mount} holds only disks (mount --disks-only): there is no VM to relocate; copy \
+         a disk with `qemu-img convert` from its NFS or NBD URL instead"
+    )]
+    DisksOnly { mount: String },
 }
 
 /// How long a mount's disks must have had no write before `--finish` believes the VM stopped.

@@ -426,3 +426,82 @@ fn serve_refuses_a_bad_nbd_address_and_says_what_to_give() {
     assert!(!out.status.success());
     assert!(err.contains("--nbd") && err.contains("ADDR:PORT"), "{err}");
 }
+
+/// `mount --disks-only`: the mount's folder holds the disks alone (no config, no files of
+/// the VM's folder, nothing new can be made there), its disks take writes over NBD, a
+/// relocation is refused (there is no VM), and all of it holds across a restart.
+#[test]
+fn a_disks_only_mount_serves_its_disks_alone() {
+    let t = tempfile::tempdir().unwrap();
+    let d = mixed_disk(2 << 20, 21);
+    write(&t.path().join("d.img"), &d);
+    write(&t.path().join("e.img"), &mixed_disk(1 << 20, 22));
+    let cfg = kvm_config(t.path(), "dsk", &[("d.img", "raw"), ("e.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let root = t.path().join("relocated");
+    std::fs::create_dir_all(&root).unwrap();
+    let config = relocate_config(t.path(), &[&root], "");
+    let args = ["--nbd", "127.0.0.1:0", "--config", config.to_str().unwrap()];
+    let server = Server::start(&repo, &state, "off", &args);
+    let out = server.cli(&["mount", "dsk", "--name", "only", "--disks-only"]);
+    assert!(out.contains("disks only"), "{out}");
+    assert!(!out.contains("virsh define"), "no VM to define:\n{out}");
+    let listing = |server: &Server| {
+        let out = client("nfs-ls", &[&server.libnfs_url("only")]);
+        assert!(out.status.success(), "{}", text(&out));
+        let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().last().map(str::to_string))
+            .filter(|n| n != "." && n != "..")
+            .collect();
+        names.sort();
+        names
+    };
+    assert_eq!(listing(&server), ["d.img", "e.img"]);
+    // Nothing new can be made in the folder.
+    let new = format!(
+        "nfs://127.0.0.1/livemount/only/new.img?nfsport={p}&mountport={p}&version=3",
+        p = server.nfs_port
+    );
+    let out = client("qemu-img", &["create", "-f", "raw", &new, "1M"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    // The disks take writes (into the overlay) and read as the source elsewhere.
+    let url = format!("nbd://127.0.0.1:{}/only/d.img", nbd_port(&server));
+    let out = qemu_io(&url, "write -P 0x77 65536 4096");
+    assert!(
+        out.status.success() && !text(&out).contains("error"),
+        "{}",
+        text(&out)
+    );
+    // No relocation: there is no VM.
+    let out = livemount(&[
+        "relocate",
+        "only",
+        "--to",
+        root.join("x").to_str().unwrap(),
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    let err = text(&out);
+    assert!(
+        !out.status.success() && err.contains("--disks-only"),
+        "{err}"
+    );
+    assert!(!root.join("x").exists());
+
+    // After a restart: the same.
+    assert!(server.stop().success());
+    let server = Server::start(&repo, &state, "off", &args);
+    assert_eq!(listing(&server), ["d.img", "e.img"]);
+    let url = format!("nbd://127.0.0.1:{}/only/d.img", nbd_port(&server));
+    let out = qemu_io(&url, "read -P 0x77 65536 4096");
+    assert!(
+        out.status.success() && !text(&out).contains("Pattern verification failed"),
+        "{}",
+        text(&out)
+    );
+    let mounts: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mounts", "--json"])).unwrap();
+    assert_eq!(mounts[0]["spec"]["disks_only"], true, "{mounts}");
+}

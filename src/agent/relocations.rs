@@ -216,6 +216,11 @@ impl Agent {
             .ok_or_else(|| RelocateError::NoMount {
                 name: mount.to_string(),
             })?;
+        if m.spec.disks_only {
+            return Err(RelocateError::DisksOnly {
+                mount: mount.to_string(),
+            });
+        }
         if let Some(r) = self.relocation(mount) {
             let rec = r.record();
             match rec.phase {

@@ -1,4 +1,4 @@
-//! `livemount mount SNAPSHOT [--name NAME] [--read-only] [--network keep|disconnect]`
+//! `livemount mount SNAPSHOT [--name NAME] [--read-only] [--disks-only] [--network keep|disconnect]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -62,6 +62,11 @@ pub struct MountArgs {
     /// With `--prestage wait`: the longest wait, e.g. 90s.
     #[arg(long, value_name = "DURATION", default_value = "300s")]
     prestage_timeout: String,
+    /// Mount only the disks: no config and no VM folder files, no boot profile or
+    /// pre-staging; for attaching a backup's disks to a VM that is already running
+    /// (instant disk recovery), over NFS or as block devices (serve --nbd).
+    #[arg(long)]
+    disks_only: bool,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
@@ -85,6 +90,7 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         read_only: a.read_only,
         keep_network: matches!(a.network, Network::Keep),
         hosts: a.allow.clone(),
+        disks_only: a.disks_only,
         prestage: match a.prestage {
             Prestage::Wait => PrestageMode::Wait,
             Prestage::Background => PrestageMode::Background,
@@ -113,26 +119,27 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
     }
     let m = &reply.mount;
     println!(
-        "mounted {} as {}{}",
+        "mounted {} as {}{}{}",
         m.spec.snapshot_name,
         m.spec.name,
+        if m.spec.disks_only {
+            ", disks only"
+        } else {
+            ""
+        },
         if m.spec.read_only { " (read-only)" } else { "" }
     );
     for f in &m.files {
         println!("  {:<40} {:>10}", f.name, human(f.size));
     }
-    match m.hypervisor {
-        crate::vmconfig::Hypervisor::Esxi => {
-            println!("ESXi:");
-            for c in &reply.attach.esxi {
-                println!("  {c}");
-            }
-        }
-        crate::vmconfig::Hypervisor::Kvm => {
-            println!("KVM:");
-            for c in &reply.attach.kvm {
-                println!("  {c}");
-            }
+    let (label, lines) = match m.hypervisor {
+        crate::vmconfig::Hypervisor::Esxi => ("ESXi:", &reply.attach.esxi),
+        crate::vmconfig::Hypervisor::Kvm => ("KVM:", &reply.attach.kvm),
+    };
+    if !lines.is_empty() {
+        println!("{label}");
+        for c in lines {
+            println!("  {c}");
         }
     }
     println!("disks:");

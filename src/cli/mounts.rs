@@ -43,6 +43,9 @@ pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
             if m.spec.read_only { "ro" } else { "rw" },
             human(disks)
         );
+        if m.spec.disks_only {
+            println!("  disks only (no config, no folder files)");
+        }
         if let Some(r) = &m.relocation {
             println!(
                 "  relocation to {}: {}, {} of {} copied{}{}",

@@ -131,7 +131,7 @@ impl From<RelocateError> for ApiError {
             RelocateError::Busy { .. }
             | RelocateError::Refused(_)
             | RelocateError::Running { .. } => StatusCode::CONFLICT,
-            RelocateError::Dest { .. } => StatusCode::BAD_REQUEST,
+            RelocateError::Dest { .. } | RelocateError::DisksOnly { .. } => StatusCode::BAD_REQUEST,
             RelocateError::Roots(crate::relocate::DestError::Io { .. }) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
@@ -415,23 +415,23 @@ fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
         .filter(|f| f.disk)
         .map(|f| format!("{base}/{}", f.name))
         .collect();
-    let esxi = vec![
-        format!(
-            "esxcli storage nfs add -H {} -s {} -v {datastore}",
-            s.advertise, s.export
-        ),
-        format!(
+    let mut esxi = vec![format!(
+        "esxcli storage nfs add -H {} -s {} -v {datastore}",
+        s.advertise, s.export
+    )];
+    let mut kvm = Vec::new();
+    // A disks-only mount has no VM to register: its disks are attached to one that runs.
+    if !m.spec.disks_only {
+        esxi.push(format!(
             "vim-cmd solo/registervm /vmfs/volumes/{datastore}/{}/{}",
             m.spec.name, m.config
-        ),
-    ];
-    let kvm = vec![
-        format!("nfs-cat {base}/{} > {}.xml", m.config, m.spec.name),
-        format!(
+        ));
+        kvm.push(format!("nfs-cat {base}/{} > {}.xml", m.config, m.spec.name));
+        kvm.push(format!(
             "virsh define {}.xml && virsh start {}",
             m.spec.name, m.spec.name
-        ),
-    ];
+        ));
+    }
     let mut block = Vec::new();
     if let Some(port) = s.nbd_port {
         let host = &s.advertise;

@@ -57,6 +57,7 @@ async fn core(dir: &Path) -> DatastoreCore {
                 keep_network: false,
                 prestage: PrestageMode::Off,
                 hosts,
+                disks_only: false,
             })
             .await
             .unwrap();
@@ -372,6 +373,7 @@ async fn a_disk_by_name_for_block_protocols() {
             keep_network: false,
             prestage: PrestageMode::Off,
             hosts: vec![],
+            disks_only: false,
         })
         .await
         .unwrap();

@@ -150,6 +150,7 @@ pub async fn one_mount(dir: &std::path::Path) -> anyhow::Result<Arc<DatastoreFs>
             keep_network: false,
             prestage: PrestageMode::Off,
             hosts: Vec::new(),
+            disks_only: false,
         })
         .await?;
     let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");
