@@ -95,7 +95,6 @@ impl Harness {
     pub fn new() -> std::io::Result<Harness> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .start_paused(true)
             .build()?;
         Ok(Harness {
             rt,
@@ -106,9 +105,9 @@ impl Harness {
         })
     }
 
-    /// Sends `input` as everything a client says on one connection, then closes its side;
-    /// returns how many bytes the server answered. (A paused clock: the server's timeouts
-    /// pass at once when it waits for nothing else.)
+    /// Sends `input` as everything a client says on one connection, then closes its side
+    /// (so the server never waits for a clock: it reads the end); returns how many bytes the
+    /// server answered.
     pub fn stream(&self, input: &[u8]) -> usize {
         let exports: Arc<dyn Exports> = self.exports.clone();
         self.rt.block_on(async move {
