@@ -177,9 +177,12 @@ pub(crate) async fn serve(
     exports: Arc<dyn Exports>,
     cancel: CancellationToken,
 ) -> Res<()> {
-    let chosen = tokio::time::timeout(HANDSHAKE, negotiate(&mut s, peer, &*exports))
-        .await
-        .map_err(|_| "the negotiation took too long".to_string())??;
+    // A stop does not wait for a client still haggling.
+    let chosen = tokio::select! {
+        _ = cancel.cancelled() => return Ok(()),
+        r = tokio::time::timeout(HANDSHAKE, negotiate(&mut s, peer, &*exports)) => r,
+    };
+    let chosen = chosen.map_err(|_| "the negotiation took too long".to_string())??;
     let Some((name, disk)) = chosen else {
         return Ok(());
     };
@@ -752,6 +755,23 @@ mod tests {
         let (took, r) = time_to_end(task).await;
         assert!(about(took, STALL), "{took:?} {r:?}");
         assert!(rw.bytes.lock().unwrap()[..4096].iter().all(|b| *b == 0x5a));
+    }
+
+    /// A graceful stop ends a connection still in its handshake at once, not at HANDSHAKE.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_a_connection_in_its_handshake_at_once() {
+        let (_client, server) = tokio::io::duplex(64 << 10);
+        let exports = Arc::new(super::super::fuzzing::TwoDisks {
+            rw: disk(4096, 0, false),
+            ro: disk(4096, 0, true),
+        });
+        let cancel = CancellationToken::new();
+        let peer = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+        let task = tokio::spawn(serve(server, peer, exports, cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.cancel();
+        let (took, r) = time_to_end(task).await;
+        assert!(took < Duration::from_secs(1) && r.is_ok(), "{took:?} {r:?}");
     }
 
     /// A client that asks and never takes its replies: the connection ends STALL after the
