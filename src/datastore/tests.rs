@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::*;
-use crate::agent::{Agent, Datastore, MountRequest, PrestageMode};
+use crate::agent::{MountRequest, PrestageMode};
 use crate::repo::{BackupOptions, ChunkSize, NoProgress, Repository};
 
 const HERE: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -27,21 +27,7 @@ async fn core(dir: &Path) -> DatastoreCore {
     let repo = Repository::init(&dir.join("repo"), ChunkSize::new(64 * 1024).unwrap()).unwrap();
     let opts = BackupOptions::from_config_file(&dir.join("vm.xml"), &[]).unwrap();
     repo.backup(&opts, &NoProgress).await.unwrap();
-    let datastore = Datastore {
-        host: "127.0.0.1".into(),
-        export: "/livemount".into(),
-    };
-    let agent = Agent::open(
-        repo,
-        datastore,
-        &dir.join("state"),
-        16 << 20,
-        None,
-        None,
-        true,
-    )
-    .await
-    .unwrap();
+    let agent = crate::nfs::fuzzing::agent(repo, dir).await.unwrap();
     for (name, read_only, hosts) in [
         ("rw", false, vec![]),
         ("rw2", false, vec![]),

@@ -640,35 +640,28 @@ mod tests {
     /// A server over an agent with no mounts, on 127.0.0.1, and the folder holding its
     /// repository and state. (The clocks below need nothing mounted.)
     async fn server() -> (SocketAddr, CancellationToken, tempfile::TempDir) {
-        use crate::agent::{Agent, Datastore};
         use crate::repo::{ChunkSize, Repository};
         let dir = tempfile::tempdir().unwrap();
         let repo =
             Repository::init(&dir.path().join("repo"), ChunkSize::new(64 * 1024).unwrap()).unwrap();
-        let datastore = Datastore {
-            host: "127.0.0.1".into(),
-            export: "/livemount".into(),
-        };
-        let agent = Agent::open(
-            repo,
-            datastore,
-            &dir.path().join("state"),
-            1 << 20,
-            None,
-            None,
-            false,
-        )
-        .await
-        .unwrap();
+        let agent = super::super::fuzzing::agent(repo, dir.path())
+            .await
+            .unwrap();
         let identity = super::super::handle::Identity::fixed(*b"clocktst", *b"verifier");
         let fs = Arc::new(DatastoreFs::new(Arc::new(agent), false, identity));
+        let (addr, cancel) = serve_fs(fs).await;
+        (addr, cancel, dir)
+    }
+
+    /// An NFS server over `fs` on 127.0.0.1, running until the token is cancelled.
+    async fn serve_fs(fs: Arc<DatastoreFs>) -> (SocketAddr, CancellationToken) {
         let server = NfsServer::bind("127.0.0.1:0".parse().unwrap(), fs, AllowList::loopback())
             .await
             .unwrap();
         let addr = server.local_addr().unwrap();
         let cancel = CancellationToken::new();
         tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
-        (addr, cancel, dir)
+        (addr, cancel)
     }
 
     /// NFS NULL as one record.
@@ -761,12 +754,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fs = super::super::fuzzing::one_mount(dir.path()).await.unwrap();
         let (_, disk) = super::super::fuzzing::handles(&fs);
-        let server = NfsServer::bind("127.0.0.1:0".parse().unwrap(), fs, AllowList::loopback())
-            .await
-            .unwrap();
-        let addr = server.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
+        let (addr, cancel) = serve_fs(fs).await;
         let reads = || {
             let mut v = Vec::new();
             for i in 0..16u32 {
@@ -800,9 +788,19 @@ mod tests {
         let whole = 16 * (1 << 20);
 
         // Taking the replies just before STALL: all of them arrive.
+        // The clocks start when the first reply starts to arrive (the reads are fetched on
+        // the blocking pool first, and a paused clock can move on meanwhile).
         let mut s = connect().await;
         s.write_all(&reads()).await.unwrap();
+        s.peek(&mut [0u8; 1]).await.unwrap();
         tokio::time::sleep(STALL - Duration::from_secs(1)).await;
+        // A ticker: when the runtime waits for the kernel between two socket reads, the
+        // paused clock moves on by 10 ms, not to the writer's next deadline.
+        let ticker = tokio::spawn(async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
         let mut got = 0;
         let mut buf = vec![0u8; 1 << 20];
         while got < whole {
@@ -810,11 +808,13 @@ mod tests {
             assert!(n > 0, "the connection closed after {got} bytes");
             got += n;
         }
+        ticker.abort();
         drop(s);
 
         // Taking nothing until just after STALL: the connection is gone, the replies cut.
         let mut s = connect().await;
         s.write_all(&reads()).await.unwrap();
+        s.peek(&mut [0u8; 1]).await.unwrap();
         tokio::time::sleep(STALL + Duration::from_secs(1)).await;
         let got = drain(&mut s).await;
         assert!(got < whole, "{got} bytes: every reply was written");

@@ -127,20 +127,7 @@ pub async fn one_mount(dir: &std::path::Path) -> anyhow::Result<Arc<DatastoreFs>
     let repo = Repository::init(&dir.join("repo"), ChunkSize::new(64 * 1024)?)?;
     let opts = BackupOptions::from_config_file(&dir.join("fz.xml"), &[])?;
     repo.backup(&opts, &NoProgress).await?;
-    let datastore = Datastore {
-        host: "127.0.0.1".into(),
-        export: "/livemount".into(),
-    };
-    let agent = Agent::open(
-        repo,
-        datastore,
-        &dir.join("state"),
-        16 << 20,
-        None,
-        None,
-        true,
-    )
-    .await?;
+    let agent = agent(repo, dir).await?;
     agent
         .mount(&MountRequest {
             snapshot: "fz".into(),
@@ -155,6 +142,25 @@ pub async fn one_mount(dir: &std::path::Path) -> anyhow::Result<Arc<DatastoreFs>
         .await?;
     let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");
     Ok(Arc::new(DatastoreFs::new(Arc::new(agent), false, identity)))
+}
+
+/// An agent over `repo`, its state in `dir/state`, exporting `/livemount` as 127.0.0.1, with
+/// a 16 MiB cache and read-ahead (for tests and fuzzing).
+pub async fn agent(repo: Repository, dir: &std::path::Path) -> anyhow::Result<Agent> {
+    let datastore = Datastore {
+        host: "127.0.0.1".into(),
+        export: "/livemount".into(),
+    };
+    Agent::open(
+        repo,
+        datastore,
+        &dir.join("state"),
+        16 << 20,
+        None,
+        None,
+        true,
+    )
+    .await
 }
 
 /// Handles of the folder and the disk of [`one_mount`]'s mount.
