@@ -491,19 +491,23 @@ mod tests {
     use super::*;
     use tokio::net::TcpStream;
 
-    struct Two(Arc<MemDisk>, Arc<MemDisk>);
-
-    impl Exports for Two {
-        fn list(&self, _: IpAddr) -> Vec<String> {
-            vec!["m/rw.img".into(), "m/ro.img".into()]
-        }
-        fn open(&self, name: &str, _: IpAddr) -> Option<Arc<dyn BlockDevice>> {
-            match name {
-                "m/rw.img" => Some(self.0.clone()),
-                "m/ro.img" => Some(self.1.clone()),
-                _ => None,
-            }
-        }
+    /// A server on 127.0.0.1 over the two disks, running until the token is cancelled.
+    async fn start(rw: &Arc<MemDisk>, ro: &Arc<MemDisk>) -> (SocketAddr, CancellationToken) {
+        let exports = Arc::new(super::super::fuzzing::TwoDisks {
+            rw: rw.clone(),
+            ro: ro.clone(),
+        });
+        let server = NbdServer::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            exports,
+            AllowList::loopback(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
+        (addr, cancel)
     }
 
     fn qemu_io(url: &str, cmd: &str) -> std::process::Output {
@@ -519,17 +523,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn qemu_reads_and_writes_through_the_nbd_server() {
         let (rw, ro) = (disk(4 << 20, 0x11, false), disk(1 << 20, 0x22, true));
-        let server = NbdServer::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(Two(rw.clone(), ro.clone())),
-            AllowList::loopback(),
-        )
-        .await
-        .unwrap();
-        let port = server.local_addr().unwrap().port();
-        let cancel = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        tokio::spawn(server.run(cancel.clone(), tasks.clone()));
+        let (addr, cancel) = start(&rw, &ro).await;
+        let port = addr.port();
         let url = |name: &str| format!("nbd://127.0.0.1:{port}/{name}");
         let run = |name: &str, cmd: &str| {
             let (u, c) = (url(name), cmd.to_string());
@@ -628,16 +623,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn bad_requests_get_their_error_and_nothing_is_written() {
         let (rw, ro) = (disk(1 << 20, 0x11, false), disk(1 << 20, 0x22, true));
-        let server = NbdServer::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::new(Two(rw.clone(), ro.clone())),
-            AllowList::loopback(),
-        )
-        .await
-        .unwrap();
-        let addr = server.local_addr().unwrap();
-        let cancel = CancellationToken::new();
-        tokio::spawn(server.run(cancel.clone(), TaskTracker::new()));
+        let (addr, cancel) = start(&rw, &ro).await;
 
         let mut s = TcpStream::connect(addr).await.unwrap();
         let flags = go(&mut s, "m/ro.img").await.unwrap();
