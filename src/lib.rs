@@ -21,6 +21,7 @@
 //! verify.
 
 pub mod agent;
+pub mod block;
 pub mod cache;
 pub mod cli;
 pub mod control;
@@ -28,6 +29,7 @@ pub mod datastore;
 pub mod disk;
 pub mod durable;
 pub mod fetch;
+pub mod iscsi;
 pub mod metrics;
 pub mod mount;
 pub mod nbd;

@@ -11,5 +11,6 @@ pub mod fuzzing;
 pub mod proto;
 pub mod server;
 
-pub use exports::{to_block, DatastoreExports};
+pub use crate::block::to_block;
+pub use exports::DatastoreExports;
 pub use server::{BlockDevice, BlockError, Exports, NbdServer};

@@ -89,6 +89,16 @@ impl Disk {
         format!("{}/{}", self.mount.spec.name, self.file().name)
     }
 
+    /// The name of the disk's mount.
+    pub fn mount_name(&self) -> &str {
+        &self.mount.spec.name
+    }
+
+    /// The number of the disk's mount: never reused by a later mount of the agent.
+    pub fn mount_id(&self) -> u32 {
+        self.mount.spec.id
+    }
+
     /// The disk's size in bytes (it never changes).
     pub fn size(&self) -> u64 {
         self.file().size()

@@ -74,6 +74,17 @@ pub const EOVERFLOW: u32 = 75;
 pub const ENOTSUP: u32 = 95;
 pub const ESHUTDOWN: u32 = 108;
 
+/// The NBD error number of a failed block request.
+pub fn errno(e: &crate::block::BlockError) -> u32 {
+    use crate::block::BlockError;
+    match e {
+        BlockError::ReadOnly => EPERM,
+        BlockError::OutOfRange => EINVAL,
+        BlockError::NoSpace => ENOSPC,
+        BlockError::Io(_) => EIO,
+    }
+}
+
 /// The longest option data accepted (an export name and info requests fit many times over).
 pub const MAX_OPTION_LEN: u32 = 4096;
 /// The longest export name (`MOUNT/DISK`) accepted.
@@ -248,6 +259,20 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn block_errors_become_nbd_error_numbers() {
+        use crate::block::BlockError;
+        let table = [
+            (BlockError::ReadOnly, EPERM),
+            (BlockError::OutOfRange, EINVAL),
+            (BlockError::NoSpace, ENOSPC),
+            (BlockError::Io("x".into()), EIO),
+        ];
+        for (e, want) in table {
+            assert_eq!(errno(&e), want, "{e:?}");
+        }
+    }
 
     #[test]
     fn greeting_and_client_flags() {

@@ -15,7 +15,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -24,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::proto::{self, *};
+pub use crate::block::{BlockDevice, BlockError};
 use crate::nfs::AllowList;
 
 /// Connections served at once.
@@ -41,44 +41,6 @@ pub const STALL: Duration = Duration::from_secs(60);
 /// The block size offered: any byte range works, 4 KiB is preferred.
 const MIN_BLOCK: u32 = 1;
 const PREFERRED_BLOCK: u32 = 4096;
-
-/// Why a block request failed, as NBD tells a client.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BlockError {
-    /// The export is read-only.
-    ReadOnly,
-    /// The range is past the end of the disk.
-    OutOfRange,
-    /// The state directory is full.
-    NoSpace,
-    /// Anything else (a repository read that failed, a disk error); the text is logged.
-    Io(String),
-}
-
-impl BlockError {
-    /// The NBD error number.
-    pub fn errno(&self) -> u32 {
-        match self {
-            BlockError::ReadOnly => EPERM,
-            BlockError::OutOfRange => EINVAL,
-            BlockError::NoSpace => ENOSPC,
-            BlockError::Io(_) => EIO,
-        }
-    }
-}
-
-/// A disk as a block protocol serves it.
-#[async_trait]
-pub trait BlockDevice: Send + Sync {
-    fn size(&self) -> u64;
-    fn read_only(&self) -> bool;
-    /// Reads `len` bytes at `offset` (inside the disk).
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError>;
-    /// Writes `data` at `offset` (inside the disk); durable when it returns if `fua`.
-    async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;
-    /// Makes every acknowledged write durable.
-    async fn flush(&self) -> Result<(), BlockError>;
-}
 
 /// The exports a client may see and open.
 pub trait Exports: Send + Sync {
@@ -431,7 +393,7 @@ async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8]) -> Reply {
             tracing::error!(offset = req.offset, len = req.len, error = ?text, "nbd: request failed");
         }
         Reply {
-            header: simple_reply(e.errno(), req.cookie),
+            header: simple_reply(errno(&e), req.cookie),
             data: None,
         }
     };
@@ -455,24 +417,10 @@ async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8]) -> Reply {
             Err(e) => fail(e),
         },
         CMD_TRIM | CMD_WRITE_ZEROES => {
-            // Zeros into the overlay, a MiB at a time: a trimmed or zeroed range reads as
-            // zeros, and the backup is never touched.
-            let zeros = vec![0u8; 1 << 20];
-            let mut at = req.offset;
-            let end = req.offset + u64::from(req.len);
-            while at < end {
-                let n = (end - at).min(zeros.len() as u64) as usize;
-                if let Err(e) = disk.write(at, &zeros[..n], false).await {
-                    return fail(e);
-                }
-                at += n as u64;
+            match disk.write_zeros(req.offset, req.len.into(), fua).await {
+                Ok(()) => ok(None),
+                Err(e) => fail(e),
             }
-            if fua {
-                if let Err(e) = disk.flush().await {
-                    return fail(e);
-                }
-            }
-            ok(None)
         }
         CMD_FLUSH => match disk.flush().await {
             Ok(()) => ok(None),
