@@ -28,7 +28,7 @@ pub fn disk(len: usize, fill: u8, read_only: bool) -> Arc<MemDisk> {
 }
 
 impl MemDisk {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
         self.bytes.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
