@@ -23,6 +23,8 @@ pub use client::Client;
 
 /// The token file in the state directory.
 pub const TOKEN_FILE: &str = "api-token";
+/// The key every iSCSI target's CHAP secret is derived from (kept like the token).
+pub const CHAP_KEY_FILE: &str = "iscsi-chap-key";
 /// Where a running server writes its API address for the CLI.
 pub const ADDR_FILE: &str = "api.json";
 
@@ -36,8 +38,21 @@ pub struct ApiAddr {
 /// Reads the token, or creates one (32 random bytes, hex) with mode 0600, durably (its folder
 /// fsynced).
 pub fn load_or_create_token(state: &std::path::Path) -> std::io::Result<String> {
+    load_or_create_secret(state, TOKEN_FILE)
+}
+
+/// The key the iSCSI targets' CHAP secrets come from: the file [`CHAP_KEY_FILE`], made and
+/// kept as the API token is (a new key makes every target's secret new).
+pub fn load_or_create_chap_key(state: &std::path::Path) -> std::io::Result<[u8; 32]> {
+    let text = load_or_create_secret(state, CHAP_KEY_FILE)?;
+    Ok(*blake3::hash(text.as_bytes()).as_bytes())
+}
+
+/// Reads the secret in `state/file`, or creates one (32 random bytes, hex) with mode 0600,
+/// durably.
+fn load_or_create_secret(state: &std::path::Path, file: &str) -> std::io::Result<String> {
     use std::os::unix::fs::PermissionsExt;
-    let path = state.join(TOKEN_FILE);
+    let path = state.join(file);
     match std::fs::read_to_string(&path) {
         Ok(t) if t.trim().len() >= 32 => {
             // Keep the file private even if someone loosened it.
@@ -60,6 +75,21 @@ pub fn load_or_create_token(state: &std::path::Path) -> std::io::Result<String> 
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_chap_key_is_kept_apart_from_the_token() {
+        let t = tempfile::tempdir().unwrap();
+        let token = load_or_create_token(t.path()).unwrap();
+        let key = load_or_create_chap_key(t.path()).unwrap();
+        assert_eq!(load_or_create_chap_key(t.path()).unwrap(), key);
+        assert_ne!(*blake3::hash(token.as_bytes()).as_bytes(), key);
+        let mode = std::fs::metadata(t.path().join(CHAP_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
 
     #[test]
     fn a_new_token_is_private_durable_and_kept() {

@@ -16,4 +16,4 @@ mod targets;
 
 pub use scsi::Lun;
 pub use server::{Chap, IscsiServer, Target, Targets};
-pub use targets::{target_name, DatastoreTargets, IQN_PREFIX};
+pub use targets::{target_name, DatastoreTargets, CHAP_USER, IQN_PREFIX};

@@ -16,6 +16,7 @@ use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
 use crate::datastore::DatastoreCore;
 use crate::durable::{self, Umask};
+use crate::iscsi::{DatastoreTargets, IscsiServer};
 use crate::nbd::{DatastoreExports, NbdServer};
 use crate::nfs::portmap::{Mapping, Portmapper};
 use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
@@ -26,6 +27,7 @@ use crate::units::parse_duration;
 
 /// NBD's port (IANA).
 const NBD_PORT: u16 = 10809;
+const ISCSI_PORT: u16 = 3260;
 
 #[derive(Debug, Args)]
 pub struct ServeArgs {
@@ -49,6 +51,14 @@ pub struct ServeArgs {
     /// exports named MOUNT/DISK [default: off].
     #[arg(long, value_name = "ADDR[:PORT]|off")]
     nbd: Option<String>,
+    /// Serve the mounts over iSCSI on this address (port 3260 if none is given): a target
+    /// iqn.2026-12.io.livemount:MOUNT per mount, a LUN per disk [default: off].
+    #[arg(long, value_name = "ADDR[:PORT]|off")]
+    iscsi: Option<String>,
+    /// Every iSCSI target requires CHAP: user `livemount`, a secret per target (`livemount
+    /// mount` prints it) [default: no authentication beyond --allow].
+    #[arg(long)]
+    iscsi_chap: bool,
     /// Control API address [default: 127.0.0.1:7480].
     #[arg(long, value_name = "ADDR:PORT")]
     api: Option<SocketAddr>,
@@ -90,6 +100,10 @@ pub struct ServeConfig {
     pub portmap: Option<String>,
     /// NBD address (`ADDR:PORT`, or `ADDR` for port 10809); default off.
     pub nbd: Option<String>,
+    /// iSCSI address (`ADDR:PORT`, or `ADDR` for port 3260); default off.
+    pub iscsi: Option<String>,
+    /// Every iSCSI target requires CHAP (default false).
+    pub iscsi_chap: Option<bool>,
     /// Default `127.0.0.1:7480`.
     pub api: Option<SocketAddr>,
     /// Default `2GiB`.
@@ -205,6 +219,12 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     };
     let nbd_text = a.nbd.or(file.nbd.clone());
     let nbd_addr = optional_listen(nbd_text.as_deref(), "--nbd", NBD_PORT)?;
+    let iscsi_text = a.iscsi.or(file.iscsi.clone());
+    let iscsi_addr = optional_listen(iscsi_text.as_deref(), "--iscsi", ISCSI_PORT)?;
+    let iscsi_chap = a.iscsi_chap || file.iscsi_chap.unwrap_or(false);
+    if iscsi_chap && iscsi_addr.is_none() {
+        anyhow::bail!("--iscsi-chap needs --iscsi ADDR:PORT (iSCSI is off)");
+    }
     let api_addr = a.api.or(file.api).unwrap_or(([127, 0, 0, 1], 7480).into());
     let cache_text = a
         .cache_size
@@ -359,6 +379,29 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         .map(|n| n.local_addr())
         .transpose()?
         .map(|a| a.port());
+    std::fs::create_dir_all(&state)?;
+    let chap_key = match iscsi_chap {
+        true => Some(control::load_or_create_chap_key(&state)?),
+        false => None,
+    };
+    let iscsi = match iscsi_addr {
+        None => None,
+        Some(addr) => {
+            let targets = Arc::new(DatastoreTargets::new(
+                DatastoreCore::new(agent.clone()),
+                chap_key,
+            ));
+            let server = IscsiServer::bind(addr, targets, allow.clone())
+                .await
+                .with_context(|| format!("cannot listen for iSCSI on {addr} (--iscsi)"))?;
+            Some(server)
+        }
+    };
+    let iscsi_port = iscsi
+        .as_ref()
+        .map(|n| n.local_addr())
+        .transpose()?
+        .map(|a| a.port());
 
     let cancel = CancellationToken::new();
     let tasks = TaskTracker::new();
@@ -381,7 +424,6 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         tasks.spawn(pm.run(cancel.child_token()));
     }
 
-    std::fs::create_dir_all(&state)?;
     let token = control::load_or_create_token(&state)?;
     let api_listener = tokio::net::TcpListener::bind(api_addr)
         .await
@@ -414,6 +456,8 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         nfs_port,
         portmap: portmap_on,
         nbd_port,
+        iscsi_port,
+        chap_key,
         metrics_public: file.metrics_public.unwrap_or(false),
     };
     tasks.spawn({
@@ -428,13 +472,21 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     if let Some(nbd) = nbd {
         tasks.spawn(nbd.run(cancel.child_token(), tasks.clone()));
     }
+    if let Some(iscsi) = iscsi {
+        tasks.spawn(iscsi.run(cancel.child_token(), tasks.clone()));
+    }
 
     let nbd_text = match (nbd_addr, nbd_port) {
         (Some(a), Some(p)) => format!("{}:{p}", a.ip()),
         _ => "off".into(),
     };
+    let iscsi_text = match (iscsi_addr, iscsi_port) {
+        (Some(a), Some(p)) if iscsi_chap => format!("{}:{p} (CHAP)", a.ip()),
+        (Some(a), Some(p)) => format!("{}:{p}", a.ip()),
+        _ => "off".into(),
+    };
     println!(
-        "livemount serving {} mounts from {}: NFS {}:{nfs_port}{export}, portmapper {portmap}, NBD {nbd_text}, API {api_url}",
+        "livemount serving {} mounts from {}: NFS {}:{nfs_port}{export}, portmapper {portmap}, NBD {nbd_text}, iSCSI {iscsi_text}, API {api_url}",
         agent.mounts().len(),
         location,
         nfs_addr.ip(),
@@ -479,7 +531,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// A listening address as `--nbd` (and later `--iscsi`) take it: `off`, `ADDR:PORT`, or an
+/// A listening address as `--nbd` and `--iscsi` take it: `off`, `ADDR:PORT`, or an
 /// address alone for the protocol's own port. `flag` names the setting in the error.
 fn optional_listen(
     text: Option<&str>,

@@ -43,6 +43,14 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         Some(p) => println!("block       NBD port {p} (exports MOUNT/DISK)"),
         None => println!("block       NBD off (serve --nbd ADDR:PORT)"),
     }
+    match s.iscsi_port {
+        Some(p) => println!(
+            "block       iSCSI port {p} (targets {}MOUNT, CHAP {})",
+            crate::iscsi::IQN_PREFIX,
+            if s.iscsi_chap { "required" } else { "off" }
+        ),
+        None => println!("block       iSCSI off (serve --iscsi ADDR:PORT)"),
+    }
     println!("mounts      {}", s.mounts);
     println!(
         "cache       {} of {}, {} hits, {} misses, {} fetch errors",

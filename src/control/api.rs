@@ -30,6 +30,10 @@ pub struct ApiState {
     pub portmap: bool,
     /// The NBD server's port, if it is on.
     pub nbd_port: Option<u16>,
+    /// The iSCSI target's port, if it is on.
+    pub iscsi_port: Option<u16>,
+    /// With it every iSCSI target requires CHAP, its secret derived from this key.
+    pub chap_key: Option<[u8; 32]>,
     /// Serve `/metrics` to other hosts too (else to loopback only).
     pub metrics_public: bool,
 }
@@ -46,6 +50,12 @@ pub struct StatusReply {
     /// The NBD server's port; none when NBD is off.
     #[serde(default)]
     pub nbd_port: Option<u16>,
+    /// The iSCSI target's port; none when iSCSI is off.
+    #[serde(default)]
+    pub iscsi_port: Option<u16>,
+    /// Whether every iSCSI target requires CHAP.
+    #[serde(default)]
+    pub iscsi_chap: bool,
     pub mounts: usize,
     pub cache: CacheStats,
     /// Chunk and manifest fetches from the repository's store since the server started.
@@ -310,6 +320,8 @@ async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
         nfs_port: s.nfs_port,
         portmap: s.portmap,
         nbd_port: s.nbd_port,
+        iscsi_port: s.iscsi_port,
+        iscsi_chap: s.chap_key.is_some(),
         mounts: s.agent.mounts().len(),
         cache: s.agent.cache().stats(),
         repository_fetches: s.agent.repo().stats(),
@@ -406,6 +418,57 @@ async fn relocations(State(s): State<ApiState>) -> Json<Vec<RelocationStatus>> {
     Json(s.agent.relocations())
 }
 
+/// How to reach a mount's iSCSI target: discovery and login for Linux and ESXi, each disk
+/// (a LUN) for QEMU and libvirt. With CHAP on, the lines carry the target's user and secret.
+fn iscsi_attach(s: &ApiState, m: &MountInfo, port: u16) -> Vec<String> {
+    use crate::iscsi::{target_name, DatastoreTargets, CHAP_USER};
+    let host = &s.advertise;
+    let iqn = target_name(&m.spec.name);
+    let secret = s
+        .chap_key
+        .as_ref()
+        .map(|k| DatastoreTargets::chap_secret(k, &m.spec.name, m.spec.id));
+    let portal = format!("{host}:{port}");
+    let mut out = vec![format!("# {} over iSCSI: target {iqn}", m.spec.name)];
+    let cred = secret
+        .as_ref()
+        .map(|x| format!("{CHAP_USER}%{x}@"))
+        .unwrap_or_default();
+    for (lun, f) in m.files.iter().filter(|f| f.disk).enumerate() {
+        out.push(format!(
+            "qemu-system-x86_64 ... -drive file=iscsi://{cred}{portal}/{iqn}/{lun},format=raw  # {}",
+            f.name
+        ));
+        out.push(format!(
+            "virsh attach-disk VM {iqn}/{lun} sdX --source-protocol iscsi --source-host-name {portal} --driver qemu --subdriver raw --live  # {}",
+            f.name
+        ));
+    }
+    out.push(format!("iscsiadm -m discovery -t sendtargets -p {portal}"));
+    if let Some(x) = &secret {
+        for (key, value) in [
+            ("node.session.auth.authmethod", "CHAP"),
+            ("node.session.auth.username", CHAP_USER),
+            ("node.session.auth.password", x.as_str()),
+        ] {
+            out.push(format!(
+                "iscsiadm -m node -T {iqn} -p {portal} -o update -n {key} -v {value}"
+            ));
+        }
+    }
+    out.push(format!("iscsiadm -m node -T {iqn} -p {portal} --login"));
+    out.push(format!(
+        "esxcli iscsi adapter discovery sendtarget add -A vmhba64 -a {portal}  # vmhba64: your software iSCSI adapter"
+    ));
+    if let Some(x) = &secret {
+        out.push(format!(
+            "esxcli iscsi adapter target portal auth chap set -A vmhba64 -a {portal} -n {iqn} -d uni -l required -N {CHAP_USER} -S {x}"
+        ));
+    }
+    out.push("esxcli storage core adapter rescan -A vmhba64".to_string());
+    out
+}
+
 fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
     let base = format!("nfs://{}{}/{}", s.advertise, s.export, m.spec.name);
     let datastore = s.export.trim_matches('/').replace('/', "-");
@@ -447,6 +510,9 @@ fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
             ));
             block.push(format!("nbd-client -N {export} {host} {port} /dev/nbd0"));
         }
+    }
+    if let Some(port) = s.iscsi_port {
+        block.extend(iscsi_attach(s, m, port));
     }
     AttachInfo {
         esxi,
