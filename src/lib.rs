@@ -21,6 +21,7 @@
 //! verify.
 
 pub mod agent;
+pub mod allow;
 pub mod block;
 pub mod cache;
 pub mod cli;

@@ -20,8 +20,9 @@ mod handle;
 pub mod portmap;
 mod rpc;
 
+pub use crate::allow::AllowList;
 pub use budget::DEFAULT_BYTES as CALL_MEMORY;
 pub use errors::to_nfsstat;
-pub use front::{AllowList, NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};
+pub use front::{NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};
 pub use fs::{DatastoreFs, MAX_IO};
 pub use handle::Identity;

@@ -12,13 +12,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{Agent, Datastore};
+use crate::allow::AllowList;
 use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
 use crate::datastore::DatastoreCore;
 use crate::durable::{self, Umask};
 use crate::nbd::{DatastoreExports, NbdServer};
 use crate::nfs::portmap::{Mapping, Portmapper};
-use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
+use crate::nfs::{DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
 use crate::relocate::RelocateRoots;
 use crate::repo::{RepoLocation, Repository, S3Config, Slowness};

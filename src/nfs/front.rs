@@ -20,7 +20,7 @@
 //! (See docs/decisions/0003-nfs-transport-front.md and 0005-own-nfs-dispatch.md.)
 
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +36,7 @@ use tokio_util::task::TaskTracker;
 use super::budget::{self, Budget, Taken};
 use super::dispatch::{self, Reply};
 use super::fs::{DatastoreFs, MAX_IO};
+use crate::allow::AllowList;
 
 /// Largest fragment accepted: a WRITE of `MAX_IO` bytes plus its RPC and NFS headers.
 pub const MAX_FRAGMENT: usize = MAX_IO as usize + 64 * 1024;
@@ -62,45 +63,6 @@ const KEEPALIVE_EVERY: Duration = Duration::from_secs(10);
 /// Bytes read from a connection at a time (calls are small; WRITE data larger than this is
 /// read straight into its record).
 const READ_BUFFER: usize = 16 * 1024;
-
-/// Which client addresses may use the server.
-#[derive(Debug, Clone)]
-pub struct AllowList(Vec<ipnet::IpNet>);
-
-impl AllowList {
-    /// Loopback only: 127.0.0.0/8 and ::1.
-    pub fn loopback() -> Self {
-        AllowList(vec![
-            "127.0.0.0/8"
-                .parse()
-                .unwrap_or_else(|_| unreachable!("constant")),
-            "::1/128"
-                .parse()
-                .unwrap_or_else(|_| unreachable!("constant")),
-        ])
-    }
-
-    /// Parses CIDRs (`10.0.0.0/8`) or single addresses.
-    pub fn parse(items: &[String]) -> Result<Self, String> {
-        let mut nets = Vec::new();
-        for s in items {
-            let net = s
-                .parse::<ipnet::IpNet>()
-                .or_else(|_| s.parse::<IpAddr>().map(ipnet::IpNet::from))
-                .map_err(|_| format!("{s:?} is not an address or CIDR such as 10.1.0.0/16"))?;
-            nets.push(net);
-        }
-        Ok(AllowList(nets))
-    }
-
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
-            v4 => v4,
-        };
-        self.0.iter().any(|n| n.contains(&ip))
-    }
-}
 
 /// The NFS (and MOUNT) server on one TCP port.
 pub struct NfsServer {
@@ -819,20 +781,5 @@ mod tests {
         let got = drain(&mut s).await;
         assert!(got < whole, "{got} bytes: every reply was written");
         cancel.cancel();
-    }
-
-    #[test]
-    fn allow_list_matches_cidrs_and_mapped_addresses() {
-        let l = AllowList::loopback();
-        assert!(l.allows("127.0.0.1".parse().unwrap()));
-        assert!(l.allows("127.8.9.1".parse().unwrap()));
-        assert!(l.allows("::1".parse().unwrap()));
-        assert!(l.allows("::ffff:127.0.0.1".parse().unwrap()));
-        assert!(!l.allows("10.0.0.1".parse().unwrap()));
-        let l = AllowList::parse(&["10.1.0.0/16".into(), "192.0.2.7".into()]).unwrap();
-        assert!(l.allows("10.1.2.3".parse().unwrap()));
-        assert!(l.allows("192.0.2.7".parse().unwrap()));
-        assert!(!l.allows("192.0.2.8".parse().unwrap()));
-        assert!(AllowList::parse(&["10.0.0.0/33".into()]).is_err());
     }
 }
