@@ -374,12 +374,12 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
                 port: nfs_port,
             })
             .collect();
-        let mut pm = Portmapper::bind(addr, mappings).await.with_context(|| {
-            format!("cannot listen for the portmapper on {addr} (is rpcbind running? stop it, or pass --portmap off)")
-        })?;
-        let allow_pm = allow.clone();
-        pm.allow(Arc::new(move |ip| allow_pm.allows(ip)));
-        tasks.spawn(pm.run(cancel.child_token()));
+        let pm = Portmapper::bind(addr, mappings, allow.clone())
+            .await
+            .with_context(|| {
+                format!("cannot listen for the portmapper on {addr} (is rpcbind running? stop it, or pass --portmap off)")
+            })?;
+        tasks.spawn(pm.run(cancel.child_token(), tasks.clone()));
     }
 
     std::fs::create_dir_all(&state)?;
