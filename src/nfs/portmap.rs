@@ -106,15 +106,6 @@ struct Portmap {
     bind_ip: IpAddr,
 }
 
-/// Result of dispatching one call.
-enum Outcome {
-    Success(Vec<u8>),
-    ProgUnavail,
-    ProgMismatch,
-    ProcUnavail,
-    GarbageArgs,
-}
-
 impl Portmapper {
     /// Binds TCP and UDP on `addr` (port 0 = ephemeral; both on the same port number, retrying
     /// if the UDP port is taken). Only callers `allow` lets in are served (TCP: others'
@@ -205,7 +196,7 @@ impl RpcService for Portmap {
         caller: &'a Caller,
         _budget: &'a Budget,
     ) -> Option<Reply> {
-        self.answer(&call, caller)
+        Some(self.answer(&call, caller))
     }
 }
 
@@ -330,46 +321,48 @@ fn uaddr(ip: IpAddr, port: u16) -> String {
 
 impl Portmap {
     /// Answers a call whose header the front decoded. Any credential flavor is taken (the
-    /// portmapper's answers are public); `None` only if a reply cannot be encoded.
-    fn answer(&self, call: &Call<'_>, caller: &Caller) -> Option<Reply> {
+    /// portmapper's answers are public).
+    fn answer(&self, call: &Call<'_>, caller: &Caller) -> Reply {
         let caller = Caller {
             peer: canonical(caller.peer),
             ..*caller
         };
         let (xid, prog, vers, proc) = (call.xid, call.prog, call.vers, call.proc_);
         debug!(peer = %caller.peer, transport = ?caller.transport, prog, vers, proc, "portmap call");
-        let (accept, results) = match self.dispatch(prog, vers, proc, call.args, &caller) {
-            Outcome::Success(results) => (Accept::Success, results),
-            Outcome::ProgUnavail => (Accept::ProgUnavail, Vec::new()),
-            Outcome::ProgMismatch => (
-                Accept::ProgMismatch {
-                    low: LOW_VERSION,
-                    high: HIGH_VERSION,
-                },
-                Vec::new(),
-            ),
-            Outcome::ProcUnavail => (Accept::ProcUnavail, Vec::new()),
-            Outcome::GarbageArgs => (Accept::GarbageArgs, Vec::new()),
-        };
+        let (accept, results) = self.dispatch(prog, vers, proc, call.args, &caller);
         let mut head = BytesMut::with_capacity(24 + results.len());
         rpc::put_accepted(&mut head, xid, accept);
         head.extend_from_slice(&results);
-        Some(Reply::new(head))
+        Reply::new(head)
     }
 
-    fn dispatch(&self, prog: u32, vers: u32, proc: u32, args: &[u8], caller: &Caller) -> Outcome {
+    /// How the call went and, for `Success`, its results.
+    fn dispatch(
+        &self,
+        prog: u32,
+        vers: u32,
+        proc: u32,
+        args: &[u8],
+        caller: &Caller,
+    ) -> (Accept, Vec<u8>) {
         if prog != PROGRAM {
-            return Outcome::ProgUnavail;
+            return (Accept::ProgUnavail, Vec::new());
         }
         let result = match vers {
             2 => self.pmap_v2(proc, args),
             3 | 4 => self.rpcb_v34(vers, proc, args, caller),
-            _ => return Outcome::ProgMismatch,
+            _ => {
+                let mismatch = Accept::ProgMismatch {
+                    low: LOW_VERSION,
+                    high: HIGH_VERSION,
+                };
+                return (mismatch, Vec::new());
+            }
         };
         match result {
-            Ok(Some(bytes)) => Outcome::Success(bytes),
-            Ok(None) => Outcome::ProcUnavail,
-            Err(()) => Outcome::GarbageArgs,
+            Ok(Some(bytes)) => (Accept::Success, bytes),
+            Ok(None) => (Accept::ProcUnavail, Vec::new()),
+            Err(()) => (Accept::GarbageArgs, Vec::new()),
         }
     }
 
