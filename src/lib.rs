@@ -13,6 +13,7 @@
 //!   server and the control API.
 //! - [`relocate`]: moving a live-mounted VM's disks to primary storage while it runs.
 //! - [`durable`]: replacing files atomically and durably, durable new names, the umask.
+//! - [`allow`]: the client address allow-list every server checks (NFS, portmapper, NBD, iSCSI).
 //!
 //! Data flow of a backup: VM config -> `vmconfig` -> disks opened by `disk` -> `repo::ingest`
 //! cuts blocks, hashes, deduplicates, compresses -> `ChunkStore` -> manifest.
@@ -21,6 +22,7 @@
 //! verify.
 
 pub mod agent;
+pub mod allow;
 pub mod block;
 pub mod cache;
 pub mod cli;

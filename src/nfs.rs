@@ -3,8 +3,10 @@
 //! Owns: the datastore as NFSv3 sees it ([`DatastoreFs`], a thin adapter over the protocol-free
 //! [`crate::datastore`]: handles, `fattr3`, ACCESS3 bits), file handles and the write verifier
 //! (`handle.rs`), ONC RPC headers (`rpc.rs`), the NFS and MOUNT procedures (`dispatch.rs`), the
-//! mapping of the datastore's errors to `nfsstat3` (in `errors.rs`, one place), the TCP front
-//! ([`NfsServer`]: accept loop, allow-list, framing, limits, shutdown).
+//! mapping of the datastore's errors to `nfsstat3` (in `errors.rs`, one place), the RPC front
+//! that NFS and the portmapper share (`front.rs`: accept loop, allow-list, framing, the call
+//! header, limits, shutdown; a UDP responder), NFS's limits on it ([`NfsServer`], `server.rs`)
+//! and the portmapper's protocol (`portmap.rs`).
 //! Must not: decide what an operation means for the datastore (`datastore` does), know about
 //! chunks or mounts; everything below goes through `datastore`.
 
@@ -19,9 +21,11 @@ pub mod fuzzing;
 mod handle;
 pub mod portmap;
 mod rpc;
+mod server;
 
+pub use crate::allow::AllowList;
 pub use budget::DEFAULT_BYTES as CALL_MEMORY;
 pub use errors::to_nfsstat;
-pub use front::{AllowList, NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};
 pub use fs::{DatastoreFs, MAX_IO};
 pub use handle::Identity;
+pub use server::{NfsServer, IN_FLIGHT, MAX_CONNECTIONS, MAX_FRAGMENT};

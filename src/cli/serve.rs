@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agent::{Agent, Datastore};
+use crate::allow::AllowList;
 use crate::cache::disk::DiskCache;
 use crate::control::{self, ApiAddr, ApiState};
 use crate::datastore::DatastoreCore;
@@ -19,7 +20,7 @@ use crate::durable::{self, Umask};
 use crate::iscsi::{DatastoreTargets, IscsiServer};
 use crate::nbd::{DatastoreExports, NbdServer};
 use crate::nfs::portmap::{Mapping, Portmapper};
-use crate::nfs::{AllowList, DatastoreFs, Identity, NfsServer};
+use crate::nfs::{DatastoreFs, Identity, NfsServer};
 use crate::prestage::Learning;
 use crate::relocate::RelocateRoots;
 use crate::repo::{RepoLocation, Repository, S3Config, Slowness};
@@ -416,12 +417,12 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
                 port: nfs_port,
             })
             .collect();
-        let mut pm = Portmapper::bind(addr, mappings).await.with_context(|| {
-            format!("cannot listen for the portmapper on {addr} (is rpcbind running? stop it, or pass --portmap off)")
-        })?;
-        let allow_pm = allow.clone();
-        pm.allow(Arc::new(move |ip| allow_pm.allows(ip)));
-        tasks.spawn(pm.run(cancel.child_token()));
+        let pm = Portmapper::bind(addr, mappings, allow.clone())
+            .await
+            .with_context(|| {
+                format!("cannot listen for the portmapper on {addr} (is rpcbind running? stop it, or pass --portmap off)")
+            })?;
+        tasks.spawn(pm.run(cancel.child_token(), tasks.clone()));
     }
 
     let token = control::load_or_create_token(&state)?;

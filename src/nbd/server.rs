@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::proto::{self, *};
+use crate::allow::AllowList;
 pub use crate::block::{BlockDevice, BlockError};
-use crate::nfs::AllowList;
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;

@@ -10,8 +10,7 @@
 //! start, and the nodes passed down. A READ's data is not copied: the reply carries the cache's
 //! `Bytes` to the socket.
 
-use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use nfs3_types::nfs3::{
@@ -21,6 +20,7 @@ use nfs3_types::nfs3::{
 use nfs3_types::xdr_codec::{List, Opaque, Pack};
 
 use super::budget::{Budget, Taken};
+use super::front::{self, Caller, Reply, RpcService, Transport};
 use super::fs::{DatastoreFs, MAX_IO};
 use super::rpc::{self, Accept, AuthStat, Call, Cred, Reader};
 use crate::datastore::{CreateMode, Node, SetAttr, MAX_NAME};
@@ -32,56 +32,52 @@ const MNT_PATH_LEN: usize = 1024;
 /// Longest file handle a client may send (NFS3_FHSIZE).
 const FH_MAX: usize = 64;
 
-/// A reply: its header and results, then (for READ) data that goes out as it is, followed by
-/// XDR padding.
-#[derive(Debug)]
-pub struct Reply {
-    pub head: BytesMut,
-    pub data: Bytes,
-    /// The budget a READ's data holds until the reply is written.
-    pub taken: Option<Taken>,
-}
-
-impl Reply {
-    fn new(head: BytesMut) -> Self {
-        Reply {
-            head,
-            data: Bytes::new(),
-            taken: None,
-        }
-    }
-
-    /// Length of the whole reply on the wire (without the record mark).
-    pub fn wire_len(&self) -> usize {
-        self.head.len() + self.data.len().next_multiple_of(4)
-    }
-}
-
-/// Answers one call record. `None`: nothing can be answered (not a call at all).
+/// Answers one call record as the front does. `None`: nothing can be answered (not a call at
+/// all).
 pub async fn handle(fs: &DatastoreFs, record: &[u8], ip: IpAddr) -> Option<Reply> {
-    handle_within(fs, record, ip, &Budget::new(usize::MAX)).await
+    let caller = Caller {
+        peer: SocketAddr::new(ip, 0),
+        local: None,
+        transport: Transport::Tcp,
+    };
+    front::answer(fs, record, &caller, &Budget::new(usize::MAX)).await
 }
 
-/// The same, a READ waiting for room in `budget` for its data before it reads.
-pub async fn handle_within(
+/// NFS v3 and MOUNT v3 behind the RPC front.
+impl RpcService for DatastoreFs {
+    const NAME: &'static str = "nfs";
+
+    async fn call<'a>(
+        &'a self,
+        call: Call<'a>,
+        caller: &'a Caller,
+        budget: &'a Budget,
+    ) -> Option<Reply> {
+        answer_call(self, call, caller.peer.ip(), budget).await
+    }
+}
+
+/// Answers a call whose header the front decoded, a READ waiting for room in `budget` for its
+/// data before it reads.
+async fn answer_call(
     fs: &DatastoreFs,
-    record: &[u8],
+    call: Call<'_>,
     ip: IpAddr,
     budget: &Budget,
 ) -> Option<Reply> {
-    let call = match rpc::parse_call(record) {
+    let xid = call.xid;
+    let cred = match call.cred() {
         Ok(c) => c,
         Err(bad) => return rpc::reply_to_bad_call(&bad).map(Reply::new),
     };
-    let xid = call.xid;
-    let authorized = match call.cred {
+    let authorized = match cred {
         Cred::Sys { .. } => true,
         Cred::None => fs.allows_auth_none() || call.proc_ == 0,
         Cred::Other(_) => call.proc_ == 0,
     };
     let (accept, results) = match (call.prog, call.vers) {
         (NFS_PROGRAM | MOUNT_PROGRAM, _) if !authorized => {
-            tracing::debug!(prog = call.prog, cred = ?call.cred, "call refused: AUTH_SYS required");
+            tracing::debug!(prog = call.prog, cred = ?cred, "call refused: AUTH_SYS required");
             return Some(Reply::new(rpc::auth_error(xid, AuthStat::TooWeak)));
         }
         (NFS_PROGRAM, 3) => match nfs_call(fs, &call, ip, budget).await {
@@ -747,27 +743,4 @@ fn mount_status(s: nfsstat3) -> u32 {
         nfsstat3::NFS3ERR_NAMETOOLONG => 63,
         _ => 10006, // MNT3ERR_SERVERFAULT
     }
-}
-
-/// Writes a reply as one record (record mark, head, data, padding), vectored.
-pub async fn write_reply<W: tokio::io::AsyncWrite + Unpin>(
-    w: &mut W,
-    reply: Reply,
-) -> io::Result<()> {
-    use bytes::Buf;
-    use tokio::io::AsyncWriteExt;
-    let pad = reply.data.len().next_multiple_of(4) - reply.data.len();
-    let len = u32::try_from(reply.wire_len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "reply too large"))?;
-    let mark = (0x8000_0000u32 | len).to_be_bytes();
-    let mut buf = (&mark[..])
-        .chain(&reply.head[..])
-        .chain(&reply.data[..])
-        .chain(&[0u8; 3][..pad]);
-    while buf.has_remaining() {
-        w.write_all_buf(&mut buf).await?;
-    }
-    // Written: the budget its data held is given back.
-    drop(reply.taken);
-    Ok(())
 }

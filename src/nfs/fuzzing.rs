@@ -76,11 +76,13 @@ impl Harness {
     /// length of the replies. Stops at the first framing error (the front closes the
     /// connection there).
     pub fn stream(&self, stream: &[u8]) -> usize {
-        let budget = super::budget::Budget::new(4 * super::front::MAX_RECORD);
+        let max = super::server::MAX_RECORD;
+        let budget = super::budget::Budget::new(4 * max);
         self.rt.block_on(async {
             let mut r = stream;
             let mut total = 0;
-            while let Ok(Some((record, _taken))) = super::front::read_record(&mut r, &budget).await
+            while let Ok(Some((record, _taken))) =
+                super::front::read_record(&mut r, &budget, max).await
             {
                 total += dispatch::handle(&self.fs, &record, LOCALHOST)
                     .await

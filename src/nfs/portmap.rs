@@ -1,40 +1,38 @@
-//! Our own portmapper / rpcbind responder (ONC RPC program 100000) on TCP and UDP.
+//! Our own portmapper / rpcbind (ONC RPC program 100000): its protocol, on the RPC front that
+//! NFS uses (TCP) and the front's UDP responder.
 //!
 //! Owns: answering portmap v2 (NULL, SET, UNSET, GETPORT, DUMP; CALLIT refused) and rpcbind
-//! v3/v4 (NULL, SET, UNSET, GETADDR, DUMP; v4 also GETADDRLIST) from a fixed table of [`Mapping`]s given at
-//! [`Portmapper::bind`], plus the TCP record marking, limits (record size, connection count,
-//! idle timeout) and the address allow-list for that port. QEMU's libnfs and ESXi find the
-//! MOUNT and NFS ports only through this service.
+//! v3/v4 (NULL, SET, UNSET, GETADDR, DUMP; v4 also GETADDRLIST) from a fixed table of
+//! [`Mapping`]s given at [`Portmapper::bind`]; binding TCP and UDP on one port number; the
+//! portmapper's [`LIMITS`] on the front (64 KiB records, 64 connections, 30 s idle). QEMU's
+//! libnfs and ESXi find the MOUNT and NFS ports only through this service.
 //!
 //! Must not: register or unregister anything on behalf of other callers (SET/UNSET answer
 //! `false`), forward calls (CALLIT), talk to a system rpcbind, panic on any input, or allocate
-//! more than the stated limits because a peer announced a large length.
+//! more than the stated limits because a peer announced a large length. Accepting, framing,
+//! the call header, the allow-list and reply headers are the front's and `rpc.rs`'s.
 //!
-//! XDR: reply headers, `mapping`, `pmaplist`, fragment headers and strings use the types of
-//! `nfs3_types`. The *call* header is decoded by hand with a
-//! bounded slice reader because `nfs3_types`' `call_body` decoder rejects auth flavors it does
-//! not know (e.g. RPCSEC_GSS) and its `Opaque` decoder allocates the announced length before
-//! checking it against the input.
+//! XDR: results (`mapping`, `pmaplist`, strings) use the types of `nfs3_types`; arguments with
+//! strings are decoded with the bounded reader of `rpc.rs` (`nfs3_types`' `Opaque` decoder
+//! allocates the announced length before checking it against the input).
 
 use std::io::{self, Cursor};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::BytesMut;
 use nfs3_types::portmap::{mapping, pmaplist, IPPROTO_TCP, IPPROTO_UDP, PROGRAM};
-use nfs3_types::rpc::{
-    accept_stat_data, accepted_reply, auth_stat, fragment_header, msg_body, opaque_auth,
-    rejected_reply, reply_body, rpc_msg, RPC_VERSION_2,
-};
 use nfs3_types::xdr_codec::{List, Opaque, Pack, Unpack};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
-use super::rpc::{Reader, MAX_AUTH_BODY};
+use super::budget::Budget;
+use super::front::{self, Caller, Limits, Reply, RpcServer, RpcService, Transport};
+use super::rpc::{self, Accept, Call, Reader};
+use crate::allow::AllowList;
 
 /// Largest accepted TCP fragment and TCP record (sum of fragments), in bytes.
 const MAX_RECORD: usize = 64 * 1024;
@@ -42,8 +40,19 @@ const MAX_RECORD: usize = 64 * 1024;
 const MAX_DATAGRAM: usize = 8 * 1024;
 /// Most TCP connections served at once; further ones are closed on accept.
 const MAX_CONNECTIONS: usize = 64;
-/// A TCP connection that does not complete a record (or take a reply) for this long is closed.
+/// A TCP connection that does not complete a record (or take a reply), or sends no call, for
+/// this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The portmapper's limits on the RPC front: calls are tiny and answered at once.
+pub const LIMITS: Limits = Limits {
+    max_record: MAX_RECORD,
+    max_connections: MAX_CONNECTIONS,
+    in_flight: 4,
+    idle_close: IDLE_TIMEOUT,
+    stall: IDLE_TIMEOUT,
+    evict_after: None,
+    call_memory: MAX_CONNECTIONS * MAX_RECORD,
+};
 /// Most mappings a portmapper serves (keeps every DUMP reply well under one UDP datagram).
 const MAX_MAPPINGS: usize = 64;
 /// Largest string accepted in rpcbind arguments (netid, universal address, owner).
@@ -69,9 +78,6 @@ const NC_TPI_CLTS: u32 = 1;
 const LOW_VERSION: u32 = 2;
 const HIGH_VERSION: u32 = 4;
 
-/// Address-check callback: `true` lets the caller in.
-pub type AllowFn = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
-
 /// One registered service: program `prog` version `vers` over `prot` (6 = TCP, 17 = UDP) on `port`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Mapping {
@@ -87,47 +93,29 @@ pub struct Portmapper {
     tcp: TcpListener,
     udp: UdpSocket,
     local: SocketAddr,
-    shared: Arc<Shared>,
-    idle: Duration,
+    portmap: Arc<Portmap>,
+    allow: AllowList,
+    limits: Limits,
 }
 
-/// What every call handler needs: the table and the allow-list.
-struct Shared {
+/// The protocol: the table and what it answers.
+struct Portmap {
     /// Caller's mappings, preceded by the portmapper's own entries.
     table: Vec<Mapping>,
-    allow: AllowFn,
     /// The IP we were bound to (possibly unspecified).
     bind_ip: IpAddr,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Transport {
-    Tcp,
-    Udp,
-}
-
-/// Where one call came from and arrived at.
-struct CallCtx {
-    transport: Transport,
-    peer: SocketAddr,
-    /// Our address as the caller sees it, if known (TCP); `None` for UDP.
-    local_ip: Option<IpAddr>,
-}
-
-/// Result of dispatching one call.
-enum Outcome {
-    Success(Vec<u8>),
-    ProgUnavail,
-    ProgMismatch,
-    ProcUnavail,
-    GarbageArgs,
-}
-
 impl Portmapper {
     /// Binds TCP and UDP on `addr` (port 0 = ephemeral; both on the same port number, retrying
-    /// if the UDP port is taken). Fails with `InvalidInput` for more than 64 mappings or a
-    /// protocol other than 6 (TCP) / 17 (UDP).
-    pub async fn bind(addr: SocketAddr, mappings: Vec<Mapping>) -> io::Result<Portmapper> {
+    /// if the UDP port is taken). Only callers `allow` lets in are served (TCP: others'
+    /// connections are closed at once; UDP: their datagrams are ignored). Fails with
+    /// `InvalidInput` for more than 64 mappings or a protocol other than 6 (TCP) / 17 (UDP).
+    pub async fn bind(
+        addr: SocketAddr,
+        mappings: Vec<Mapping>,
+        allow: AllowList,
+    ) -> io::Result<Portmapper> {
         if mappings.len() > MAX_MAPPINGS {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -163,12 +151,12 @@ impl Portmapper {
             tcp,
             udp,
             local,
-            shared: Arc::new(Shared {
+            portmap: Arc::new(Portmap {
                 table,
-                allow: Arc::new(|_| true),
                 bind_ip: local.ip(),
             }),
-            idle: IDLE_TIMEOUT,
+            allow,
+            limits: LIMITS,
         })
     }
 
@@ -177,96 +165,38 @@ impl Portmapper {
         self.local
     }
 
-    /// Only callers for which `f` returns `true` are served; others are dropped (TCP: the
-    /// connection is closed at once; UDP: the datagram is ignored). Default: everyone.
-    pub fn allow(&mut self, f: AllowFn) {
-        let shared = Shared {
-            table: self.shared.table.clone(),
-            allow: f,
-            bind_ip: self.shared.bind_ip,
-        };
-        self.shared = Arc::new(shared);
-    }
-
-    /// Serves until `cancel` fires; never panics on bad input. Returns after the open
-    /// connections have been told to stop.
-    pub async fn run(self, cancel: CancellationToken) {
+    /// Serves TCP (on the RPC front, its connections tracked by `tasks`) and UDP until
+    /// `cancel` fires; never panics on bad input. Returns when both have stopped taking calls;
+    /// open TCP connections close as the front closes them at a stop.
+    pub async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
         let Portmapper {
             tcp,
             udp,
             local,
-            shared,
-            idle,
+            portmap,
+            allow,
+            limits,
         } = self;
-        let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let tracker = TaskTracker::new();
-        // One byte more than the limit, so an oversized datagram is recognisable.
-        let mut dgram = vec![0u8; MAX_DATAGRAM + 1];
         debug!(%local, "portmapper serving");
-        loop {
-            // Unbiased: a flood of TCP connects must not starve UDP (or the other way round).
-            tokio::select! {
-                () = cancel.cancelled() => break,
-                accepted = tcp.accept() => match accepted {
-                    Ok((stream, peer)) => {
-                        let peer = canonical(peer);
-                        if !(shared.allow)(peer.ip()) {
-                            warn!(%peer, "portmap: refusing TCP connection from address not allowed");
-                            drop(stream);
-                            continue;
-                        }
-                        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
-                            warn!(%peer, "portmap: refusing TCP connection, {MAX_CONNECTIONS} already open");
-                            drop(stream);
-                            continue;
-                        };
-                        let shared = Arc::clone(&shared);
-                        let cancel = cancel.clone();
-                        tracker.spawn(async move {
-                            serve_connection(stream, peer, &shared, &cancel, idle).await;
-                            drop(permit);
-                        });
-                    }
-                    Err(e) => {
-                        debug!(error = %e, "portmap: accept failed");
-                        if !matches!(
-                            e.kind(),
-                            io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-                        ) {
-                            // Likely out of file descriptors: do not spin.
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
-                    }
-                },
-                received = udp.recv_from(&mut dgram) => match received {
-                    Ok((len, peer)) => {
-                        let peer = canonical(peer);
-                        if len > MAX_DATAGRAM {
-                            debug!(%peer, len, "portmap: ignoring oversized UDP datagram");
-                            continue;
-                        }
-                        if !(shared.allow)(peer.ip()) {
-                            debug!(%peer, "portmap: ignoring UDP datagram from address not allowed");
-                            continue;
-                        }
-                        let ctx = CallCtx { transport: Transport::Udp, peer, local_ip: None };
-                        let Some(reply) = dgram.get(..len).and_then(|m| shared.handle(m, &ctx)) else {
-                            debug!(%peer, "portmap: ignoring undecodable UDP datagram");
-                            continue;
-                        };
-                        // Never wait on a full socket buffer: UDP replies may be lost anyway.
-                        if let Err(e) = udp.try_send_to(&reply, peer) {
-                            debug!(%peer, error = %e, "portmap: UDP reply not sent");
-                        }
-                    }
-                    Err(e) => debug!(error = %e, "portmap: UDP receive failed"),
-                },
-            }
-        }
-        drop(tcp);
-        tracker.close();
-        tracker.wait().await;
+        let server = RpcServer::on(tcp, portmap.clone(), allow.clone(), limits);
+        tokio::join!(
+            server.run(cancel.clone(), tasks),
+            front::serve_udp(udp, portmap, allow, MAX_DATAGRAM, cancel),
+        );
         debug!(%local, "portmapper stopped");
+    }
+}
+
+impl RpcService for Portmap {
+    const NAME: &'static str = "portmap";
+
+    async fn call<'a>(
+        &'a self,
+        call: Call<'a>,
+        caller: &'a Caller,
+        _budget: &'a Budget,
+    ) -> Option<Reply> {
+        Some(self.answer(&call, caller))
     }
 }
 
@@ -290,122 +220,9 @@ async fn bind_pair(addr: SocketAddr) -> io::Result<(TcpListener, UdpSocket)> {
     Err(last_err.unwrap_or_else(|| io::Error::from(io::ErrorKind::AddrInUse)))
 }
 
-/// Maps an IPv4-mapped IPv6 address to plain IPv4, so allow-lists and uaddrs see IPv4.
+/// Maps an IPv4-mapped IPv6 address to plain IPv4, so uaddrs see IPv4.
 fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-/// Serves calls on one TCP connection until EOF, error, bad framing, idle timeout or cancel.
-async fn serve_connection(
-    mut stream: TcpStream,
-    peer: SocketAddr,
-    shared: &Shared,
-    cancel: &CancellationToken,
-    idle: Duration,
-) {
-    let ctx = CallCtx {
-        transport: Transport::Tcp,
-        peer,
-        local_ip: stream.local_addr().ok().map(|a| a.ip().to_canonical()),
-    };
-    let mut record = Vec::new();
-    loop {
-        let read = tokio::select! {
-            () = cancel.cancelled() => return,
-            r = tokio::time::timeout(idle, read_record(&mut stream, &mut record)) => r,
-        };
-        match read {
-            Err(_) => {
-                debug!(%peer, "portmap: closing idle TCP connection");
-                return;
-            }
-            Ok(Ok(true)) => {}
-            Ok(Ok(false)) => {
-                debug!(%peer, "portmap: TCP connection closed by peer");
-                return;
-            }
-            Ok(Err(e)) if e.kind() == io::ErrorKind::InvalidData => {
-                warn!(%peer, error = %e, "portmap: closing TCP connection");
-                return;
-            }
-            Ok(Err(e)) => {
-                debug!(%peer, error = %e, "portmap: TCP read ended");
-                return;
-            }
-        }
-        let Some(reply) = shared.handle(&record, &ctx) else {
-            debug!(%peer, "portmap: undecodable RPC message, closing TCP connection");
-            return;
-        };
-        let Some(frame) = frame_reply(&reply) else {
-            return;
-        };
-        let written = tokio::select! {
-            () = cancel.cancelled() => return,
-            r = tokio::time::timeout(idle, stream.write_all(&frame)) => r,
-        };
-        if !matches!(written, Ok(Ok(()))) {
-            debug!(%peer, "portmap: TCP reply not written, closing");
-            return;
-        }
-    }
-}
-
-/// Reads one RPC record into `buf`. `Ok(false)`: clean EOF before the record began.
-/// Oversized fragments or records are refused (`InvalidData`) before anything is allocated.
-async fn read_record<R: AsyncRead + Unpin>(stream: &mut R, buf: &mut Vec<u8>) -> io::Result<bool> {
-    buf.clear();
-    let mut first = true;
-    loop {
-        let mut hdr = [0u8; 4];
-        if first {
-            if stream.read(&mut hdr[..1]).await? == 0 {
-                return Ok(false);
-            }
-            stream.read_exact(&mut hdr[1..]).await?;
-            first = false;
-        } else {
-            stream.read_exact(&mut hdr).await?;
-        }
-        let hdr = fragment_header::from(hdr);
-        let len = usize::try_from(hdr.fragment_length()).unwrap_or(usize::MAX);
-        if len > MAX_RECORD {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("RPC fragment of {len} bytes exceeds {MAX_RECORD}"),
-            ));
-        }
-        let start = buf.len();
-        let end = start
-            .checked_add(len)
-            .filter(|&end| end <= MAX_RECORD)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("RPC record exceeds {MAX_RECORD} bytes"),
-                )
-            })?;
-        buf.resize(end, 0);
-        if let Some(dst) = buf.get_mut(start..end) {
-            stream.read_exact(dst).await?;
-        }
-        if hdr.eof() {
-            return Ok(true);
-        }
-    }
-}
-
-/// Prefixes a reply with a single last-fragment record-marking header.
-fn frame_reply(reply: &[u8]) -> Option<Vec<u8>> {
-    if reply.len() > MAX_RECORD {
-        warn!(len = reply.len(), "portmap: reply too large, not sent");
-        return None;
-    }
-    let len = u32::try_from(reply.len()).ok()?;
-    let mut frame = Vec::with_capacity(reply.len() + 4);
-    frame.extend_from_slice(&fragment_header::new(len, true).into_xdr_buf());
-    frame.extend_from_slice(reply);
-    Some(frame)
 }
 
 /// rpcbind v3/v4 `rpcb` entry (RFC 1833), packed with `nfs3_types`' XDR primitives.
@@ -486,30 +303,6 @@ fn encode<T: Pack>(value: &T) -> Option<Vec<u8>> {
     }
 }
 
-fn reply_msg(xid: u32, body: reply_body<'static>) -> rpc_msg<'static, 'static> {
-    rpc_msg {
-        xid,
-        body: msg_body::REPLY(body),
-    }
-}
-
-fn accepted(xid: u32, reply_data: accept_stat_data, results: &[u8]) -> Option<Vec<u8>> {
-    let msg = reply_msg(
-        xid,
-        reply_body::MSG_ACCEPTED(accepted_reply {
-            verf: opaque_auth::default(),
-            reply_data,
-        }),
-    );
-    let mut out = encode(&msg)?;
-    out.extend_from_slice(results);
-    Some(out)
-}
-
-fn denied(xid: u32, reason: rejected_reply) -> Option<Vec<u8>> {
-    encode(&reply_msg(xid, reply_body::MSG_DENIED(reason)))
-}
-
 /// netid for a protocol number and address family (RFC 1833 / netconfig names).
 fn netid(prot: u32, ip: IpAddr) -> Option<&'static str> {
     match (prot, ip.is_ipv6()) {
@@ -526,64 +319,50 @@ fn uaddr(ip: IpAddr, port: u16) -> String {
     format!("{ip}.{}.{}", port >> 8, port & 0xff)
 }
 
-impl Shared {
-    /// Decodes one RPC message and builds the reply. `None`: not a call we can even answer
-    /// (too short for a header, or a REPLY) — UDP ignores it, TCP closes the connection.
-    fn handle(&self, msg: &[u8], ctx: &CallCtx) -> Option<Vec<u8>> {
-        let mut r = Reader::new(msg);
-        let xid = r.u32()?;
-        if r.u32()? != 0 {
-            return None; // not a CALL
-        }
-        let rpcvers = r.u32()?;
-        if rpcvers != RPC_VERSION_2 {
-            debug!(peer = %ctx.peer, rpcvers, "portmap: RPC version mismatch");
-            return denied(
-                xid,
-                rejected_reply::rpc_mismatch(RPC_VERSION_2, RPC_VERSION_2),
-            );
-        }
-        let (prog, vers, proc) = (r.u32()?, r.u32()?, r.u32()?);
-        // Credential and verifier: any flavor accepted; bodies bounded and skipped.
-        let auth_ok = r.u32().is_some()
-            && r.opaque(MAX_AUTH_BODY).is_some()
-            && r.u32().is_some()
-            && r.opaque(MAX_AUTH_BODY).is_some();
-        if !auth_ok {
-            debug!(peer = %ctx.peer, "portmap: malformed credential or verifier");
-            return denied(xid, rejected_reply::auth_error(auth_stat::AUTH_BADCRED));
-        }
-        debug!(peer = %ctx.peer, transport = ?ctx.transport, prog, vers, proc, "portmap call");
-        let outcome = self.dispatch(prog, vers, proc, r.rest(), ctx);
-        match outcome {
-            Outcome::Success(results) => accepted(xid, accept_stat_data::SUCCESS, &results),
-            Outcome::ProgUnavail => accepted(xid, accept_stat_data::PROG_UNAVAIL, &[]),
-            Outcome::ProgMismatch => accepted(
-                xid,
-                accept_stat_data::PROG_MISMATCH {
-                    low: LOW_VERSION,
-                    high: HIGH_VERSION,
-                },
-                &[],
-            ),
-            Outcome::ProcUnavail => accepted(xid, accept_stat_data::PROC_UNAVAIL, &[]),
-            Outcome::GarbageArgs => accepted(xid, accept_stat_data::GARBAGE_ARGS, &[]),
-        }
+impl Portmap {
+    /// Answers a call whose header the front decoded. Any credential flavor is taken (the
+    /// portmapper's answers are public).
+    fn answer(&self, call: &Call<'_>, caller: &Caller) -> Reply {
+        let caller = Caller {
+            peer: canonical(caller.peer),
+            ..*caller
+        };
+        let (xid, prog, vers, proc) = (call.xid, call.prog, call.vers, call.proc_);
+        debug!(peer = %caller.peer, transport = ?caller.transport, prog, vers, proc, "portmap call");
+        let (accept, results) = self.dispatch(prog, vers, proc, call.args, &caller);
+        let mut head = BytesMut::with_capacity(24 + results.len());
+        rpc::put_accepted(&mut head, xid, accept);
+        head.extend_from_slice(&results);
+        Reply::new(head)
     }
 
-    fn dispatch(&self, prog: u32, vers: u32, proc: u32, args: &[u8], ctx: &CallCtx) -> Outcome {
+    /// How the call went and, for `Success`, its results.
+    fn dispatch(
+        &self,
+        prog: u32,
+        vers: u32,
+        proc: u32,
+        args: &[u8],
+        caller: &Caller,
+    ) -> (Accept, Vec<u8>) {
         if prog != PROGRAM {
-            return Outcome::ProgUnavail;
+            return (Accept::ProgUnavail, Vec::new());
         }
         let result = match vers {
             2 => self.pmap_v2(proc, args),
-            3 | 4 => self.rpcb_v34(vers, proc, args, ctx),
-            _ => return Outcome::ProgMismatch,
+            3 | 4 => self.rpcb_v34(vers, proc, args, caller),
+            _ => {
+                let mismatch = Accept::ProgMismatch {
+                    low: LOW_VERSION,
+                    high: HIGH_VERSION,
+                };
+                return (mismatch, Vec::new());
+            }
         };
         match result {
-            Ok(Some(bytes)) => Outcome::Success(bytes),
-            Ok(None) => Outcome::ProcUnavail,
-            Err(()) => Outcome::GarbageArgs,
+            Ok(Some(bytes)) => (Accept::Success, bytes),
+            Ok(None) => (Accept::ProcUnavail, Vec::new()),
+            Err(()) => (Accept::GarbageArgs, Vec::new()),
         }
     }
 
@@ -629,13 +408,13 @@ impl Shared {
         })
     }
 
-    /// rpcbind v3/v4. Same conventions as [`Shared::pmap_v2`].
+    /// rpcbind v3/v4. Same conventions as [`Portmap::pmap_v2`].
     fn rpcb_v34(
         &self,
         vers: u32,
         proc: u32,
         args: &[u8],
-        ctx: &CallCtx,
+        caller: &Caller,
     ) -> Result<Option<Vec<u8>>, ()> {
         Ok(match proc {
             PMAPPROC_NULL => Some(Vec::new()),
@@ -645,7 +424,7 @@ impl Shared {
             }
             RPCBPROC_GETADDR => {
                 let (prog, vers, want_netid) = decode_rpcb(args).ok_or(())?;
-                let ip = self.reply_ip(ctx);
+                let ip = self.reply_ip(caller);
                 let found = self.table.iter().find(|m| {
                     m.prog == prog
                         && m.vers == vers
@@ -654,7 +433,7 @@ impl Shared {
                                 n.as_bytes() == want_netid
                                     || (want_netid.is_empty()
                                         && (m.prot == IPPROTO_TCP)
-                                            == (ctx.transport == Transport::Tcp))
+                                            == (caller.transport == Transport::Tcp))
                             }
                             None => false,
                         }
@@ -664,7 +443,7 @@ impl Shared {
                 encode(&Opaque::owned(addr.into_bytes()))
             }
             RPCBPROC_DUMP => {
-                let ip = self.reply_ip(ctx);
+                let ip = self.reply_ip(caller);
                 let list = List(
                     self.table
                         .iter()
@@ -683,7 +462,7 @@ impl Shared {
             }
             RPCBPROC_GETADDRLIST if vers == 4 => {
                 let (prog, prog_vers, _) = decode_rpcb(args).ok_or(())?;
-                let ip = self.reply_ip(ctx);
+                let ip = self.reply_ip(caller);
                 let list = List(
                     self.table
                         .iter()
@@ -715,9 +494,9 @@ impl Shared {
     }
 
     /// Our IP as the caller reaches it, for universal addresses.
-    fn reply_ip(&self, ctx: &CallCtx) -> IpAddr {
-        if let Some(ip) = ctx.local_ip {
-            return ip;
+    fn reply_ip(&self, caller: &Caller) -> IpAddr {
+        if let Some(local) = caller.local {
+            return local.ip().to_canonical();
         }
         if !self.bind_ip.is_unspecified() {
             return self.bind_ip;
@@ -725,7 +504,7 @@ impl Shared {
         // UDP on a wildcard address: ask the routing table which source address reaches the
         // caller (connecting a UDP socket sends nothing).
         let probe = std::net::UdpSocket::bind(SocketAddr::new(self.bind_ip, 0))
-            .and_then(|s| s.connect(ctx.peer).and_then(|()| s.local_addr()));
+            .and_then(|s| s.connect(caller.peer).and_then(|()| s.local_addr()));
         match probe {
             Ok(a) => a.ip().to_canonical(),
             Err(e) => {
@@ -742,10 +521,15 @@ mod tests {
     use nfs3_client::io::{AsyncRead as ClientRead, AsyncWrite as ClientWrite};
     use nfs3_client::rpc::RpcClient;
     use nfs3_client::{PortmapError, PortmapperClient};
-    use nfs3_types::rpc::{call_body, reject_stat};
+    use nfs3_types::rpc::{
+        accept_stat_data, auth_stat, call_body, fragment_header, msg_body, opaque_auth,
+        reject_stat, rejected_reply, reply_body, rpc_msg,
+    };
     use nfs3_types::xdr_codec::Void;
     use proptest::prelude::*;
     use std::net::Ipv4Addr;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
     use tokio::task::JoinHandle;
 
     const T: Duration = Duration::from_secs(10);
@@ -791,14 +575,18 @@ mod tests {
     async fn start_with(pm: Portmapper) -> Server {
         let addr = pm.local_addr();
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(pm.run(cancel.clone()));
+        let task = tokio::spawn(pm.run(cancel.clone(), TaskTracker::new()));
         Server { addr, cancel, task }
     }
 
     async fn start() -> Server {
-        let pm = Portmapper::bind(localhost(), vec![NFS, MOUNT_TCP, MOUNT_UDP])
-            .await
-            .expect("bind");
+        let pm = Portmapper::bind(
+            localhost(),
+            vec![NFS, MOUNT_TCP, MOUNT_UDP],
+            AllowList::loopback(),
+        )
+        .await
+        .expect("bind");
         start_with(pm).await
     }
 
@@ -831,19 +619,31 @@ mod tests {
         .expect("pack mapping")
     }
 
+    /// `msg` as one record: a last-fragment mark, then the message.
+    fn frame(msg: &[u8]) -> Vec<u8> {
+        let len = u32::try_from(msg.len()).expect("small message");
+        let mut out = fragment_header::new(len, true).into_xdr_buf().to_vec();
+        out.extend_from_slice(msg);
+        out
+    }
+
     async fn send_record(stream: &mut TcpStream, msg: &[u8]) {
-        let frame = frame_reply(msg).expect("frame");
-        stream.write_all(&frame).await.expect("write call");
+        stream.write_all(&frame(msg)).await.expect("write call");
+    }
+
+    /// Reads one record; `None`: the server closed first.
+    async fn read_reply(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+        let budget = Budget::new(MAX_RECORD);
+        let got = front::read_record(stream, &budget, MAX_RECORD).await?;
+        Ok(got.map(|(record, _)| record.to_vec()))
     }
 
     async fn recv_record(stream: &mut TcpStream) -> Vec<u8> {
-        let mut buf = Vec::new();
-        let got = tokio::time::timeout(T, read_record(stream, &mut buf))
+        let got = tokio::time::timeout(T, read_reply(stream))
             .await
             .expect("reply in time")
             .expect("read reply");
-        assert!(got, "server closed instead of replying");
-        buf
+        got.expect("server closed instead of replying")
     }
 
     async fn tcp_call(addr: SocketAddr, msg: &[u8]) -> Vec<u8> {
@@ -1426,9 +1226,7 @@ mod tests {
         loop {
             let mut stream = TcpStream::connect(s.addr).await.expect("connect");
             send_record(&mut stream, &call(100, 2, PROGRAM, 2, 0, &[])).await;
-            let mut buf = Vec::new();
-            if let Ok(Ok(true)) = tokio::time::timeout(T, read_record(&mut stream, &mut buf)).await
-            {
+            if let Ok(Ok(Some(buf))) = tokio::time::timeout(T, read_reply(&mut stream)).await {
                 success_of(&buf, 100);
                 break;
             }
@@ -1440,14 +1238,15 @@ mod tests {
 
     #[tokio::test]
     async fn address_not_allowed_is_dropped() {
-        let mut pm = Portmapper::bind(localhost(), vec![NFS])
+        // A list without 127.0.0.1.
+        let others = AllowList::parse(&["10.0.0.0/8".into(), "::1".into()]).expect("list");
+        let pm = Portmapper::bind(localhost(), vec![NFS], others)
             .await
             .expect("bind");
-        pm.allow(Arc::new(|ip: IpAddr| ip != IpAddr::V4(Ipv4Addr::LOCALHOST)));
         let s = start_with(pm).await;
         let mut stream = TcpStream::connect(s.addr).await.expect("connect");
         let _ = stream
-            .write_all(&frame_reply(&call(1, 2, PROGRAM, 2, 0, &[])).unwrap())
+            .write_all(&frame(&call(1, 2, PROGRAM, 2, 0, &[])))
             .await;
         assert!(is_closed(&mut stream).await);
         let sock = UdpSocket::bind(localhost()).await.expect("bind");
@@ -1459,10 +1258,9 @@ mod tests {
         assert!(got.is_err(), "UDP from a refused address must be ignored");
         s.stop().await;
         // And the allowed case answers.
-        let mut pm = Portmapper::bind(localhost(), vec![NFS])
+        let pm = Portmapper::bind(localhost(), vec![NFS], AllowList::loopback())
             .await
             .expect("bind");
-        pm.allow(Arc::new(|ip: IpAddr| ip.is_loopback()));
         let s = start_with(pm).await;
         success_of(&tcp_call(s.addr, &call(3, 2, PROGRAM, 2, 0, &[])).await, 3);
         s.stop().await;
@@ -1470,10 +1268,11 @@ mod tests {
 
     #[tokio::test]
     async fn idle_connection_is_closed() {
-        let mut pm = Portmapper::bind(localhost(), vec![NFS])
+        let mut pm = Portmapper::bind(localhost(), vec![NFS], AllowList::loopback())
             .await
             .expect("bind");
-        pm.idle = Duration::from_millis(200);
+        pm.limits.idle_close = Duration::from_millis(200);
+        pm.limits.stall = Duration::from_millis(200);
         let s = start_with(pm).await;
         let mut stream = TcpStream::connect(s.addr).await.expect("connect");
         // Half a header, then silence.
@@ -1496,7 +1295,7 @@ mod tests {
 
     #[tokio::test]
     async fn bind_validates_and_shares_port() {
-        let pm = Portmapper::bind(localhost(), vec![NFS])
+        let pm = Portmapper::bind(localhost(), vec![NFS], AllowList::loopback())
             .await
             .expect("bind");
         let port = pm.local_addr().port();
@@ -1506,15 +1305,19 @@ mod tests {
         success_of(&udp_call(s.addr, &call(1, 2, PROGRAM, 2, 0, &[])).await, 1);
         s.stop().await;
         let bad = Mapping { prot: 132, ..NFS };
-        let err = Portmapper::bind(localhost(), vec![bad])
+        let err = Portmapper::bind(localhost(), vec![bad], AllowList::loopback())
             .await
             .err()
             .expect("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        let err = Portmapper::bind(localhost(), vec![NFS; MAX_MAPPINGS + 1])
-            .await
-            .err()
-            .expect("refused");
+        let err = Portmapper::bind(
+            localhost(),
+            vec![NFS; MAX_MAPPINGS + 1],
+            AllowList::loopback(),
+        )
+        .await
+        .err()
+        .expect("refused");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 
@@ -1527,19 +1330,28 @@ mod tests {
         assert_eq!(uaddr("::1".parse().unwrap(), 111), "::1.0.111");
     }
 
-    fn shared() -> Shared {
-        Shared {
+    fn portmap() -> Portmap {
+        Portmap {
             table: vec![NFS, MOUNT_TCP],
-            allow: Arc::new(|_| true),
             bind_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
         }
+    }
+
+    /// Answers `msg` as the front does (header, then the portmapper).
+    fn handle(msg: &[u8], transport: Transport) -> Option<Reply> {
+        let caller = Caller {
+            peer: localhost(),
+            local: None,
+            transport,
+        };
+        let budget = Budget::new(MAX_RECORD);
+        futures::executor::block_on(front::answer(&portmap(), msg, &caller, &budget))
     }
 
     proptest! {
         #[test]
         fn handle_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
-            let ctx = CallCtx { transport: Transport::Udp, peer: localhost(), local_ip: None };
-            let _ = shared().handle(&bytes, &ctx);
+            let _ = handle(&bytes, Transport::Udp);
         }
 
         #[test]
@@ -1548,9 +1360,8 @@ mod tests {
             proc in 0u32..14,
             tail in proptest::collection::vec(any::<u8>(), 0..300),
         ) {
-            let ctx = CallCtx { transport: Transport::Tcp, peer: localhost(), local_ip: None };
             let msg = call(1, 2, PROGRAM, vers, proc, &tail);
-            let reply = shared().handle(&msg, &ctx);
+            let reply = handle(&msg, Transport::Tcp);
             prop_assert!(reply.is_some());
         }
     }
@@ -1624,7 +1435,7 @@ mod tests {
     #[tokio::test]
     async fn rpcinfo_dump_on_port_111() {
         let addr: SocketAddr = "127.0.0.111:111".parse().unwrap();
-        let pm = Portmapper::bind(addr, vec![NFS, MOUNT_TCP, MOUNT_UDP])
+        let pm = Portmapper::bind(addr, vec![NFS, MOUNT_TCP, MOUNT_UDP], AllowList::loopback())
             .await
             .expect("bind 127.0.0.111:111 (root? rpcbind running?)");
         let s = start_with(pm).await;

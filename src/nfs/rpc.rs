@@ -106,8 +106,24 @@ pub struct Call<'a> {
     pub prog: u32,
     pub vers: u32,
     pub proc_: u32,
-    pub cred: Cred,
+    /// The credential's flavor and body (at most [`MAX_AUTH_BODY`] bytes), as sent: what a
+    /// service makes of it is its own (see [`Call::cred`]).
+    pub auth_flavor: u32,
+    pub auth_body: &'a [u8],
     pub args: &'a [u8],
+}
+
+impl Call<'_> {
+    /// The caller's credential. An AUTH_SYS body that does not parse is
+    /// [`BadCall::BadCred`] (answer AUTH_BADCRED); services that check no credential (the
+    /// portmapper) need not ask.
+    pub fn cred(&self) -> Result<Cred, BadCall> {
+        Ok(match self.auth_flavor {
+            AUTH_NONE => Cred::None,
+            AUTH_SYS => auth_sys(self.auth_body).ok_or(BadCall::BadCred { xid: self.xid })?,
+            other => Cred::Other(other),
+        })
+    }
 }
 
 /// Why a record is not a call we can dispatch.
@@ -121,7 +137,9 @@ pub enum BadCall {
     BadCred { xid: u32 },
 }
 
-/// Decodes a call's header from a whole record.
+/// Decodes a call's header from a whole record (a TCP record or a UDP datagram): the one
+/// header decoder of every RPC service here. The credential's and verifier's lengths are
+/// checked; the credential's body is interpreted by [`Call::cred`].
 pub fn parse_call(record: &[u8]) -> Result<Call<'_>, BadCall> {
     let mut r = Reader::new(record);
     let xid = r.u32().ok_or(BadCall::Unanswerable)?;
@@ -136,13 +154,8 @@ pub fn parse_call(record: &[u8]) -> Result<Call<'_>, BadCall> {
     let (Some(prog), Some(vers), Some(proc_)) = (r.u32(), r.u32(), r.u32()) else {
         return Err(BadCall::Unanswerable);
     };
-    let flavor = r.u32().ok_or(BadCall::Unanswerable)?;
-    let body = r.opaque(MAX_AUTH_BODY).ok_or(BadCall::BadCred { xid })?;
-    let cred = match flavor {
-        AUTH_NONE => Cred::None,
-        AUTH_SYS => auth_sys(body).ok_or(BadCall::BadCred { xid })?,
-        other => Cred::Other(other),
-    };
+    let auth_flavor = r.u32().ok_or(BadCall::Unanswerable)?;
+    let auth_body = r.opaque(MAX_AUTH_BODY).ok_or(BadCall::BadCred { xid })?;
     let verifier_ok = r.u32().is_some() && r.opaque(MAX_AUTH_BODY).is_some();
     if !verifier_ok {
         return Err(BadCall::BadCred { xid });
@@ -152,7 +165,8 @@ pub fn parse_call(record: &[u8]) -> Result<Call<'_>, BadCall> {
         prog,
         vers,
         proc_,
-        cred,
+        auth_flavor,
+        auth_body,
         args: r.rest(),
     })
 }
@@ -261,7 +275,7 @@ mod tests {
         let rec = call(9, 100_003, 3, 1, &[1, 2, 3, 4]);
         let c = parse_call(&rec).unwrap();
         assert_eq!((c.xid, c.prog, c.vers, c.proc_), (9, 100_003, 3, 1));
-        assert_eq!(c.cred, Cred::Sys { uid: 0, gid: 0 });
+        assert_eq!(c.cred(), Ok(Cred::Sys { uid: 0, gid: 0 }));
         assert_eq!(c.args, &[1, 2, 3, 4]);
     }
 
@@ -275,13 +289,13 @@ mod tests {
         let mut huge = rec.clone();
         huge[28..32].copy_from_slice(&u32::MAX.to_be_bytes()); // credential length
         assert_eq!(parse_call(&huge).unwrap_err(), BadCall::BadCred { xid: 9 });
-        // An AUTH_SYS body that does not parse (its gid count says 17) is a bad credential.
+        // An AUTH_SYS body that does not parse (its gid count says 17) is a bad credential
+        // for a service that asks for it; the header itself is whole.
         let mut bad_sys = rec.clone();
         bad_sys[52..56].copy_from_slice(&17u32.to_be_bytes());
-        assert_eq!(
-            parse_call(&bad_sys).unwrap_err(),
-            BadCall::BadCred { xid: 9 }
-        );
+        let header = parse_call(&bad_sys).unwrap();
+        assert_eq!(header.auth_flavor, AUTH_SYS);
+        assert_eq!(header.cred().unwrap_err(), BadCall::BadCred { xid: 9 });
         let mut v1 = rec.clone();
         v1[8..12].copy_from_slice(&1u32.to_be_bytes());
         assert_eq!(
