@@ -38,7 +38,7 @@ const MAX_BLOCKS: u32 = MAX_TRANSFER / BLOCK_SIZE;
 /// The most blocks one WRITE SAME or UNMAP may zero (Block Limits). Zeroing writes zeros into
 /// the overlay, so it costs time in proportion to the range: 64 MiB keeps one command well
 /// inside an initiator's timeout.
-pub const MAX_ZERO_BLOCKS: u32 = (64 << 20) / BLOCK_SIZE;
+pub const MAX_ZERO_BLOCKS: u32 = (16 << 20) / BLOCK_SIZE;
 /// The most descriptors one UNMAP parameter list may carry (Block Limits).
 pub const MAX_UNMAP_DESCRIPTORS: u32 = 64;
 /// The most blocks one COMPARE AND WRITE may compare and write (Block Limits; ESXi uses 1).
@@ -83,12 +83,15 @@ const SYNCHRONIZE_CACHE_16: u8 = 0x91;
 const WRITE_SAME_16: u8 = 0x93;
 const SERVICE_ACTION_IN_16: u8 = 0x9e;
 const REPORT_LUNS: u8 = 0xa0;
+const MAINTENANCE_IN: u8 = 0xa3;
 const READ_12: u8 = 0xa8;
 const WRITE_12: u8 = 0xaa;
 
 // Service actions of SERVICE ACTION IN (16).
 const SA_READ_CAPACITY_16: u8 = 0x10;
 const SA_GET_LBA_STATUS: u8 = 0x12;
+/// MAINTENANCE IN service action.
+const SA_REPORT_SUPPORTED_OPCODES: u8 = 0x0c;
 
 // Mode pages.
 const PAGE_CACHING: u8 = 0x08;
@@ -255,7 +258,7 @@ fn cdb_len(op: u8) -> Option<usize> {
         | PREVENT_ALLOW_MEDIUM_REMOVAL => 6,
         READ_CAPACITY_10 | READ_10 | WRITE_10 | VERIFY_10 | SYNCHRONIZE_CACHE_10
         | WRITE_SAME_10 | UNMAP | MODE_SELECT_10 | MODE_SENSE_10 => 10,
-        READ_12 | WRITE_12 | REPORT_LUNS => 12,
+        READ_12 | WRITE_12 | REPORT_LUNS | MAINTENANCE_IN => 12,
         READ_16 | COMPARE_AND_WRITE | WRITE_16 | VERIFY_16 | SYNCHRONIZE_CACHE_16
         | WRITE_SAME_16 | SERVICE_ACTION_IN_16 => 16,
         _ => return None,
@@ -426,8 +429,217 @@ async fn run(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<Bytes, Sense> {
         WRITE_SAME_10 | WRITE_SAME_16 => write_same(lun, c, data_out).await,
         UNMAP => unmap(lun, c, data_out).await,
         COMPARE_AND_WRITE => compare_and_write(lun, c, data_out).await,
+        MAINTENANCE_IN if c[1] & 0x1f == SA_REPORT_SUPPORTED_OPCODES => report_supported_opcodes(c),
+        MAINTENANCE_IN => Err(INVALID_FIELD_IN_CDB),
         _ => Err(INVALID_OPCODE),
     }
+}
+
+/// Every command this module answers, with its service action (if it has one) and its CDB
+/// usage data (SPC-4 6.35: the bits of the CDB the device server looks at; the first byte is
+/// the operation code).
+const SUPPORTED: &[(u8, Option<u8>, &[u8])] = &[
+    (TEST_UNIT_READY, None, &[0x00, 0, 0, 0, 0, 0x04]),
+    (REQUEST_SENSE, None, &[0x03, 0x01, 0, 0, 0xff, 0x04]),
+    (READ_6, None, &[0x08, 0x1f, 0xff, 0xff, 0xff, 0x04]),
+    (WRITE_6, None, &[0x0a, 0x1f, 0xff, 0xff, 0xff, 0x04]),
+    (INQUIRY, None, &[0x12, 0x01, 0xff, 0xff, 0xff, 0x04]),
+    (MODE_SELECT_6, None, &[0x15, 0x11, 0, 0, 0xff, 0x04]),
+    (MODE_SENSE_6, None, &[0x1a, 0x08, 0xff, 0xff, 0xff, 0x04]),
+    (START_STOP_UNIT, None, &[0x1b, 0x01, 0, 0x0f, 0xf7, 0x04]),
+    (
+        PREVENT_ALLOW_MEDIUM_REMOVAL,
+        None,
+        &[0x1e, 0, 0, 0, 0x03, 0x04],
+    ),
+    (
+        READ_CAPACITY_10,
+        None,
+        &[0x25, 0, 0xff, 0xff, 0xff, 0xff, 0, 0, 0x01, 0x04],
+    ),
+    (
+        READ_10,
+        None,
+        &[0x28, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04],
+    ),
+    (
+        WRITE_10,
+        None,
+        &[0x2a, 0x18, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04],
+    ),
+    (
+        VERIFY_10,
+        None,
+        &[0x2f, 0x16, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04],
+    ),
+    (
+        SYNCHRONIZE_CACHE_10,
+        None,
+        &[0x35, 0x02, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04],
+    ),
+    (
+        WRITE_SAME_10,
+        None,
+        &[0x41, 0x08, 0xff, 0xff, 0xff, 0xff, 0, 0xff, 0xff, 0x04],
+    ),
+    (UNMAP, None, &[0x42, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04]),
+    (
+        MODE_SELECT_10,
+        None,
+        &[0x55, 0x11, 0, 0, 0, 0, 0, 0xff, 0xff, 0x04],
+    ),
+    (
+        MODE_SENSE_10,
+        None,
+        &[0x5a, 0x18, 0xff, 0xff, 0, 0, 0, 0xff, 0xff, 0x04],
+    ),
+    (
+        READ_16,
+        None,
+        &[
+            0x88, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        COMPARE_AND_WRITE,
+        None,
+        &[
+            0x89, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0xff, 0, 0x04,
+        ],
+    ),
+    (
+        WRITE_16,
+        None,
+        &[
+            0x8a, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        VERIFY_16,
+        None,
+        &[
+            0x8f, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        SYNCHRONIZE_CACHE_16,
+        None,
+        &[
+            0x91, 0x02, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        WRITE_SAME_16,
+        None,
+        &[
+            0x93, 0x09, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        SERVICE_ACTION_IN_16,
+        Some(SA_READ_CAPACITY_16),
+        &[
+            0x9e, 0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        SERVICE_ACTION_IN_16,
+        Some(SA_GET_LBA_STATUS),
+        &[
+            0x9e, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x04,
+        ],
+    ),
+    (
+        REPORT_LUNS,
+        None,
+        &[0xa0, 0, 0xff, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0x04],
+    ),
+    (
+        MAINTENANCE_IN,
+        Some(SA_REPORT_SUPPORTED_OPCODES),
+        &[
+            0xa3, 0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+    ),
+    (
+        READ_12,
+        None,
+        &[
+            0xa8, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+    ),
+    (
+        WRITE_12,
+        None,
+        &[
+            0xaa, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+    ),
+];
+
+/// The command timeouts descriptor (SPC-4 6.35.4) with RCTD: no timeouts given.
+const TIMEOUTS: [u8; 12] = [0, 0x0a, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// REPORT SUPPORTED OPERATION CODES: every command (reporting options 0), or one, by
+/// operation code (1), with service action (2), or either (3).
+fn report_supported_opcodes(c: &[u8; 16]) -> Result<Bytes, Sense> {
+    let rctd = c[2] & 0x80 != 0;
+    let options = c[2] & 0x07;
+    let (op, sa) = (c[3], be16(c, 4));
+    let alloc = be32(c, 6) as usize;
+    let mut out = Vec::new();
+    match options {
+        0 => {
+            out.extend_from_slice(&[0; 4]);
+            for (code, action, usage) in SUPPORTED {
+                out.extend_from_slice(&[*code, 0]);
+                out.extend_from_slice(&u16::from(action.unwrap_or(0)).to_be_bytes());
+                let flags = u8::from(action.is_some()) | if rctd { 0x02 } else { 0 };
+                out.extend_from_slice(&[0, flags]);
+                out.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+                if rctd {
+                    out.extend_from_slice(&TIMEOUTS);
+                }
+            }
+            let len = (out.len() - 4) as u32;
+            out[..4].copy_from_slice(&len.to_be_bytes());
+        }
+        1..=3 => {
+            let has_actions = SUPPORTED
+                .iter()
+                .any(|(code, a, _)| *code == op && a.is_some());
+            // Option 1 names a command without service actions, option 2 one with them.
+            if (options == 1 && has_actions)
+                || (options == 2 && !has_actions && cdb_len(op).is_some())
+            {
+                return Err(INVALID_FIELD_IN_CDB);
+            }
+            let found = SUPPORTED.iter().find(|(code, action, _)| {
+                *code == op && (!has_actions || action.map(u16::from) == Some(sa))
+            });
+            match found {
+                Some((_, _, usage)) => {
+                    out.extend_from_slice(&[0, 0x03 | if rctd { 0x80 } else { 0 }]);
+                    out.extend_from_slice(&(usage.len() as u16).to_be_bytes());
+                    out.extend_from_slice(usage);
+                    if rctd {
+                        out.extend_from_slice(&TIMEOUTS);
+                    }
+                }
+                // Not supported: SUPPORT 001b and no usage data.
+                None => out.extend_from_slice(&[0, 0x01, 0, 0]),
+            }
+        }
+        _ => return Err(INVALID_FIELD_IN_CDB),
+    }
+    Ok(cut(out, alloc))
 }
 
 /// `v` cut to the allocation length.
@@ -1001,7 +1213,12 @@ async fn compare_and_write(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<B
         return Err(INVALID_FIELD_IN_CDB); // WRPROTECT
     }
     writable(lun)?;
-    if blocks > u64::from(MAX_COMPARE_AND_WRITE) {
+    // The data must be exactly the blocks to compare and the blocks to write: a NUMBER OF
+    // LOGICAL BLOCKS of 0 with data (what 256 blocks wrap to in the CDB's one byte) is an
+    // error, not a command that does nothing.
+    if blocks > u64::from(MAX_COMPARE_AND_WRITE)
+        || data_out.len() as u64 != 2 * blocks * u64::from(BLOCK_SIZE)
+    {
         return Err(INVALID_FIELD_IN_CDB);
     }
     check_range(&*lun.dev, lba, blocks)?;
@@ -1058,6 +1275,84 @@ mod tests {
         let o = cmd(lun, cdb, data).await;
         assert_eq!((o.status, o.sense), (GOOD, None), "cdb {cdb:02x?}");
         o.data.to_vec()
+    }
+
+    fn rsoc(options: u8, rctd: bool, op: u8, sa: u16) -> Vec<u8> {
+        let mut c = vec![MAINTENANCE_IN, SA_REPORT_SUPPORTED_OPCODES, options];
+        if rctd {
+            c[2] |= 0x80;
+        }
+        c.push(op);
+        c.extend_from_slice(&sa.to_be_bytes());
+        c.extend_from_slice(&4096u32.to_be_bytes());
+        c.extend_from_slice(&[0, 0]);
+        c
+    }
+
+    #[tokio::test]
+    async fn report_supported_opcodes_lists_every_command_and_one_with_its_usage() {
+        let (_, lun) = mem(0, false);
+        let all = good(&lun, &rsoc(0, false, 0, 0), &[]).await;
+        assert_eq!(be32_of(&all[..4]) as usize, all.len() - 4);
+        assert_eq!((all.len() - 4) / 8, SUPPORTED.len());
+        // Every listed command is answered (none says INVALID OPERATION CODE).
+        for d in all[4..].chunks(8) {
+            assert!(cdb_len(d[0]).is_some(), "{d:02x?}");
+            assert_eq!(
+                usize::from(u16::from_be_bytes([d[6], d[7]])),
+                cdb_len(d[0]).unwrap()
+            );
+        }
+        // With RCTD each descriptor carries a timeouts descriptor.
+        let timed = good(&lun, &rsoc(0, true, 0, 0), &[]).await;
+        assert_eq!((timed.len() - 4) / 20, SUPPORTED.len());
+        // One command: READ (10) says DPO and FUA are looked at (MODE SENSE says DPOFUA).
+        let one = good(&lun, &rsoc(1, false, READ_10, 0), &[]).await;
+        assert_eq!(&one[..4], &[0, 0x03, 0, 10]);
+        assert_eq!(one[4], READ_10);
+        assert_eq!(one[5] & 0x18, 0x18);
+        // A service action: READ CAPACITY (16); asked without it, INVALID FIELD IN CDB.
+        let rc16 = good(
+            &lun,
+            &rsoc(2, false, SERVICE_ACTION_IN_16, SA_READ_CAPACITY_16.into()),
+            &[],
+        )
+        .await;
+        assert_eq!(&rc16[..6], &[0, 0x03, 0, 16, 0x9e, 0x10]);
+        assert_eq!(
+            refused(&lun, &rsoc(1, false, SERVICE_ACTION_IN_16, 0), &[]).await,
+            (0x05, 0x24, 0x00)
+        );
+        // A command not answered here: SUPPORT 001b.
+        assert_eq!(
+            good(&lun, &rsoc(1, false, 0x5e, 0), &[]).await,
+            [0, 0x01, 0, 0]
+        );
+    }
+
+    fn be32_of(b: &[u8]) -> u32 {
+        u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    #[tokio::test]
+    async fn compare_and_write_wants_exactly_its_data() {
+        let (d, lun) = mem(0, false);
+        let caw = |n: u8| {
+            let mut c = vec![0u8; 16];
+            c[0] = COMPARE_AND_WRITE;
+            c[13] = n;
+            c
+        };
+        // 0 blocks (256 wrapped) with data, and one block with too little or too much.
+        for (n, len) in [(0u8, 256 * 2 * B), (1, B), (1, 3 * B)] {
+            assert_eq!(
+                refused(&lun, &caw(n), &vec![0u8; len]).await,
+                (0x05, 0x24, 0x00)
+            );
+        }
+        assert!(d.lock().iter().all(|b| *b == 0));
+        // 0 blocks with no data does nothing, as SBC says.
+        good(&lun, &caw(0), &[]).await;
     }
 
     async fn refused(lun: &Lun, cdb: &[u8], data: &[u8]) -> (u8, u8, u8) {
@@ -1456,10 +1751,10 @@ mod tests {
             c16(READ_16, 0, BLOCKS, 0),
             c16(WRITE_16, 0, BLOCKS, 0),
             c12(WRITE_12, 0, 0),
-            caw(0, 0),
         ] {
             assert!(good(&lun, &cdb, &[1; 1024]).await.is_empty(), "{cdb:02x?}");
         }
+        assert!(good(&lun, &caw(0, 0), &[]).await.is_empty());
         assert!(d.lock().iter().all(|&b| b == 0xaa));
     }
 
@@ -1714,7 +2009,7 @@ mod tests {
         }
         let invalid_opcode = (0x05, 0x20, 0x00);
         assert_eq!(
-            refused(&lun, &[0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0], &[]).await,
+            refused(&lun, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 9, 0], &[]).await,
             invalid_opcode
         );
         assert_eq!(refused(&lun, &[0x7f; 40], &[]).await, invalid_opcode);
@@ -1837,7 +2132,7 @@ mod tests {
             (vec![MODE_SELECT_6, 0x10, 0, 0, 28, 0], Some(28)),
             (inq(true, 0x83, 255), Some(0)),
             (vec![WRITE_10, 0, 0], None),
-            (vec![0xa3; 12], None),
+            (vec![0x5e; 10], None),
         ];
         for (cdb, want) in table {
             assert_eq!(data_out_len(&cdb), want, "{cdb:02x?}");
