@@ -274,6 +274,50 @@ fn text(keys: &[(&str, &str)]) -> Vec<u8> {
     encode_text(&pairs)
 }
 
+/// An initiator's end of an in-memory pipe to one connection being served, for tests that
+/// talk back and forth (a CHAP exchange, R2Ts, clocks).
+pub struct Client {
+    pub io: tokio::io::DuplexStream,
+}
+
+impl Client {
+    /// A connection to `targets` over a pipe, and the task serving it.
+    pub fn connect(
+        targets: Arc<dyn Targets>,
+        cancel: CancellationToken,
+    ) -> (Client, tokio::task::JoinHandle<Result<(), String>>) {
+        let (client, server) = tokio::io::duplex(256 << 10);
+        let peer = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 3260));
+        let task = tokio::spawn(serve(server, peer, local, targets, cancel));
+        (Client { io: client }, task)
+    }
+
+    pub async fn send(&mut self, pdu: &[u8]) {
+        self.io.write_all(pdu).await.expect("the target is gone");
+    }
+
+    /// The next PDU: its header and data; `None` when the target closed.
+    pub async fn recv(&mut self) -> Option<([u8; 48], Vec<u8>)> {
+        let mut h = [0u8; 48];
+        self.io.read_exact(&mut h).await.ok()?;
+        let b = pdu::Bhs(h);
+        let len = b.data_len() as usize;
+        let mut rest = vec![0u8; b.ahs_len() + len + pdu::padding(len)];
+        self.io.read_exact(&mut rest).await.ok()?;
+        rest.drain(..b.ahs_len());
+        rest.truncate(len);
+        Some((h, rest))
+    }
+
+    /// Logs in with [`Harness::login`]; panics unless it succeeds.
+    pub async fn login(&mut self, target: Option<&str>) {
+        self.send(&Harness::login(target)).await;
+        let (h, d) = self.recv().await.expect("a login response");
+        assert_eq!((h[36], h[37]), (0, 0), "login refused: {:?}", pairs(&d));
+    }
+}
+
 /// The PDUs in what a target sent: each header and its data (without padding); a trailing
 /// piece too short to be a PDU is left out.
 pub fn pdus(mut bytes: &[u8]) -> Vec<([u8; 48], Vec<u8>)> {

@@ -642,3 +642,338 @@ impl Login<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::fuzzing::{
+        disk, pairs, Client, Harness, TestTargets, CHAP_SECRET, CHAP_TARGET, OPEN_TARGET,
+    };
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn text_is_key_value_pairs_and_anything_else_is_refused() {
+        let p = parse_text(b"A=1\0B=x=y\0\0C=\0").unwrap();
+        assert_eq!(
+            p,
+            [
+                ("A".to_string(), "1".to_string()),
+                ("B".into(), "x=y".into()),
+                ("C".into(), "".into())
+            ]
+        );
+        assert_eq!(encode_text(&p), b"A=1\0B=x=y\0C=\0");
+        assert!(parse_text(b"novalue\0").is_err());
+        assert!(parse_text(b"=v\0").is_err());
+        assert!(parse_text(format!("{}=1", "k".repeat(64)).as_bytes()).is_err());
+        assert!(parse_text(format!("k={}", "v".repeat(8193)).as_bytes()).is_err());
+        assert!(parse_text(b"k=\xff\0").is_err());
+    }
+
+    /// MD5 of 0x07, "0123456789abcdef01234567" and 00112233..ff, computed apart (Python's
+    /// hashlib); the check takes exactly that, in hex or base64.
+    #[test]
+    fn chap_responses_are_md5_of_id_secret_and_challenge() {
+        let challenge = decode_binary("0x00112233445566778899aabbccddeeff").unwrap();
+        assert_eq!(
+            decode_binary("0bABEiM0RVZneImaq7zN3u/w==").unwrap(),
+            challenge
+        );
+        let r = chap_response(7, CHAP_SECRET.as_bytes(), &challenge);
+        assert_eq!(encode_hex(&r), "0x97e01295e87664ddd0779e565c133eef");
+        assert!(chap_matches(7, CHAP_SECRET.as_bytes(), &challenge, &r));
+        assert!(!chap_matches(8, CHAP_SECRET.as_bytes(), &challenge, &r));
+        assert!(!chap_matches(7, b"other secret", &challenge, &r));
+        assert!(!chap_matches(
+            7,
+            CHAP_SECRET.as_bytes(),
+            &challenge,
+            &r[..15]
+        ));
+        assert!(!chap_matches(7, CHAP_SECRET.as_bytes(), &challenge, &[]));
+        assert_eq!(decode_binary("0x123").unwrap(), [0x01, 0x23], "odd digits");
+        for bad in ["", "0x", "12", "0xzz", "0b!!", "0q00"] {
+            assert_eq!(decode_binary(bad), None, "{bad}");
+        }
+        assert_eq!(decode_binary(&format!("0x{}", "00".repeat(1025))), None);
+    }
+
+    #[test]
+    fn operational_keys_settle_as_rfc_7143_says() {
+        let mut p = Params::default();
+        let mut a = |k: &str, v: &str| p.answer(k, v);
+        assert_eq!(a("HeaderDigest", "CRC32C,None").as_deref(), Some("None"));
+        assert_eq!(a("DataDigest", "CRC32C").as_deref(), Some("Reject"));
+        assert_eq!(a("MaxConnections", "8").as_deref(), Some("1"));
+        assert_eq!(a("InitialR2T", "No").as_deref(), Some("No"));
+        assert_eq!(a("ImmediateData", "Yes").as_deref(), Some("Yes"));
+        assert_eq!(a("DataPDUInOrder", "No").as_deref(), Some("Yes"));
+        assert_eq!(
+            a("MaxRecvDataSegmentLength", "131072").as_deref(),
+            Some("262144")
+        );
+        assert_eq!(
+            a("MaxRecvDataSegmentLength", "100").as_deref(),
+            Some("Reject")
+        );
+        assert_eq!(a("MaxBurstLength", "16776192").as_deref(), Some("1048576"));
+        assert_eq!(a("FirstBurstLength", "4096").as_deref(), Some("4096"));
+        assert_eq!(a("DefaultTime2Wait", "0").as_deref(), Some("2"));
+        assert_eq!(a("DefaultTime2Retain", "20").as_deref(), Some("0"));
+        assert_eq!(a("MaxOutstandingR2T", "4").as_deref(), Some("1"));
+        assert_eq!(a("ErrorRecoveryLevel", "2").as_deref(), Some("0"));
+        assert_eq!(a("ErrorRecoveryLevel", "3").as_deref(), Some("Reject"));
+        assert_eq!(a("IFMarker", "Yes").as_deref(), Some("No"));
+        assert_eq!(
+            a("X-com.example.Foo", "1").as_deref(),
+            Some("NotUnderstood")
+        );
+        assert_eq!(a("InitiatorAlias", "host"), None);
+        assert_eq!(
+            p,
+            Params {
+                initiator_max_recv: 131072,
+                max_burst: MAX_BURST,
+                first_burst: 4096,
+                initial_r2t: false,
+                immediate_data: true,
+            }
+        );
+        let mut q = Params::default();
+        q.answer("MaxBurstLength", "1024");
+        q.answer("FirstBurstLength", "65536");
+        q.settle();
+        assert_eq!(q.first_burst, 1024, "never above MaxBurstLength");
+    }
+
+    fn targets() -> Arc<TestTargets> {
+        Arc::new(TestTargets::new(
+            disk(1 << 20, 0, false),
+            disk(4096, 0, true),
+            disk(1 << 20, 0, false),
+        ))
+    }
+
+    fn status(h: &[u8; 48]) -> (u8, u8) {
+        (h[36], h[37])
+    }
+
+    /// The whole CHAP exchange as libiscsi and Linux do it: security stage with
+    /// AuthMethod=CHAP, CHAP_A, our challenge, the response, then the operational stage.
+    async fn chap_login(secret: &str, mutual: bool) -> ((u8, u8), Client) {
+        let (mut c, _task) = Client::connect(targets(), CancellationToken::new());
+        c.send(&Harness::login_pdu(
+            pdu::SECURITY,
+            pdu::OPERATIONAL,
+            false,
+            1,
+            &[
+                ("InitiatorName", "iqn.x"),
+                ("SessionType", "Normal"),
+                ("TargetName", CHAP_TARGET),
+                ("AuthMethod", "CHAP,None"),
+            ],
+        ))
+        .await;
+        let (h, d) = c.recv().await.unwrap();
+        assert_eq!(status(&h), (0, 0));
+        let got = pairs(&d);
+        assert!(
+            got.contains(&("AuthMethod".into(), "CHAP".into())),
+            "{got:?}"
+        );
+        assert!(
+            got.contains(&("TargetPortalGroupTag".into(), "1".into())),
+            "{got:?}"
+        );
+        c.send(&Harness::login_pdu(
+            pdu::SECURITY,
+            pdu::OPERATIONAL,
+            false,
+            1,
+            &[("CHAP_A", "7,5")],
+        ))
+        .await;
+        let (h, d) = c.recv().await.unwrap();
+        assert_eq!(status(&h), (0, 0));
+        let got = pairs(&d);
+        let get = |k: &str| got.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("CHAP_A").as_deref(), Some("5"));
+        let id: u8 = get("CHAP_I").unwrap().parse().unwrap();
+        let challenge = get("CHAP_C").unwrap();
+        assert_eq!(decode_binary(&challenge).unwrap().len(), CHALLENGE_LEN);
+        let mut answer = Harness::chap_answer(id, &challenge, secret);
+        if mutual {
+            answer.push(("CHAP_I".into(), "3".into()));
+            answer.push(("CHAP_C".into(), "0x0102030405060708090a0b0c0d0e0f10".into()));
+        }
+        let keys: Vec<(&str, &str)> = answer
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        c.send(&Harness::login_pdu(
+            pdu::SECURITY,
+            pdu::OPERATIONAL,
+            true,
+            1,
+            &keys,
+        ))
+        .await;
+        let (h, _) = c.recv().await.unwrap();
+        (status(&h), c)
+    }
+
+    #[tokio::test]
+    async fn chap_with_the_secret_logs_in_and_without_it_is_an_authentication_failure() {
+        let (st, mut c) = chap_login(CHAP_SECRET, false).await;
+        assert_eq!(st, (0, 0));
+        c.send(&Harness::login_pdu(
+            pdu::OPERATIONAL,
+            pdu::FULL_FEATURE,
+            true,
+            1,
+            &[("MaxRecvDataSegmentLength", "65536")],
+        ))
+        .await;
+        let (h, d) = c.recv().await.unwrap();
+        assert_eq!(status(&h), (0, 0));
+        assert_eq!(h[1] & 0x83, 0x83, "transit to the full feature phase");
+        assert_ne!(u16::from_be_bytes([h[14], h[15]]), 0, "a TSIH");
+        assert!(pairs(&d).contains(&("MaxRecvDataSegmentLength".into(), "262144".into())));
+
+        let (st, mut c) = chap_login("0123456789abcdef01234568", false).await;
+        assert_eq!(st, pdu::LOGIN_AUTH_FAILED);
+        assert!(
+            c.recv().await.is_none(),
+            "nothing more: the connection ends"
+        );
+        let (st, _) = chap_login(CHAP_SECRET, true).await;
+        assert_eq!(st, pdu::LOGIN_AUTH_FAILED, "mutual CHAP is refused");
+    }
+
+    /// Each refusal with its status: one PDU each, then the connection ends.
+    #[test]
+    fn logins_are_refused_with_the_status_that_says_why() {
+        let h = Harness::new().unwrap();
+        let refused = |input: Vec<u8>| {
+            let out = super::super::fuzzing::pdus(&h.stream(&input));
+            assert_eq!(out.len(), 1, "one response");
+            status(&out[0].0)
+        };
+        let login = |keys: &[(&str, &str)]| {
+            Harness::login_pdu(pdu::SECURITY, pdu::FULL_FEATURE, true, 1, keys)
+        };
+        assert_eq!(
+            refused(login(&[("TargetName", OPEN_TARGET)])),
+            pdu::LOGIN_MISSING_PARAMETER
+        );
+        assert_eq!(
+            refused(login(&[("InitiatorName", "iqn.x")])),
+            pdu::LOGIN_MISSING_PARAMETER
+        );
+        assert_eq!(
+            refused(login(&[
+                ("InitiatorName", "iqn.x"),
+                ("TargetName", "iqn.nosuch")
+            ])),
+            pdu::LOGIN_NOT_FOUND
+        );
+        // The CHAP target, with no CHAP offered, or straight to the operational stage.
+        assert_eq!(
+            refused(login(&[
+                ("InitiatorName", "iqn.x"),
+                ("TargetName", CHAP_TARGET),
+                ("AuthMethod", "None")
+            ])),
+            pdu::LOGIN_AUTH_FAILED
+        );
+        assert_eq!(
+            refused(Harness::login_pdu(
+                pdu::OPERATIONAL,
+                pdu::FULL_FEATURE,
+                true,
+                1,
+                &[("InitiatorName", "iqn.x"), ("TargetName", CHAP_TARGET)]
+            )),
+            pdu::LOGIN_AUTH_FAILED
+        );
+        assert_eq!(
+            refused(login(&[
+                ("InitiatorName", "iqn.x"),
+                ("SessionType", "Other")
+            ])),
+            (0x02, 0x09)
+        );
+        let mut v = login(&[("InitiatorName", "iqn.x"), ("TargetName", OPEN_TARGET)]);
+        v[3] = 1; // Version-min
+        assert_eq!(refused(v), pdu::LOGIN_UNSUPPORTED_VERSION);
+        let mut v = login(&[("InitiatorName", "iqn.x"), ("TargetName", OPEN_TARGET)]);
+        v[15] = 9; // TSIH: join a session
+        assert_eq!(refused(v), pdu::LOGIN_NO_SESSION);
+        // Text that is not key=value pairs.
+        let mut v = login(&[("InitiatorName", "iqn.x")]);
+        let at = v.iter().position(|b| *b == b'=').unwrap();
+        v[at] = b'_';
+        assert_eq!(refused(v), pdu::LOGIN_INITIATOR_ERROR);
+    }
+
+    /// Text over continued PDUs is gathered (each part answered empty) and bounded; the
+    /// open target needs no CHAP and gets AuthMethod=None; a discovery session none either.
+    #[test]
+    fn continued_login_text_is_gathered_and_bounded() {
+        let h = Harness::new().unwrap();
+        let part = |text: &[u8], cont: bool, transit: bool| {
+            LoginRequest {
+                transit,
+                cont,
+                csg: pdu::SECURITY,
+                nsg: if transit { pdu::FULL_FEATURE } else { 0 },
+                version_max: 0,
+                version_min: 0,
+                isid: [0x80, 0, 0, 0, 0, 1],
+                tsih: 0,
+                itt: 1,
+                cid: 0,
+                cmd_sn: 0,
+                exp_stat_sn: 0,
+            }
+            .encode(text)
+        };
+        let mut input = part(b"InitiatorName=iqn.x\0Target", true, false);
+        input.extend(part(
+            b"Name=iqn.2026-12.io.livemount:m\0AuthMethod=None,CHAP\0",
+            false,
+            true,
+        ));
+        let out = super::super::fuzzing::pdus(&h.stream(&input));
+        assert_eq!(out.len(), 2);
+        assert!(out[0].1.is_empty(), "the first part is answered empty");
+        assert_eq!(status(&out[1].0), (0, 0));
+        assert!(pairs(&out[1].1).contains(&("AuthMethod".into(), "None".into())));
+
+        // 64 KiB of text and one byte more: the connection ends, unanswered.
+        let mut input = Vec::new();
+        for _ in 0..2 {
+            input.extend(part(&vec![b'a'; 32 << 10], true, false));
+        }
+        input.extend(part(b"x", false, false));
+        let out = super::super::fuzzing::pdus(&h.stream(&input));
+        assert_eq!(out.len(), 2, "the two parts, then nothing");
+
+        // Discovery needs no CHAP, whatever the targets need.
+        let out = super::super::fuzzing::pdus(&h.stream(&Harness::login_pdu(
+            pdu::SECURITY,
+            pdu::FULL_FEATURE,
+            true,
+            1,
+            &[
+                ("InitiatorName", "iqn.x"),
+                ("SessionType", "Discovery"),
+                ("AuthMethod", "None"),
+            ],
+        )));
+        assert_eq!(status(&out[0].0), (0, 0));
+    }
+}
