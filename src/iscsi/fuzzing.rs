@@ -14,7 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::login::{chap_response, encode_hex, encode_text};
-use super::pdu::{self, lun_field, DataOut, LoginRequest, ScsiCommand};
+use super::pdu::{self, DataOut, LoginRequest, ScsiCommand};
 use super::scsi::Lun;
 use super::server::{serve, Chap, Target, Targets};
 pub use crate::block::testing::{disk, MemDisk};
@@ -264,6 +264,11 @@ fn command(
         cmd_sn,
         cdb: c,
     }
+}
+
+/// LUN `lun`'s field (LUN 0 for one past what SAM can say, which no test uses).
+fn lun_field(lun: u64) -> [u8; 8] {
+    super::scsi::encode_lun(lun).unwrap_or_default()
 }
 
 fn text(keys: &[(&str, &str)]) -> Vec<u8> {

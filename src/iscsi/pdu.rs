@@ -1,6 +1,6 @@
 //! The iSCSI wire format (RFC 7143 §11): the 48-byte Basic Header Segment of every PDU, its
-//! fields, the opcodes this target reads and writes, data segments padded to 4 bytes, LUN
-//! fields (SAM single-level peripheral and flat addressing).
+//! fields, the opcodes this target reads and writes, data segments padded to 4 bytes. (LUN
+//! fields are SAM's: `super::scsi::decode_lun`.)
 //!
 //! Owns: constants and field offsets, [`Bhs`] accessors (every one bounds-checked: a header
 //! is 48 bytes whatever the client sent), builders of the PDUs the target sends, and of the
@@ -204,31 +204,6 @@ impl Bhs {
         v.resize(v.len() + padding(data.len()), 0);
         v
     }
-}
-
-/// The LUN number of a LUN field: single-level peripheral (`00 nn`) or flat (`01nnnnnn nn`)
-/// addressing, the rest zero; `None` for any other form.
-pub fn lun_number(raw: [u8; 8]) -> Option<u64> {
-    if raw[2..].iter().any(|b| *b != 0) {
-        return None;
-    }
-    match raw[0] >> 6 {
-        0 if raw[0] == 0 => Some(u64::from(raw[1])),
-        1 => Some((u64::from(raw[0] & 0x3f) << 8) | u64::from(raw[1])),
-        _ => None,
-    }
-}
-
-/// The LUN field of LUN `n` (< 16384): peripheral addressing below 256, flat above.
-pub fn lun_field(n: u64) -> [u8; 8] {
-    let mut l = [0u8; 8];
-    if n < 256 {
-        l[1] = n as u8;
-    } else {
-        l[0] = 0x40 | ((n >> 8) & 0x3f) as u8;
-        l[1] = (n & 0xff) as u8;
-    }
-    l
 }
 
 /// A Login Request's header fields.
@@ -582,7 +557,7 @@ mod tests {
             fin: true,
             read: false,
             write: true,
-            lun: lun_field(1),
+            lun: [0, 1, 0, 0, 0, 0, 0, 0],
             itt: 3,
             edtl: 4096,
             cmd_sn: 10,
@@ -600,29 +575,10 @@ mod tests {
             data_sn: 2,
             offset: 512,
         };
-        let wire = d.encode(lun_field(1), &[2; 100]);
+        let wire = d.encode([0, 1, 0, 0, 0, 0, 0, 0], &[2; 100]);
         let b = Bhs(wire[..48].try_into().unwrap());
         assert_eq!(DataOut::parse(&b), d);
         assert_eq!(b.opcode(), DATA_OUT);
-    }
-
-    #[test]
-    fn luns_in_peripheral_and_flat_addressing() {
-        assert_eq!(lun_number(lun_field(0)), Some(0));
-        assert_eq!(lun_number(lun_field(255)), Some(255));
-        assert_eq!(lun_field(300)[..2], [0x41, 0x2c]);
-        assert_eq!(lun_number(lun_field(300)), Some(300));
-        assert_eq!(lun_number([0, 1, 0, 0, 0, 0, 0, 1]), None, "two levels");
-        assert_eq!(
-            lun_number([0x80, 1, 0, 0, 0, 0, 0, 0]),
-            None,
-            "logical unit addressing"
-        );
-        assert_eq!(
-            lun_number([0x01, 1, 0, 0, 0, 0, 0, 0]),
-            None,
-            "a bus number"
-        );
     }
 
     #[test]

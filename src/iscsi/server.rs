@@ -331,8 +331,8 @@ mod tests {
         cancel.cancel();
     }
 
-    /// libiscsi logs in to a target (INQUIRY answered by the SCSI layer), with the right
-    /// CHAP secret where one is needed, and is refused with a wrong one or an unknown name.
+    /// libiscsi logs in to a target and INQUIRY is answered, with the right CHAP secret
+    /// where one is needed; a wrong secret, none, or an unknown name is a login failure.
     #[tokio::test(flavor = "multi_thread")]
     async fn iscsi_inq_logs_in_with_the_right_chap_secret_only() {
         let d = disks();
@@ -343,18 +343,28 @@ mod tests {
         let Some(out) = inq(format!("iscsi://127.0.0.1:{port}/{OPEN_TARGET}/0")).await else {
             return;
         };
-        assert!(!text(&out).contains("log in"), "{}", text(&out));
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(text(&out).contains("LIVEMNT"), "{}", text(&out));
         let out = inq(format!(
             "iscsi://livemount%{CHAP_SECRET}@127.0.0.1:{port}/{CHAP_TARGET}/0"
         ))
         .await
         .unwrap();
-        assert!(!text(&out).contains("log in"), "{}", text(&out));
+        assert!(out.status.success(), "{}", text(&out));
 
-        for url in [
-            format!("iscsi://livemount%wrongwrongwrong1@127.0.0.1:{port}/{CHAP_TARGET}/0"),
-            format!("iscsi://127.0.0.1:{port}/{CHAP_TARGET}/0"),
-            format!("iscsi://127.0.0.1:{port}/iqn.2026-12.io.livemount:nosuch/0"),
+        for (url, why) in [
+            (
+                format!("iscsi://livemount%wrongwrongwrong1@127.0.0.1:{port}/{CHAP_TARGET}/0"),
+                "Authentication failure",
+            ),
+            (
+                format!("iscsi://127.0.0.1:{port}/{CHAP_TARGET}/0"),
+                "Authentication failure",
+            ),
+            (
+                format!("iscsi://127.0.0.1:{port}/iqn.2026-12.io.livemount:nosuch/0"),
+                "not found",
+            ),
         ] {
             let out = inq(url.clone()).await.unwrap();
             assert!(!out.status.success(), "{url}: {}", text(&out));
@@ -363,7 +373,74 @@ mod tests {
                 "{url}: {}",
                 text(&out)
             );
+            assert!(text(&out).contains(why), "{url}: {}", text(&out));
         }
+        cancel.cancel();
+    }
+
+    /// QEMU's iSCSI driver (libiscsi) reads and writes through the target: qemu-img
+    /// compare against a copy of the disk, qemu-io writes then reads a pattern, a write to
+    /// the read-only LUN fails and changes nothing.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn qemu_reads_and_writes_through_the_target() {
+        let d = disks();
+        let (addr, cancel) = start(&d).await;
+        let url = |lun: u32| format!("iscsi://127.0.0.1:{}/{OPEN_TARGET}/{lun}", addr.port());
+        let copy = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(copy.path(), d.rw.lock().as_slice()).unwrap();
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+
+        let Some(out) = tool(
+            "qemu-img",
+            &args(&[
+                "compare",
+                "-f",
+                "raw",
+                "-F",
+                "raw",
+                &url(0),
+                &copy.path().to_string_lossy(),
+            ]),
+        )
+        .await
+        else {
+            return;
+        };
+        assert!(out.status.success(), "{}", text(&out));
+
+        let io = |lun: u32, cmd: &str| {
+            let a = args(&["-f", "raw", "-c", cmd, &url(lun)]);
+            async move { tool("qemu-io", &a).await }
+        };
+        let out = io(0, "write -P 0xab 0 64k").await.unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(d.rw.lock()[..65536].iter().all(|b| *b == 0xab));
+        assert_eq!(d.rw.lock()[65536], 0x11);
+        // Larger than one burst and one segment: R2Ts and Data-In split.
+        let out = io(0, "write -P 0xcd 1M 3M").await.unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(d.rw.lock()[1 << 20..].iter().all(|b| *b == 0xcd));
+        let out = io(0, "read -P 0xcd 1M 3M").await.unwrap();
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !text(&out).contains("Pattern verification failed"),
+            "{}",
+            text(&out)
+        );
+        let out = io(0, "read -P 0xab 0 64k").await.unwrap();
+        assert!(
+            !text(&out).contains("Pattern verification failed"),
+            "{}",
+            text(&out)
+        );
+
+        let out = io(1, "write -P 1 0 4k").await.unwrap();
+        assert!(
+            !out.status.success() || text(&out).contains("error"),
+            "{}",
+            text(&out)
+        );
+        assert!(d.ro.lock().iter().all(|b| *b == 0x22));
         cancel.cancel();
     }
 }

@@ -28,7 +28,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::login::{encode_text, parse_text, LoggedIn, Params, MAX_RECV_DATA, MAX_TEXT};
 pub use super::login::{PORTAL_GROUP, QUEUE_DEPTH};
-use super::pdu::{self, lun_number, Bhs, DataOut, Residual, ScsiCommand, RESERVED_TAG};
+use super::pdu::{self, Bhs, DataOut, Residual, ScsiCommand, RESERVED_TAG};
 use super::scsi::{self, Lun, Outcome, Sense};
 use super::server::{read_rest, Conn, Res, Targets, IDLE_CLOSE, STALL};
 
@@ -61,16 +61,8 @@ const TMF_NOT_SUPPORTED: u8 = 5;
 
 /// ILLEGAL REQUEST sense: INVALID FIELD IN CDB; INVALID FIELD IN COMMAND INFORMATION UNIT
 /// (a write whose data is shorter than its CDB says).
-const INVALID_FIELD_IN_CDB: Sense = Sense {
-    key: 0x05,
-    asc: 0x24,
-    ascq: 0x00,
-};
-const INVALID_FIELD_IN_IU: Sense = Sense {
-    key: 0x05,
-    asc: 0x0e,
-    ascq: 0x03,
-};
+const INVALID_FIELD_IN_CDB: Sense = Sense::new(0x05, 0x24, 0x00);
+const INVALID_FIELD_IN_IU: Sense = Sense::new(0x05, 0x0e, 0x03);
 
 /// The CmdSN window and StatSN.
 struct Window {
@@ -690,7 +682,7 @@ impl Session {
             done: self.done_tx.clone(),
             _finished: finished.clone().drop_guard(),
         };
-        let lun = lun_number(cmd.lun).and_then(|n| {
+        let lun = scsi::decode_lun(&cmd.lun).and_then(|n| {
             self.target
                 .as_ref()
                 .and_then(|(_, luns)| luns.iter().find(|(m, _)| *m == n))
@@ -787,7 +779,7 @@ impl Session {
             return Ok(None);
         }
         let lun = p.bhs.lun();
-        let known_lun = lun_number(lun).is_some_and(|n| self.lun_numbers.contains(&n));
+        let known_lun = scsi::decode_lun(&lun).is_some_and(|n| self.lun_numbers.contains(&n));
         let (response, wait) = match function {
             TMF_ABORT_TASK => {
                 let referenced = p.bhs.get32(pdu::TTT);
@@ -1056,7 +1048,7 @@ impl TaskCtx {
             data,
             r2ts,
         } = job;
-        let need = data_out_len(&cdb).filter(|n| *n > 0);
+        let need = scsi::data_out_len(&cdb).filter(|n| *n > 0);
         let (out, residual) = match (verdict, need) {
             (Some(v), _) => (v, Residual::None),
             (None, Some(n)) if n > data.len() as u64 => (
@@ -1120,7 +1112,7 @@ impl TaskCtx {
         }
         let sense = out.sense.map(|s| {
             let mut v = vec![0u8, 18];
-            v.extend_from_slice(&fixed_sense(s));
+            v.extend_from_slice(&s.fixed());
             v
         });
         let exp_data_sn = if data_sn > 0 { data_sn } else { r2ts };
@@ -1133,52 +1125,6 @@ impl TaskCtx {
                 seq: Seq::Advance,
             })
             .await;
-    }
-}
-
-/// Fixed-format sense data (SPC-4 §4.5.3): current error, key, ASC and ASCQ.
-fn fixed_sense(s: Sense) -> [u8; 18] {
-    let mut b = [0u8; 18];
-    b[0] = 0x70;
-    b[2] = s.key & 0x0f;
-    b[7] = 10;
-    b[12] = s.asc;
-    b[13] = s.ascq;
-    b
-}
-
-/// The bytes a command takes from the initiator, by its CDB; `None` for a command that
-/// takes none (or that this does not know).
-fn data_out_len(cdb: &[u8]) -> Option<u64> {
-    let block = u64::from(scsi::BLOCK_SIZE);
-    let b = |i: usize| cdb.get(i).copied().map(u64::from);
-    let be = |from: usize, n: usize| -> Option<u64> {
-        let s = cdb.get(from..from + n)?;
-        Some(s.iter().fold(0u64, |acc, x| acc << 8 | u64::from(*x)))
-    };
-    match *cdb.first()? {
-        // WRITE(6): 0 blocks means 256.
-        0x0a => Some(match b(4)? {
-            0 => 256 * block,
-            n => n * block,
-        }),
-        // WRITE(10), WRITE AND VERIFY(10).
-        0x2a | 0x2e => Some(be(7, 2)? * block),
-        // WRITE(12), WRITE AND VERIFY(12).
-        0xaa | 0xae => Some(be(6, 4)? * block),
-        // WRITE(16), WRITE AND VERIFY(16).
-        0x8a | 0x8e => Some(be(10, 4)? * block),
-        // WRITE SAME(10), WRITE SAME(16): one block, none with NDOB.
-        0x41 => Some(block),
-        0x93 => Some(if b(1)? & 0x01 != 0 { 0 } else { block }),
-        // COMPARE AND WRITE: twice the blocks.
-        0x89 => Some(2 * b(13)? * block),
-        // UNMAP: the parameter list length.
-        0x42 => be(7, 2),
-        // MODE SELECT(6)/(10).
-        0x15 => b(4),
-        0x55 => be(7, 2),
-        _ => None,
     }
 }
 
@@ -1222,30 +1168,6 @@ mod tests {
     }
 
     #[test]
-    fn the_data_a_write_brings_comes_from_its_cdb() {
-        let mut w10 = [0u8; 10];
-        w10[0] = 0x2a;
-        w10[8] = 8;
-        assert_eq!(data_out_len(&w10), Some(4096));
-        let mut w16 = [0u8; 16];
-        w16[0] = 0x8a;
-        w16[13] = 1;
-        assert_eq!(data_out_len(&w16), Some(512));
-        assert_eq!(data_out_len(&[0x0a, 0, 0, 0, 0, 0]), Some(256 * 512));
-        let mut caw = [0u8; 16];
-        caw[0] = 0x89;
-        caw[13] = 2;
-        assert_eq!(data_out_len(&caw), Some(2048));
-        assert_eq!(
-            data_out_len(&[0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0]),
-            None,
-            "READ(10)"
-        );
-        assert_eq!(data_out_len(&[0x2a, 0]), None, "a short CDB");
-        assert_eq!(data_out_len(&[]), None);
-    }
-
-    #[test]
     fn extended_cdbs_come_from_the_ahs_and_a_bad_ahs_is_refused() {
         let cmd = ScsiCommand {
             immediate: false,
@@ -1269,12 +1191,6 @@ mod tests {
             "longer than it is"
         );
         assert!(cdb(&cmd, &[0, 0, 1, 0]).is_none(), "length 0");
-    }
-
-    #[test]
-    fn fixed_sense_carries_key_and_codes() {
-        let s = fixed_sense(INVALID_FIELD_IN_IU);
-        assert_eq!((s[0], s[2], s[7], s[12], s[13]), (0x70, 5, 10, 0x0e, 0x03));
     }
 }
 
