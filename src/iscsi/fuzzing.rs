@@ -200,12 +200,20 @@ impl Harness {
     }
 
     /// A Data-Out (`ttt` 0xffffffff: unsolicited).
-    pub fn data_out(itt: u32, ttt: u32, lun: u64, offset: u32, data: &[u8], fin: bool) -> Vec<u8> {
+    pub fn data_out(
+        itt: u32,
+        ttt: u32,
+        lun: u64,
+        data_sn: u32,
+        offset: u32,
+        data: &[u8],
+        fin: bool,
+    ) -> Vec<u8> {
         DataOut {
             fin,
             itt,
             ttt,
-            data_sn: 0,
+            data_sn,
             offset,
         }
         .encode(lun_field(lun), data)

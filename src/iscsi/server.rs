@@ -331,6 +331,67 @@ mod tests {
         cancel.cancel();
     }
 
+    /// Hostile connections harm no other: one that logs in and then takes no reply, one
+    /// that sends half a PDU and resets, one that announces a 16 MiB segment; meanwhile a
+    /// real client logs in and reads.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hostile_connections_harm_no_other() {
+        use super::super::fuzzing::Harness;
+        use tokio::net::TcpStream;
+        let d = disks();
+        let (addr, cancel) = start(&d).await;
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        stuck
+            .write_all(&Harness::login(Some(OPEN_TARGET)))
+            .await
+            .unwrap();
+        for i in 0..64 {
+            stuck
+                .write_all(&Harness::nop(i, 0, &[1; 65536]))
+                .await
+                .unwrap();
+        }
+        let reset = TcpStream::connect(addr).await.unwrap();
+        reset
+            .try_write(&Harness::login(Some(OPEN_TARGET))[..30])
+            .ok();
+        socket2::SockRef::from(&reset)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(reset);
+        let mut huge = TcpStream::connect(addr).await.unwrap();
+        let mut login = Harness::login(Some(OPEN_TARGET));
+        login[5..8].copy_from_slice(&[0xff, 0xff, 0xff]);
+        huge.write_all(&login[..48]).await.unwrap();
+        let mut rest = Vec::new();
+        let n = huge.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0, "closed unanswered");
+
+        let url = format!("iscsi://127.0.0.1:{}/{OPEN_TARGET}/0", addr.port());
+        let Some(out) = tool(
+            "qemu-io",
+            &[
+                "-f".into(),
+                "raw".into(),
+                "-c".into(),
+                "read -P 0x11 0 1M".into(),
+                url,
+            ],
+        )
+        .await
+        else {
+            return;
+        };
+        assert!(out.status.success(), "{}", text(&out));
+        assert!(
+            !text(&out).contains("Pattern verification failed"),
+            "{}",
+            text(&out)
+        );
+        drop(stuck);
+        cancel.cancel();
+    }
+
     /// libiscsi logs in to a target and INQUIRY is answered, with the right CHAP secret
     /// where one is needed; a wrong secret, none, or an unknown name is a login failure.
     #[tokio::test(flavor = "multi_thread")]

@@ -167,6 +167,9 @@ struct Gather {
     /// The R2T outstanding: its tag and where its burst ends.
     r2t: Option<(u32, u32)>,
     r2ts: u32,
+    /// The DataSN due next: Data-Out are numbered from 0 in each sequence (the unsolicited
+    /// one, and each R2T's).
+    data_sn: u32,
     /// Bytes of [`WRITE_BUDGET`] reserved (from its first R2T on).
     reserved: usize,
     /// It holds a place in the CmdSN window (it is not immediate).
@@ -177,6 +180,8 @@ enum State {
     Gathering(Box<Gather>),
     Running {
         aborted: Arc<AtomicBool>,
+        /// Its status is on its way to the writer: too late to abort.
+        answered: Arc<AtomicBool>,
         finished: CancellationToken,
         reserved: usize,
     },
@@ -387,7 +392,8 @@ impl Session {
         let mut w = lock(&self.window);
         if sn == w.exp_cmd_sn {
             if slot && w.in_flight >= QUEUE_DEPTH {
-                return Err(format!("CmdSN {sn} beyond MaxCmdSN"));
+                // Beyond MaxCmdSN (the window is full): silently ignored.
+                return Ok(Accept::Drop);
             }
             w.exp_cmd_sn = sn.wrapping_add(1);
             if slot {
@@ -502,6 +508,7 @@ impl Session {
             unsolicited_end: self.params.first_burst.min(cmd.edtl),
             r2t: None,
             r2ts: 0,
+            data_sn: 0,
             reserved: 0,
             slot,
         });
@@ -608,6 +615,7 @@ impl Session {
         let offset = g.buf.len() as u32;
         let len = (g.cmd.edtl - offset).min(max_burst);
         g.r2t = Some((ttt, offset + len));
+        g.data_sn = 0;
         let sn = g.r2ts;
         g.r2ts += 1;
         Some(Out {
@@ -637,6 +645,13 @@ impl Session {
                 g.buf.len()
             ));
         }
+        if d.data_sn != g.data_sn {
+            return Err(format!(
+                "Data-Out DataSN {} where {} is due",
+                d.data_sn, g.data_sn
+            ));
+        }
+        g.data_sn = g.data_sn.wrapping_add(1);
         let end = g.buf.len() + p.data.len();
         if d.ttt == RESERVED_TAG {
             if !g.unsolicited || end > g.unsolicited_end as usize {
@@ -674,6 +689,7 @@ impl Session {
     ) {
         let id = self.next_id();
         let aborted = Arc::new(AtomicBool::new(false));
+        let answered = Arc::new(AtomicBool::new(false));
         let finished = CancellationToken::new();
         let guard = TaskGuard {
             id,
@@ -692,6 +708,7 @@ impl Session {
             tx: self.tx.clone(),
             guard,
             aborted: aborted.clone(),
+            answered: answered.clone(),
             params: self.params,
         };
         let luns = self.lun_numbers.clone();
@@ -711,6 +728,7 @@ impl Session {
                 lun: cmd.lun,
                 state: State::Running {
                     aborted,
+                    answered,
                     finished,
                     reserved,
                 },
@@ -747,8 +765,12 @@ impl Session {
     }
 
     /// Aborts the tasks `which` picks: writes still gathering are dropped, running ones
-    /// told to send nothing more; the tokens say when those have ended.
-    fn abort(&mut self, which: impl Fn(&Task) -> bool) -> Vec<CancellationToken> {
+    /// told to send nothing more; for those, when they have ended and whether they had
+    /// answered already.
+    fn abort(
+        &mut self,
+        which: impl Fn(&Task) -> bool,
+    ) -> Vec<(CancellationToken, Arc<AtomicBool>)> {
         let picked: Vec<u64> = self
             .tasks
             .iter()
@@ -759,10 +781,13 @@ impl Session {
         for id in picked {
             match self.tasks.get(&id).map(|t| &t.state) {
                 Some(State::Running {
-                    aborted, finished, ..
+                    aborted,
+                    answered,
+                    finished,
+                    ..
                 }) => {
                     aborted.store(true, Ordering::SeqCst);
-                    wait.push(finished.clone());
+                    wait.push((finished.clone(), answered.clone()));
                 }
                 Some(State::Gathering(_)) => self.forget(id),
                 None => {}
@@ -801,24 +826,34 @@ impl Session {
             _ => (TMF_NOT_SUPPORTED, Vec::new()),
         };
         tracing::info!(function, response, "iscsi: task management");
-        let reply = Out {
+        let reply = move |response| Out {
             bhs: pdu::task_mgmt_response(itt, response),
             data: Bytes::new(),
             seq: Seq::Advance,
         };
         if wait.is_empty() {
             self.tx
-                .send(reply)
+                .send(reply(response))
                 .await
                 .map_err(|_| "the writer is gone".to_string())?;
         } else {
-            // Answered once the aborted tasks have ended, so nothing of theirs follows.
+            // Answered once the aborted tasks have ended, so nothing of theirs follows. A
+            // task that had answered before the abort reached it completed: for ABORT TASK
+            // that task "does not exist" (libiscsi's test counts on one or the other).
             let tx = self.tx.clone();
+            let single = function == TMF_ABORT_TASK;
             tokio::spawn(async move {
-                for t in wait {
-                    t.cancelled().await;
+                let mut all_answered = true;
+                for (finished, answered) in wait {
+                    finished.cancelled().await;
+                    all_answered &= answered.load(Ordering::SeqCst);
                 }
-                let _ = tx.send(reply).await;
+                let response = if single && all_answered {
+                    TMF_NO_TASK
+                } else {
+                    response
+                };
+                let _ = tx.send(reply(response)).await;
             });
         }
         if function == TMF_TARGET_COLD_RESET {
@@ -1025,6 +1060,7 @@ struct TaskCtx {
     tx: mpsc::Sender<Out>,
     guard: TaskGuard,
     aborted: Arc<AtomicBool>,
+    answered: Arc<AtomicBool>,
     params: Params,
 }
 
@@ -1032,6 +1068,14 @@ impl TaskCtx {
     /// Hands a PDU to the writer, unless the task was aborted.
     async fn send(&self, o: Out) -> bool {
         !self.aborted.load(Ordering::SeqCst) && self.tx.send(o).await.is_ok()
+    }
+
+    /// Hands the PDU with the status to the writer, unless the task was aborted.
+    async fn send_status(&mut self, o: Out) -> bool {
+        self.guard.release();
+        let sent = self.send(o).await;
+        self.answered.store(sent, Ordering::SeqCst);
+        sent
     }
 
     /// Runs the command and sends its Data-In and status.
@@ -1088,20 +1132,23 @@ impl TaskCtx {
                 offset as u32,
                 end == burst_end || last,
             );
-            let mut seq = Seq::Window;
-            if last && collapse {
+            let status = last && collapse;
+            if status {
                 b.0[1] |= pdu::STATUS | residual.flags();
                 b.0[3] = out.status;
                 b.set32(pdu::RESIDUAL, residual.count());
-                seq = Seq::Advance;
-                self.guard.release();
             }
             let o = Out {
                 bhs: b,
                 data: data_in.slice(offset..end),
-                seq,
+                seq: if status { Seq::Advance } else { Seq::Window },
             };
-            if !self.send(o).await {
+            let sent = if status {
+                self.send_status(o).await
+            } else {
+                self.send(o).await
+            };
+            if !sent {
                 return;
             }
             data_sn += 1;
@@ -1117,14 +1164,12 @@ impl TaskCtx {
         });
         let exp_data_sn = if data_sn > 0 { data_sn } else { r2ts };
         let b = pdu::scsi_response(cmd.itt, out.status, residual, exp_data_sn);
-        self.guard.release();
-        let _ = self
-            .send(Out {
-                bhs: b,
-                data: sense.map(Bytes::from).unwrap_or_default(),
-                seq: Seq::Advance,
-            })
-            .await;
+        self.send_status(Out {
+            bhs: b,
+            data: sense.map(Bytes::from).unwrap_or_default(),
+            seq: Seq::Advance,
+        })
+        .await;
     }
 }
 
@@ -1355,6 +1400,7 @@ mod pipe_tests {
             5,
             RESERVED_TAG,
             0,
+            0,
             8192,
             &[1; 32768],
             false,
@@ -1364,6 +1410,7 @@ mod pipe_tests {
             5,
             RESERVED_TAG,
             0,
+            1,
             40960,
             &[1; 24576],
             true,
@@ -1385,24 +1432,99 @@ mod pipe_tests {
             let want = (len - at).min(262144);
             assert_eq!(field(&h, pdu::DESIRED_LENGTH), want);
             let ttt = field(&h, pdu::TTT);
-            let mut off = 0;
+            let (mut off, mut sn) = (0, 0);
             while off < want {
                 let n = (want - off).min(65536);
                 c.send(&Harness::data_out(
                     5,
                     ttt,
                     0,
+                    sn,
                     at + off,
                     &vec![1; n as usize],
                     off + n == want,
                 ))
                 .await;
                 off += n;
+                sn += 1;
             }
             at += want;
             r2ts += 1;
         }
         assert_eq!(r2ts, 2);
+    }
+
+    fn read10(lba: u32, blocks: u16) -> [u8; 10] {
+        let mut c = write10(lba, blocks);
+        c[0] = 0x28;
+        c
+    }
+
+    /// A read of 300 KiB to an initiator that takes 64 KiB segments in bursts of 256 KiB:
+    /// five Data-In, DataSN 0 to 4 at their offsets, F at the end of each burst, the status
+    /// in the last (S) and no SCSI Response; a read the initiator expects less of is cut to
+    /// its length with an overflow residual.
+    #[tokio::test]
+    async fn reads_come_back_in_data_in_split_by_segment_and_burst() {
+        let (mut c, _task, t) = session().await;
+        t.rw.lock()[..300 << 10]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        c.send(&Harness::read(4, 0, 0, &read10(0, 600), 300 << 10))
+            .await;
+        let mut got = Vec::new();
+        for sn in 0..5u32 {
+            let (h, d) = c.recv().await.unwrap();
+            assert_eq!((op(&h), field(&h, pdu::ITT)), (pdu::DATA_IN, 4));
+            assert_eq!(field(&h, pdu::DATA_SN), sn);
+            assert_eq!(field(&h, pdu::BUFFER_OFFSET) as usize, got.len());
+            assert_eq!(
+                d.len(),
+                if sn < 4 {
+                    65536
+                } else {
+                    300 * 1024 - 4 * 65536
+                }
+            );
+            let fin = h[1] & pdu::FINAL != 0;
+            assert_eq!(fin, sn == 3 || sn == 4, "F ends each burst");
+            assert_eq!(h[1] & pdu::STATUS != 0, sn == 4, "status in the last");
+            got.extend_from_slice(&d);
+        }
+        assert_eq!(&got[..], &t.rw.lock()[..300 << 10]);
+
+        c.send(&Harness::read(5, 1, 0, &read10(0, 2), 512)).await;
+        let (h, d) = c.recv().await.unwrap();
+        assert_eq!(op(&h), pdu::DATA_IN);
+        assert_eq!(d.len(), 512);
+        assert_eq!(
+            h[1] & (pdu::STATUS | pdu::OVERFLOW),
+            pdu::STATUS | pdu::OVERFLOW
+        );
+        assert_eq!(field(&h, pdu::RESIDUAL), 512);
+        // A read past the end: CHECK CONDITION with sense, no data.
+        c.send(&Harness::read(6, 2, 0, &read10(u32::MAX - 1, 1), 512))
+            .await;
+        let (h, d) = c.recv().await.unwrap();
+        assert_eq!((op(&h), h[3]), (pdu::SCSI_RESPONSE, scsi::CHECK_CONDITION));
+        assert_eq!((d[1], d[2 + 2] & 0x0f, d[2 + 12]), (18, 0x05, 0x21));
+    }
+
+    /// Data-Out numbered out of turn (libiscsi's iSCSIdatasn test): the connection ends
+    /// and nothing is written.
+    #[tokio::test]
+    async fn data_out_with_the_wrong_data_sn_ends_the_connection() {
+        let (mut c, task, t) = session().await;
+        c.send(&Harness::write(1, 0, 0, &write10(0, 2), 1024, &[], true))
+            .await;
+        let (h, _) = c.recv().await.unwrap();
+        assert_eq!(op(&h), pdu::R2T);
+        let ttt = field(&h, pdu::TTT);
+        c.send(&Harness::data_out(1, ttt, 0, 1, 0, &[1; 512], false))
+            .await;
+        assert!(task.await.unwrap().unwrap_err().contains("DataSN"));
+        assert!(t.rw.lock()[..1024].iter().all(|b| *b == 0x5a));
     }
 
     /// What RFC 7143 says is a Reject: an unknown opcode (the header sent back), a SNACK
@@ -1452,7 +1574,7 @@ mod pipe_tests {
             (op(&h), h[2], field(&h, pdu::ITT)),
             (pdu::TASK_MGMT_RESPONSE, TMF_COMPLETE, 8)
         );
-        c.send(&Harness::data_out(7, ttt, 0, 512, &[1; 65024], true))
+        c.send(&Harness::data_out(7, ttt, 0, 0, 512, &[1; 65024], true))
             .await;
         c.send(&tmf(9, TMF_ABORT_TASK, 0, 77)).await;
         let (h, _) = c.recv().await.unwrap();
@@ -1466,12 +1588,20 @@ mod pipe_tests {
         c.send(&tmf(12, 14, 0, 0)).await;
         let (h, _) = c.recv().await.unwrap();
         assert_eq!(h[2], TMF_NOT_SUPPORTED);
-        // The aborted write's place in the window is free again: CmdSN 1 is next.
-        c.send(&Harness::nop(13, 1, b"")).await;
+        // A task whose status went out before the abort came does not exist any more,
+        // whether or not the session has seen it end.
+        c.send(&Harness::read(20, 1, 0, &read10(0, 1), 512)).await;
+        let (h, _) = c.recv().await.unwrap();
+        assert_eq!(h[1] & pdu::STATUS, pdu::STATUS);
+        c.send(&tmf(21, TMF_ABORT_TASK, 0, 20)).await;
+        let (h, _) = c.recv().await.unwrap();
+        assert_eq!((op(&h), h[2]), (pdu::TASK_MGMT_RESPONSE, TMF_NO_TASK));
+        // The aborted write's place in the window is free again: CmdSN 2 is next.
+        c.send(&Harness::nop(13, 2, b"")).await;
         let (h, _) = c.recv().await.unwrap();
         assert_eq!(op(&h), pdu::NOP_IN);
-        assert_eq!(field(&h, pdu::EXP_CMD_SN), 1);
-        assert_eq!(field(&h, pdu::MAX_CMD_SN), QUEUE_DEPTH);
+        assert_eq!(field(&h, pdu::EXP_CMD_SN), 2);
+        assert_eq!(field(&h, pdu::MAX_CMD_SN), QUEUE_DEPTH + 1);
         assert!(t.rw.lock()[..65536].iter().all(|b| *b == 0x5a));
     }
 
