@@ -625,6 +625,10 @@ impl Session {
         })
     }
 
+    /// A Data-Out: appended to its write if it is the one due (in order, numbered in turn,
+    /// inside its burst). One that is not is rejected (protocol error) and its write
+    /// dropped unanswered: the initiator fails that command on the Reject, and the session
+    /// goes on (libiscsi's iSCSIdatasn test expects this rather than a dropped connection).
     async fn data_out(&mut self, p: super::server::Pdu) -> Res<()> {
         let d = DataOut::parse(&p.bhs);
         let found = self
@@ -638,39 +642,37 @@ impl Session {
             // Data for a task aborted or refused: dropped.
             return Ok(());
         };
-        if d.offset as usize != g.buf.len() {
-            return Err(format!(
-                "Data-Out at {} where {} is due",
-                d.offset,
-                g.buf.len()
-            ));
-        }
-        if d.data_sn != g.data_sn {
-            return Err(format!(
-                "Data-Out DataSN {} where {} is due",
-                d.data_sn, g.data_sn
-            ));
+        let end = g.buf.len() + p.data.len();
+        let fault = if d.offset as usize != g.buf.len() {
+            Some(format!("at {} where {} is due", d.offset, g.buf.len()))
+        } else if d.data_sn != g.data_sn {
+            Some(format!("DataSN {} where {} is due", d.data_sn, g.data_sn))
+        } else if d.ttt == RESERVED_TAG {
+            (!g.unsolicited || end > g.unsolicited_end as usize)
+                .then(|| "unsolicited beyond FirstBurstLength".to_string())
+        } else {
+            match g.r2t {
+                Some((ttt, burst_end)) if ttt == d.ttt && end <= burst_end as usize => None,
+                _ => Some(format!("for no R2T (tag {:#x})", d.ttt)),
+            }
+        };
+        if let Some(why) = fault {
+            tracing::info!(itt = d.itt, "iscsi: Data-Out {why}: the write is dropped");
+            self.forget(id);
+            self.r2t_queue.retain(|q| *q != id);
+            return self.reject(pdu::REJECT_PROTOCOL_ERROR, &p.bhs).await;
         }
         g.data_sn = g.data_sn.wrapping_add(1);
-        let end = g.buf.len() + p.data.len();
+        g.buf.extend_from_slice(&p.data);
         if d.ttt == RESERVED_TAG {
-            if !g.unsolicited || end > g.unsolicited_end as usize {
-                return Err("unsolicited data beyond FirstBurstLength".into());
-            }
-            g.buf.extend_from_slice(&p.data);
             if d.fin || end == g.unsolicited_end as usize {
                 g.unsolicited = false;
             }
-        } else {
-            match g.r2t {
-                Some((ttt, burst_end)) if ttt == d.ttt && end <= burst_end as usize => {
-                    g.buf.extend_from_slice(&p.data);
-                    if end == burst_end as usize {
-                        g.r2t = None;
-                    }
-                }
-                _ => return Err(format!("Data-Out for no R2T (tag {:#x})", d.ttt)),
-            }
+        } else if g
+            .r2t
+            .is_some_and(|(_, burst_end)| end == burst_end as usize)
+        {
+            g.r2t = None;
         }
         self.progress(id).await
     }
@@ -1511,19 +1513,42 @@ mod pipe_tests {
         assert_eq!((d[1], d[2 + 2] & 0x0f, d[2 + 12]), (18, 0x05, 0x21));
     }
 
-    /// Data-Out numbered out of turn (libiscsi's iSCSIdatasn test): the connection ends
-    /// and nothing is written.
+    /// Data-Out numbered out of turn, or not where it is due: rejected, its write dropped
+    /// unanswered and nothing written; the session goes on.
     #[tokio::test]
-    async fn data_out_with_the_wrong_data_sn_ends_the_connection() {
-        let (mut c, task, t) = session().await;
-        c.send(&Harness::write(1, 0, 0, &write10(0, 2), 1024, &[], true))
+    async fn data_out_out_of_turn_is_rejected_and_its_write_dropped() {
+        let (mut c, _task, t) = session().await;
+        for (itt, sn, offset) in [(1u32, 1u32, 0u32), (2, 0, 512)] {
+            c.send(&Harness::write(
+                itt,
+                itt - 1,
+                0,
+                &write10(0, 2),
+                1024,
+                &[],
+                true,
+            ))
             .await;
+            let (h, _) = c.recv().await.unwrap();
+            assert_eq!(op(&h), pdu::R2T);
+            let ttt = field(&h, pdu::TTT);
+            let bad = Harness::data_out(itt, ttt, 0, sn, offset, &[1; 512], false);
+            c.send(&bad).await;
+            let (h, d) = c.recv().await.unwrap();
+            assert_eq!((op(&h), h[2]), (pdu::REJECT, pdu::REJECT_PROTOCOL_ERROR));
+            assert_eq!(&d[..], &bad[..48]);
+            // The rest of its data finds no write.
+            c.send(&Harness::data_out(itt, ttt, 0, 1, 512, &[1; 512], true))
+                .await;
+        }
+        c.send(&Harness::nop(9, 2, b"")).await;
         let (h, _) = c.recv().await.unwrap();
-        assert_eq!(op(&h), pdu::R2T);
-        let ttt = field(&h, pdu::TTT);
-        c.send(&Harness::data_out(1, ttt, 0, 1, 0, &[1; 512], false))
-            .await;
-        assert!(task.await.unwrap().unwrap_err().contains("DataSN"));
+        assert_eq!((op(&h), field(&h, pdu::ITT)), (pdu::NOP_IN, 9));
+        assert_eq!(
+            field(&h, pdu::MAX_CMD_SN),
+            2 + QUEUE_DEPTH - 1,
+            "both places free"
+        );
         assert!(t.rw.lock()[..1024].iter().all(|b| *b == 0x5a));
     }
 
