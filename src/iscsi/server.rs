@@ -328,6 +328,15 @@ mod tests {
         assert!(out.status.success(), "{t}");
         assert!(t.contains(OPEN_TARGET) && t.contains(CHAP_TARGET), "{t}");
         assert!(t.contains(&format!("127.0.0.1:{},1", addr.port())), "{t}");
+
+        // With -s it logs in to each target too and lists its LUNs: with the CHAP
+        // credentials, both (the open target takes AuthMethod=None from the same offer).
+        let url = format!("iscsi://livemount%{CHAP_SECRET}@127.0.0.1:{}", addr.port());
+        let out = tool("iscsi-ls", &["-s".into(), url]).await.unwrap();
+        let t = text(&out);
+        assert!(out.status.success(), "{t}");
+        assert_eq!(t.matches("Lun:0").count(), 2, "{t}");
+        assert_eq!(t.matches("Lun:1").count(), 1, "{t}");
         cancel.cancel();
     }
 

@@ -1337,6 +1337,85 @@ mod pipe_tests {
         assert!(t.rw.lock()[..65536].iter().all(|b| *b == 0x5a));
     }
 
+    /// A disk whose reads take 10 s.
+    struct SlowDisk(Arc<super::super::fuzzing::MemDisk>);
+
+    #[async_trait::async_trait]
+    impl crate::block::BlockDevice for SlowDisk {
+        fn size(&self) -> u64 {
+            self.0.size()
+        }
+        fn read_only(&self) -> bool {
+            false
+        }
+        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, crate::block::BlockError> {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            self.0.read(offset, len).await
+        }
+        async fn write(
+            &self,
+            offset: u64,
+            data: &[u8],
+            fua: bool,
+        ) -> Result<(), crate::block::BlockError> {
+            self.0.write(offset, data, fua).await
+        }
+        async fn flush(&self) -> Result<(), crate::block::BlockError> {
+            Ok(())
+        }
+    }
+
+    struct Slow;
+
+    impl Targets for Slow {
+        fn list(&self, _: IpAddr) -> Vec<String> {
+            vec![OPEN_TARGET.into()]
+        }
+        fn open(&self, _: &str, _: IpAddr) -> Option<super::super::server::Target> {
+            let lun = Lun {
+                dev: Arc::new(SlowDisk(disk(1 << 20, 0x77, false))),
+                name: "slow/disk".into(),
+                atomic: Arc::new(tokio::sync::RwLock::new(())),
+            };
+            Some(super::super::server::Target {
+                name: OPEN_TARGET.into(),
+                luns: vec![(0, Arc::new(lun))],
+                chap: None,
+            })
+        }
+    }
+
+    /// A graceful stop with a read in flight: the read is answered (after its 10 s), then
+    /// the connection closes; a logout waits for it the same way.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_and_a_logout_answer_what_is_in_flight_first() {
+        let cancel = CancellationToken::new();
+        let (mut c, task) = Client::connect(Arc::new(Slow), cancel.clone());
+        c.login(Some(OPEN_TARGET)).await;
+        c.send(&Harness::read(1, 0, 0, &read10(0, 1), 512)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        cancel.cancel();
+        let (h, d) = c.recv().await.unwrap();
+        assert_eq!(
+            (op(&h), h[1] & pdu::STATUS, d.len()),
+            (pdu::DATA_IN, pdu::STATUS, 512)
+        );
+        assert!(d.iter().all(|b| *b == 0x77));
+        assert!(c.recv().await.is_none(), "then closed");
+        let (took, r) = time_to_end(task).await;
+        assert!(took < Duration::from_secs(1) && r.is_ok(), "{took:?} {r:?}");
+
+        let (mut c, _task) = Client::connect(Arc::new(Slow), CancellationToken::new());
+        c.login(Some(OPEN_TARGET)).await;
+        c.send(&Harness::read(1, 0, 0, &read10(0, 1), 512)).await;
+        c.send(&Harness::logout(2, 1)).await;
+        let (h, _) = c.recv().await.unwrap();
+        assert_eq!(op(&h), pdu::DATA_IN);
+        let (h, _) = c.recv().await.unwrap();
+        assert_eq!((op(&h), h[2]), (pdu::LOGOUT_RESPONSE, 0));
+        assert!(c.recv().await.is_none());
+    }
+
     /// An initiator that asks and never takes its replies: cut STALL after the first reply
     /// that cannot be written.
     #[tokio::test(start_paused = true)]
