@@ -10,8 +10,11 @@
 
 #[doc(hidden)]
 pub mod fuzzing;
+mod login;
+mod pdu;
 pub mod scsi;
 pub mod server;
+mod session;
 mod targets;
 
 pub use scsi::Lun;
