@@ -364,6 +364,25 @@ pub fn data_out_len(cdb: &[u8]) -> Option<u64> {
     })
 }
 
+/// A plain WRITE (6, 10, 12 or 16) cut to the whole blocks of `bytes`, as a WRITE (16) at
+/// the same LBA with the same FUA; `None` for any other command. When the initiator's
+/// expected transfer length is shorter than the CDB's, the command is processed for the data
+/// that came and no more (FCP-4's rule, which libiscsi's residual tests check).
+pub fn shorten_write(cdb: &[u8], bytes: u64) -> Option<Vec<u8>> {
+    let (c, _) = cdb_bytes(cdb).ok()?;
+    if !matches!(c[0], WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16) {
+        return None;
+    }
+    let rw = rw_fields(&c);
+    let blocks = (bytes / u64::from(BLOCK_SIZE)).min(rw.blocks) as u32;
+    let mut out = vec![0u8; 16];
+    out[0] = WRITE_16;
+    out[1] = (rw.protect << 5) | if rw.fua { 0x08 } else { 0 };
+    out[2..10].copy_from_slice(&rw.lba.to_be_bytes());
+    out[10..14].copy_from_slice(&blocks.to_be_bytes());
+    Some(out)
+}
+
 /// The 8-byte LUN field for LUN `n`: single-level peripheral device addressing below 256,
 /// flat space addressing up to 16383; `None` above (REPORT LUNS leaves such a LUN out).
 pub fn encode_lun(n: u64) -> Option<[u8; 8]> {
@@ -1328,6 +1347,24 @@ mod tests {
             good(&lun, &rsoc(1, false, 0x5e, 0), &[]).await,
             [0, 0x01, 0, 0]
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_cut_to_its_data_writes_the_whole_blocks_that_came() {
+        let (d, lun) = mem(0, false);
+        let w10 = c10(WRITE_10, 0x08, 3, 4); // FUA, LBA 3, 4 blocks
+        let short = shorten_write(&w10, 2 * B as u64 + 100).unwrap();
+        assert_eq!(data_out_len(&short), Some(2 * B as u64));
+        assert_eq!(short[1] & 0x08, 0x08);
+        good(&lun, &short, &vec![7u8; 2 * B + 100]).await;
+        let b = d.lock();
+        assert!(b[3 * B..5 * B].iter().all(|x| *x == 7));
+        assert!(b[5 * B..].iter().all(|x| *x == 0) && b[..3 * B].iter().all(|x| *x == 0));
+        drop(b);
+        // Less than a block: a WRITE of nothing. Not a plain write: no cut.
+        assert_eq!(data_out_len(&shorten_write(&w10, 100).unwrap()), Some(0));
+        assert_eq!(shorten_write(&c10(WRITE_SAME_10, 0, 0, 1), 0), None);
+        assert_eq!(shorten_write(&c10(READ_10, 0, 0, 1), 0), None);
     }
 
     fn be32_of(b: &[u8]) -> u32 {

@@ -1097,17 +1097,24 @@ impl TaskCtx {
         let need = scsi::data_out_len(&cdb).filter(|n| *n > 0);
         let (out, residual) = match (verdict, need) {
             (Some(v), _) => (v, Residual::None),
-            (None, Some(n)) if n > data.len() as u64 => (
-                // The write's data is shorter than its CDB says: nothing is written.
-                Outcome {
-                    status: scsi::CHECK_CONDITION,
-                    sense: Some(INVALID_FIELD_IN_IU),
-                    data: Bytes::new(),
-                },
-                Residual::of(cmd.edtl, n),
-            ),
+            // The write's data is shorter than its CDB says: a plain WRITE writes the whole
+            // blocks that came (FCP-4; libiscsi's residual tests), anything else is refused
+            // with nothing written.
+            (None, Some(n)) if n > data.len() as u64 => {
+                let out = match scsi::shorten_write(&cdb, data.len() as u64) {
+                    Some(short) => scsi::execute(lun.as_deref(), &luns, &short, &data).await,
+                    None => Outcome {
+                        status: scsi::CHECK_CONDITION,
+                        sense: Some(INVALID_FIELD_IN_IU),
+                        data: Bytes::new(),
+                    },
+                };
+                (out, Residual::of(cmd.edtl, n))
+            }
+            // Every byte that came goes to the command: COMPARE AND WRITE refuses data that
+            // is not exactly its own, the others take what they need.
             (None, Some(n)) => {
-                let out = scsi::execute(lun.as_deref(), &luns, &cdb, &data[..n as usize]).await;
+                let out = scsi::execute(lun.as_deref(), &luns, &cdb, &data).await;
                 (out, Residual::of(cmd.edtl, n))
             }
             (None, None) => {
