@@ -565,6 +565,63 @@ mod tests {
         err
     }
 
+    /// A request header for `kind` (cookie 42), as `ask` sends it, without its data.
+    fn request(kind: u16, offset: u64, len: u32) -> Vec<u8> {
+        let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
+        r.extend_from_slice(&0u16.to_be_bytes());
+        r.extend_from_slice(&kind.to_be_bytes());
+        r.extend_from_slice(&42u64.to_be_bytes());
+        r.extend_from_slice(&offset.to_be_bytes());
+        r.extend_from_slice(&len.to_be_bytes());
+        r
+    }
+
+    /// Hostile connections harm no other: one that asks for 64 MiB of reads and takes none
+    /// of them, one that resets halfway through its handshake, one that announces a WRITE
+    /// larger than the limit; meanwhile QEMU opens the export and reads it.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hostile_connections_harm_no_other() {
+        let (rw, ro) = (disk(4 << 20, 0x11, false), disk(1 << 20, 0x22, true));
+        let (addr, cancel) = start(&rw, &ro).await;
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        assert!(go(&mut stuck, "m/rw.img").await.is_some());
+        for _ in 0..16 {
+            stuck
+                .write_all(&request(CMD_READ, 0, 4 << 20))
+                .await
+                .unwrap();
+        }
+        let reset = TcpStream::connect(addr).await.unwrap();
+        reset.try_write(&3u32.to_be_bytes()).ok();
+        socket2::SockRef::from(&reset)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(reset);
+        let mut huge = TcpStream::connect(addr).await.unwrap();
+        assert!(go(&mut huge, "m/rw.img").await.is_some());
+        huge.write_all(&request(CMD_WRITE, 0, proto::MAX_IO + 1))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let _ = huge.read_to_end(&mut rest).await;
+        assert!(
+            rest.len() <= 16,
+            "the oversize WRITE closes its connection (at most an error reply)"
+        );
+
+        let u = format!("nbd://127.0.0.1:{}/m/rw.img", addr.port());
+        let out = tokio::task::spawn_blocking(move || qemu_io(&u, "read -P 0x11 0 4M"))
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed"),
+            "{out:?}"
+        );
+        drop(stuck);
+        cancel.cancel();
+    }
+
     /// What no QEMU sends, sent by hand: a read past the end, a write to a read-only export
     /// (its data still read), an unknown command, an unknown export, a bad magic and an
     /// option announcing more than the limit (the connection closes; others go on).
