@@ -429,7 +429,8 @@ pub(crate) async fn login(
                 }
             }
             Err(Refusal(status, why)) => {
-                tracing::info!(peer = %l.peer, initiator = %l.initiator, status = ?status, "iscsi: login refused: {why}");
+                // Debug formatting: an initiator name or a key with a newline cannot forge log lines.
+                tracing::info!(peer = %l.peer, initiator = ?l.initiator, status = ?status, why = ?why, "iscsi: login refused");
                 let mut b = pdu::login_response(&req, false, 0, 0, status);
                 window(&mut b, &mut stat_sn);
                 write_pdu(s, &b, &[]).await?;

@@ -235,10 +235,10 @@ pub(crate) async fn serve(
     };
     match &session.target {
         Some(t) => {
-            tracing::info!(%peer, initiator = %session.initiator, target = %t.name, "iscsi: session opened")
+            tracing::info!(%peer, initiator = ?session.initiator, target = %t.name, "iscsi: session opened")
         }
         None => {
-            tracing::debug!(%peer, initiator = %session.initiator, "iscsi: discovery session")
+            tracing::debug!(%peer, initiator = ?session.initiator, "iscsi: discovery session")
         }
     }
     session::run(s, session, peer, local, targets, cancel).await

@@ -893,7 +893,7 @@ impl Session {
         let pairs = match parse_text(&text) {
             Ok(p) => p,
             Err(e) => {
-                tracing::debug!(error = %e, "iscsi: bad text");
+                tracing::debug!(error = ?e, "iscsi: bad text");
                 return self.reject(pdu::REJECT_INVALID_FIELD, &p.bhs).await;
             }
         };
