@@ -7,8 +7,11 @@
 //! Must not: know a wire format (NBD error numbers and SCSI sense data live with their
 //! servers), or look into a mount (the core's [`Disk`] does the reading and writing).
 
+mod accept;
 #[doc(hidden)]
 pub mod testing;
+
+pub use accept::Acceptor;
 
 use async_trait::async_trait;
 use bytes::Bytes;

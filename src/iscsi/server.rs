@@ -17,14 +17,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::pdu::{self, Bhs, BHS_LEN};
 use super::scsi::Lun;
 use super::{login, session};
+use crate::block::Acceptor;
 use crate::nfs::AllowList;
 
 /// Connections served at once.
@@ -72,10 +71,8 @@ pub trait Targets: Send + Sync {
 
 /// The iSCSI target on one TCP port.
 pub struct IscsiServer {
-    listener: TcpListener,
+    acceptor: Acceptor,
     targets: Arc<dyn Targets>,
-    allow: AllowList,
-    permits: Arc<Semaphore>,
 }
 
 impl IscsiServer {
@@ -85,56 +82,27 @@ impl IscsiServer {
         allow: AllowList,
     ) -> std::io::Result<IscsiServer> {
         Ok(IscsiServer {
-            listener: TcpListener::bind(addr).await?,
+            acceptor: Acceptor::bind(addr, allow, MAX_CONNECTIONS, "iscsi").await?,
             targets,
-            allow,
-            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.acceptor.local_addr()
     }
 
     /// Serves until `cancel`; connections run as tasks of `tasks`.
     pub async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "iscsi: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            if !self.allow.allows(peer.ip()) {
-                tracing::warn!(%peer, "iscsi: connection refused: not in the allow-list");
-                continue;
-            }
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "iscsi: connection refused: too many connections");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
-                &socket2::TcpKeepalive::new()
-                    .with_time(Duration::from_secs(60))
-                    .with_interval(Duration::from_secs(10)),
-            );
-            let local = stream
-                .local_addr()
-                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 3260)));
-            let (targets, cancel) = (self.targets.clone(), cancel.clone());
-            tasks.spawn(async move {
-                if let Err(e) = serve(stream, peer.ip(), local, targets, cancel).await {
-                    tracing::info!(%peer, error = %e, "iscsi: connection closed");
-                }
-                drop(permit);
-            });
-        }
+        let (targets, stop) = (self.targets, cancel.clone());
+        self.acceptor
+            .run(cancel, tasks, move |stream, peer| {
+                // SendTargets answers with the address the initiator reached.
+                let local = stream
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 3260)));
+                serve(stream, peer.ip(), local, targets.clone(), stop.clone())
+            })
+            .await
     }
 }
 

@@ -17,13 +17,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::proto::{self, *};
 use crate::allow::AllowList;
+use crate::block::Acceptor;
 pub use crate::block::{BlockDevice, BlockError};
 
 /// Connections served at once.
@@ -53,10 +53,8 @@ pub trait Exports: Send + Sync {
 
 /// The NBD server on one TCP port.
 pub struct NbdServer {
-    listener: TcpListener,
+    acceptor: Acceptor,
     exports: Arc<dyn Exports>,
-    allow: AllowList,
-    permits: Arc<Semaphore>,
 }
 
 impl NbdServer {
@@ -66,53 +64,23 @@ impl NbdServer {
         allow: AllowList,
     ) -> std::io::Result<NbdServer> {
         Ok(NbdServer {
-            listener: TcpListener::bind(addr).await?,
+            acceptor: Acceptor::bind(addr, allow, MAX_CONNECTIONS, "nbd").await?,
             exports,
-            allow,
-            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
         })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.acceptor.local_addr()
     }
 
     /// Serves until `cancel`; connections run as tasks of `tasks`.
     pub async fn run(self, cancel: CancellationToken, tasks: TaskTracker) {
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = cancel.cancelled() => return,
-                r = self.listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "nbd: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                },
-            };
-            if !self.allow.allows(peer.ip()) {
-                tracing::warn!(%peer, "nbd: connection refused: not in the allow-list");
-                continue;
-            }
-            let Ok(permit) = self.permits.clone().try_acquire_owned() else {
-                tracing::warn!(%peer, limit = MAX_CONNECTIONS, "nbd: connection refused: too many connections");
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(
-                &socket2::TcpKeepalive::new()
-                    .with_time(Duration::from_secs(60))
-                    .with_interval(Duration::from_secs(10)),
-            );
-            let (exports, cancel) = (self.exports.clone(), cancel.clone());
-            tasks.spawn(async move {
-                if let Err(e) = serve(stream, peer.ip(), exports, cancel).await {
-                    tracing::info!(%peer, error = %e, "nbd: connection closed");
-                }
-                drop(permit);
-            });
-        }
+        let (exports, stop) = (self.exports, cancel.clone());
+        self.acceptor
+            .run(cancel, tasks, move |stream, peer| {
+                serve(stream, peer.ip(), exports.clone(), stop.clone())
+            })
+            .await
     }
 }
 
