@@ -85,6 +85,7 @@ const SERVICE_ACTION_IN_16: u8 = 0x9e;
 const REPORT_LUNS: u8 = 0xa0;
 const MAINTENANCE_IN: u8 = 0xa3;
 const READ_12: u8 = 0xa8;
+const VERIFY_12: u8 = 0xaf;
 const WRITE_12: u8 = 0xaa;
 
 // Service actions of SERVICE ACTION IN (16).
@@ -258,7 +259,7 @@ fn cdb_len(op: u8) -> Option<usize> {
         | PREVENT_ALLOW_MEDIUM_REMOVAL => 6,
         READ_CAPACITY_10 | READ_10 | WRITE_10 | VERIFY_10 | SYNCHRONIZE_CACHE_10
         | WRITE_SAME_10 | UNMAP | MODE_SELECT_10 | MODE_SENSE_10 => 10,
-        READ_12 | WRITE_12 | REPORT_LUNS | MAINTENANCE_IN => 12,
+        READ_12 | WRITE_12 | VERIFY_12 | REPORT_LUNS | MAINTENANCE_IN => 12,
         READ_16 | COMPARE_AND_WRITE | WRITE_16 | VERIFY_16 | SYNCHRONIZE_CACHE_16
         | WRITE_SAME_16 | SERVICE_ACTION_IN_16 => 16,
         _ => return None,
@@ -330,7 +331,7 @@ fn rw_fields(c: &[u8; 16]) -> Rw {
             };
         }
         READ_10 | WRITE_10 | VERIFY_10 => (u64::from(be32(c, 2)), u64::from(be16(c, 7))),
-        READ_12 | WRITE_12 => (u64::from(be32(c, 2)), u64::from(be32(c, 6))),
+        READ_12 | WRITE_12 | VERIFY_12 => (u64::from(be32(c, 2)), u64::from(be32(c, 6))),
         _ => (be64(c, 2), u64::from(be32(c, 10))),
     };
     Rw {
@@ -349,7 +350,7 @@ pub fn data_out_len(cdb: &[u8]) -> Option<u64> {
     let block = u64::from(BLOCK_SIZE);
     Some(match c[0] {
         WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => rw_fields(&c).blocks * block,
-        VERIFY_10 | VERIFY_16 => match (c[1] >> 1) & 0x03 {
+        VERIFY_10 | VERIFY_12 | VERIFY_16 => match (c[1] >> 1) & 0x03 {
             0x01 => rw_fields(&c).blocks * block,
             0x03 => block,
             _ => 0,
@@ -435,7 +436,7 @@ async fn run(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<Bytes, Sense> {
         TEST_UNIT_READY | START_STOP_UNIT | PREVENT_ALLOW_MEDIUM_REMOVAL => Ok(Bytes::new()),
         READ_6 | READ_10 | READ_12 | READ_16 => read(lun, &rw_fields(c)).await,
         WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => write(lun, &rw_fields(c), data_out).await,
-        VERIFY_10 | VERIFY_16 => verify(lun, c, data_out).await,
+        VERIFY_10 | VERIFY_12 | VERIFY_16 => verify(lun, c, data_out).await,
         SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => synchronize_cache(lun, c).await,
         READ_CAPACITY_10 => read_capacity_10(lun, c),
         SERVICE_ACTION_IN_16 => match c[1] & 0x1f {
@@ -599,6 +600,13 @@ const SUPPORTED: &[(u8, Option<u8>, &[u8])] = &[
         None,
         &[
             0xaa, 0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
+        ],
+    ),
+    (
+        VERIFY_12,
+        None,
+        &[
+            0xaf, 0x16, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0x04,
         ],
     ),
 ];
