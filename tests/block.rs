@@ -197,42 +197,12 @@ fn disks_are_listed_read_and_written_over_nbd_and_the_backup_is_untouched() {
 /// killed with SIGKILL and started again on the same port; the next boot sees the file.
 #[test]
 fn a_guest_boots_over_nbd_and_its_write_survives_a_kill_of_the_server() {
-    let image = guest_image();
-    let t = tempfile::tempdir().unwrap();
-    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
-    let cfg = kvm_config(t.path(), "nbdguest", &[("guest.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
-    let state = t.path().join("state");
-    // A fixed port, so the second server is where the first was.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let nbd = format!("127.0.0.1:{port}");
-    let server = Server::start(&repo, &state, "off", &["--nbd", &nbd]);
-    server.cli(&["mount", "nbdguest", "--name", "g"]);
-    let url = format!("nbd://127.0.0.1:{port}/g/guest.img");
-    let log = t.path().join("serial.log");
-    let write = ["-fw_cfg", "name=opt/livemount/write,string=kept-over-nbd"];
-    let (ok, out) = boot_guest(&url, &log, "", &write);
-    assert!(
-        ok && out.contains("LIVEMOUNT-WROTE kept-over-nbd"),
-        "the guest did not boot over NBD:\n{out}\nserver:\n{}",
-        server.log_text()
+    guest_write_survives_a_kill(
+        "nbdguest",
+        "--nbd",
+        |listen, mount| format!("nbd://{listen}/{mount}/guest.img"),
+        "kept-over-nbd",
     );
-
-    server.kill();
-    let server = Server::start(&repo, &state, "off", &["--nbd", &nbd]);
-    let (ok, out) = boot_guest(&url, &log, "", &[]);
-    assert!(
-        ok && out.contains("LIVEMOUNT-FILE kept-over-nbd"),
-        "the write is gone after the kill:\n{out}\nserver:\n{}",
-        server.log_text()
-    );
-    // The backup is untouched.
-    server.cli(&["mount", "nbdguest", "--name", "fresh"]);
-    let out = compare(&format!("nbd://127.0.0.1:{port}/fresh/guest.img"), &image);
-    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// A QMP connection to a running QEMU (its `-qmp unix:PATH,server=on,wait=off` socket). A test

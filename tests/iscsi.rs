@@ -51,12 +51,6 @@ fn compare(url: &str, file: &Path) -> Output {
     )
 }
 
-/// A port free now, so a restarted server can listen where the first did.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[test]
 fn mounts_are_targets_and_disks_luns_read_and_written_over_iscsi() {
     let t = tempfile::tempdir().unwrap();
@@ -226,36 +220,12 @@ fn with_chap_a_login_needs_the_targets_secret() {
 /// killed with SIGKILL and started again on the same port; the next boot sees the file.
 #[test]
 fn a_guest_boots_over_iscsi_and_its_write_survives_a_kill_of_the_server() {
-    let image = guest_image();
-    let t = tempfile::tempdir().unwrap();
-    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
-    let cfg = kvm_config(t.path(), "iscsiguest", &[("guest.img", "raw")]);
-    let repo = repo_with_backup(t.path(), &cfg);
-    let state = t.path().join("state");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let server = Server::start(&repo, &state, "off", &["--iscsi", &listen]);
-    server.cli(&["mount", "iscsiguest", "--name", "g"]);
-    let url = format!("iscsi://{listen}/{IQN}g/0");
-    let log = t.path().join("serial.log");
-    let write = ["-fw_cfg", "name=opt/livemount/write,string=kept-over-iscsi"];
-    let (ok, out) = boot_guest(&url, &log, "", &write);
-    assert!(
-        ok && out.contains("LIVEMOUNT-WROTE kept-over-iscsi"),
-        "the guest did not boot over iSCSI:\n{out}\nserver:\n{}",
-        server.log_text()
+    guest_write_survives_a_kill(
+        "iscsiguest",
+        "--iscsi",
+        |listen, mount| format!("iscsi://{listen}/{IQN}{mount}/0"),
+        "kept-over-iscsi",
     );
-
-    server.kill();
-    let server = Server::start(&repo, &state, "off", &["--iscsi", &listen]);
-    let (ok, out) = boot_guest(&url, &log, "", &[]);
-    assert!(
-        ok && out.contains("LIVEMOUNT-FILE kept-over-iscsi"),
-        "the write is gone after the kill:\n{out}\nserver:\n{}",
-        server.log_text()
-    );
-    server.cli(&["mount", "iscsiguest", "--name", "fresh"]);
-    let out = compare(&format!("iscsi://{listen}/{IQN}fresh/0"), &image);
-    assert!(out.status.success(), "{}", text(&out));
 }
 
 /// libiscsi's conformance suite against a LUN of a live mount: every suite that covers the

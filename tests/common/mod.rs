@@ -509,3 +509,66 @@ pub fn relocation_of(server: &Server, mount: &str) -> Option<serde_json::Value> 
         .map(|m| m["relocation"].clone())
         .filter(|r| !r.is_null())
 }
+
+/// A guest on a block protocol: the test guest boots from `url_of(LISTEN, MOUNT)` with
+/// `serve FLAG LISTEN` (a fixed loopback port, so a restarted server is where the first
+/// was) and writes `word`; livemount is killed with SIGKILL and started again; the next boot
+/// reads `word` back; and a fresh mount of the backup still equals the guest's image.
+pub fn guest_write_survives_a_kill(
+    vm: &str,
+    flag: &str,
+    url_of: impl Fn(&str, &str) -> String,
+    word: &str,
+) {
+    let image = guest_image();
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let cfg = kvm_config(t.path(), vm, &[("guest.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let state = t.path().join("state");
+    let listen = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("127.0.0.1:{}", l.local_addr().unwrap().port())
+    };
+    let server = Server::start(&repo, &state, "off", &[flag, &listen]);
+    server.cli(&["mount", vm, "--name", "g"]);
+    let url = url_of(&listen, "g");
+    let log = t.path().join("serial.log");
+    let write = format!("name=opt/livemount/write,string={word}");
+    let (ok, out) = boot_guest(&url, &log, "", &["-fw_cfg", &write]);
+    assert!(
+        ok && out.contains(&format!("LIVEMOUNT-WROTE {word}")),
+        "the guest did not boot from {url}:\n{out}\nserver:\n{}",
+        server.log_text()
+    );
+
+    server.kill();
+    let server = Server::start(&repo, &state, "off", &[flag, &listen]);
+    let (ok, out) = boot_guest(&url, &log, "", &[]);
+    assert!(
+        ok && out.contains(&format!("LIVEMOUNT-FILE {word}")),
+        "the write is gone after the kill:\n{out}\nserver:\n{}",
+        server.log_text()
+    );
+    // The backup is untouched.
+    server.cli(&["mount", vm, "--name", "fresh"]);
+    let fresh = url_of(&listen, "fresh");
+    let out = client(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            "raw",
+            "-F",
+            "raw",
+            &fresh,
+            image.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
