@@ -14,9 +14,9 @@ pub mod testing;
 pub use accept::Acceptor;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 
 use crate::datastore::{DatastoreError, Disk};
+pub use crate::repo::{Extent, Pieces};
 
 /// Why a block request failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,12 +39,19 @@ const ZERO_STEP: usize = 1 << 20;
 pub trait BlockDevice: Send + Sync {
     fn size(&self) -> u64;
     fn read_only(&self) -> bool;
-    /// Reads `len` bytes at `offset` (inside the disk).
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError>;
+    /// Reads `len` bytes at `offset` (inside the disk), as the pieces they were found in.
+    async fn read(&self, offset: u64, len: u32) -> Result<Pieces, BlockError>;
     /// Writes `data` at `offset` (inside the disk); durable when it returns if `fua`.
     async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError>;
     /// Makes every acknowledged write durable.
     async fn flush(&self) -> Result<(), BlockError>;
+    /// What `len` bytes at `offset` (inside the disk) hold, as runs adding up to `len`: runs
+    /// known to read as zeros, and data (or not known). Unless a device knows better, all
+    /// data.
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        let _ = offset;
+        Ok(vec![Extent { len, zero: false }])
+    }
     /// Makes `len` bytes at `offset` (inside the disk) read as zeros: TRIM, WRITE_ZEROES,
     /// UNMAP, WRITE SAME of zeros. Zeros go into the overlay a MiB at a time; the backup is
     /// never touched.
@@ -74,7 +81,7 @@ impl BlockDevice for Disk {
         Disk::read_only(self)
     }
 
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+    async fn read(&self, offset: u64, len: u32) -> Result<Pieces, BlockError> {
         Disk::read(self, offset, len)
             .await
             .map_err(|e| to_block(&e))
@@ -88,6 +95,10 @@ impl BlockDevice for Disk {
 
     async fn flush(&self) -> Result<(), BlockError> {
         Disk::flush(self).await.map_err(|e| to_block(&e))
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BlockError> {
+        Disk::extents(self, offset, len).map_err(|e| to_block(&e))
     }
 }
 

@@ -35,6 +35,7 @@ use crate::agent::Agent;
 use crate::metrics::Metrics;
 use crate::mount::files::{FolderFiles, Kind};
 use crate::mount::{LiveMount, ROOT_FILEID};
+use crate::repo::Pieces;
 
 pub use disk::Disk;
 pub use error::DatastoreError;
@@ -329,18 +330,34 @@ impl DatastoreCore {
         offset: u64,
         count: u32,
     ) -> Result<(Bytes, bool), DatastoreError> {
+        let (data, eof) = self.read_pieces(node, offset, count).await?;
+        Ok((data.into_bytes(), eof))
+    }
+
+    /// [`DatastoreCore::read`], as the pieces the bytes were found in (for a protocol that
+    /// writes them out without gathering them).
+    pub async fn read_pieces(
+        &self,
+        node: &Node,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Pieces, bool), DatastoreError> {
         let metrics = self.agent.metrics();
         let (m, name, result) = match node {
             Node::Root | Node::MountFolder(_) => return Err(DatastoreError::IsDir),
             Node::FolderFile(_, _, e) if e.kind == Kind::Dir => return Err(DatastoreError::IsDir),
             Node::BackupFile(m, i) => {
                 let f = &m.files[*i];
-                let r = f.read(offset, count).await.map_err(failure);
+                let r = f.read_pieces(offset, count).await.map_err(failure);
                 (m, FileName::Disk(&f.name), r)
             }
             Node::FolderFile(m, low, e) => {
                 let folder = m.folder.as_ref().ok_or(DatastoreError::Stale)?;
-                let r = folder.read(*low, offset, count).await.map_err(failure);
+                let r = folder
+                    .read(*low, offset, count)
+                    .await
+                    .map(|(data, eof)| (Pieces::from(data), eof))
+                    .map_err(failure);
                 (m, FileName::Folder(&e.name), r)
             }
         };

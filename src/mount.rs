@@ -27,7 +27,7 @@ use overlay::{Overlay, OverlayError};
 use crate::prestage::{BootWindow, Prestage};
 use crate::profile::BlockMap;
 use crate::repo::{
-    descriptor_for, plan_files, ChunkId, DiskImage, RepoError, Snapshot, SnapshotId,
+    descriptor_for, plan_files, ChunkId, DiskImage, Extent, Pieces, RepoError, Snapshot, SnapshotId,
 };
 
 /// The file id of the datastore's root folder.
@@ -203,14 +203,48 @@ impl MountFile {
         }
     }
 
+    /// What `[offset, offset + len)` (clipped to the file) holds, as runs (see
+    /// [`Extent`]): a disk's zero runs are those the backup recorded as zeros and the VM has
+    /// not written; anything else is data.
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let end = offset.saturating_add(len).min(self.size());
+        match &self.content {
+            _ if offset >= end => Vec::new(),
+            Content::Bytes(_) => vec![Extent {
+                len: end - offset,
+                zero: false,
+            }],
+            Content::Disk {
+                image,
+                overlay: None,
+                ..
+            } => image.extents(offset, end - offset),
+            Content::Disk {
+                image,
+                overlay: Some(o),
+                ..
+            } => o.extents(image, offset, end - offset),
+        }
+    }
+
     /// Reads up to `count` bytes at `offset`; the flag says the read reached the end of the file.
     pub async fn read(&self, offset: u64, count: u32) -> Result<(Bytes, bool), OverlayError> {
+        let (data, eof) = self.read_pieces(offset, count).await?;
+        Ok((data.into_bytes(), eof))
+    }
+
+    /// [`MountFile::read`], as the pieces the bytes were found in.
+    pub async fn read_pieces(
+        &self,
+        offset: u64,
+        count: u32,
+    ) -> Result<(Pieces, bool), OverlayError> {
         let size = self.size();
-        let data = match &self.content {
+        let data: Pieces = match &self.content {
             Content::Bytes(b) => {
                 let start = offset.min(size) as usize;
                 let end = offset.saturating_add(u64::from(count)).min(size) as usize;
-                b.slice(start..end)
+                b.slice(start..end).into()
             }
             Content::Disk {
                 image,
@@ -226,8 +260,8 @@ impl MountFile {
                     r.on_read(image, offset, u64::from(count));
                 }
                 match overlay {
-                    None => image.read_at(offset, count as usize).await?,
-                    Some(o) => o.read(image, offset, count as usize).await?,
+                    None => image.read_pieces(offset, count as usize).await?,
+                    Some(o) => o.read_pieces(image, offset, count as usize).await?,
                 }
             }
         };

@@ -193,6 +193,142 @@ fn disks_are_listed_read_and_written_over_nbd_and_the_backup_is_untouched() {
     assert!(server.stop().success());
 }
 
+/// `qemu-img map --output=json` of `url` as (start, length, zero) runs, adjacent runs of one
+/// kind joined.
+fn qemu_map(url: &str) -> Vec<(u64, u64, bool)> {
+    let out = client("qemu-img", &["map", "--output=json", "-f", "raw", url]);
+    assert!(out.status.success(), "qemu-img map {url}: {}", text(&out));
+    let map: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+    for e in map.as_array().unwrap() {
+        let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        let zero = e["zero"].as_bool().unwrap() && !e["data"].as_bool().unwrap();
+        match runs.last_mut() {
+            Some(last) if last.2 == zero => last.1 += len,
+            _ => runs.push((start, len, zero)),
+        }
+    }
+    runs
+}
+
+/// Runs of the backup recorded as zeros are holes to block clients: NBD's `base:allocation`
+/// (libnbd's `nbdinfo --map`, `qemu-img map`) and iSCSI's GET LBA STATUS (`qemu-img map` over
+/// `iscsi://`); a block the VM wrote inside one is data; a copy with `qemu-img convert` (which
+/// skips holes) equals the disk.
+#[test]
+fn zero_runs_of_a_backup_are_holes_over_nbd_and_iscsi() {
+    const M: u64 = 1 << 20;
+    let t = tempfile::tempdir().unwrap();
+    // Data [0, 1M), zeros [1M, 2M), data [2M, 4M), zeros [4M, 7M), data [7M, 8M).
+    let mut d = mixed_disk(8 * M, 31);
+    d[..M as usize].fill(0x5a);
+    d[M as usize..2 * M as usize].fill(0);
+    d[2 * M as usize..4 * M as usize].fill(0x6b);
+    d[4 * M as usize..7 * M as usize].fill(0);
+    write(&t.path().join("d.img"), &d);
+    let cfg = kvm_config(t.path(), "holes", &[("d.img", "raw")]);
+    let repo = repo_with_backup(t.path(), &cfg);
+    let server = Server::start(
+        &repo,
+        &t.path().join("state"),
+        "off",
+        &["--nbd", "127.0.0.1:0", "--iscsi", "127.0.0.1:0"],
+    );
+    let port = nbd_port(&server);
+    let status: serde_json::Value =
+        serde_json::from_str(&server.cli(&["status", "--json"])).unwrap();
+    let iport = status["iscsi_port"].as_u64().unwrap();
+    server.cli(&["mount", "holes", "--name", "rw"]);
+    server.cli(&["mount", "holes", "--name", "ro", "--read-only"]);
+    let nbd = |m: &str| format!("nbd://127.0.0.1:{port}/{m}/d.img");
+    let iscsi = |m: &str| format!("iscsi://127.0.0.1:{iport}/iqn.2026-12.io.livemount:{m}/0");
+
+    // The VM writes 4 KiB inside the second zero run.
+    let at = 5 * M + 8192;
+    let out = qemu_io(&nbd("rw"), &format!("write -P 0x77 {at} 4096"));
+    assert!(
+        out.status.success() && !text(&out).contains("error"),
+        "{}",
+        text(&out)
+    );
+    let mut want = d.clone();
+    want[at as usize..at as usize + 4096].fill(0x77);
+    write(&t.path().join("want.img"), &want);
+
+    let backup = vec![
+        (0, M, false),
+        (M, M, true),
+        (2 * M, 2 * M, false),
+        (4 * M, 3 * M, true),
+        (7 * M, M, false),
+    ];
+    let written = vec![
+        (0, M, false),
+        (M, M, true),
+        (2 * M, 2 * M, false),
+        (4 * M, at - 4 * M, true),
+        (at, 4096, false),
+        (at + 4096, 7 * M - at - 4096, true),
+        (7 * M, M, false),
+    ];
+    for (url, want_runs) in [
+        (nbd("ro"), &backup),
+        (nbd("rw"), &written),
+        (iscsi("ro"), &backup),
+        (iscsi("rw"), &written),
+    ] {
+        assert_eq!(&qemu_map(&url), want_runs, "qemu-img map {url}");
+    }
+
+    // libnbd says the same: "offset length type description" lines.
+    let out = client("nbdinfo", &["--map", &nbd("rw")]);
+    assert!(out.status.success(), "{}", text(&out));
+    let map: Vec<(u64, u64, bool)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let n = |i: usize| f[i].parse::<u64>().unwrap();
+            (n(0), n(1), n(2) == 3)
+        })
+        .collect();
+    assert_eq!(&map, &written, "nbdinfo --map:\n{}", text(&out));
+
+    // Reads of a hole are zeros (a hole chunk over NBD); copies equal the disk.
+    let out = qemu_io(&nbd("rw"), &format!("read -P 0 {M} {M}"));
+    assert!(
+        out.status.success() && !text(&out).contains("failed"),
+        "{}",
+        text(&out)
+    );
+    for (url, file) in [
+        (nbd("ro"), "d.img"),
+        (nbd("rw"), "want.img"),
+        (iscsi("ro"), "d.img"),
+        (iscsi("rw"), "want.img"),
+    ] {
+        let copy = t.path().join("copy.img");
+        let _ = std::fs::remove_file(&copy);
+        let out = client(
+            "qemu-img",
+            &[
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "raw",
+                &url,
+                copy.to_str().unwrap(),
+            ],
+        );
+        assert!(out.status.success(), "{url}: {}", text(&out));
+        assert!(
+            std::fs::read(&copy).unwrap() == std::fs::read(t.path().join(file)).unwrap(),
+            "the copy of {url} differs from {file}"
+        );
+    }
+    assert!(server.stop().success());
+}
+
 /// The test guest boots from `nbd://` (QEMU's own NBD client), writes a file; livemount is
 /// killed with SIGKILL and started again on the same port; the next boot sees the file.
 #[test]

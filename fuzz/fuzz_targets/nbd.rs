@@ -4,7 +4,7 @@
 //! past a disk's end reaching it (the in-memory disk panics on both).
 //! The first byte picks the start: bit 0 opens the read-only export, bit 1 sends the rest as
 //! it is (the handshake fuzzed too); otherwise a well-formed NBD_OPT_GO comes first and the
-//! rest is requests.
+//! rest is requests; bit 2 asks for structured replies and `base:allocation` before it.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let export = if mode & 1 != 0 { "m/ro.img" } else { "m/rw.img" };
-    let mut input = Harness::go(export);
+    let mut input = if mode & 4 != 0 {
+        Harness::go_structured(export)
+    } else {
+        Harness::go(export)
+    };
     input.extend_from_slice(rest);
     h.stream(&input);
 });

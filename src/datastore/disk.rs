@@ -9,11 +9,10 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-
 use super::names::check_name;
 use super::{DatastoreCore, DatastoreError, Node};
 use crate::mount::{LiveMount, MountFile};
+use crate::repo::{Extent, Pieces};
 
 /// One disk of one mount, resolved for one client. Cheap to clone.
 #[derive(Clone)]
@@ -125,7 +124,7 @@ impl Disk {
 
     /// Reads `len` bytes at `offset`, all within the disk (else [`DatastoreError::Invalid`]);
     /// the caller bounds `len`.
-    pub async fn read(&self, offset: u64, len: u32) -> Result<Bytes, DatastoreError> {
+    pub async fn read(&self, offset: u64, len: u32) -> Result<Pieces, DatastoreError> {
         self.current()?;
         if offset
             .checked_add(u64::from(len))
@@ -133,7 +132,7 @@ impl Disk {
         {
             return Err(DatastoreError::Invalid("a read past the end of the disk"));
         }
-        let (data, _eof) = self.core.read(&self.node(), offset, len).await?;
+        let (data, _eof) = self.core.read_pieces(&self.node(), offset, len).await?;
         Ok(data)
     }
 
@@ -144,6 +143,17 @@ impl Disk {
         self.current()?;
         self.core.write(&self.node(), offset, data, sync).await?;
         Ok(())
+    }
+
+    /// What `[offset, offset + len)` holds, as runs that add up to `len`: runs that read as
+    /// zeros without a fetch (the backup recorded them as zeros and nothing was written
+    /// there), and data. All within the disk (else [`DatastoreError::Invalid`]).
+    pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>, DatastoreError> {
+        self.current()?;
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(DatastoreError::Invalid("a range past the end of the disk"));
+        }
+        Ok(self.file().extents(offset, len))
     }
 
     /// Makes every acknowledged write durable (NFS's COMMIT).

@@ -298,7 +298,7 @@ async fn a_disk_by_name_for_block_protocols() {
     );
     d.write(DISK - 3, b"end", false).await.unwrap();
     d.flush().await.unwrap();
-    assert_eq!(&d.read(DISK - 3, 3).await.unwrap()[..], b"end");
+    assert_eq!(&d.read(DISK - 3, 3).await.unwrap().into_bytes()[..], b"end");
     assert_eq!(d.read(0, 512).await.unwrap().len(), 512);
     assert!(matches!(
         d.read(DISK - 3, 4).await,
@@ -320,7 +320,7 @@ async fn a_disk_by_name_for_block_protocols() {
         DatastoreError::ReadOnlyMount
     );
     assert_eq!(
-        &ro.read(DISK - 3, 3).await.unwrap()[..],
+        &ro.read(DISK - 3, 3).await.unwrap().into_bytes()[..],
         &[((DISK - 3) >> 9) as u8; 3],
         "the other mount's writes are not this one's"
     );
@@ -365,5 +365,5 @@ async fn a_disk_by_name_for_block_protocols() {
         .unwrap();
     assert_eq!(held.read(0, 3).await.unwrap_err(), DatastoreError::Stale);
     let again = c.disk("rw2/d.img", HERE).unwrap();
-    assert_eq!(&again.read(0, 3).await.unwrap()[..], &[0u8; 3]);
+    assert_eq!(&again.read(0, 3).await.unwrap().into_bytes()[..], &[0u8; 3]);
 }

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::block::{BlockDevice, BlockError};
+use crate::block::{BlockDevice, BlockError, Extent, Pieces};
 
 /// The logical block size of every LUN.
 pub const BLOCK_SIZE: u32 = 512;
@@ -196,17 +196,18 @@ pub struct Outcome {
     pub status: u8,
     /// With CHECK CONDITION.
     pub sense: Option<Sense>,
-    /// Data for the initiator (already cut to the CDB's allocation length).
-    pub data: Bytes,
+    /// Data for the initiator (already cut to the CDB's allocation length), as the pieces it
+    /// was read in.
+    pub data: Pieces,
 }
 
 impl Outcome {
     /// GOOD with `data` for the initiator.
-    pub fn good(data: Bytes) -> Self {
+    pub fn good(data: impl Into<Pieces>) -> Self {
         Outcome {
             status: GOOD,
             sense: None,
-            data,
+            data: data.into(),
         }
     }
 
@@ -215,11 +216,11 @@ impl Outcome {
         Outcome {
             status: CHECK_CONDITION,
             sense: Some(sense),
-            data: Bytes::new(),
+            data: Pieces::default(),
         }
     }
 
-    fn of(r: Result<Bytes, Sense>) -> Self {
+    fn of(r: Result<impl Into<Pieces>, Sense>) -> Self {
         match r {
             Ok(data) => Outcome::good(data),
             Err(sense) => Outcome::check(sense),
@@ -431,10 +432,17 @@ pub async fn execute(lun: Option<&Lun>, luns: &[u64], cdb: &[u8], data_out: &[u8
     }
 }
 
-async fn run(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<Bytes, Sense> {
+async fn run(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<Pieces, Sense> {
+    match c[0] {
+        // A read's data stays in the pieces it was read in.
+        READ_6 | READ_10 | READ_12 | READ_16 => read(lun, &rw_fields(c)).await,
+        _ => run_other(lun, c, data_out).await.map(Pieces::from),
+    }
+}
+
+async fn run_other(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<Bytes, Sense> {
     match c[0] {
         TEST_UNIT_READY | START_STOP_UNIT | PREVENT_ALLOW_MEDIUM_REMOVAL => Ok(Bytes::new()),
-        READ_6 | READ_10 | READ_12 | READ_16 => read(lun, &rw_fields(c)).await,
         WRITE_6 | WRITE_10 | WRITE_12 | WRITE_16 => write(lun, &rw_fields(c), data_out).await,
         VERIFY_10 | VERIFY_12 | VERIFY_16 => verify(lun, c, data_out).await,
         SYNCHRONIZE_CACHE_10 | SYNCHRONIZE_CACHE_16 => synchronize_cache(lun, c).await,
@@ -692,7 +700,7 @@ fn offset(lba: u64) -> u64 {
     lba * u64::from(BLOCK_SIZE)
 }
 
-async fn read_blocks(dev: &dyn BlockDevice, lba: u64, blocks: u64) -> Result<Bytes, Sense> {
+async fn read_blocks(dev: &dyn BlockDevice, lba: u64, blocks: u64) -> Result<Pieces, Sense> {
     let len = (blocks * u64::from(BLOCK_SIZE)) as u32; // blocks <= MAX_BLOCKS
     let data = dev
         .read(offset(lba), len)
@@ -708,13 +716,13 @@ async fn read_blocks(dev: &dyn BlockDevice, lba: u64, blocks: u64) -> Result<Byt
     Ok(data)
 }
 
-async fn read(lun: &Lun, rw: &Rw) -> Result<Bytes, Sense> {
+async fn read(lun: &Lun, rw: &Rw) -> Result<Pieces, Sense> {
     if rw.protect != 0 {
         return Err(INVALID_FIELD_IN_CDB);
     }
     check_range(&*lun.dev, rw.lba, rw.blocks)?;
     if rw.blocks == 0 {
-        return Ok(Bytes::new());
+        return Ok(Pieces::default());
     }
     if rw.blocks > u64::from(MAX_BLOCKS) {
         return Err(INVALID_FIELD_IN_CDB);
@@ -778,7 +786,9 @@ async fn verify(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<Bytes, Sense
         return Err(INVALID_FIELD_IN_CDB);
     }
     let want = take_blocks(data_out, if bytchk == 0x01 { rw.blocks } else { 1 })?;
-    let have = read_blocks(&*lun.dev, rw.lba, rw.blocks).await?;
+    let have = read_blocks(&*lun.dev, rw.lba, rw.blocks)
+        .await?
+        .into_bytes();
     let diff = if bytchk == 0x01 {
         first_difference(&have, want)
     } else {
@@ -830,6 +840,10 @@ fn read_capacity_16(lun: &Lun, c: &[u8; 16]) -> Result<Bytes, Sense> {
     Ok(cut(v, alloc))
 }
 
+/// The most bytes one GET LBA STATUS looks at (an initiator asks again from where the
+/// answer ends).
+const LBA_STATUS_SPAN: u64 = 1 << 30;
+
 fn get_lba_status(lun: &Lun, c: &[u8; 16]) -> Result<Bytes, Sense> {
     let lba = be64(c, 2);
     let alloc = be32(c, 10) as usize;
@@ -837,13 +851,65 @@ fn get_lba_status(lun: &Lun, c: &[u8; 16]) -> Result<Bytes, Sense> {
     if lba >= total {
         return Err(LBA_OUT_OF_RANGE);
     }
-    // One descriptor: everything from `lba` on is mapped (provisioning status 0).
-    let blocks = u32::try_from(total - lba).unwrap_or(u32::MAX);
-    let mut v = vec![0u8; 24];
-    v[0..4].copy_from_slice(&20u32.to_be_bytes());
-    v[8..16].copy_from_slice(&lba.to_be_bytes());
-    v[16..20].copy_from_slice(&blocks.to_be_bytes());
+    let bs = u64::from(BLOCK_SIZE);
+    let span = (total - lba).min(LBA_STATUS_SPAN / bs);
+    let runs = lun
+        .dev
+        .extents(lba * bs, span * bs)
+        .map_err(|e| device_sense(&e, false))?;
+    // As many descriptors as the allocation length takes (at least one: the initiator reads
+    // the first and asks again).
+    let room = alloc.saturating_sub(8) / 16;
+    let descriptors = block_runs(&runs, lba * bs, bs);
+    let mut v = vec![0u8; 8];
+    let mut at = lba;
+    for (blocks, deallocated) in descriptors.into_iter().take(room.max(1)) {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&at.to_be_bytes());
+        d[8..12].copy_from_slice(&u32::try_from(blocks).unwrap_or(u32::MAX).to_be_bytes());
+        // Provisioning status: 0 mapped, 1 deallocated (reads as zeros: LBPRZ).
+        d[12] = u8::from(deallocated);
+        v.extend_from_slice(&d);
+        at += blocks;
+    }
+    let len = (v.len() - 4) as u32;
+    v[0..4].copy_from_slice(&len.to_be_bytes());
     Ok(cut(v, alloc))
+}
+
+/// Byte runs starting at `offset` as runs of whole blocks of `bs` bytes: a block is
+/// deallocated only if it lies wholly inside zero runs; (blocks, deallocated), adjacent runs
+/// of one kind joined.
+fn block_runs(runs: &[Extent], offset: u64, bs: u64) -> Vec<(u64, bool)> {
+    let mut out: Vec<(u64, bool)> = Vec::new();
+    let mut push = |blocks: u64, dealloc: bool| {
+        if blocks == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.1 == dealloc => last.0 += blocks,
+            _ => out.push((blocks, dealloc)),
+        }
+    };
+    // `done`: the first block not yet placed; `at`: the byte where the next run starts.
+    let (mut done, mut at) = (offset / bs, offset);
+    for r in runs {
+        let end = at + r.len;
+        if r.zero {
+            // Whole blocks inside the run; a partial first block is data.
+            let first = at.div_ceil(bs);
+            let last = end / bs;
+            if first < last {
+                push(first.saturating_sub(done), false);
+                push(last - first.max(done), true);
+                done = done.max(last);
+            }
+        }
+        at = end;
+    }
+    // The rest, up to the last whole block covered, is data.
+    push((at / bs).saturating_sub(done), false);
+    out
 }
 
 fn request_sense(have_lun: bool, c: &[u8; 16]) -> Bytes {
@@ -1255,7 +1321,7 @@ async fn compare_and_write(lun: &Lun, c: &[u8; 16], data_out: &[u8]) -> Result<B
     let both = take_blocks(data_out, 2 * blocks)?;
     let (want, new) = both.split_at(both.len() / 2);
     let _exclusive = lun.atomic.write().await;
-    let have = read_blocks(&*lun.dev, lba, blocks).await?;
+    let have = read_blocks(&*lun.dev, lba, blocks).await?.into_bytes();
     if let Some(at) = first_difference(&have, want) {
         return Err(MISCOMPARE.with_info(at));
     }
@@ -1473,7 +1539,7 @@ mod tests {
         fn read_only(&self) -> bool {
             false
         }
-        async fn read(&self, _: u64, _: u32) -> Result<Bytes, BlockError> {
+        async fn read(&self, _: u64, _: u32) -> Result<crate::block::Pieces, BlockError> {
             Err(self.err.clone())
         }
         async fn write(&self, _: u64, _: &[u8], _: bool) -> Result<(), BlockError> {
@@ -1502,7 +1568,7 @@ mod tests {
     async fn inquiry_of_a_missing_lun_is_qualifier_3_with_good_status() {
         let o = execute(None, &[0], &inq(false, 0, 96), &[]).await;
         assert_eq!((o.status, o.sense), (GOOD, None));
-        assert_eq!(o.data[0], 0x7f);
+        assert_eq!(o.data.to_vec()[0], 0x7f);
         let o = execute(None, &[0], &inq(true, 0x83, 96), &[]).await;
         assert_eq!(o.sense, Some(LU_NOT_SUPPORTED));
     }
@@ -1597,9 +1663,41 @@ mod tests {
         assert_eq!(&v[..8], &((1u64 << 32) + 7).to_be_bytes());
     }
 
+    /// GET LBA STATUS: runs that read as zeros are deallocated, the rest mapped, from the
+    /// LBA asked; as many descriptors as the allocation length holds; an LBA past the end is
+    /// refused.
     #[tokio::test]
-    async fn get_lba_status_says_all_mapped_and_checks_the_lba() {
-        let (_, lun) = mem(0, false);
+    async fn get_lba_status_reports_zero_runs_as_deallocated() {
+        let (d, lun) = mem(0, false);
+        // Data in the disk's second 4 KiB (blocks 8..16).
+        d.lock()[4096..8192].fill(0x11);
+        let descriptor = |lba: u64, blocks: u32, status: u8| {
+            let mut v = lba.to_be_bytes().to_vec();
+            v.extend_from_slice(&blocks.to_be_bytes());
+            v.extend_from_slice(&[status, 0, 0, 0]);
+            v
+        };
+        let v = good(
+            &lun,
+            &c16(SERVICE_ACTION_IN_16, SA_GET_LBA_STATUS, 4, 64),
+            &[],
+        )
+        .await;
+        let mut want = vec![0, 0, 0, 52, 0, 0, 0, 0];
+        want.extend(descriptor(4, 4, 1));
+        want.extend(descriptor(8, 8, 0));
+        want.extend(descriptor(16, 48, 1));
+        assert_eq!(v, want);
+        // Room for one descriptor: the first alone, the length says one.
+        let v = good(
+            &lun,
+            &c16(SERVICE_ACTION_IN_16, SA_GET_LBA_STATUS, 10, 24),
+            &[],
+        )
+        .await;
+        let mut want = vec![0, 0, 0, 20, 0, 0, 0, 0];
+        want.extend(descriptor(10, 6, 0));
+        assert_eq!(v, want);
         let v = good(
             &lun,
             &c16(SERVICE_ACTION_IN_16, SA_GET_LBA_STATUS, 60, 24),
@@ -1607,13 +1705,30 @@ mod tests {
         )
         .await;
         let mut want = vec![0, 0, 0, 20, 0, 0, 0, 0];
-        want.extend_from_slice(&60u64.to_be_bytes());
-        want.extend_from_slice(&[0, 0, 0, 4, 0, 0, 0, 0]);
+        want.extend(descriptor(60, 4, 1));
         assert_eq!(v, want);
         let past = c16(SERVICE_ACTION_IN_16, SA_GET_LBA_STATUS, BLOCKS, 24);
         assert_eq!(refused(&lun, &past, &[]).await, (0x05, 0x21, 0x00));
         let other = c16(SERVICE_ACTION_IN_16, 0x11, 0, 24);
         assert_eq!(refused(&lun, &other, &[]).await, (0x05, 0x24, 0x00));
+    }
+
+    /// Byte runs become block runs: a block is deallocated only when wholly zero.
+    #[test]
+    fn byte_runs_become_whole_block_runs() {
+        let run = |len: u64, zero: bool| Extent { len, zero };
+        // Zeros from byte 100 to 1536 at block size 512: only block 1 and 2 are whole.
+        let runs = [run(100, false), run(1436, true), run(512, false)];
+        assert_eq!(
+            block_runs(&runs, 0, 512),
+            vec![(1, false), (2, true), (1, false)]
+        );
+        // A zero run shorter than a block is data.
+        let runs = [run(512, false), run(300, true), run(212, false)];
+        assert_eq!(block_runs(&runs, 0, 512), vec![(2, false)]);
+        // From an offset; all zeros.
+        assert_eq!(block_runs(&[run(2048, true)], 1024, 512), vec![(4, true)]);
+        assert_eq!(block_runs(&[], 0, 512), vec![]);
     }
 
     #[tokio::test]
@@ -1982,7 +2097,7 @@ mod tests {
         fn read_only(&self) -> bool {
             false
         }
-        async fn read(&self, offset: u64, len: u32) -> Result<Bytes, BlockError> {
+        async fn read(&self, offset: u64, len: u32) -> Result<crate::block::Pieces, BlockError> {
             let r = self.0.read(offset, len).await;
             tokio::time::sleep(Duration::from_millis(10)).await;
             r

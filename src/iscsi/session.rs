@@ -21,7 +21,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use crate::block::Pieces;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::sync::mpsc;
 use tokio_util::sync::{CancellationToken, DropGuard};
@@ -136,11 +137,11 @@ async fn writer(
         }
         o.bhs.set_data_len(o.data.len());
         let more = !rx.is_empty();
+        let pad = &[0u8; 3][..pdu::padding(o.data.len())];
+        // Header, data and padding in one vectored write when they do not fit the buffer.
+        let mut pdu = Buf::chain(&o.bhs.0[..], o.data).chain(pad);
         let write = async {
-            wr.write_all(&o.bhs.0).await?;
-            wr.write_all(&o.data).await?;
-            wr.write_all(&[0u8; 3][..pdu::padding(o.data.len())])
-                .await?;
+            wr.write_all_buf(&mut pdu).await?;
             if !more {
                 wr.flush().await?;
             }
@@ -481,7 +482,7 @@ impl Session {
             let refuse = Outcome {
                 status: scsi::CHECK_CONDITION,
                 sense: Some(INVALID_FIELD_IN_CDB),
-                data: Bytes::new(),
+                data: Pieces::default(),
             };
             self.spawn(cmd, cdb, Vec::new(), slot, 0, 0, Some(refuse));
             return Ok(());
@@ -1095,7 +1096,7 @@ impl TaskCtx {
             r2ts,
         } = job;
         let need = scsi::data_out_len(&cdb).filter(|n| *n > 0);
-        let (out, residual) = match (verdict, need) {
+        let (mut out, residual) = match (verdict, need) {
             (Some(v), _) => (v, Residual::None),
             // The write's data is shorter than its CDB says: a plain WRITE writes the whole
             // blocks that came (FCP-4; libiscsi's residual tests), anything else is refused
@@ -1106,7 +1107,7 @@ impl TaskCtx {
                     None => Outcome {
                         status: scsi::CHECK_CONDITION,
                         sense: Some(INVALID_FIELD_IN_IU),
-                        data: Bytes::new(),
+                        data: Pieces::default(),
                     },
                 };
                 (out, Residual::of(cmd.edtl, n))
@@ -1124,16 +1125,17 @@ impl TaskCtx {
             }
         };
         drop(data);
-        let data_in = out.data.slice(..out.data.len().min(cmd.edtl as usize));
-        let collapse = out.status == scsi::GOOD && out.sense.is_none() && !data_in.is_empty();
+        let data_len = out.data.len().min(cmd.edtl as usize);
+        let mut data_in = std::mem::take(&mut out.data);
+        let collapse = out.status == scsi::GOOD && out.sense.is_none() && data_len > 0;
         let seg = self.params.initiator_max_recv.max(512) as usize;
         let burst = self.params.max_burst.max(512) as usize;
         let mut offset = 0usize;
         let mut data_sn = 0u32;
-        while offset < data_in.len() {
+        while offset < data_len {
             let burst_end = (offset / burst + 1) * burst;
-            let end = (offset + seg).min(burst_end).min(data_in.len());
-            let last = end == data_in.len();
+            let end = (offset + seg).min(burst_end).min(data_len);
+            let last = end == data_len;
             let mut b = pdu::data_in(
                 cmd.lun,
                 cmd.itt,
@@ -1149,7 +1151,8 @@ impl TaskCtx {
             }
             let o = Out {
                 bhs: b,
-                data: data_in.slice(offset..end),
+                // A slice of the piece it lies in; gathered only across two.
+                data: data_in.copy_to_bytes(end - offset),
                 seq: if status { Seq::Advance } else { Seq::Window },
             };
             let sent = if status {

@@ -38,7 +38,7 @@ use bytes::{Bytes, BytesMut};
 
 use super::mirror::Mirror;
 use crate::durable;
-use crate::repo::{DiskImage, RepoError};
+use crate::repo::{DiskImage, Extent, Pieces, RepoError};
 
 /// Overlay block size: what a bit of the bitmap covers.
 pub const BLOCK: u64 = 4096;
@@ -299,6 +299,52 @@ impl Overlay {
         bits.words.iter().map(|w| u64::from(w.count_ones())).sum()
     }
 
+    /// What `[offset, offset + len)` (clipped to the disk) holds, as runs: the backup's zero
+    /// runs stay zero except where the VM wrote (written blocks are data, whatever was
+    /// written).
+    pub fn extents(&self, image: &DiskImage, offset: u64, len: u64) -> Vec<Extent> {
+        let end = offset.saturating_add(len).min(self.size);
+        if offset >= end {
+            return Vec::new();
+        }
+        let base = image.extents(offset, end - offset);
+        let bits = self.bits.lock().unwrap_or_else(|p| p.into_inner());
+        let written = |b: u64| {
+            bits.words
+                .get((b / 64) as usize)
+                .is_some_and(|w| w & (1 << (b % 64)) != 0)
+        };
+        let mut out = Vec::with_capacity(base.len());
+        let mut at = offset;
+        for e in base {
+            let e_end = at + e.len;
+            if !e.zero {
+                Extent::push(&mut out, e);
+                at = e_end;
+                continue;
+            }
+            while at < e_end {
+                let b = at / BLOCK;
+                // A word with no written block skips its 64 blocks at once.
+                let step = if bits.words.get((b / 64) as usize) == Some(&0) {
+                    (b / 64 + 1) * 64 * BLOCK
+                } else {
+                    (b + 1) * BLOCK
+                };
+                let hi = step.min(e_end);
+                Extent::push(
+                    &mut out,
+                    Extent {
+                        len: hi - at,
+                        zero: !written(b),
+                    },
+                );
+                at = hi;
+            }
+        }
+        out
+    }
+
     /// Reads `len` bytes at `offset`: written blocks from the overlay, the rest from the backup.
     pub async fn read(
         &self,
@@ -306,22 +352,32 @@ impl Overlay {
         offset: u64,
         len: usize,
     ) -> Result<Bytes, OverlayError> {
+        Ok(self.read_pieces(image, offset, len).await?.into_bytes())
+    }
+
+    /// [`Overlay::read`] as pieces: the backup's own when the VM wrote nothing in the range.
+    pub async fn read_pieces(
+        &self,
+        image: &DiskImage,
+        offset: u64,
+        len: usize,
+    ) -> Result<Pieces, OverlayError> {
         let end = offset.saturating_add(len as u64).min(self.size);
         if offset >= end {
-            return Ok(Bytes::new());
+            return Ok(Pieces::default());
         }
         let first = offset / BLOCK;
         let last = (end - 1) / BLOCK;
         let written: Vec<u64> = (first..=last).filter(|b| self.has(*b)).collect();
         if written.is_empty() {
-            return Ok(image.read_at(offset, len).await?);
+            return Ok(image.read_pieces(offset, len).await?);
         }
         let out = if written.len() as u64 == last - first + 1 {
             BytesMut::zeroed((end - offset) as usize)
         } else {
             BytesMut::from(&image.read_at(offset, len).await?[..])
         };
-        self.lay_over(offset, out, written).await
+        Ok(self.lay_over(offset, out, written).await?.into())
     }
 
     /// `out` (the range starting at `offset`) with the VM's `written` blocks read into it

@@ -95,6 +95,26 @@ impl Harness {
         v
     }
 
+    /// The handshake that asks for structured replies and the `base:allocation` meta context,
+    /// then opens `export`, for seeds.
+    pub fn go_structured(export: &str) -> Vec<u8> {
+        let mut v = 3u32.to_be_bytes().to_vec(); // FIXED_NEWSTYLE | NO_ZEROES
+        v.extend_from_slice(b"IHAVEOPT");
+        v.extend_from_slice(&8u32.to_be_bytes()); // NBD_OPT_STRUCTURED_REPLY
+        v.extend_from_slice(&0u32.to_be_bytes());
+        let (name, query) = (export.as_bytes(), b"base:allocation");
+        v.extend_from_slice(b"IHAVEOPT");
+        v.extend_from_slice(&10u32.to_be_bytes()); // NBD_OPT_SET_META_CONTEXT
+        v.extend_from_slice(&(4 + name.len() as u32 + 4 + 4 + query.len() as u32).to_be_bytes());
+        v.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        v.extend_from_slice(name);
+        v.extend_from_slice(&1u32.to_be_bytes());
+        v.extend_from_slice(&(query.len() as u32).to_be_bytes());
+        v.extend_from_slice(query);
+        v.extend_from_slice(&Self::go(export)[4..]);
+        v
+    }
+
     /// One transmission request.
     pub fn request(kind: u16, flags: u16, offset: u64, len: u32) -> Vec<u8> {
         let mut v = 0x2560_9513u32.to_be_bytes().to_vec();
@@ -133,5 +153,35 @@ mod tests {
         input.extend(Harness::request(1, 0, 0, 32 << 20));
         input.extend(b"abcd");
         assert_eq!(h.stream(&input), 18 + 32 + 20);
+    }
+
+    /// With structured replies and `base:allocation`: a zeroed range is a hole in BLOCK
+    /// STATUS and in a READ, data is a data chunk; without the meta context BLOCK STATUS is
+    /// an error chunk.
+    #[test]
+    fn a_structured_session_reports_holes() {
+        let h = Harness::new().unwrap();
+        let mut input = Harness::go_structured("m/rw.img");
+        input.extend(Harness::request(6, 0, 0, 8192)); // WRITE_ZEROES
+        input.extend(Harness::request(7, 0, 0, 16384)); // BLOCK_STATUS
+        input.extend(Harness::request(0, 0, 0, 4096)); // READ of zeros
+        input.extend(Harness::request(0, 0, 8192, 512)); // READ of data
+        input.extend(Harness::request(2, 0, 0, 0));
+        // greeting 18; STRUCTURED_REPLY ack 20; SET_META_CONTEXT: context 20 + 4 + 15, ack
+        // 20; GO: info 32, ack 20. Simple reply 16; block status 20 + 4 + 2 * 8; hole 20 +
+        // 12; data 20 + 8 + 512.
+        let want = 18 + 20 + 39 + 20 + 32 + 20 + 16 + 40 + 32 + 540;
+        assert_eq!(h.stream(&input), want);
+
+        // BLOCK_STATUS without the meta context: an error chunk (20 + 4 + 2 + message).
+        let mut input = 3u32.to_be_bytes().to_vec();
+        input.extend_from_slice(b"IHAVEOPT");
+        input.extend_from_slice(&8u32.to_be_bytes());
+        input.extend_from_slice(&0u32.to_be_bytes());
+        input.extend_from_slice(&Harness::go("m/rw.img")[4..]);
+        input.extend(Harness::request(7, 0, 0, 4096));
+        input.extend(Harness::request(2, 0, 0, 0));
+        let message = "NBD_CMD_BLOCK_STATUS needs the base:allocation meta context";
+        assert_eq!(h.stream(&input), 18 + 20 + 32 + 20 + 26 + message.len());
     }
 }

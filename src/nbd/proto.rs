@@ -1,6 +1,7 @@
 //! The NBD wire format (the protocol document of the NetworkBlockDevice project, fixed newstyle
-//! negotiation, simple replies): what the server sends at the start, the client's options and
-//! the server's option replies, and transmission requests and replies.
+//! negotiation, simple and structured replies, the `base:allocation` meta context): what the
+//! server sends at the start, the client's options and the server's option replies, and
+//! transmission requests and replies.
 //!
 //! Owns: constants, bounded parsing of what a client sends (an announced length is checked
 //! against a limit before anything is read or allocated), encoding of what the server sends.
@@ -15,6 +16,7 @@ pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 pub const OPT_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// Handshake flags (server) and client flags.
 pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
@@ -29,6 +31,7 @@ pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_DF: u16 = 1 << 7;
 pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 /// Options.
@@ -37,11 +40,15 @@ pub const OPT_ABORT: u32 = 2;
 pub const OPT_LIST: u32 = 3;
 pub const OPT_INFO: u32 = 6;
 pub const OPT_GO: u32 = 7;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_LIST_META_CONTEXT: u32 = 9;
+pub const OPT_SET_META_CONTEXT: u32 = 10;
 
 /// Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
 pub const REP_INFO: u32 = 3;
+pub const REP_META_CONTEXT: u32 = 4;
 pub const REP_ERR_UNSUP: u32 = (1 << 31) | 1;
 pub const REP_ERR_POLICY: u32 = (1 << 31) | 2;
 pub const REP_ERR_INVALID: u32 = (1 << 31) | 3;
@@ -61,8 +68,25 @@ pub const CMD_DISC: u16 = 2;
 pub const CMD_FLUSH: u16 = 3;
 pub const CMD_TRIM: u16 = 4;
 pub const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_BLOCK_STATUS: u16 = 7;
 pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_REQ_ONE: u16 = 1 << 3;
+
+/// Structured reply chunks: the last one of a reply carries `REPLY_FLAG_DONE`.
+pub const REPLY_FLAG_DONE: u16 = 1 << 0;
+pub const REPLY_TYPE_NONE: u16 = 0;
+pub const REPLY_TYPE_OFFSET_DATA: u16 = 1;
+pub const REPLY_TYPE_OFFSET_HOLE: u16 = 2;
+pub const REPLY_TYPE_BLOCK_STATUS: u16 = 5;
+pub const REPLY_TYPE_ERROR: u16 = (1 << 15) | 1;
+
+/// The one meta context served, its id, and its status bits.
+pub const BASE_ALLOCATION: &str = "base:allocation";
+pub const BASE_ALLOCATION_ID: u32 = 1;
+pub const STATE_HOLE: u32 = 1 << 0;
+pub const STATE_ZERO: u32 = 1 << 1;
 
 /// Error numbers of a reply.
 pub const EPERM: u32 = 1;
@@ -82,6 +106,18 @@ pub fn errno(e: &crate::block::BlockError) -> u32 {
         BlockError::OutOfRange => EINVAL,
         BlockError::NoSpace => ENOSPC,
         BlockError::Io(_) => EIO,
+    }
+}
+
+/// What a structured error chunk says to a person about a failed block request (the details
+/// of an I/O error go to the server's log, not to the client).
+pub fn message(e: &crate::block::BlockError) -> &'static str {
+    use crate::block::BlockError;
+    match e {
+        BlockError::ReadOnly => "the export is read-only",
+        BlockError::OutOfRange => "the range is past the end of the export, or too long",
+        BlockError::NoSpace => "the server's state directory is full",
+        BlockError::Io(_) => "the server could not read or write the disk (see its log)",
     }
 }
 
@@ -157,6 +193,54 @@ pub fn info_request(data: &[u8]) -> Option<InfoRequest> {
         .map(|c| u16::from_be_bytes([c[0], c[1]]))
         .collect();
     Some(InfoRequest { name, asked })
+}
+
+/// What `NBD_OPT_LIST_META_CONTEXT` and `NBD_OPT_SET_META_CONTEXT` carry: the export's name
+/// and the queries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaRequest {
+    pub name: Vec<u8>,
+    pub queries: Vec<Vec<u8>>,
+}
+
+/// Parses the data of a meta context option; `None` if it does not add up. (The option's data
+/// is bounded by [`MAX_OPTION_LEN`], so the queries are too.)
+pub fn meta_request(data: &[u8]) -> Option<MetaRequest> {
+    let take = |at: usize| -> Option<(&[u8], usize)> {
+        let len = u32::from_be_bytes(data.get(at..at.checked_add(4)?)?.try_into().ok()?) as usize;
+        let start = at + 4;
+        Some((data.get(start..start.checked_add(len)?)?, start + len))
+    };
+    let (name, mut at) = take(0)?;
+    if name.len() > MAX_NAME_LEN as usize {
+        return None;
+    }
+    let n = u32::from_be_bytes(data.get(at..at + 4)?.try_into().ok()?);
+    at += 4;
+    let mut queries = Vec::new();
+    for _ in 0..n {
+        let (q, next) = take(at)?;
+        queries.push(q.to_vec());
+        at = next;
+    }
+    (at == data.len()).then(|| MetaRequest {
+        name: name.to_vec(),
+        queries,
+    })
+}
+
+/// Whether a meta context query names `base:allocation`: exactly, or (listing only) as the
+/// whole `base:` namespace.
+pub fn asks_base_allocation(query: &[u8], listing: bool) -> bool {
+    query == BASE_ALLOCATION.as_bytes() || (listing && query == b"base:")
+}
+
+/// `NBD_REP_META_CONTEXT` naming a context and its id.
+pub fn meta_context_reply(option: u32, id: u32, name: &str) -> Bytes {
+    let mut data = BytesMut::with_capacity(4 + name.len());
+    data.put_u32(id);
+    data.put_slice(name.as_bytes());
+    option_reply(option, REP_META_CONTEXT, &data)
 }
 
 /// An option reply with `data`.
@@ -254,6 +338,87 @@ pub fn simple_reply(error: u32, cookie: u64) -> [u8; 16] {
     out[4..8].copy_from_slice(&error.to_be_bytes());
     out[8..].copy_from_slice(&cookie.to_be_bytes());
     out
+}
+
+/// A structured reply chunk's header, with `len` bytes of payload to follow.
+fn chunk_header(b: &mut BytesMut, flags: u16, kind: u16, cookie: u64, len: u32) {
+    b.put_u32(STRUCTURED_REPLY_MAGIC);
+    b.put_u16(flags);
+    b.put_u16(kind);
+    b.put_u64(cookie);
+    b.put_u32(len);
+}
+
+/// The head of a READ's one `NBD_REPLY_TYPE_OFFSET_DATA` chunk (the `len` bytes of data
+/// follow).
+pub fn offset_data_head(cookie: u64, offset: u64, len: u32) -> Bytes {
+    let mut b = BytesMut::with_capacity(28);
+    chunk_header(
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_OFFSET_DATA,
+        cookie,
+        len + 8,
+    );
+    b.put_u64(offset);
+    b.freeze()
+}
+
+/// A `NBD_REPLY_TYPE_NONE` chunk: a reply done, with nothing to say (a READ of 0 bytes).
+pub fn reply_none(cookie: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(20);
+    chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_NONE, cookie, 0);
+    b.freeze()
+}
+
+/// A READ's one `NBD_REPLY_TYPE_OFFSET_HOLE` chunk: `len` bytes of zeros at `offset`.
+pub fn offset_hole(cookie: u64, offset: u64, len: u32) -> Bytes {
+    let mut b = BytesMut::with_capacity(32);
+    chunk_header(&mut b, REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_HOLE, cookie, 12);
+    b.put_u64(offset);
+    b.put_u32(len);
+    b.freeze()
+}
+
+/// A `NBD_REPLY_TYPE_BLOCK_STATUS` chunk of `base:allocation`: each extent's length (a
+/// `u32`, as the request's length bounds it) and its state.
+pub fn block_status(cookie: u64, extents: &[crate::block::Extent]) -> Bytes {
+    let len = 4 + 8 * extents.len();
+    let mut b = BytesMut::with_capacity(20 + len);
+    chunk_header(
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        cookie,
+        len as u32,
+    );
+    b.put_u32(BASE_ALLOCATION_ID);
+    for e in extents {
+        b.put_u32(u32::try_from(e.len).unwrap_or(u32::MAX));
+        b.put_u32(if e.zero { STATE_HOLE | STATE_ZERO } else { 0 });
+    }
+    b.freeze()
+}
+
+/// A `NBD_REPLY_TYPE_ERROR` chunk ending a reply.
+pub fn structured_error(cookie: u64, error: u32, message: &str) -> Bytes {
+    let mut end = message.len().min(4096);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let message = &message.as_bytes()[..end];
+    let mut b = BytesMut::with_capacity(26 + message.len());
+    chunk_header(
+        &mut b,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_ERROR,
+        cookie,
+        6 + message.len() as u32,
+    );
+    b.put_u32(error);
+    b.put_u16(message.len() as u16);
+    b.put_slice(message);
+    b.freeze()
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use super::proto::{self, *};
 use crate::allow::AllowList;
 use crate::block::Acceptor;
-pub use crate::block::{BlockDevice, BlockError};
+pub use crate::block::{BlockDevice, BlockError, Pieces};
 
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -113,23 +113,45 @@ pub(crate) async fn serve(
         r = tokio::time::timeout(HANDSHAKE, negotiate(&mut s, peer, &*exports)) => r,
     };
     let chosen = chosen.map_err(|_| "the negotiation took too long".to_string())??;
-    let Some((name, disk)) = chosen else {
+    let Some(chosen) = chosen else {
         return Ok(());
     };
-    tracing::info!(%peer, export = %name, "nbd: export opened");
-    transmit(s, disk, cancel).await
+    tracing::info!(%peer, export = %chosen.name, structured = chosen.features.structured,
+        base_allocation = chosen.features.base_allocation, "nbd: export opened");
+    transmit(s, chosen.disk, chosen.features, cancel).await
+}
+
+/// What a client negotiated beyond the basics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Features {
+    /// Structured replies (`NBD_OPT_STRUCTURED_REPLY`): READs are answered with data or hole
+    /// chunks, and errors carry a message.
+    pub structured: bool,
+    /// The `base:allocation` meta context: `NBD_CMD_BLOCK_STATUS` says which runs read as
+    /// zeros.
+    pub base_allocation: bool,
+}
+
+/// The export a negotiation ended with.
+struct Chosen {
+    name: String,
+    disk: Arc<dyn BlockDevice>,
+    features: Features,
 }
 
 /// The handshake and option haggling; the export chosen by `NBD_OPT_GO` or
 /// `NBD_OPT_EXPORT_NAME`, or `None` when the client aborted.
-async fn negotiate(
-    s: &mut impl Conn,
-    peer: IpAddr,
-    exports: &dyn Exports,
-) -> Res<Option<(String, Arc<dyn BlockDevice>)>> {
+async fn negotiate(s: &mut impl Conn, peer: IpAddr, exports: &dyn Exports) -> Res<Option<Chosen>> {
     write_all(s, &greeting()).await?;
     let flags = client_flags(read_exact::<4>(s).await?)?;
     let no_zeroes = flags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    // The export of the last NBD_OPT_SET_META_CONTEXT, if it selected base:allocation.
+    let mut meta_export: Option<String> = None;
+    let features = |structured: bool, meta_export: &Option<String>, name: &str| Features {
+        structured,
+        base_allocation: meta_export.as_deref() == Some(name),
+    };
     for _ in 0..MAX_OPTIONS {
         let h = option_header(read_exact::<16>(s).await?)?;
         if h.len > MAX_OPTION_LEN {
@@ -166,10 +188,19 @@ async fn negotiate(
                     .ok_or_else(|| format!("no export {name:?}"))?;
                 write_all(
                     s,
-                    &export_name_reply(disk.size(), transmission_flags(&*disk), no_zeroes),
+                    &export_name_reply(
+                        disk.size(),
+                        transmission_flags(&*disk, structured),
+                        no_zeroes,
+                    ),
                 )
                 .await?;
-                return Ok(Some((name, disk)));
+                let features = features(structured, &meta_export, &name);
+                return Ok(Some(Chosen {
+                    name,
+                    disk,
+                    features,
+                }));
             }
             OPT_INFO | OPT_GO => {
                 let Some(req) = info_request(&data) else {
@@ -190,7 +221,11 @@ async fn negotiate(
                 };
                 write_all(
                     s,
-                    &info_export(h.option, disk.size(), transmission_flags(&*disk)),
+                    &info_export(
+                        h.option,
+                        disk.size(),
+                        transmission_flags(&*disk, structured),
+                    ),
                 )
                 .await?;
                 for asked in &req.asked {
@@ -213,8 +248,70 @@ async fn negotiate(
                 }
                 write_all(s, &option_reply(h.option, REP_ACK, &[])).await?;
                 if h.option == OPT_GO {
-                    return Ok(Some((name, disk)));
+                    let features = features(structured, &meta_export, &name);
+                    return Ok(Some(Chosen {
+                        name,
+                        disk,
+                        features,
+                    }));
                 }
+            }
+            OPT_STRUCTURED_REPLY => {
+                let reply = if data.is_empty() {
+                    structured = true;
+                    option_reply(OPT_STRUCTURED_REPLY, REP_ACK, &[])
+                } else {
+                    option_error(
+                        OPT_STRUCTURED_REPLY,
+                        REP_ERR_INVALID,
+                        "NBD_OPT_STRUCTURED_REPLY takes no data",
+                    )
+                };
+                write_all(s, &reply).await?;
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = h.option == OPT_SET_META_CONTEXT;
+                if set {
+                    // A SET replaces what an earlier one chose, even when it fails.
+                    meta_export = None;
+                }
+                let refusal = if !structured {
+                    Some((
+                        REP_ERR_INVALID,
+                        "meta contexts need NBD_OPT_STRUCTURED_REPLY first".to_string(),
+                    ))
+                } else {
+                    None
+                };
+                let req = meta_request(&data);
+                let refusal = refusal.or_else(|| match &req {
+                    None => Some((REP_ERR_INVALID, "malformed meta context option".into())),
+                    Some(r) => {
+                        let name = String::from_utf8_lossy(&r.name);
+                        exports.open(&name, peer).is_none().then(|| {
+                            (
+                                REP_ERR_UNKNOWN,
+                                format!("no export {name:?}: exports are named MOUNT/DISK"),
+                            )
+                        })
+                    }
+                });
+                if let Some((kind, msg)) = refusal {
+                    write_all(s, &option_error(h.option, kind, &msg)).await?;
+                    continue;
+                }
+                let Some(req) = req else { continue };
+                // Listing with no query lists everything; SET with none selects nothing.
+                let chosen = (!set && req.queries.is_empty())
+                    || req.queries.iter().any(|q| asks_base_allocation(q, !set));
+                if chosen {
+                    let id = if set { BASE_ALLOCATION_ID } else { 0 };
+                    write_all(s, &meta_context_reply(h.option, id, BASE_ALLOCATION)).await?;
+                    if set {
+                        meta_export = Some(String::from_utf8_lossy(&req.name).to_string());
+                    }
+                }
+                write_all(s, &option_reply(h.option, REP_ACK, &[])).await?;
             }
             other => {
                 write_all(
@@ -228,8 +325,12 @@ async fn negotiate(
     Err(format!("more than {MAX_OPTIONS} options"))
 }
 
-fn transmission_flags(disk: &dyn BlockDevice) -> u16 {
+fn transmission_flags(disk: &dyn BlockDevice, structured: bool) -> u16 {
     let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_CAN_MULTI_CONN;
+    if structured {
+        // A READ's reply is always one chunk.
+        f |= TFLAG_SEND_DF;
+    }
     if disk.read_only() {
         f |= TFLAG_READ_ONLY;
     } else {
@@ -238,15 +339,21 @@ fn transmission_flags(disk: &dyn BlockDevice) -> u16 {
     f
 }
 
-/// A reply ready to go: header and READ data.
+/// A reply ready to go: its head (a simple reply's header, or structured chunks) and a
+/// READ's data.
 struct Reply {
-    header: [u8; 16],
-    data: Option<Bytes>,
+    head: Bytes,
+    data: Option<Pieces>,
 }
 
 /// Transmission: requests read in order, run as tasks (at most [`IN_FLIGHT`]), replies written
 /// by one writer as they come.
-async fn transmit(s: impl Conn, disk: Arc<dyn BlockDevice>, cancel: CancellationToken) -> Res<()> {
+async fn transmit(
+    s: impl Conn,
+    disk: Arc<dyn BlockDevice>,
+    features: Features,
+    cancel: CancellationToken,
+) -> Res<()> {
     let (mut rd, mut wr) = tokio::io::split(s);
     let (tx, mut rx) = mpsc::channel::<Reply>(IN_FLIGHT);
     let slots = Arc::new(Semaphore::new(IN_FLIGHT));
@@ -257,13 +364,9 @@ async fn transmit(s: impl Conn, disk: Arc<dyn BlockDevice>, cancel: Cancellation
     let writer = tokio::spawn(async move {
         let _dead = writer_dead.drop_guard();
         while let Some(r) = rx.recv().await {
-            let write = async {
-                wr.write_all(&r.header).await?;
-                if let Some(d) = &r.data {
-                    wr.write_all(d).await?;
-                }
-                Ok::<(), std::io::Error>(())
-            };
+            // Head and data in one vectored write where the stream takes one.
+            let mut reply = r.head.chain(r.data.unwrap_or_default());
+            let write = wr.write_all_buf(&mut reply);
             match tokio::time::timeout(STALL, write).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => return Err(e.to_string()),
@@ -318,7 +421,7 @@ async fn transmit(s: impl Conn, disk: Arc<dyn BlockDevice>, cancel: Cancellation
         };
         let (disk, tx) = (disk.clone(), tx.clone());
         tokio::spawn(async move {
-            let reply = run(&*disk, req, &data).await;
+            let reply = run(&*disk, req, &data, features).await;
             let _ = tx.send(reply).await;
             drop(slot);
         });
@@ -350,20 +453,21 @@ async fn read_within(rd: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> Res<(
     }
 }
 
+/// The most extents one BLOCK_STATUS reply carries (the client asks again from where it
+/// ends).
+const MAX_EXTENTS: usize = 1 << 16;
+
 /// Runs one request; its reply.
-async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8]) -> Reply {
-    let ok = |data: Option<Bytes>| Reply {
-        header: simple_reply(0, req.cookie),
-        data,
+async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8], features: Features) -> Reply {
+    let ok = || Reply {
+        head: Bytes::copy_from_slice(&simple_reply(0, req.cookie)),
+        data: None,
     };
     let fail = |e: BlockError| {
         if let BlockError::Io(text) = &e {
             tracing::error!(offset = req.offset, len = req.len, error = ?text, "nbd: request failed");
         }
-        Reply {
-            header: simple_reply(errno(&e), req.cookie),
-            data: None,
-        }
+        error_reply(req, features, errno(&e), message(&e))
     };
     let in_range = req
         .offset
@@ -371,34 +475,98 @@ async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8]) -> Reply {
         .is_some_and(|end| end <= disk.size());
     let fua = req.flags & CMD_FLAG_FUA != 0;
     match req.kind {
-        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if !in_range => {
+        CMD_READ | CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES | CMD_BLOCK_STATUS if !in_range => {
             fail(BlockError::OutOfRange)
         }
         CMD_READ if req.len > proto::MAX_IO => fail(BlockError::OutOfRange),
-        CMD_READ => match disk.read(req.offset, req.len).await {
-            Ok(b) => ok(Some(b)),
+        CMD_READ => read(disk, req, features).await.unwrap_or_else(fail),
+        CMD_BLOCK_STATUS if !features.base_allocation => error_reply(
+            req,
+            features,
+            EINVAL,
+            "NBD_CMD_BLOCK_STATUS needs the base:allocation meta context",
+        ),
+        CMD_BLOCK_STATUS if req.len == 0 => {
+            error_reply(req, features, EINVAL, "a block status query of 0 bytes")
+        }
+        CMD_BLOCK_STATUS => match disk.extents(req.offset, req.len.into()) {
+            Ok(mut runs) => {
+                let most = if req.flags & CMD_FLAG_REQ_ONE != 0 {
+                    1
+                } else {
+                    MAX_EXTENTS
+                };
+                runs.truncate(most);
+                Reply {
+                    head: block_status(req.cookie, &runs),
+                    data: None,
+                }
+            }
             Err(e) => fail(e),
         },
         CMD_WRITE | CMD_TRIM | CMD_WRITE_ZEROES if disk.read_only() => fail(BlockError::ReadOnly),
         CMD_WRITE => match disk.write(req.offset, data, fua).await {
-            Ok(()) => ok(None),
+            Ok(()) => ok(),
             Err(e) => fail(e),
         },
         CMD_TRIM | CMD_WRITE_ZEROES => {
             match disk.write_zeros(req.offset, req.len.into(), fua).await {
-                Ok(()) => ok(None),
+                Ok(()) => ok(),
                 Err(e) => fail(e),
             }
         }
         CMD_FLUSH => match disk.flush().await {
-            Ok(()) => ok(None),
+            Ok(()) => ok(),
             Err(e) => fail(e),
         },
-        _ => Reply {
-            header: simple_reply(EINVAL, req.cookie),
-            data: None,
-        },
+        _ => error_reply(req, features, EINVAL, "unknown command"),
     }
+}
+
+/// A READ's reply: the data, after a simple reply's header or in one data chunk; with
+/// structured replies, a range that reads as zeros goes as one hole chunk instead.
+async fn read(
+    disk: &dyn BlockDevice,
+    req: Request,
+    features: Features,
+) -> Result<Reply, BlockError> {
+    if !features.structured {
+        let data = disk.read(req.offset, req.len).await?;
+        return Ok(Reply {
+            head: Bytes::copy_from_slice(&simple_reply(0, req.cookie)),
+            data: Some(data),
+        });
+    }
+    if req.len == 0 {
+        return Ok(Reply {
+            head: reply_none(req.cookie),
+            data: None,
+        });
+    }
+    if let [only] = disk.extents(req.offset, req.len.into())?[..] {
+        if only.zero {
+            return Ok(Reply {
+                head: offset_hole(req.cookie, req.offset, req.len),
+                data: None,
+            });
+        }
+    }
+    let data = disk.read(req.offset, req.len).await?;
+    Ok(Reply {
+        head: offset_data_head(req.cookie, req.offset, data.len() as u32),
+        data: Some(data),
+    })
+}
+
+/// A failed request's reply: a simple reply with the error number, or with structured replies
+/// an error chunk that also says why.
+fn error_reply(req: Request, features: Features, error: u32, message: &str) -> Reply {
+    let head = if features.structured {
+        structured_error(req.cookie, error, message)
+    } else {
+        Bytes::copy_from_slice(&simple_reply(error, req.cookie))
+    };
+    Reply { head, data: None }
 }
 
 #[cfg(test)]

@@ -42,16 +42,18 @@ fn compress_err(e: std::io::Error) -> RepoError {
 pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Bytes, RepoError> {
     let corrupt = |what: String| RepoError::CorruptChunk { chunk: *id, what };
     // The frame header says how big the content is; refuse before allocating if it is too big.
-    match zstd::zstd_safe::get_frame_content_size(stored) {
+    let size = match zstd::zstd_safe::get_frame_content_size(stored) {
         Ok(Some(n)) if n > max_len as u64 => {
             return Err(corrupt(format!(
                 "it claims {n} bytes, more than the {max_len} a chunk may hold"
             )))
         }
-        Ok(_) => {}
+        Ok(n) => n.map_or(max_len, |n| n as usize),
         Err(_) => return Err(corrupt("not a zstd frame".into())),
-    }
-    let data = DECOMPRESSOR.with(|cell| {
+    };
+    let mut out = Vec::with_capacity(size);
+    populate(&mut out);
+    DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
             *slot = Some(
@@ -62,14 +64,44 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         let Some(d) = slot.as_mut() else {
             unreachable!("set just above")
         };
-        d.decompress(stored, max_len)
+        d.decompress_to_buffer(stored, &mut out)
             .map_err(|e| corrupt(format!("zstd: {e}")))
     })?;
+    let data = out;
     let actual = ChunkId::of(&data);
     if actual != *id {
         return Err(corrupt(format!("its bytes hash to {actual}")));
     }
     Ok(Bytes::from(data))
+}
+
+/// Buffers smaller than this are left to fault in page by page.
+const POPULATE_MIN: usize = 64 << 10;
+
+/// Has the kernel back `v`'s spare capacity with memory in one call, instead of a page fault
+/// per page as it is written: a cold read decompresses each chunk into fresh memory (the
+/// cache's), and a fault per 4 KiB page was a tenth of the server's CPU time on a cold
+/// sequential read.
+fn populate(v: &mut Vec<u8>) {
+    const PAGE: usize = 4096;
+    let spare = v.spare_capacity_mut();
+    if spare.len() < POPULATE_MIN {
+        return;
+    }
+    let start = spare.as_mut_ptr() as usize;
+    let (lo, hi) = (
+        start.next_multiple_of(PAGE),
+        (start + spare.len()) / PAGE * PAGE,
+    );
+    if hi > lo {
+        // SAFETY: [lo, hi) lies inside memory this Vec owns and nothing else refers to.
+        // MADV_POPULATE_WRITE only maps its pages writable, as a write would; it never
+        // unmaps them or changes what they hold. If the kernel refuses (older than 5.14), the
+        // pages fault in as they are written, as without this call.
+        unsafe {
+            libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_POPULATE_WRITE);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 
 use super::local::{LocalStore, RepoConfig, WriteLock};
@@ -391,6 +391,159 @@ impl std::fmt::Debug for DiskImage {
     }
 }
 
+/// Bytes read from a disk as the pieces they were found in (slices of chunks, zeros), in
+/// order. A protocol writes them out as they are (a [`Buf`] whose chunks go into one vectored
+/// write) instead of gathering them into one buffer first.
+#[derive(Debug, Clone, Default)]
+pub struct Pieces {
+    parts: std::collections::VecDeque<Bytes>,
+}
+
+impl Pieces {
+    /// Appends `b` (an empty one is left out).
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.parts.push_back(b);
+        }
+    }
+
+    /// Appends `len` zero bytes (slices of the static zeros).
+    pub fn push_zeros(&mut self, mut len: u64) {
+        while len > 0 {
+            let n = len.min(ZEROS.len() as u64);
+            self.push(zeros(n as usize));
+            len -= n;
+        }
+    }
+
+    /// How many bytes are left.
+    pub fn len(&self) -> usize {
+        self.parts.iter().map(Bytes::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.parts.is_empty()
+    }
+
+    /// A copy of the bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len());
+        for p in &self.parts {
+            out.extend_from_slice(p);
+        }
+        out
+    }
+
+    /// The bytes as one buffer: the piece itself when there is one, else gathered (a copy).
+    pub fn into_bytes(mut self) -> Bytes {
+        match self.parts.len() {
+            0 => Bytes::new(),
+            1 => self.parts.pop_front().unwrap_or_default(),
+            _ => {
+                let mut out = BytesMut::with_capacity(self.len());
+                for p in &self.parts {
+                    out.extend_from_slice(p);
+                }
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// Equal when the bytes are, however they are cut into pieces.
+impl PartialEq for Pieces {
+    fn eq(&self, other: &Pieces) -> bool {
+        self.len() == other.len()
+            && self
+                .parts
+                .iter()
+                .flat_map(|b| b.iter())
+                .eq(other.parts.iter().flat_map(|b| b.iter()))
+    }
+}
+
+impl Eq for Pieces {}
+
+impl From<Bytes> for Pieces {
+    fn from(b: Bytes) -> Pieces {
+        let mut p = Pieces::default();
+        p.push(b);
+        p
+    }
+}
+
+impl Buf for Pieces {
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.front().map(|b| &b[..]).unwrap_or_default()
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [std::io::IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts) {
+            *slot = std::io::IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(front) = self.parts.front_mut() else {
+                panic!("advanced past the end of the pieces");
+            };
+            if cnt < front.len() {
+                front.advance(cnt);
+                return;
+            }
+            cnt -= front.len();
+            self.parts.pop_front();
+        }
+    }
+
+    /// The next `len` bytes: a slice of the first piece when it holds them all, no copy.
+    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        match self.parts.front_mut() {
+            Some(front) if front.len() >= len => {
+                let out = front.split_to(len);
+                if front.is_empty() {
+                    self.parts.pop_front();
+                }
+                out
+            }
+            _ => {
+                let mut out = BytesMut::with_capacity(len);
+                out.put((&mut *self).take(len));
+                out.freeze()
+            }
+        }
+    }
+}
+
+/// A run of a disk's bytes: its length, and whether it is known to read as zeros without
+/// fetching anything (`false` means data, or not known).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub len: u64,
+    pub zero: bool,
+}
+
+impl Extent {
+    /// Appends `e` to `runs`, joining it to the last run when both say the same.
+    pub fn push(runs: &mut Vec<Extent>, e: Extent) {
+        if e.len == 0 {
+            return;
+        }
+        match runs.last_mut() {
+            Some(last) if last.zero == e.zero => last.len += e.len,
+            _ => runs.push(e),
+        }
+    }
+}
+
 /// Zeros for the unwritten parts of a disk, up to the largest chunk, are never allocated.
 /// The array is in the zero-initialised data segment: its pages are mapped only when read,
 /// and then as the kernel's shared zero page.
@@ -434,62 +587,84 @@ impl DiskImage {
         self.table.len()
     }
 
+    /// What the backup holds in `[offset, offset + len)` (clipped to the disk), as runs: a
+    /// run of blocks the backup recorded as zeros reads as zeros and costs no fetch.
+    pub fn extents(&self, offset: u64, len: u64) -> Vec<Extent> {
+        let cs = self.chunk_size.as_u64();
+        let end = offset.saturating_add(len).min(self.size);
+        let mut out = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let b = at / cs;
+            let hi = b.saturating_add(1).saturating_mul(cs).min(end);
+            Extent::push(
+                &mut out,
+                Extent {
+                    len: hi - at,
+                    zero: self.table.get(b).is_none(),
+                },
+            );
+            at = hi;
+        }
+        out
+    }
+
     /// Reads `len` bytes at `offset`. Shorter only when the range passes the end of the disk
     /// (empty at or past the end). A chunk that is missing or fails its check is an error naming
     /// the disk, the offset and the chunk.
     pub async fn read_at(&self, offset: u64, len: usize) -> Result<Bytes, RepoError> {
-        let cs = self.chunk_size.as_u64();
+        Ok(self.read_pieces(offset, len).await?.into_bytes())
+    }
+
+    /// [`DiskImage::read_at`], as the chunks' slices and zeros the bytes are in.
+    pub async fn read_pieces(&self, offset: u64, len: usize) -> Result<Pieces, RepoError> {
         let blocks = self
             .chunk_size
             .blocks_covering(offset, len as u64, self.size);
-        if blocks.is_empty() {
-            return Ok(Bytes::new());
-        }
         let end = offset.saturating_add(len as u64).min(self.size);
-        // Fast path: the range lies in one block; hand out a slice of the chunk, no copy
-        // unless the range is short.
-        if blocks.end - blocks.start == 1 {
-            let block_start = blocks.start * cs;
-            let (lo, hi) = (
-                (offset - block_start) as usize,
-                (end - block_start) as usize,
-            );
-            return match self.table.get(blocks.start) {
-                None => Ok(zeros(hi - lo)),
-                Some(id) => {
-                    let chunk = self.fetch(&id, offset).await?;
-                    self.check_len(&chunk, blocks.start, &id, offset)?;
-                    // A short read is copied out: a slice would keep the whole chunk alive
-                    // for as long as its reader holds it (a client slow to take its reply),
-                    // after the cache let it go.
-                    if (hi - lo) < chunk.len() / 4 {
-                        return Ok(Bytes::copy_from_slice(&chunk[lo..hi]));
-                    }
-                    Ok(chunk.slice(lo..hi))
-                }
-            };
-        }
-        let wanted_len = (end - offset) as usize;
-        if blocks.clone().all(|b| self.table.get(b).is_none()) {
-            return Ok(zeros(wanted_len));
-        }
-        let mut out = BytesMut::zeroed(wanted_len);
-        let wanted = blocks.filter_map(|b| self.table.get(b).map(|id| (b, id)));
-        let mut fetches = futures::stream::iter(wanted)
-            .map(|(b, id)| async move {
+        let fetches = futures::stream::iter(blocks)
+            .map(|b| async move {
+                let range = self.chunk_size.block_range(super::BlockIdx(b), self.size);
+                let (lo, hi) = (range.start.max(offset), range.end.min(end));
+                let (from, to) = ((lo - range.start) as usize, (hi - range.start) as usize);
+                let Some(id) = self.table.get(b) else {
+                    return Ok(None);
+                };
                 let chunk = self.fetch(&id, offset).await?;
                 self.check_len(&chunk, b, &id, offset)?;
-                Ok::<_, RepoError>((b, chunk))
+                // A short piece is copied out: a slice would keep the whole chunk alive for
+                // as long as its reader holds it (a client slow to take its reply), after the
+                // cache let it go.
+                if (to - from) < chunk.len() / 4 {
+                    return Ok(Some(Bytes::copy_from_slice(&chunk[from..to])));
+                }
+                Ok::<_, RepoError>(Some(chunk.slice(from..to)))
             })
-            .buffer_unordered(READ_FETCH_CONCURRENCY);
-        while let Some((b, chunk)) = fetches.try_next().await? {
-            let range = self.chunk_size.block_range(super::BlockIdx(b), self.size);
-            let lo = range.start.max(offset);
-            let hi = range.end.min(end);
-            let src = &chunk[(lo - range.start) as usize..(hi - range.start) as usize];
-            out[(lo - offset) as usize..(hi - offset) as usize].copy_from_slice(src);
+            .buffered(READ_FETCH_CONCURRENCY);
+        let mut pieces = Pieces::default();
+        // Zero blocks in a row become one piece of the static zeros where they fit.
+        let mut at = offset;
+        let mut zeros_from = None;
+        futures::pin_mut!(fetches);
+        while let Some(piece) = fetches.try_next().await? {
+            match piece {
+                None => {
+                    zeros_from.get_or_insert(at);
+                    at = (at / self.chunk_size.as_u64() + 1) * self.chunk_size.as_u64();
+                }
+                Some(data) => {
+                    if let Some(z) = zeros_from.take() {
+                        pieces.push_zeros(at - z);
+                    }
+                    at += data.len() as u64;
+                    pieces.push(data);
+                }
+            }
         }
-        Ok(out.freeze())
+        if let Some(z) = zeros_from {
+            pieces.push_zeros(at.min(end) - z);
+        }
+        Ok(pieces)
     }
 
     async fn fetch(&self, id: &ChunkId, offset: u64) -> Result<Bytes, RepoError> {
@@ -541,6 +716,30 @@ impl DiskImage {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Pieces hand out their bytes in order: whole, advanced across pieces, split off with
+    /// no copy inside one piece and gathered across two, and as vectored slices.
+    #[test]
+    fn pieces_are_a_buffer_of_their_bytes_in_order() {
+        let mut p = Pieces::default();
+        p.push(Bytes::from_static(b"abc"));
+        p.push(Bytes::new());
+        p.push(Bytes::from_static(b"defg"));
+        p.push_zeros(2);
+        assert_eq!((p.len(), p.remaining()), (9, 9));
+        let mut io = [std::io::IoSlice::new(&[]); 8];
+        assert_eq!(p.chunks_vectored(&mut io), 3);
+        assert_eq!(&p.clone().into_bytes()[..], b"abcdefg\0\0");
+        let mut q = p.clone();
+        q.advance(4);
+        assert_eq!(q.chunk(), b"efg");
+        let first = p.copy_to_bytes(2);
+        assert_eq!(&first[..], b"ab");
+        assert_eq!(&p.copy_to_bytes(3)[..], b"cde");
+        assert_eq!(&p.copy_to_bytes(4)[..], b"fg\0\0");
+        assert!(p.is_empty());
+        assert_eq!(Pieces::from(Bytes::new()).into_bytes().len(), 0);
+    }
 
     #[test]
     fn zeros_of_any_length_are_zeros() {

@@ -106,7 +106,11 @@ impl crate::block::BlockDevice for SlowDisk {
     fn read_only(&self) -> bool {
         false
     }
-    async fn read(&self, offset: u64, len: u32) -> Result<Bytes, crate::block::BlockError> {
+    async fn read(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<crate::block::Pieces, crate::block::BlockError> {
         tokio::time::sleep(Duration::from_secs(10)).await;
         self.0.read(offset, len).await
     }
