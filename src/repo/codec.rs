@@ -51,8 +51,8 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         Ok(n) => n.map_or(max_len, |n| n as usize),
         Err(_) => return Err(corrupt("not a zstd frame".into())),
     };
+    // As big as the frame says, not as big as a chunk may be.
     let mut out = Vec::with_capacity(size);
-    populate(&mut out);
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -73,35 +73,6 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         return Err(corrupt(format!("its bytes hash to {actual}")));
     }
     Ok(Bytes::from(data))
-}
-
-/// Buffers smaller than this are left to fault in page by page.
-const POPULATE_MIN: usize = 64 << 10;
-
-/// Has the kernel back `v`'s spare capacity with memory in one call, instead of a page fault
-/// per page as it is written: a cold read decompresses each chunk into fresh memory (the
-/// cache's), and a fault per 4 KiB page was a tenth of the server's CPU time on a cold
-/// sequential read.
-fn populate(v: &mut Vec<u8>) {
-    const PAGE: usize = 4096;
-    let spare = v.spare_capacity_mut();
-    if spare.len() < POPULATE_MIN {
-        return;
-    }
-    let start = spare.as_mut_ptr() as usize;
-    let (lo, hi) = (
-        start.next_multiple_of(PAGE),
-        (start + spare.len()) / PAGE * PAGE,
-    );
-    if hi > lo {
-        // SAFETY: [lo, hi) lies inside memory this Vec owns and nothing else refers to.
-        // MADV_POPULATE_WRITE only maps its pages writable, as a write would; it never
-        // unmaps them or changes what they hold. If the kernel refuses (older than 5.14), the
-        // pages fault in as they are written, as without this call.
-        unsafe {
-            libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_POPULATE_WRITE);
-        }
-    }
 }
 
 #[cfg(test)]
