@@ -453,9 +453,10 @@ async fn read_within(rd: &mut (impl AsyncRead + Unpin), buf: &mut [u8]) -> Res<(
     }
 }
 
-/// The most extents one BLOCK_STATUS reply carries (the client asks again from where it
-/// ends).
+/// The most extents one BLOCK_STATUS reply carries, and the most bytes it looks at (the client
+/// asks again from where the reply ends).
 const MAX_EXTENTS: usize = 1 << 16;
+const MAX_STATUS_SPAN: u32 = 1 << 30;
 
 /// Runs one request; its reply.
 async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8], features: Features) -> Reply {
@@ -489,7 +490,8 @@ async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8], features: Featur
         CMD_BLOCK_STATUS if req.len == 0 => {
             error_reply(req, features, EINVAL, "a block status query of 0 bytes")
         }
-        CMD_BLOCK_STATUS => match disk.extents(req.offset, req.len.into()) {
+        CMD_BLOCK_STATUS => match disk.extents(req.offset, req.len.min(MAX_STATUS_SPAN).into()) {
+            Ok(runs) if runs.is_empty() => fail(BlockError::Io("no extents for a range".into())),
             Ok(mut runs) => {
                 let most = if req.flags & CMD_FLAG_REQ_ONE != 0 {
                     1
@@ -524,14 +526,23 @@ async fn run(disk: &dyn BlockDevice, req: Request, data: &[u8], features: Featur
 }
 
 /// A READ's reply: the data, after a simple reply's header or in one data chunk; with
-/// structured replies, a range that reads as zeros goes as one hole chunk instead.
+/// structured replies, a range that reads as zeros goes as one hole chunk instead. The read is
+/// made either way (zeros cost no fetch), so read-ahead and the mount's counts see it.
 async fn read(
     disk: &dyn BlockDevice,
     req: Request,
     features: Features,
 ) -> Result<Reply, BlockError> {
+    let data = disk.read(req.offset, req.len).await?;
+    if data.len() != req.len as usize {
+        return Err(BlockError::Io(format!(
+            "a read of {} bytes at {} gave {} bytes",
+            req.len,
+            req.offset,
+            data.len()
+        )));
+    }
     if !features.structured {
-        let data = disk.read(req.offset, req.len).await?;
         return Ok(Reply {
             head: Bytes::copy_from_slice(&simple_reply(0, req.cookie)),
             data: Some(data),
@@ -551,7 +562,6 @@ async fn read(
             });
         }
     }
-    let data = disk.read(req.offset, req.len).await?;
     Ok(Reply {
         head: offset_data_head(req.cookie, req.offset, data.len() as u32),
         data: Some(data),

@@ -67,6 +67,8 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         d.decompress_to_buffer(stored, &mut out)
             .map_err(|e| corrupt(format!("zstd: {e}")))
     })?;
+    // A frame that did not state its size does not keep a whole chunk's capacity.
+    out.shrink_to_fit();
     let data = out;
     let actual = ChunkId::of(&data);
     if actual != *id {

@@ -397,12 +397,15 @@ impl std::fmt::Debug for DiskImage {
 #[derive(Debug, Clone, Default)]
 pub struct Pieces {
     parts: std::collections::VecDeque<Bytes>,
+    /// The bytes left, kept as pieces come and go.
+    len: usize,
 }
 
 impl Pieces {
     /// Appends `b` (an empty one is left out).
     pub fn push(&mut self, b: Bytes) {
         if !b.is_empty() {
+            self.len += b.len();
             self.parts.push_back(b);
         }
     }
@@ -418,7 +421,7 @@ impl Pieces {
 
     /// How many bytes are left.
     pub fn len(&self) -> usize {
-        self.parts.iter().map(Bytes::len).sum()
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
@@ -497,18 +500,26 @@ impl Buf for Pieces {
             };
             if cnt < front.len() {
                 front.advance(cnt);
+                self.len -= cnt;
                 return;
             }
             cnt -= front.len();
+            self.len -= front.len();
             self.parts.pop_front();
         }
     }
 
     /// The next `len` bytes: a slice of the first piece when it holds them all, no copy.
     fn copy_to_bytes(&mut self, len: usize) -> Bytes {
+        assert!(
+            len <= self.len,
+            "{len} bytes asked of {} pieces' bytes",
+            self.len
+        );
         match self.parts.front_mut() {
             Some(front) if front.len() >= len => {
                 let out = front.split_to(len);
+                self.len -= len;
                 if front.is_empty() {
                     self.parts.pop_front();
                 }
