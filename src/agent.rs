@@ -49,7 +49,10 @@ use crate::profile::{plan, Profile, ProfileStore};
 use crate::relocate::{RelocateRoots, RelocationStatus, Relocator};
 use crate::repo::lease::{LeaseHolder, LeaseKind, SnapshotUse};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
-use crate::vmconfig::{rewrite_for_mount, DiskTarget, Hypervisor, MountRewrite};
+use crate::vmconfig::{
+    rewrite_for_mount_reported, DiskTarget, Hypervisor, MountRewrite, NetworkMode, NetworkPlan,
+    NicReport,
+};
 
 /// Everything the NFS server and the control API share.
 pub struct Agent {
@@ -73,6 +76,9 @@ pub struct Agent {
     relocate_roots: std::sync::OnceLock<RelocateRoots>,
     /// Fetch ahead of sequential readers (`read_ahead` in serve's config).
     read_ahead: bool,
+    /// The media agent's default network map (`network_map` in serve's config), set once by
+    /// `set_default_network_map`; new mounts record it in their spec.
+    default_network_map: std::sync::OnceLock<BTreeMap<String, String>>,
     /// Boot sets warmed into the disk cache ahead of any mount, by snapshot.
     warmups: warmups::Warmups,
     /// The background tasks (relocations, pre-staging, warm-ups, boot windows) and what stops
@@ -133,8 +139,14 @@ pub struct MountRequest {
     pub name: Option<String>,
     #[serde(default)]
     pub read_only: bool,
-    #[serde(default)]
-    pub keep_network: bool,
+    /// What happens to the VM's NICs (default: disconnect). Older clients' `keep_network`
+    /// boolean is read as keep (true) or disconnect (false).
+    #[serde(default, alias = "keep_network")]
+    pub network: NetworkMode,
+    /// `OLD -> NEW` network, bridge or port group names, over the server's default map; each
+    /// OLD must be used by a NIC of the VM.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_map: BTreeMap<String, String>,
     /// Only the disks: no config, no files of the VM's folder (a disk attached to a VM that
     /// runs elsewhere).
     #[serde(default)]
@@ -178,6 +190,9 @@ pub struct MountInfo {
     /// Its relocation to primary storage, while one runs.
     #[serde(default)]
     pub relocation: Option<RelocationStatus>,
+    /// What the mount's config does with each of the VM's NICs.
+    #[serde(default)]
+    pub network: Vec<NicReport>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -260,6 +275,7 @@ impl Agent {
             relocations: std::sync::Mutex::new(BTreeMap::new()),
             relocate_roots: std::sync::OnceLock::new(),
             read_ahead,
+            default_network_map: std::sync::OnceLock::new(),
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             lease,
@@ -337,7 +353,7 @@ impl Agent {
         };
         let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
-        let config = self.config_for_mount(&spec, &snapshot, config, None)?;
+        let (config, network) = self.config_for_mount(&spec, &snapshot, config, None)?;
         // A disks-only mount's disks are attached to a VM that booted elsewhere: no boot.
         let window = self
             .learning
@@ -354,7 +370,7 @@ impl Agent {
             let (dir, claim) = (overlays.clone(), spec.clone());
             on_blocking_pool(&overlays, move || claim_overlays(&dir, &claim)).await?;
         }
-        LiveMount::open(
+        let mut mount = LiveMount::open(
             spec,
             &snapshot,
             reader,
@@ -363,11 +379,22 @@ impl Agent {
             window,
             self.read_ahead,
         )
-        .await
+        .await?;
+        mount.network = network;
+        Ok(mount)
+    }
+
+    /// Sets the default network map that new mounts record (`network_map` in serve's
+    /// config); once, before the first mount.
+    pub fn set_default_network_map(&self, map: BTreeMap<String, String>) -> anyhow::Result<()> {
+        self.default_network_map
+            .set(map)
+            .map_err(|_| anyhow::anyhow!("the default network map was set already"))
     }
 
     /// The config as the mount serves it: a new name (the mount's), UUID and MAC addresses,
-    /// NICs disconnected unless asked to keep them, disks pointing at the mount's files (KVM:
+    /// NICs as the spec's network plan says (with the report of what was done to each), disks
+    /// pointing at the mount's files (KVM:
     /// network disks over NFS from this server). Derived from the spec alone, so a restart
     /// serves the same bytes. With `relocated`: the same config with KVM disks pointing at
     /// copies of the disk files in that folder (a relocation's handover).
@@ -377,7 +404,7 @@ impl Agent {
         snapshot: &Snapshot,
         original: Bytes,
         relocated: Option<&Path>,
-    ) -> Result<Bytes, MountError> {
+    ) -> Result<(Bytes, Vec<NicReport>), MountError> {
         let m = &snapshot.manifest;
         let (_, names) = plan_files(m, true);
         let folder = format!(
@@ -419,11 +446,15 @@ impl Agent {
             display_name: spec.name.clone(),
             uuid,
             mac_seed: *blake3::keyed_hash(b, b"mac addresses of this mount.....").as_bytes(),
-            keep_network: spec.keep_network,
+            network: NetworkPlan {
+                mode: spec.network,
+                map: spec.network_map.clone(),
+                default_map: spec.default_network_map.clone(),
+            },
             disks,
         };
-        rewrite_for_mount(&m.config.file_name, &original, &how)
-            .map(Bytes::from)
+        rewrite_for_mount_reported(&m.config.file_name, &original, &how)
+            .map(|done| (Bytes::from(done.bytes), done.nics))
             .map_err(|e| MountError::Config {
                 mount: spec.name.clone(),
                 what: e.to_string(),
@@ -468,7 +499,9 @@ impl Agent {
             snapshot: info.id,
             snapshot_name: info.name.clone(),
             read_only: req.read_only,
-            keep_network: req.keep_network,
+            network: req.network,
+            network_map: req.network_map.clone(),
+            default_network_map: self.default_network_map.get().cloned().unwrap_or_default(),
             created: jiff::Timestamp::now(),
             hosts,
             disks_only: req.disks_only,
@@ -862,6 +895,7 @@ fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
             prestage: m.prestage.get().map(|p| p.status()),
         },
         relocation: None,
+        network: m.network.clone(),
     }
 }
 
@@ -904,7 +938,9 @@ mod tests {
             snapshot: crate::repo::SnapshotId::from_hex(&snapshot.to_string().repeat(64)).unwrap(),
             snapshot_name: "vm@2026-01-01T00:00:00Z".into(),
             read_only: false,
-            keep_network: false,
+            network: NetworkMode::Disconnect,
+            network_map: BTreeMap::new(),
+            default_network_map: BTreeMap::new(),
             created: jiff::Timestamp::UNIX_EPOCH,
             hosts: Vec::new(),
             disks_only: false,
@@ -942,5 +978,47 @@ mod tests {
         persist(&path, &spec('a')).unwrap();
         let synced = durable::synced_under(&state.join("mounts"));
         assert_eq!(synced[synced.len() - 2..], [path, state.join("mounts")]);
+    }
+
+    #[test]
+    fn old_keep_network_fields_still_load() {
+        let id = "a".repeat(64);
+        let old = |keep: bool| {
+            format!(
+                r#"{{"name":"m","id":1,"snapshot":"{id}","snapshot_name":"vm@t","read_only":false,"keep_network":{keep},"created":"2026-01-01T00:00:00Z"}}"#
+            )
+        };
+        let spec: MountSpec = serde_json::from_str(&old(true)).unwrap();
+        assert_eq!(spec.network, NetworkMode::Keep);
+        let spec: MountSpec = serde_json::from_str(&old(false)).unwrap();
+        assert_eq!(spec.network, NetworkMode::Disconnect);
+        assert!(spec.network_map.is_empty());
+        // Written back in the new form, and read again the same.
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(text.contains(r#""network":"disconnect""#), "{text}");
+        assert!(
+            !text.contains("keep_network") && !text.contains("network_map"),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<MountSpec>(&text).unwrap(), spec);
+
+        let req: MountRequest =
+            serde_json::from_str(r#"{"snapshot":"vm","keep_network":true}"#).unwrap();
+        assert_eq!(req.network, NetworkMode::Keep);
+        let req: MountRequest = serde_json::from_str(
+            r#"{"snapshot":"vm","network":"remove","network_map":{"default":"lab"}}"#,
+        )
+        .unwrap();
+        assert_eq!(req.network, NetworkMode::Remove);
+        assert_eq!(req.network_map["default"], "lab");
+        let req: MountRequest = serde_json::from_str(r#"{"snapshot":"vm"}"#).unwrap();
+        assert_eq!(req.network, NetworkMode::Disconnect);
+        let err = serde_json::from_str::<MountRequest>(r#"{"snapshot":"vm","network":"off"}"#)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("not one of keep, disconnect, remove"),
+            "{err}"
+        );
     }
 }

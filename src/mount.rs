@@ -16,7 +16,7 @@ pub mod overlay;
 pub mod readahead;
 pub mod reader;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
@@ -71,8 +71,18 @@ pub struct MountSpec {
     /// `VM@TIME` of the snapshot, for listings.
     pub snapshot_name: String,
     pub read_only: bool,
-    /// Keep the VM's NICs connected (default: disconnected, so it cannot clash with production).
-    pub keep_network: bool,
+    /// What the config does with the VM's NICs (default: disconnect, so it cannot clash with
+    /// production). State files from before the mode have `keep_network: BOOL`: true reads as
+    /// keep, false as disconnect.
+    #[serde(default, alias = "keep_network")]
+    pub network: crate::vmconfig::NetworkMode,
+    /// The mount's own `OLD -> NEW` network renames.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub network_map: BTreeMap<String, String>,
+    /// The server's default network map when the mount was made (kept, so that a restart
+    /// serves the same config whatever the config file says by then).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub default_network_map: BTreeMap<String, String>,
     pub created: jiff::Timestamp,
     /// Only these client networks may use the mount (empty: every client the server allows).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -288,6 +298,8 @@ pub struct LiveMount {
     pub window: Option<Arc<BootWindow>>,
     /// Pre-staging of the boot set, when there was a profile to follow.
     pub prestage: OnceLock<Arc<Prestage>>,
+    /// What the config does with each of the VM's NICs.
+    pub network: Vec<crate::vmconfig::NicReport>,
 }
 
 impl LiveMount {
@@ -404,6 +416,7 @@ impl LiveMount {
             vm: m.vm.name.clone(),
             window,
             prestage: OnceLock::new(),
+            network: Vec::new(),
         })
     }
 }

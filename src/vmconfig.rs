@@ -11,7 +11,10 @@ mod rewrite;
 mod vmx;
 mod vmx_rewrite;
 
-pub use rewrite::{rewrite_for_mount, DiskTarget, MountRewrite};
+pub use rewrite::{
+    rewrite_for_mount, rewrite_for_mount_reported, DiskTarget, MountRewrite, NetworkMode,
+    NetworkPlan, NicAction, NicReport, Rewritten,
+};
 
 /// Which hypervisor a config belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

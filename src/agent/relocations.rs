@@ -98,7 +98,7 @@ impl Agent {
                     .config_bytes()
                     .await
                     .map_err(|e| state_err(e.to_string()))?;
-                let bytes = self
+                let (bytes, _) = self
                     .config_for_mount(&mount.spec, &snapshot, original, Some(dest))
                     .map_err(|e| state_err(e.to_string()))?;
                 Ok((

@@ -1,4 +1,5 @@
-//! `livemount mount SNAPSHOT [--name NAME] [--read-only] [--disks-only] [--network keep|disconnect]`
+//! `livemount mount SNAPSHOT [--name NAME] [--read-only] [--disks-only]
+//! [--network keep|disconnect|remove] [--network-map OLD=NEW]...`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +16,7 @@ use crate::prestage::PrestageStatus;
 use crate::profile::Source;
 use crate::repo::Progress;
 use crate::units::parse_duration;
+use crate::vmconfig::NetworkMode;
 
 /// `--state`, shared by the commands that talk to a running server.
 #[derive(Debug, Clone, Args)]
@@ -28,6 +30,20 @@ pub struct StateArgs {
 enum Network {
     Keep,
     Disconnect,
+    Remove,
+}
+
+/// One `--network-map OLD=NEW`.
+fn parse_map_entry(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((old, new)) if !old.is_empty() && !new.is_empty() && !new.contains('=') => {
+            Ok((old.to_owned(), new.to_owned()))
+        }
+        _ => Err(format!(
+            "{text:?} is not OLD=NEW (a network, bridge or port group name on each side, \
+             e.g. default=lab)"
+        )),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -46,10 +62,16 @@ pub struct MountArgs {
     /// Refuse every change to the mount.
     #[arg(long)]
     read_only: bool,
-    /// Keep the VM's NICs connected, or disconnect them (default) so the recovered VM cannot
-    /// clash with the production one.
+    /// The VM's NICs: `keep` them connected; `disconnect` them (default), so the recovered VM
+    /// cannot clash with the production one and starts on a host that lacks its networks
+    /// (libvirt: link down, and a NIC on an unmapped network or bridge becomes a user-mode NIC;
+    /// ESXi: startConnected FALSE); or `remove` them.
     #[arg(long, value_enum, default_value = "disconnect")]
     network: Network,
+    /// Rename a network: OLD=NEW (libvirt network or bridge names, ESXi port group names);
+    /// repeat for more. Over the server's default `network_map`; OLD must be used by a NIC.
+    #[arg(long, value_name = "OLD=NEW", value_parser = parse_map_entry)]
+    network_map: Vec<(String, String)>,
     /// Only this host (an address, or a CIDR such as 10.1.0.0/16) may use the mount; repeat
     /// for more [default: every host the server allows].
     #[arg(long, value_name = "CIDR")]
@@ -83,12 +105,23 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
     let at = a.at.as_deref().map(crate::repo::parse_time).transpose()?;
     let timeout = parse_duration(&a.prestage_timeout)
         .map_err(|e| anyhow::anyhow!("--prestage-timeout {:?}: {e}", a.prestage_timeout))?;
+    let mut network_map = std::collections::BTreeMap::new();
+    for (old, new) in &a.network_map {
+        if let Some(earlier) = network_map.insert(old.clone(), new.clone()) {
+            anyhow::bail!("--network-map {old}={new}: {old} is mapped to {earlier} already");
+        }
+    }
     let req = MountRequest {
         snapshot: a.snapshot.clone(),
         at,
         name: a.name.clone(),
         read_only: a.read_only,
-        keep_network: matches!(a.network, Network::Keep),
+        network: match a.network {
+            Network::Keep => NetworkMode::Keep,
+            Network::Disconnect => NetworkMode::Disconnect,
+            Network::Remove => NetworkMode::Remove,
+        },
+        network_map,
         hosts: a.allow.clone(),
         disks_only: a.disks_only,
         prestage: match a.prestage {
@@ -140,6 +173,12 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         println!("{label}");
         for c in lines {
             println!("  {c}");
+        }
+    }
+    if !m.spec.disks_only && !m.network.is_empty() {
+        println!("network ({}):", m.spec.network.as_str());
+        for nic in &m.network {
+            println!("  {nic}");
         }
     }
     println!("disks:");
@@ -226,5 +265,26 @@ async fn wait_for_prestage(
         }
         // Polled often: the VM is started right after this returns.
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_map_entries_are_old_equals_new() {
+        assert_eq!(
+            parse_map_entry("default=lab"),
+            Ok(("default".to_owned(), "lab".to_owned()))
+        );
+        assert_eq!(
+            parse_map_entry("VM Network=Isolated Lab"),
+            Ok(("VM Network".to_owned(), "Isolated Lab".to_owned()))
+        );
+        for bad in ["default", "=lab", "default=", "a=b=c", ""] {
+            let err = parse_map_entry(bad).unwrap_err();
+            assert!(err.contains("is not OLD=NEW"), "{bad}: {err}");
+        }
     }
 }

@@ -136,6 +136,11 @@ pub struct ServeConfig {
     /// The folders `relocate --to DIR` may write into (absolute, existing): DIR must lie under
     /// one of them, reached without a symbolic link. Default none: relocation is refused.
     pub relocate_roots: Option<Vec<PathBuf>>,
+    /// The media agent's default network renames, `OLD = "NEW"` (libvirt network or bridge
+    /// names, ESXi port group names), e.g. `[network_map]` then `default = "lab"`. Applied to
+    /// a new mount's NICs whose network its own `--network-map` does not name; an entry no NIC
+    /// uses is ignored. Default none.
+    pub network_map: Option<std::collections::BTreeMap<String, String>>,
     /// The retention policy (for `forget --policy` with this file) and `lease_expiry`: how
     /// long this agent's lease counts after its last renewal.
     pub retention: Option<crate::cli::RetentionFile>,
@@ -344,6 +349,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         )
         .await?,
     );
+    agent.set_default_network_map(file.network_map.clone().unwrap_or_default())?;
     agent.resume_relocations(relocate_roots).await?;
     let identity = Identity::load(&state).with_context(|| {
         format!(

@@ -17,17 +17,20 @@ use quick_xml::escape::{escape, partial_escape, unescape};
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
-use super::rewrite::{dashed, has_control, DiskTarget, MacSource, MountRewrite};
+use super::rewrite::{
+    dashed, has_control, DiskTarget, MacSource, MountRewrite, NetworkMode, NicAction, NicReport,
+};
 use super::{VmConfig, VmConfigError};
 
-/// Rewrites the domain XML `original` (already known to parse into `config`) as `how` says.
+/// Rewrites the domain XML `original` (already known to parse into `config`) as `how` says,
+/// with what was done to each `<interface>`.
 pub(super) fn rewrite(
     file: &str,
     original: &[u8],
     how: &MountRewrite,
     config: &VmConfig,
     uuid: &[u8; 16],
-) -> Result<Vec<u8>, VmConfigError> {
+) -> Result<(Vec<u8>, Vec<NicReport>), VmConfigError> {
     let invalid = |what: String| VmConfigError::Invalid {
         file: file.to_owned(),
         what,
@@ -76,10 +79,12 @@ pub(super) fn rewrite(
         macs: MacSource::qemu(how.mac_seed),
         nic: 0,
         targets: how.disks.iter(),
+        report: Vec::new(),
     };
     rewriter.out.put(bom);
     rewriter.document().map_err(invalid)?;
-    Ok(rewriter.out.finish().into_bytes())
+    let report = std::mem::take(&mut rewriter.report);
+    Ok((rewriter.out.finish().into_bytes(), report))
 }
 
 /// One event, as the bytes it was read from.
@@ -354,6 +359,8 @@ struct Rewriter<'t, 'h> {
     nic: u64,
     /// Disk targets not yet used.
     targets: std::slice::Iter<'h, DiskTarget>,
+    /// What was done to each interface so far.
+    report: Vec<NicReport>,
 }
 
 impl<'t> Rewriter<'t, '_> {
@@ -648,21 +655,79 @@ impl<'t> Rewriter<'t, '_> {
         self.out.put(self.raw(last));
     }
 
+    /// One `<interface>`, as the network plan says: removed (with the whitespace before it);
+    /// or with a new `<mac>`, its network, bridge or direct device renamed when the map names
+    /// it, and (unless kept) `<link state='down'/>`. Disconnected and not mapped, a `network`,
+    /// `bridge` or `direct` interface becomes `type='user'` and keeps only the children that
+    /// name no host resource ([`USER_CHILDREN`]), so the domain starts on any host.
     fn interface(&mut self, first: usize, last: usize) {
-        let mac = self.macs.next(self.nic);
+        let how = self.how;
+        let plan = &how.network;
+        let number = self.nic;
         self.nic += 1;
-        let link = (!self.how.keep_network).then_some("<link state='down'/>");
         let children = self.children(first);
+        let source = children.iter().find_map(|child| match child {
+            Child::Element {
+                name: "source",
+                first,
+                ..
+            } => Some(*first),
+            _ => None,
+        });
+        let kind = attribute(self.raw(first), "type");
+        let (what, key) = match kind.as_deref() {
+            Some("network") => ("network", "network"),
+            Some("bridge") => ("bridge", "bridge"),
+            Some("direct") => ("direct device", "dev"),
+            _ => ("", ""),
+        };
+        let network = source
+            .filter(|_| !key.is_empty())
+            .and_then(|at| attribute(self.raw(at), key))
+            .map(Cow::into_owned);
+        let mut report = NicReport {
+            nic: format!("interface {number}"),
+            mac: None,
+            kind: network.as_ref().map(|_| what.to_owned()),
+            network: network.clone(),
+            mapped_to: None,
+            action: NicAction::Removed,
+        };
+        if plan.mode == NetworkMode::Remove {
+            self.out.drop_blank();
+            self.report.push(report);
+            return;
+        }
+        let mac = self.macs.next(number);
+        let mapped_to = network
+            .as_deref()
+            .and_then(|old| plan.target(old))
+            .map(str::to_owned);
+        let detach = plan.mode == NetworkMode::Disconnect && !key.is_empty() && mapped_to.is_none();
+        report.mac = Some(mac.clone());
+        report.mapped_to.clone_from(&mapped_to);
+        report.action = match plan.mode {
+            NetworkMode::Keep => NicAction::Kept,
+            _ if detach => NicAction::Detached,
+            _ => NicAction::Disconnected,
+        };
+        self.report.push(report);
+        let link = (plan.mode != NetworkMode::Keep).then_some("<link state='down'/>");
         let indent = self.indent(&children);
         let has = |wanted: &str| has_child(&children, wanted);
         let (has_mac, has_link) = (has("mac"), has("link"));
         let last_element = children
             .iter()
             .rposition(|child| matches!(child, Child::Element { .. }));
-        if first == last {
-            self.out.put(&opened(self.raw(first)));
+        let start = if detach {
+            edit_tag(self.raw(first), &[("type", "user")], &[])
         } else {
-            self.out.put(self.raw(first));
+            self.raw(first).to_owned()
+        };
+        if first == last {
+            self.out.put(&opened(&start));
+        } else {
+            self.out.put(&start);
         }
         if !has_mac {
             self.out.put(&format!("{indent}<mac address='{mac}'/>"));
@@ -675,6 +740,9 @@ impl<'t> Rewriter<'t, '_> {
         for (position, child) in children.into_iter().enumerate() {
             match child {
                 Child::Node(at) => self.node(at),
+                Child::Element { name, .. } if detach && !USER_CHILDREN.contains(&name) => {
+                    self.out.drop_blank();
+                }
                 Child::Element {
                     name: "mac",
                     first,
@@ -683,6 +751,25 @@ impl<'t> Rewriter<'t, '_> {
                     mac_done = true;
                     self.out
                         .put(&edit_tag(self.raw(first), &[("address", &mac)], &[]));
+                    if first < last {
+                        self.copy(first + 1, last);
+                    }
+                }
+                Child::Element {
+                    name: "source",
+                    first,
+                    last,
+                } if Some(first) == source && mapped_to.is_some() => {
+                    let new = mapped_to.as_deref().unwrap_or_default();
+                    // A live domain's `<source network=...>` names the old network's port and
+                    // bridge: they go with it.
+                    let remove: &[&str] = if key == "network" {
+                        &["portid", "bridge"]
+                    } else {
+                        &[]
+                    };
+                    self.out
+                        .put(&edit_tag(self.raw(first), &[(key, new)], remove));
                     if first < last {
                         self.copy(first + 1, last);
                     }
@@ -709,6 +796,13 @@ impl<'t> Rewriter<'t, '_> {
     }
 }
 
+/// The children a detached interface (now `type='user'`) keeps: the rest (`<source>`,
+/// `<target>`, `<virtualport>`, `<vlan>`, `<bandwidth>`, `<filterref>`, `<driver>`, `<mtu>`,
+/// `<port>`, `<tune>`, ...) name host resources or settings a user-mode NIC refuses.
+const USER_CHILDREN: [&str; 8] = [
+    "mac", "model", "address", "alias", "boot", "rom", "link", "acpi",
+];
+
 /// Whether `children` holds an element named `wanted`.
 fn has_child(children: &[Child<'_>], wanted: &str) -> bool {
     children
@@ -718,7 +812,7 @@ fn has_child(children: &[Child<'_>], wanted: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::rewrite::rewrite_for_mount;
+    use super::super::rewrite::{rewrite_for_mount, rewrite_for_mount_reported, NetworkPlan};
     use super::super::{parse, DiskRef, VmConfigError};
     use super::*;
     use crate::disk::DiskFormat;
@@ -732,7 +826,14 @@ mod tests {
             display_name: "db01-lm-3f2a".to_owned(),
             uuid: NEW_UUID.to_owned(),
             mac_seed: [0x33; 32],
-            keep_network,
+            network: NetworkPlan {
+                mode: if keep_network {
+                    NetworkMode::Keep
+                } else {
+                    NetworkMode::Disconnect
+                },
+                ..NetworkPlan::default()
+            },
             disks,
         }
     }
@@ -781,6 +882,7 @@ mod tests {
                 macs: MacSource::qemu([0; 32]),
                 nic: 0,
                 targets: [].iter(),
+                report: Vec::new(),
             };
             for at in 0..tokens.len() {
                 rewriter.node(at);
@@ -861,8 +963,8 @@ mod tests {
                 "",
             )
             .replace(
-                "<mac address='52:54:00:6b:3c:1d'/>",
-                &format!("<mac address='{mac}'/>"),
+                "    <interface type='network'>\n      <mac address='52:54:00:6b:3c:1d'/>\n      <source network='default' portid='b6a1f0c2-4e7d-4a93-8c15-0d2e9f3a7b64' bridge='virbr0'/>\n      <target dev='vnet6'/>\n",
+                &format!("    <interface type='user'>\n      <mac address='{mac}'/>\n"),
             )
             .replace(
                 "      <address type='pci' domain='0x0000' bus='0x01' slot='0x00' function='0x0'/>\n    </interface>",
@@ -880,6 +982,8 @@ mod tests {
             "ubuntu-22.04.4-live-server-amd64.iso",
             "52:54:00:6b:3c:1d",
             "seclabel",
+            "vnet6",
+            "network='default'",
         ] {
             assert!(!expected.contains(gone), "{gone}");
         }
@@ -961,9 +1065,9 @@ mod tests {
             format!(
                 "\u{feff}<?xml version='1.0'?>\r\n<!-- keep me -->\r\n<domain type=\"qemu\">\r\n  <name>db01-lm-3f2a</name>\r\n  <uuid>{NEW_UUID}</uuid>\r\n  <devices>\r\n    \
                  <disk type='file'><driver name='qemu' type='raw'/><source file='/x/a.raw'/><target dev='vda'/></disk>\r\n    \
-                 <interface type='network'>\r\n      <mac address='{m0}'/>\r\n      <source network='default'/>\r\n      <link state='down'/>\r\n    </interface>\r\n    \
+                 <interface type='user'>\r\n      <mac address='{m0}'/>\r\n      <link state='down'/>\r\n    </interface>\r\n    \
                  <interface type='user'><mac address='{m1}'/><link state='down'/></interface>\r\n    \
-                 <interface type='bridge'><mac address='{m2}'/><link state='down'/></interface>\r\n    \
+                 <interface type='user'><mac address='{m2}'/><link state='down'/></interface>\r\n    \
                  <disk type='file' device='cdrom'/>\r\n    \
                  <serial type='file'><source path='/log'>\r\n      </source></serial>\r\n  </devices>\r\n  <seclabel type='none'/>\r\n</domain>\r\n"
             )
@@ -1048,6 +1152,239 @@ mod tests {
         // A config that does not parse gives its parse error.
         let err = rewrite_for_mount("rhel.xml", RHEL_BLOCK, &how(Vec::new(), false)).unwrap_err();
         assert!(err.to_string().contains("type='block'"), "{err}");
+    }
+
+    const WEB02: &[u8] = include_bytes!("../../testdata/kvm-debian12-web02-bridge.xml");
+
+    fn plan(mode: NetworkMode, map: &[(&str, &str)], default_map: &[(&str, &str)]) -> MountRewrite {
+        let pairs = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(old, new)| ((*old).to_owned(), (*new).to_owned()))
+                .collect()
+        };
+        let mut how = how(
+            vec![DiskTarget::RawFile("/mnt/lm/web02/vda.raw".to_owned())],
+            false,
+        );
+        how.network = NetworkPlan {
+            mode,
+            map: pairs(map),
+            default_map: pairs(default_map),
+        };
+        how
+    }
+
+    /// The text of the `<interface>` elements of a domain, each with the whitespace before it.
+    fn interfaces(text: &str) -> Vec<&str> {
+        let mut found = Vec::new();
+        let mut rest = text;
+        while let Some(at) = rest.find("<interface") {
+            let end = rest[at..].find("</interface>").unwrap() + at + "</interface>".len();
+            found.push(&rest[at..end]);
+            rest = &rest[end..];
+        }
+        found
+    }
+
+    #[test]
+    fn bridge_testdata_parses_with_one_disk_and_a_cdrom() {
+        let config = parse("web02.xml", WEB02).unwrap();
+        assert_eq!(config.disks.len(), 1);
+        assert_eq!(config.disks[0].device, "vda");
+    }
+
+    /// What each mode and map does to the bridge NIC and the network NIC of the testdata:
+    /// (mode, map, default map, the interfaces after, the report's (mapped_to, action)).
+    #[test]
+    fn network_plans_on_a_bridge_and_a_network_nic() {
+        let mut macs = MacSource::qemu([0x33; 32]);
+        let (m0, m1) = (macs.next(0), macs.next(1));
+        let bridge_detached = format!(
+            "<interface type=\"user\">\n      <mac address=\"{m0}\"/>\n      <model type=\"virtio\"/>\n      <address type=\"pci\" domain=\"0x0000\" bus=\"0x01\" slot=\"0x00\" function=\"0x0\"/>\n      <link state='down'/>\n    </interface>"
+        );
+        let network_detached = format!(
+            "<interface type='user'>\n      <mac address='{m1}'/>\n      <model type='e1000e'/>\n      <link state='down'/>\n      <address type='pci' domain='0x0000' bus='0x02' slot='0x00' function='0x0'/>\n    </interface>"
+        );
+        let bridge_kept = |bridge: &str| {
+            format!(
+                "<interface type=\"bridge\">\n      <mac address=\"{m0}\"/>\n      <source bridge=\"{bridge}\"/>\n      <vlan>\n        <tag id=\"120\"/>\n      </vlan>\n      <target dev=\"vnet3\"/>\n      <model type=\"virtio\"/>\n      <driver name=\"vhost\" queues=\"2\"/>\n      <mtu size=\"9000\"/>\n      <address type=\"pci\" domain=\"0x0000\" bus=\"0x01\" slot=\"0x00\" function=\"0x0\"/>\n    </interface>"
+            )
+        };
+        let bridge_down = |bridge: &str| {
+            bridge_kept(bridge).replace(
+                "function=\"0x0\"/>\n    </interface>",
+                "function=\"0x0\"/>\n      <link state='down'/>\n    </interface>",
+            )
+        };
+        let network = |name: &str, link: &str| {
+            format!(
+                "<interface type='network'>\n      <mac address='{m1}'/>\n      <source network='{name}'/>\n      <bandwidth>\n        <outbound average='128000'/>\n      </bandwidth>\n      <model type='e1000e'/>\n      <link state='{link}'/>\n      <address type='pci' domain='0x0000' bus='0x02' slot='0x00' function='0x0'/>\n    </interface>"
+            )
+        };
+        use NetworkMode::*;
+        use NicAction::*;
+        type Case<'a> = (
+            NetworkMode,
+            &'a [(&'a str, &'a str)],
+            &'a [(&'a str, &'a str)],
+            Vec<String>,
+            Vec<(Option<&'a str>, NicAction)>,
+        );
+        let cases: Vec<Case<'_>> = vec![
+            (
+                Disconnect,
+                &[],
+                &[],
+                vec![bridge_detached.clone(), network_detached.clone()],
+                vec![(None, Detached), (None, Detached)],
+            ),
+            (
+                Disconnect,
+                &[("backup-net", "lab")],
+                &[],
+                vec![bridge_detached.clone(), network("lab", "down")],
+                vec![(None, Detached), (Some("lab"), Disconnected)],
+            ),
+            (
+                Disconnect,
+                &[("br-prod", "br-lab")],
+                &[("backup-net", "lab"), ("nosuch", "x")],
+                vec![bridge_down("br-lab"), network("lab", "down")],
+                vec![(Some("br-lab"), Disconnected), (Some("lab"), Disconnected)],
+            ),
+            // The request's map wins over the default map.
+            (
+                Keep,
+                &[("br-prod", "br-lab")],
+                &[("br-prod", "br-other")],
+                vec![bridge_kept("br-lab"), network("backup-net", "up")],
+                vec![(Some("br-lab"), Kept), (None, Kept)],
+            ),
+            (
+                Keep,
+                &[],
+                &[],
+                vec![bridge_kept("br-prod"), network("backup-net", "up")],
+                vec![(None, Kept), (None, Kept)],
+            ),
+            (
+                Remove,
+                &[],
+                &[("backup-net", "lab")],
+                vec![],
+                vec![(None, Removed), (None, Removed)],
+            ),
+        ];
+        for (mode, map, default_map, expected, actions) in cases {
+            let how = plan(mode, map, default_map);
+            let done = rewrite_for_mount_reported("web02.xml", WEB02, &how).unwrap();
+            let out = String::from_utf8(done.bytes).unwrap();
+            well_formed(&out);
+            assert_eq!(
+                interfaces(&out),
+                expected,
+                "{mode:?} {map:?} {default_map:?}"
+            );
+            let got: Vec<(Option<&str>, NicAction)> = done
+                .nics
+                .iter()
+                .map(|nic| (nic.mapped_to.as_deref(), nic.action))
+                .collect();
+            assert_eq!(got, actions, "{mode:?} {map:?}");
+            assert_eq!(done.nics[0].kind.as_deref(), Some("bridge"));
+            assert_eq!(done.nics[0].network.as_deref(), Some("br-prod"));
+            assert_eq!(done.nics[1].kind.as_deref(), Some("network"));
+            assert_eq!(done.nics[1].network.as_deref(), Some("backup-net"));
+            // Outside the interfaces, the same bytes as with any other plan.
+            let baseline = rewrite_str(WEB02, &plan(Keep, &[], &[]));
+            let strip = |text: &str| {
+                let mut text = text.to_owned();
+                for nic in interfaces(&text.clone()) {
+                    text = text.replacen(nic, "", 1);
+                }
+                text.replace("    \n", "").replace("\n    \n", "\n")
+            };
+            if mode != Remove {
+                assert_eq!(strip(&out), strip(&baseline));
+            } else {
+                assert!(!out.contains("<interface"));
+                assert!(out.contains("    </controller>\n    <!-- the front-end NIC, on the production VLAN's bridge -->\n    <serial type='pty'>"), "{out}");
+            }
+            // The SATA CD-ROM keeps its target and loses its ISO.
+            assert!(out.contains("<disk type='file' device='cdrom'>\n      <driver name='qemu' type='raw'/>\n      <target dev='sda' bus='sata'/>\n      <readonly/>"), "{out}");
+            assert_eq!(parse("web02.xml", out.as_bytes()).unwrap().disks.len(), 1);
+        }
+    }
+
+    #[test]
+    fn the_report_reads_as_a_sentence() {
+        let done = rewrite_for_mount_reported(
+            "web02.xml",
+            WEB02,
+            &plan(NetworkMode::Disconnect, &[("backup-net", "lab")], &[]),
+        )
+        .unwrap();
+        let mut macs = MacSource::qemu([0x33; 32]);
+        let (m0, m1) = (macs.next(0), macs.next(1));
+        let lines: Vec<String> = done.nics.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            lines,
+            [
+                format!("NIC interface 0 ({m0}): bridge br-prod (disconnected, now type='user' with no host network)"),
+                format!("NIC interface 1 ({m1}): network backup-net -> lab (disconnected)"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_map_entry_no_nic_uses_is_an_error_naming_it() {
+        let err = rewrite_for_mount(
+            "web02.xml",
+            WEB02,
+            &plan(
+                NetworkMode::Disconnect,
+                &[("defualt", "lab"), ("br-prod", "br0")],
+                &[],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "web02.xml: network map: no NIC uses \"defualt\" (the config's NICs use: bridge \"br-prod\", network \"backup-net\")"
+        );
+        let err = rewrite_for_mount(
+            "web02.xml",
+            WEB02,
+            &plan(NetworkMode::Remove, &[("br-prod", "br0")], &[]),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "web02.xml: a network map has no use when the NICs are removed"
+        );
+        let err = rewrite_for_mount(
+            "web02.xml",
+            WEB02,
+            &plan(NetworkMode::Keep, &[("br-prod", "")], &[]),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("a name is empty"), "{err}");
+    }
+
+    #[test]
+    fn a_live_domains_network_source_loses_its_port_and_bridge_when_mapped() {
+        let mut how = how(raw_targets(), false);
+        how.network
+            .map
+            .insert("default".to_owned(), "lab".to_owned());
+        let out = rewrite_str(UBUNTU, &how);
+        assert!(out.contains("<interface type='network'>"), "{out}");
+        assert!(
+            out.contains("      <source network='lab'/>\n      <target dev='vnet6'/>\n"),
+            "{out}"
+        );
+        assert!(out.contains("<link state='down'/>"));
     }
 
     proptest::proptest! {

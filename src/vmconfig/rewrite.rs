@@ -3,13 +3,14 @@
 //! derivation of new MAC addresses from the caller's seed.
 //!
 //! Owns: validating the request against the parsed config (number and kind of disk targets, the
-//! new name and UUID), dispatching to the `.vmx` or libvirt rewriter, and [`MacSource`], which
-//! turns a seed into distinct addresses inside a fixed prefix.
+//! new name and UUID, the network map), dispatching to the `.vmx` or libvirt rewriter, the
+//! network plan ([`NetworkPlan`]) and its per-NIC report ([`NicReport`]), and [`MacSource`],
+//! which turns a seed into distinct addresses inside a fixed prefix.
 //! Must not: do I/O, pick names, UUIDs or seeds itself (the caller decides them, so the result is
 //! a pure function of the inputs), or edit bytes of a config (the format modules do that and keep
 //! every byte they are not told to change).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use super::{Hypervisor, VmConfig, VmConfigError};
 
@@ -22,12 +23,162 @@ pub struct MountRewrite {
     pub uuid: String,
     /// Seed for new MAC addresses; the same seed gives the same addresses.
     pub mac_seed: [u8; 32],
-    /// false: the NICs start disconnected (`.vmx` `startConnected = "FALSE"`, libvirt
-    /// `<link state='down'/>`).
-    pub keep_network: bool,
+    /// What happens to the NICs: kept, disconnected or removed, and networks renamed.
+    pub network: NetworkPlan,
     /// For each disk of the parsed config, in [`VmConfig::disks`] order: what the rewritten
     /// config must point at.
     pub disks: Vec<DiskTarget>,
+}
+
+/// What a live mount does with a VM's NICs (decision 0022).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkMode {
+    /// NICs stay connected (to the mapped network where the map names theirs).
+    Keep,
+    /// NICs start unplugged, and the config starts on a host that lacks the original
+    /// networks: libvirt `<link state='down'/>`, and a NIC on an unmapped network or bridge
+    /// becomes `type='user'` (it names no host network); `.vmx` `startConnected = "FALSE"`.
+    #[default]
+    Disconnect,
+    /// No NIC at all: libvirt `<interface>` elements removed, `.vmx` `ethernetN.present =
+    /// "FALSE"`.
+    Remove,
+}
+
+impl NetworkMode {
+    /// The mode's name, as the CLI and the API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkMode::Keep => "keep",
+            NetworkMode::Disconnect => "disconnect",
+            NetworkMode::Remove => "remove",
+        }
+    }
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "keep" => Ok(NetworkMode::Keep),
+            "disconnect" => Ok(NetworkMode::Disconnect),
+            "remove" => Ok(NetworkMode::Remove),
+            _ => Err(format!(
+                "network mode {text:?} is not one of keep, disconnect, remove"
+            )),
+        }
+    }
+}
+
+/// Reads a mode from its name, or from the boolean of the `keep_network` field that mount
+/// requests and persisted mounts had before the mode existed (true: keep, false: disconnect).
+impl<'de> serde::Deserialize<'de> for NetworkMode {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Either {
+            Keep(bool),
+            Name(String),
+        }
+        match Either::deserialize(deserializer)? {
+            Either::Keep(true) => Ok(NetworkMode::Keep),
+            Either::Keep(false) => Ok(NetworkMode::Disconnect),
+            Either::Name(name) => name.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The NICs' fate in a live mount: a mode and a map of network names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetworkPlan {
+    pub mode: NetworkMode,
+    /// `OLD -> NEW`: libvirt network or bridge names, `.vmx` port group names (`networkName`,
+    /// or a distributed port group's `dvs.portgroupId`). Every entry must match a NIC of the
+    /// config: an entry that matches none is an error naming it (a typo must not pass).
+    pub map: BTreeMap<String, String>,
+    /// Applied to a NIC whose network `map` does not name (the media agent's default map);
+    /// entries no NIC uses are ignored.
+    pub default_map: BTreeMap<String, String>,
+}
+
+impl NetworkPlan {
+    /// The new name for a NIC's network `old`, if either map has one.
+    pub(super) fn target(&self, old: &str) -> Option<&str> {
+        self.map
+            .get(old)
+            .or_else(|| self.default_map.get(old))
+            .map(String::as_str)
+    }
+}
+
+/// What a live mount did with one NIC.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NicReport {
+    /// The NIC: `ethernetN` in a `.vmx`, `interface N` (its position, from 0) in domain XML.
+    pub nic: String,
+    /// Its new MAC address (none for a removed libvirt interface).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// What kind of thing `network` is: `network`, `bridge` (libvirt), `port group`,
+    /// `distributed port group` (`.vmx`).
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The name of what it was attached to (none when the config names nothing, e.g. a libvirt
+    /// `type='user'` interface): what the map's OLD names match.
+    #[serde(default)]
+    pub network: Option<String>,
+    /// The network it was mapped to (of the same kind).
+    #[serde(default)]
+    pub mapped_to: Option<String>,
+    pub action: NicAction,
+}
+
+/// The fate of one NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NicAction {
+    /// Left connected.
+    Kept,
+    /// Starts unplugged, still on its (possibly mapped) network.
+    Disconnected,
+    /// Starts unplugged and names no host network any more (libvirt: now `type='user'`).
+    Detached,
+    /// Gone from the config (or not present).
+    Removed,
+}
+
+impl std::fmt::Display for NicReport {
+    /// `NIC interface 0 (52:54:00:12:34:56): network default -> lab (disconnected)`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "NIC {}", self.nic)?;
+        if let Some(mac) = &self.mac {
+            write!(f, " ({mac})")?;
+        }
+        match (&self.kind, &self.network) {
+            (Some(kind), Some(network)) => write!(f, ": {kind} {network}")?,
+            (None, Some(network)) => write!(f, ": {network}")?,
+            _ => write!(f, ": no host network")?,
+        }
+        if let Some(to) = &self.mapped_to {
+            write!(f, " -> {to}")?;
+        }
+        let action = match self.action {
+            NicAction::Kept => "kept connected",
+            NicAction::Disconnected => "disconnected",
+            NicAction::Detached => "disconnected, now type='user' with no host network",
+            NicAction::Removed => "removed",
+        };
+        write!(f, " ({action})")
+    }
+}
+
+/// A rewritten config and what was done to its NICs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewritten {
+    pub bytes: Vec<u8>,
+    pub nics: Vec<NicReport>,
 }
 
 /// Where one disk of the rewritten config points.
@@ -64,6 +215,18 @@ pub fn rewrite_for_mount(
     original: &[u8],
     how: &MountRewrite,
 ) -> Result<Vec<u8>, VmConfigError> {
+    rewrite_for_mount_reported(file, original, how).map(|done| done.bytes)
+}
+
+/// [`rewrite_for_mount`], with the report of what was done to each NIC.
+///
+/// Errors also: a `map` entry that no NIC's network matches (naming it and the networks the
+/// config uses), a map with mode remove, or an empty or control-character name in the map.
+pub fn rewrite_for_mount_reported(
+    file: &str,
+    original: &[u8],
+    how: &MountRewrite,
+) -> Result<Rewritten, VmConfigError> {
     let config = super::parse(file, original)?;
     let invalid = |what: String| VmConfigError::Invalid {
         file: file.to_owned(),
@@ -84,10 +247,68 @@ pub fn rewrite_for_mount(
         ))
     })?;
     check_disk_count(&config, how).map_err(invalid)?;
-    match config.hypervisor {
-        Hypervisor::Esxi => super::vmx_rewrite::rewrite(file, original, how, &config, &uuid),
-        Hypervisor::Kvm => super::libvirt_rewrite::rewrite(file, original, how, &config, &uuid),
+    check_map(&how.network).map_err(invalid)?;
+    let (bytes, nics) = match config.hypervisor {
+        Hypervisor::Esxi => super::vmx_rewrite::rewrite(file, original, how, &config, &uuid)?,
+        Hypervisor::Kvm => super::libvirt_rewrite::rewrite(file, original, how, &config, &uuid)?,
+    };
+    check_map_used(&how.network, &nics).map_err(invalid)?;
+    Ok(Rewritten { bytes, nics })
+}
+
+fn check_map(plan: &NetworkPlan) -> Result<(), String> {
+    if plan.mode == NetworkMode::Remove && !plan.map.is_empty() {
+        return Err("a network map has no use when the NICs are removed".to_owned());
     }
+    for (old, new) in plan.map.iter().chain(&plan.default_map) {
+        for name in [old, new] {
+            if name.is_empty() || has_control(name) {
+                return Err(format!(
+                    "network map {old:?}={new:?}: a name is empty or has control characters"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every entry of the request's map must have matched a NIC's network.
+fn check_map_used(plan: &NetworkPlan, nics: &[NicReport]) -> Result<(), String> {
+    let used: HashSet<&str> = nics
+        .iter()
+        .filter_map(|nic| nic.network.as_deref())
+        .collect();
+    let unused: Vec<&str> = plan
+        .map
+        .keys()
+        .map(String::as_str)
+        .filter(|old| !used.contains(old))
+        .collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    let mut networks: Vec<String> = Vec::new();
+    for nic in nics {
+        if let (Some(kind), Some(network)) = (&nic.kind, &nic.network) {
+            let named = format!("{kind} {network:?}");
+            if !networks.contains(&named) {
+                networks.push(named);
+            }
+        }
+    }
+    Err(format!(
+        "network map: no NIC uses {} (the config's NICs use: {})",
+        unused
+            .iter()
+            .map(|old| format!("{old:?}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if networks.is_empty() {
+            "nothing".to_owned()
+        } else {
+            networks.join(", ")
+        }
+    ))
 }
 
 fn check_disk_count(config: &VmConfig, how: &MountRewrite) -> Result<(), String> {

@@ -1,7 +1,8 @@
 //! The live-mount rewrite of a `.vmx`, line by line on a [`VmxDocument`].
 //!
 //! Owns: which `.vmx` keys a live mount changes (`displayName`, `uuid.bios`, the disks'
-//! `.fileName`, the NICs' addresses and `startConnected`), which it removes (`uuid.location`,
+//! `.fileName`, the NICs' addresses, `startConnected`, `present` and `networkName`, as the
+//! [`NetworkPlan`](super::rewrite::NetworkPlan) says), which it removes (`uuid.location`,
 //! `vc.uuid`, `sched.swap.derivedName`, generated-address keys), and where added keys go (right
 //! after the last line of their device, or of `displayName` for `uuid.bios`).
 //! Must not: touch any other byte. Changed values are spliced into the value span of the line
@@ -11,7 +12,9 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use super::rewrite::{has_control, DiskTarget, MacSource, MountRewrite};
+use super::rewrite::{
+    has_control, DiskTarget, MacSource, MountRewrite, NetworkMode, NicAction, NicReport,
+};
 use super::vmx::{escape, LineEnding, VmxDocument};
 use super::{VmConfig, VmConfigError};
 
@@ -19,14 +22,24 @@ use super::{VmConfig, VmConfigError};
 /// original VM, and the swap file name belongs to the original's folder.
 const REMOVED_KEYS: [&str; 3] = ["uuid.location", "vc.uuid", "sched.swap.derivedName"];
 
-/// Rewrites the `.vmx` `original` (already known to parse into `config`) as `how` says.
+/// Rewrites the `.vmx` `original` (already known to parse into `config`) as `how` says, with
+/// what was done to each NIC.
+///
+/// NICs: `keep` leaves `startConnected` alone; `disconnect` sets `startConnected = "FALSE"` and
+/// keeps the port group's name unless the map renames it (the assumption, from VMware's
+/// documented behaviour: ESXi powers on a VM whose NIC names a port group the host lacks when
+/// that NIC is not connected at power-on; the NIC shows as not connected until it is given a
+/// port group); `remove` sets `ethernetN.present = "FALSE"` (the keys stay, so the NIC can be
+/// brought back by hand, and the VM has no NIC). A mapped NIC gets `networkName = NEW`; a
+/// distributed-switch NIC (`dvs.portgroupId`, no usable `networkName`) mapped by its port group
+/// id loses its `dvs.*` keys and gets `networkName = NEW` (a standard port group).
 pub(super) fn rewrite(
     file: &str,
     original: &[u8],
     how: &MountRewrite,
     config: &VmConfig,
     uuid: &[u8; 16],
-) -> Result<Vec<u8>, VmConfigError> {
+) -> Result<(Vec<u8>, Vec<NicReport>), VmConfigError> {
     let invalid = |what: String| VmConfigError::Invalid {
         file: file.to_owned(),
         what,
@@ -76,6 +89,8 @@ pub(super) fn rewrite(
     }
 
     let mut macs = MacSource::vmware(how.mac_seed);
+    let plan = &how.network;
+    let mut report = Vec::new();
     for (nic, last_line) in nics(&doc) {
         let prefix = format!("ethernet{nic}.");
         let key = |attribute: &str| format!("{prefix}{attribute}");
@@ -95,16 +110,61 @@ pub(super) fn rewrite(
             &key("address"),
             &mac,
         );
-        if !how.keep_network {
+        let port_group = doc.get(&key("networkName")).filter(|name| !name.is_empty());
+        let dvs = doc
+            .get(&key("dvs.portgroupId"))
+            .filter(|name| !name.is_empty());
+        let (kind, network) = match (port_group, dvs) {
+            (Some(name), _) => (Some("port group"), Some(name)),
+            (None, Some(id)) => (Some("distributed port group"), Some(id)),
+            (None, None) => (None, None),
+        };
+        let mapped_to = match plan.mode {
+            NetworkMode::Remove => None,
+            _ => network.and_then(|name| plan.target(name)),
+        };
+        if let Some(new) = mapped_to {
             edit.set_or_add(
-                doc.index_of(&key("startConnected")),
+                doc.index_of(&key("networkName")),
                 last_line,
-                &key("startConnected"),
-                "FALSE",
+                &key("networkName"),
+                new,
             );
+            if port_group.is_none() {
+                edit.remove_prefix(&key("dvs."));
+            }
         }
+        let action = match plan.mode {
+            NetworkMode::Keep => NicAction::Kept,
+            NetworkMode::Disconnect => {
+                edit.set_or_add(
+                    doc.index_of(&key("startConnected")),
+                    last_line,
+                    &key("startConnected"),
+                    "FALSE",
+                );
+                NicAction::Disconnected
+            }
+            NetworkMode::Remove => {
+                edit.set_or_add(
+                    doc.index_of(&key("present")),
+                    last_line,
+                    &key("present"),
+                    "FALSE",
+                );
+                NicAction::Removed
+            }
+        };
+        report.push(NicReport {
+            nic: format!("ethernet{nic}"),
+            mac: Some(mac),
+            kind: kind.map(str::to_owned),
+            network: network.map(str::to_owned),
+            mapped_to: mapped_to.map(str::to_owned),
+            action,
+        });
     }
-    Ok(edit.render())
+    Ok((edit.render(), report))
 }
 
 /// `uuid.bios` form: `56 4d 9c 0e 3a 71 b2 48-e5 0f 6d 21 c8 94 a3 7b`.
@@ -173,6 +233,21 @@ impl<'a> Edit<'a> {
         };
         self.replaced
             .insert(index, format!("{before}{}{after}", escape(value)));
+    }
+
+    /// Removes every line whose key starts with `prefix` (compared without regard to case).
+    fn remove_prefix(&mut self, prefix: &str) {
+        for (index, line) in self.doc.lines.iter().enumerate() {
+            let starts = line.entry.as_ref().is_some_and(|entry| {
+                entry
+                    .key
+                    .get(..prefix.len())
+                    .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+            });
+            if starts {
+                self.removed.insert(index);
+            }
+        }
     }
 
     /// Sets the value on line `existing` if there is one, else adds `key = "value"` after line
@@ -250,7 +325,7 @@ impl<'a> Edit<'a> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::rewrite::rewrite_for_mount;
+    use super::super::rewrite::{rewrite_for_mount, rewrite_for_mount_reported, NetworkPlan};
     use super::super::{parse, VmConfigError};
     use super::*;
 
@@ -264,7 +339,14 @@ mod tests {
             display_name: "web01-lm-3f2a".to_owned(),
             uuid: NEW_UUID.to_owned(),
             mac_seed: [0x5a; 32],
-            keep_network,
+            network: NetworkPlan {
+                mode: if keep_network {
+                    NetworkMode::Keep
+                } else {
+                    NetworkMode::Disconnect
+                },
+                ..NetworkPlan::default()
+            },
             disks: disks
                 .iter()
                 .map(|name| DiskTarget::VmdkFile((*name).to_owned()))
@@ -386,6 +468,220 @@ mod tests {
              svga.present = \"TRUE\"\n"
         );
         assert!(text(&out).contains(&expected), "{}", text(&out));
+    }
+
+    fn plan(
+        disks: &[&str],
+        mode: NetworkMode,
+        map: &[(&str, &str)],
+        default_map: &[(&str, &str)],
+    ) -> MountRewrite {
+        let pairs = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(old, new)| ((*old).to_owned(), (*new).to_owned()))
+                .collect()
+        };
+        let mut how = how(disks, false);
+        how.network = NetworkPlan {
+            mode,
+            map: pairs(map),
+            default_map: pairs(default_map),
+        };
+        how
+    }
+
+    /// The lines of `out` about ethernet0 that are not in `original`, and those of `original`
+    /// about ethernet0 that are gone (the address lines left out: other tests check those).
+    fn nic_changes(original: &[u8], out: &[u8]) -> (Vec<String>, Vec<String>) {
+        let nic = |bytes: &[u8]| -> Vec<String> {
+            text(bytes)
+                .lines()
+                .filter(|line| line.starts_with("ethernet0."))
+                .filter(|line| !line.contains("ddress"))
+                .map(str::to_owned)
+                .collect()
+        };
+        let (before, after) = (nic(original), nic(out));
+        let added = after
+            .iter()
+            .filter(|l| !before.contains(l))
+            .cloned()
+            .collect();
+        let gone = before
+            .iter()
+            .filter(|l| !after.contains(l))
+            .cloned()
+            .collect();
+        (added, gone)
+    }
+
+    /// What each mode and map does to the port group NIC of the Linux VM and the distributed
+    /// port group NIC of the Windows VM: (vmx, mode, map, default map, lines added, lines
+    /// gone, the report's (kind, network, mapped_to, action)).
+    #[test]
+    fn network_plans_on_port_groups() {
+        use NetworkMode::*;
+        use NicAction::*;
+        let win: &[&str] = &["APP01-lm.vmdk", "APP01-lm_1.vmdk"];
+        let dvs_gone = [
+            "ethernet0.dvs.switchId = \"50 3a 1c 9e 27 d4 6b 0f-81 5e c2 7a 90 14 3d e8\"",
+            "ethernet0.dvs.portId = \"37\"",
+            "ethernet0.dvs.portgroupId = \"dvportgroup-1043\"",
+            "ethernet0.dvs.connectionId = \"1184329077\"",
+        ];
+        type Case<'a> = (
+            &'a [u8],
+            &'a [&'a str],
+            NetworkMode,
+            &'a [(&'a str, &'a str)],
+            &'a [(&'a str, &'a str)],
+            Vec<&'a str>,
+            Vec<&'a str>,
+            (&'a str, &'a str, Option<&'a str>, NicAction),
+        );
+        let pg = "port group";
+        let dpg = "distributed port group";
+        let cases: Vec<Case<'_>> = vec![
+            (
+                LINUX,
+                &LINUX_DISKS,
+                Disconnect,
+                &[],
+                &[],
+                vec!["ethernet0.startConnected = \"FALSE\""],
+                vec![],
+                (pg, "DMZ-VLAN120", None, Disconnected),
+            ),
+            (
+                LINUX,
+                &LINUX_DISKS,
+                Disconnect,
+                &[("DMZ-VLAN120", "Isolated Lab")],
+                &[],
+                vec![
+                    "ethernet0.networkName = \"Isolated Lab\"",
+                    "ethernet0.startConnected = \"FALSE\"",
+                ],
+                vec!["ethernet0.networkName = \"DMZ-VLAN120\""],
+                (pg, "DMZ-VLAN120", Some("Isolated Lab"), Disconnected),
+            ),
+            (
+                LINUX,
+                &LINUX_DISKS,
+                Keep,
+                &[],
+                &[("DMZ-VLAN120", "Lab"), ("unused", "x")],
+                vec!["ethernet0.networkName = \"Lab\""],
+                vec!["ethernet0.networkName = \"DMZ-VLAN120\""],
+                (pg, "DMZ-VLAN120", Some("Lab"), Kept),
+            ),
+            (
+                LINUX,
+                &LINUX_DISKS,
+                Keep,
+                &[],
+                &[],
+                vec![],
+                vec![],
+                (pg, "DMZ-VLAN120", None, Kept),
+            ),
+            (
+                LINUX,
+                &LINUX_DISKS,
+                Remove,
+                &[],
+                &[("DMZ-VLAN120", "Lab")],
+                vec!["ethernet0.present = \"FALSE\""],
+                vec!["ethernet0.present = \"TRUE\""],
+                (pg, "DMZ-VLAN120", None, Removed),
+            ),
+            (
+                WINDOWS,
+                win,
+                Disconnect,
+                &[],
+                &[],
+                vec!["ethernet0.startConnected = \"FALSE\""],
+                vec![],
+                (dpg, "dvportgroup-1043", None, Disconnected),
+            ),
+            (
+                WINDOWS,
+                win,
+                Disconnect,
+                &[("dvportgroup-1043", "VM Network")],
+                &[],
+                vec![
+                    "ethernet0.networkName = \"VM Network\"",
+                    "ethernet0.startConnected = \"FALSE\"",
+                ],
+                dvs_gone.to_vec(),
+                (dpg, "dvportgroup-1043", Some("VM Network"), Disconnected),
+            ),
+        ];
+        for (vmx, disks, mode, map, default_map, added, gone, nic) in cases {
+            let how = plan(disks, mode, map, default_map);
+            let done = rewrite_for_mount_reported("x.vmx", vmx, &how).unwrap();
+            let (got_added, got_gone) = nic_changes(vmx, &done.bytes);
+            assert_eq!(
+                (got_added, got_gone),
+                (
+                    added.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>(),
+                    gone.iter().map(|l| (*l).to_owned()).collect::<Vec<_>>()
+                ),
+                "{mode:?} {map:?} {default_map:?}"
+            );
+            let [report] = done.nics.as_slice() else {
+                panic!("{:?}", done.nics)
+            };
+            assert_eq!(report.nic, "ethernet0");
+            assert_eq!(
+                (
+                    report.kind.as_deref().unwrap(),
+                    report.network.as_deref().unwrap(),
+                    report.mapped_to.as_deref(),
+                    report.action
+                ),
+                nic
+            );
+            assert!(parse("x.vmx", &done.bytes).is_ok());
+        }
+    }
+
+    #[test]
+    fn a_map_entry_no_nic_uses_is_an_error_naming_it_in_a_vmx() {
+        let err = rewrite_for_mount(
+            "web01.vmx",
+            LINUX,
+            &plan(
+                &LINUX_DISKS,
+                NetworkMode::Disconnect,
+                &[("DMZ-VLAN12", "Lab")],
+                &[],
+            ),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "web01.vmx: network map: no NIC uses \"DMZ-VLAN12\" (the config's NICs use: port group \"DMZ-VLAN120\")"
+        );
+        let done = rewrite_for_mount_reported(
+            "web01.vmx",
+            LINUX,
+            &plan(
+                &LINUX_DISKS,
+                NetworkMode::Disconnect,
+                &[("DMZ-VLAN120", "Lab")],
+                &[],
+            ),
+        )
+        .unwrap();
+        let mac = MacSource::vmware([0x5a; 32]).next(0);
+        assert_eq!(
+            done.nics[0].to_string(),
+            format!("NIC ethernet0 ({mac}): port group DMZ-VLAN120 -> Lab (disconnected)")
+        );
     }
 
     #[test]
