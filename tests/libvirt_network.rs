@@ -236,4 +236,47 @@ fn a_vm_on_a_network_the_host_lacks_starts_disconnected_and_mapped() {
     );
     let def = mounted_xml(&server, &removed, &vm);
     assert!(!def.contains("<interface"), "{def}");
+
+    // Restarted with a default `network_map` in serve's config: the mounts made before keep
+    // their config (the spec records the map a mount was made with), a new mount without a
+    // map of its own takes the default, and a default entry no NIC uses is no error.
+    let state = t.path().join("state");
+    let earlier = mounted_xml(&server, &mount, &vm);
+    server.stop();
+    let config = t.path().join("serve.toml");
+    let default = format!("lmdef{pid}");
+    write(
+        &config,
+        format!("[network_map]\n{missing} = \"{default}\"\nunused = \"x\"\n").as_bytes(),
+    );
+    let server = Server::start(
+        &repo,
+        &state,
+        "127.0.0.1:111",
+        &["--config", config.to_str().unwrap()],
+    );
+    assert_eq!(mounted_xml(&server, &mount, &vm), earlier);
+    let defaulted = format!("{vm}-def");
+    let printed = server.cli(&["mount", &vm, "--name", &defaulted]);
+    assert!(
+        printed.contains(&format!("): network {missing} -> {default} (disconnected)")),
+        "{printed}"
+    );
+    let def = mounted_xml(&server, &defaulted, &vm);
+    assert!(
+        def.contains(&format!("<source network='{default}'/>")),
+        "{def}"
+    );
+    // The request's own map wins over the default.
+    let own = format!("{vm}-own");
+    server.cli(&[
+        "mount",
+        &vm,
+        "--name",
+        &own,
+        "--network-map",
+        &format!("{missing}={new}"),
+    ]);
+    let def = mounted_xml(&server, &own, &vm);
+    assert!(def.contains(&format!("<source network='{new}'/>")), "{def}");
 }
