@@ -762,9 +762,9 @@ impl<'t> Rewriter<'t, '_> {
                 } if Some(first) == source && mapped_to.is_some() => {
                     let new = mapped_to.as_deref().unwrap_or_default();
                     // A live domain's `<source network=...>` names the old network's port and
-                    // bridge: they go with it.
+                    // bridge, and a port group is the old network's: they go with it.
                     let remove: &[&str] = if key == "network" {
-                        &["portid", "bridge"]
+                        &["portid", "bridge", "portgroup"]
                     } else {
                         &[]
                     };
@@ -1385,6 +1385,11 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("<link state='down'/>"));
+        let input = "<domain><name>n</name><devices><interface type='network'><source network='prod' portgroup='vlan7'/></interface></devices></domain>";
+        let mut kept = super::tests::how(Vec::new(), true);
+        kept.network.map.insert("prod".to_owned(), "lab".to_owned());
+        let out = rewrite_str(input.as_bytes(), &kept);
+        assert!(out.contains("<source network='lab'/>"), "{out}");
     }
 
     proptest::proptest! {
