@@ -1,7 +1,8 @@
 //! The live-mount rewrite of libvirt domain XML, on quick-xml's event stream.
 //!
 //! Owns: which parts of a `<domain>` a live mount changes (`<name>`, `<uuid>`, the `id`
-//! attribute, relabelling `<seclabel>`s, each `<interface>`'s `<mac>` and `<link>`, the disks'
+//! attribute, relabelling `<seclabel>`s, each `<interface>`'s `<mac>` and `<link>`, its
+//! `<source>` as the network plan maps or detaches it (or the whole interface, removed), the disks'
 //! type, `<driver>`, `<source>` and `<backingStore>`, CD-ROM sources) and how new elements are
 //! written (single-quoted attributes, as libvirt writes them, indented like their siblings).
 //! Must not: change any other byte. quick-xml reads the document into events; each event's
