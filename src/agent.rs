@@ -450,6 +450,7 @@ impl Agent {
                 mode: spec.network,
                 map: spec.network_map.clone(),
                 default_map: spec.default_network_map.clone(),
+                legacy_link_down_only: spec.network_rewrite == 0,
             },
             disks,
         };
@@ -502,6 +503,7 @@ impl Agent {
             network: req.network,
             network_map: req.network_map.clone(),
             default_network_map: self.default_network_map.get().cloned().unwrap_or_default(),
+            network_rewrite: crate::mount::NETWORK_REWRITE,
             created: jiff::Timestamp::now(),
             hosts,
             disks_only: req.disks_only,
@@ -941,6 +943,7 @@ mod tests {
             network: NetworkMode::Disconnect,
             network_map: BTreeMap::new(),
             default_network_map: BTreeMap::new(),
+            network_rewrite: crate::mount::NETWORK_REWRITE,
             created: jiff::Timestamp::UNIX_EPOCH,
             hosts: Vec::new(),
             disks_only: false,
@@ -993,6 +996,8 @@ mod tests {
         let spec: MountSpec = serde_json::from_str(&old(false)).unwrap();
         assert_eq!(spec.network, NetworkMode::Disconnect);
         assert!(spec.network_map.is_empty());
+        // Made before the plan: its config is rewritten as it was then.
+        assert_eq!(spec.network_rewrite, 0);
         // Written back in the new form, and read again the same.
         let text = serde_json::to_string(&spec).unwrap();
         assert!(text.contains(r#""network":"disconnect""#), "{text}");

@@ -60,6 +60,9 @@ pub enum MountError {
     Relocating { name: String, phase: String },
 }
 
+/// The NIC rewrite of mounts made now (see [`MountSpec::network_rewrite`]).
+pub const NETWORK_REWRITE: u32 = 1;
+
 /// What a mount is, as persisted in the state directory (`mounts/NAME.json`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +86,11 @@ pub struct MountSpec {
     /// serves the same config whatever the config file says by then).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub default_network_map: BTreeMap<String, String>,
+    /// How the config's NICs are rewritten: 0 for mounts made before the network plan
+    /// (their `disconnect` only set the link down), [`NETWORK_REWRITE`] for later ones; kept so
+    /// that an upgrade does not change the config a mount serves.
+    #[serde(default)]
+    pub network_rewrite: u32,
     pub created: jiff::Timestamp,
     /// Only these client networks may use the mount (empty: every client the server allows).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

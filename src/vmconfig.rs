@@ -12,8 +12,8 @@ mod vmx;
 mod vmx_rewrite;
 
 pub use rewrite::{
-    rewrite_for_mount, rewrite_for_mount_reported, DiskTarget, MountRewrite, NetworkMode,
-    NetworkPlan, NicAction, NicReport, Rewritten,
+    check_network_map, rewrite_for_mount, rewrite_for_mount_reported, DiskTarget, MountRewrite,
+    NetworkMode, NetworkPlan, NicAction, NicReport, Rewritten,
 };
 
 /// Which hypervisor a config belongs to.

@@ -482,11 +482,16 @@ fn serve_refuses_bad_settings_with_an_error_naming_them_and_creates_nothing() {
     let unknown = config("unknown.toml", "cache = \"1GiB\"\n");
     let slow = config("slow.toml", "[slow_repository]\nlatency = \"soon\"\n");
     let read_ahead = config("ra.toml", "read_ahead = \"yes\"\n");
+    let network_map = config("nm.toml", "[network_map]\ndefault = \"\"\n");
     let nothing = f.root.join("nothing");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--config", &unknown], "unknown field `cache`"),
         (vec!["--config", &slow], "slow_repository.latency \"soon\""),
         (vec!["--config", &read_ahead], "read_ahead"),
+        (
+            vec!["--config", &network_map],
+            "[network_map] in the config: network map \"default\"=\"\": a name is empty",
+        ),
         (vec!["--cache-size", "lots"], "--cache-size \"lots\""),
         (vec!["--allow", "10.0.0.0/33"], "--allow"),
         (vec!["--portmap", "here"], "--portmap \"here\""),

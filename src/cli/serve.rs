@@ -291,6 +291,10 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         anyhow::bail!("--cache-disk-size must be above zero");
     }
     let learning = file.profiles.unwrap_or_default().learning()?;
+    if let Some(map) = &file.network_map {
+        crate::vmconfig::check_network_map(map)
+            .map_err(|e| anyhow::anyhow!("[network_map] in the config: {e}"))?;
+    }
     let relocate_roots = RelocateRoots::new(file.relocate_roots.clone().unwrap_or_default())?;
     if relocate_roots.is_empty() {
         tracing::info!("relocation is off: no relocate_roots in the config");

@@ -689,7 +689,16 @@ impl<'t> Rewriter<'t, '_> {
         let mut report = NicReport {
             nic: format!("interface {number}"),
             mac: None,
-            kind: network.as_ref().map(|_| what.to_owned()),
+            // An interface of another kind that is not `user` (hostdev, vhostuser, vdpa,
+            // ethernet, a socket) still needs its host resource: the report names its kind
+            // rather than claiming it has none.
+            kind: match (&network, kind.as_deref()) {
+                (Some(_), _) => Some(what.to_owned()),
+                (None, Some(other)) if key.is_empty() && other != "user" => {
+                    Some(format!("{other} interface"))
+                }
+                _ => None,
+            },
             network: network.clone(),
             mapped_to: None,
             action: NicAction::Removed,
@@ -704,7 +713,10 @@ impl<'t> Rewriter<'t, '_> {
             .as_deref()
             .and_then(|old| plan.target(old))
             .map(str::to_owned);
-        let detach = plan.mode == NetworkMode::Disconnect && !key.is_empty() && mapped_to.is_none();
+        let detach = plan.mode == NetworkMode::Disconnect
+            && !plan.legacy_link_down_only
+            && !key.is_empty()
+            && mapped_to.is_none();
         report.mac = Some(mac.clone());
         report.mapped_to.clone_from(&mapped_to);
         report.action = match plan.mode {
@@ -1080,6 +1092,30 @@ mod tests {
         assert_ne!(m1, m2);
     }
 
+    /// An interface that needs a host resource other than a network (a passed-through NIC)
+    /// only gets its link down, and the report names its kind instead of "no host network".
+    #[test]
+    fn a_hostdev_nic_is_reported_by_its_kind() {
+        let input = "<domain type='kvm'>\n  <name>a</name>\n  <devices>\n    \
+            <disk><source file='/img/a.raw'/><target dev='vda'/></disk>\n    \
+            <interface type='hostdev'>\n      <source><address type='pci' domain='0x0000' bus='0x3b' slot='0x10' function='0x2'/></source>\n    </interface>\n  \
+            </devices>\n</domain>\n";
+        let how = how(vec![DiskTarget::RawFile("/x/a.raw".to_owned())], false);
+        let done = rewrite_for_mount_reported("a.xml", input.as_bytes(), &how).unwrap();
+        let nic = &done.nics[0];
+        assert_eq!(nic.kind.as_deref(), Some("hostdev interface"));
+        assert_eq!(nic.action, NicAction::Disconnected);
+        let line = nic.to_string();
+        assert!(
+            line.contains(": hostdev interface (disconnected)"),
+            "{line}"
+        );
+        assert!(!line.contains("no host network"), "{line}");
+        let out = String::from_utf8(done.bytes).unwrap();
+        assert!(out.contains("<interface type='hostdev'>"), "{out}");
+        assert!(out.contains("<link state='down'/>"), "{out}");
+    }
+
     #[test]
     fn names_are_escaped() {
         let mut how = how(raw_targets(), true);
@@ -1172,6 +1208,7 @@ mod tests {
             mode,
             map: pairs(map),
             default_map: pairs(default_map),
+            legacy_link_down_only: false,
         };
         how
     }
@@ -1186,6 +1223,38 @@ mod tests {
             rest = &rest[end..];
         }
         found
+    }
+
+    /// A mount made before the network plan (`legacy_link_down_only`) serves what it did
+    /// then: `disconnect` sets the link down and the NICs keep naming their bridge and
+    /// network.
+    #[test]
+    fn a_legacy_disconnect_only_sets_the_link_down() {
+        let mut how = plan(NetworkMode::Disconnect, &[], &[]);
+        how.network.legacy_link_down_only = true;
+        let done = rewrite_for_mount_reported("web02.xml", WEB02, &how).unwrap();
+        let text = String::from_utf8(done.bytes).unwrap();
+        let nics = interfaces(&text);
+        assert_eq!(nics.len(), 2, "{text}");
+        assert!(
+            nics[0].starts_with("<interface type=\"bridge\">"),
+            "{}",
+            nics[0]
+        );
+        assert!(nics[0].contains("<source bridge="), "{}", nics[0]);
+        assert!(
+            nics[1].starts_with("<interface type='network'>"),
+            "{}",
+            nics[1]
+        );
+        assert!(nics[1].contains("<source network="), "{}", nics[1]);
+        for nic in &nics {
+            assert_eq!(nic.matches("<link state='down'/>").count(), 1, "{nic}");
+        }
+        assert!(done
+            .nics
+            .iter()
+            .all(|n| n.action == NicAction::Disconnected));
     }
 
     #[test]

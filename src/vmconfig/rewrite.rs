@@ -101,6 +101,10 @@ pub struct NetworkPlan {
     /// Applied to a NIC whose network `map` does not name (the media agent's default map);
     /// entries no NIC uses are ignored.
     pub default_map: BTreeMap<String, String>,
+    /// `disconnect` as mounts made before the plan existed had it: the link down and nothing
+    /// else (a libvirt NIC keeps naming its network), so that such a mount serves the same
+    /// config bytes after an upgrade.
+    pub legacy_link_down_only: bool,
 }
 
 impl NetworkPlan {
@@ -159,6 +163,7 @@ impl std::fmt::Display for NicReport {
         match (&self.kind, &self.network) {
             (Some(kind), Some(network)) => write!(f, ": {kind} {network}")?,
             (None, Some(network)) => write!(f, ": {network}")?,
+            (Some(kind), None) => write!(f, ": {kind}")?,
             _ => write!(f, ": no host network")?,
         }
         if let Some(to) = &self.mapped_to {
@@ -260,7 +265,14 @@ fn check_map(plan: &NetworkPlan) -> Result<(), String> {
     if plan.mode == NetworkMode::Remove && !plan.map.is_empty() {
         return Err("a network map has no use when the NICs are removed".to_owned());
     }
-    for (old, new) in plan.map.iter().chain(&plan.default_map) {
+    check_network_map(&plan.map)?;
+    check_network_map(&plan.default_map)
+}
+
+/// A network map's names: none empty, none with control characters (serve checks its
+/// default map with this at start, so a bad entry cannot fail every later mount).
+pub fn check_network_map(map: &BTreeMap<String, String>) -> Result<(), String> {
+    for (old, new) in map {
         for name in [old, new] {
             if name.is_empty() || has_control(name) {
                 return Err(format!(

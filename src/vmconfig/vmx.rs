@@ -161,7 +161,7 @@ struct DeviceSettings<'a> {
 }
 
 /// VMware's false: `FALSE` in any case (what VMware writes), plus `no` and `0`.
-fn is_false(value: &str) -> bool {
+pub(super) fn is_false(value: &str) -> bool {
     let value = value.trim();
     ["false", "no", "0"]
         .iter()

@@ -110,6 +110,19 @@ pub(super) fn rewrite(
             &key("address"),
             &mac,
         );
+        // A NIC the VM does not have (`present = "FALSE"`) keeps its network keys as they
+        // are and uses no network (a map entry matching only it is still unused).
+        if doc.get(&key("present")).is_some_and(super::vmx::is_false) {
+            report.push(NicReport {
+                nic: format!("ethernet{nic}"),
+                mac: Some(mac),
+                kind: None,
+                network: None,
+                mapped_to: None,
+                action: NicAction::Removed,
+            });
+            continue;
+        }
         let port_group = doc.get(&key("networkName")).filter(|name| !name.is_empty());
         let dvs = doc
             .get(&key("dvs.portgroupId"))
@@ -130,9 +143,9 @@ pub(super) fn rewrite(
                 &key("networkName"),
                 new,
             );
-            if port_group.is_none() {
-                edit.remove_prefix(&key("dvs."));
-            }
+            // A distributed switch backing wins over `networkName` on ESXi: it goes, or the
+            // map would change nothing.
+            edit.remove_prefix(&key("dvs."));
         }
         let action = match plan.mode {
             NetworkMode::Keep => NicAction::Kept,
@@ -470,6 +483,54 @@ mod tests {
         assert!(text(&out).contains(&expected), "{}", text(&out));
     }
 
+    /// A NIC with both a port group name and a distributed switch backing, and a NIC the VM
+    /// does not have (`present = "FALSE"`): mapped, the first loses its `dvs.*` keys (ESXi
+    /// would keep using the switch); the second is left as it is, reported removed, and a map
+    /// entry naming only its port group is an unused entry.
+    #[test]
+    fn distributed_backings_go_when_mapped_and_absent_nics_are_left_alone() {
+        let vmx = text(LINUX).replace(
+            "ethernet0.present = \"TRUE\"\n",
+            "ethernet0.present = \"TRUE\"\nethernet0.dvs.switchId = \"50 2a\"\n\
+             ethernet0.dvs.portgroupId = \"dvportgroup-12\"\n\
+             ethernet1.virtualDev = \"e1000e\"\nethernet1.networkName = \"Old-PG\"\n\
+             ethernet1.present = \"FALSE\"\n",
+        );
+        let how = plan(
+            &LINUX_DISKS,
+            NetworkMode::Disconnect,
+            &[("DMZ-VLAN120", "Lab")],
+            &[],
+        );
+        let done = rewrite_for_mount_reported("web01.vmx", vmx.as_bytes(), &how).unwrap();
+        let out = text(&done.bytes);
+        assert!(!out.contains("ethernet0.dvs."), "{out}");
+        assert_eq!(only_value(out, "ethernet0.networkName"), "Lab");
+        // ethernet1: its keys as they were, nothing added.
+        assert_eq!(only_value(out, "ethernet1.networkName"), "Old-PG");
+        assert!(!out.contains("ethernet1.startConnected"), "{out}");
+        let report: Vec<(&str, Option<&str>, NicAction)> = done
+            .nics
+            .iter()
+            .map(|n| (n.nic.as_str(), n.mapped_to.as_deref(), n.action))
+            .collect();
+        assert_eq!(
+            report,
+            vec![
+                ("ethernet0", Some("Lab"), NicAction::Disconnected),
+                ("ethernet1", None, NicAction::Removed),
+            ]
+        );
+        let how = plan(
+            &LINUX_DISKS,
+            NetworkMode::Disconnect,
+            &[("Old-PG", "Lab")],
+            &[],
+        );
+        let err = rewrite_for_mount_reported("web01.vmx", vmx.as_bytes(), &how).unwrap_err();
+        assert!(err.to_string().contains("no NIC uses \"Old-PG\""), "{err}");
+    }
+
     fn plan(
         disks: &[&str],
         mode: NetworkMode,
@@ -487,6 +548,7 @@ mod tests {
             mode,
             map: pairs(map),
             default_map: pairs(default_map),
+            legacy_link_down_only: false,
         };
         how
     }
