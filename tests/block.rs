@@ -23,11 +23,7 @@ fn nbd_port(server: &Server) -> u16 {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    output_text(out)
 }
 
 /// `qemu-io` on an NBD URL (raw), one command.
@@ -36,18 +32,7 @@ fn qemu_io(url: &str, cmd: &str) -> Output {
 }
 
 fn compare(url: &str, file: &std::path::Path) -> Output {
-    client(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            url,
-            file.to_str().unwrap(),
-        ],
-    )
+    qemu_compare(url, file.to_str().unwrap())
 }
 
 #[test]

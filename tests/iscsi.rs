@@ -25,11 +25,7 @@ fn iscsi_port(server: &Server) -> u16 {
 }
 
 fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+    output_text(out)
 }
 
 fn qemu_io(url: &str, cmd: &str) -> Output {
@@ -37,18 +33,7 @@ fn qemu_io(url: &str, cmd: &str) -> Output {
 }
 
 fn compare(url: &str, file: &Path) -> Output {
-    client(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            url,
-            file.to_str().unwrap(),
-        ],
-    )
+    qemu_compare(url, file.to_str().unwrap())
 }
 
 #[test]

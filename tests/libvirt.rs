@@ -12,22 +12,6 @@ use std::process::Command;
 
 use common::*;
 
-fn virsh(args: &[&str]) -> std::process::Output {
-    let mut a = vec!["-c", "qemu:///system"];
-    a.extend_from_slice(args);
-    client("virsh", &a)
-}
-
-/// Undefines the test domain however the test ends.
-struct Domain(String);
-
-impl Drop for Domain {
-    fn drop(&mut self) {
-        let _ = virsh(&["destroy", &self.0]);
-        let _ = virsh(&["undefine", &self.0]);
-    }
-}
-
 #[test]
 fn virsh_defines_and_boots_the_rewritten_domain_xml_from_the_live_mount() {
     let up = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirt-up"))

@@ -18,22 +18,6 @@ use std::process::Command;
 
 use common::*;
 
-fn virsh(args: &[&str]) -> std::process::Output {
-    let mut a = vec!["-c", "qemu:///system"];
-    a.extend_from_slice(args);
-    client("virsh", &a)
-}
-
-/// Undefines the test domain however the test ends.
-struct Domain(String);
-
-impl Drop for Domain {
-    fn drop(&mut self) {
-        let _ = virsh(&["destroy", &self.0]);
-        let _ = virsh(&["undefine", &self.0]);
-    }
-}
-
 /// Stops and undefines the test network however the test ends.
 struct Network(String);
 

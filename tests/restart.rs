@@ -198,18 +198,7 @@ fn qemu_io_keeps_working_through_repeated_kill_9() {
     assert_eq!(kills, 6, "five restarts happened while qemu-io ran");
 
     write(&t.path().join("model.img"), &model);
-    let cmp = client(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            t.path().join("model.img").to_str().unwrap(),
-            url,
-        ],
-    );
+    let cmp = qemu_compare(t.path().join("model.img").to_str().unwrap(), url);
     assert!(
         cmp.status.success(),
         "the disk differs from the model: {}{}",

@@ -692,12 +692,7 @@ mod tests {
     }
 
     async fn ask(s: &mut TcpStream, kind: u16, offset: u64, len: u32, data: &[u8]) -> u32 {
-        let mut r = REQUEST_MAGIC.to_be_bytes().to_vec();
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&kind.to_be_bytes());
-        r.extend_from_slice(&42u64.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
+        let mut r = request(kind, offset, len);
         r.extend_from_slice(data);
         s.write_all(&r).await.unwrap();
         let mut h = [0u8; 16];

@@ -442,13 +442,7 @@ impl Pieces {
         match self.parts.len() {
             0 => Bytes::new(),
             1 => self.parts.pop_front().unwrap_or_default(),
-            _ => {
-                let mut out = BytesMut::with_capacity(self.len());
-                for p in &self.parts {
-                    out.extend_from_slice(p);
-                }
-                out.freeze()
-            }
+            _ => Bytes::from(self.to_vec()),
         }
     }
 }

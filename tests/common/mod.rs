@@ -347,6 +347,37 @@ pub fn client(tool: &str, args: &[&str]) -> Output {
     })
 }
 
+/// A tool's stdout and stderr, for an assertion's message.
+pub fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `qemu-img compare` of two raw images (files or URLs: nbd://, iscsi://, nfs://).
+pub fn qemu_compare(a: &str, b: &str) -> Output {
+    client("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b])
+}
+
+/// `virsh` against the system libvirtd (started by `scripts/libvirt-up`).
+pub fn virsh(args: &[&str]) -> Output {
+    let mut a = vec!["-c", "qemu:///system"];
+    a.extend_from_slice(args);
+    client("virsh", &a)
+}
+
+/// Destroys and undefines a test domain however the test ends.
+pub struct Domain(pub String);
+
+impl Drop for Domain {
+    fn drop(&mut self) {
+        let _ = virsh(&["destroy", &self.0]);
+        let _ = virsh(&["undefine", &self.0]);
+    }
+}
+
 /// Boots the project's test guest with `scripts/boot-guest` (QEMU, TCG) from `image` (a file or
 /// an nfs:// URL, found through the portmapper on 127.0.0.1:111), with `drive_opts` appended to
 /// its -drive and `extra` QEMU arguments. Whether the script succeeded, and everything it and
@@ -553,22 +584,6 @@ pub fn guest_write_survives_a_kill(
     // The backup is untouched.
     server.cli(&["mount", vm, "--name", "fresh"]);
     let fresh = url_of(&listen, "fresh");
-    let out = client(
-        "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "raw",
-            "-F",
-            "raw",
-            &fresh,
-            image.to_str().unwrap(),
-        ],
-    );
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = qemu_compare(&fresh, image.to_str().unwrap());
+    assert!(out.status.success(), "{}", output_text(&out));
 }
