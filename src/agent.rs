@@ -50,8 +50,8 @@ use crate::relocate::{RelocateRoots, RelocationStatus, Relocator};
 use crate::repo::lease::{LeaseHolder, LeaseKind, SnapshotUse};
 use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
 use crate::vmconfig::{
-    rewrite_for_mount_reported, DiskTarget, Hypervisor, MountRewrite, NetworkMode, NetworkPlan,
-    NicReport,
+    rewrite_for_mount_reported, Conversion, DeviceReport, DiskBus, DiskTarget, Hypervisor,
+    MountRewrite, NetworkMode, NetworkPlan, NicModel, NicReport, Rewritten,
 };
 
 /// Everything the NFS server and the control API share.
@@ -158,6 +158,15 @@ pub struct MountRequest {
     /// it is `background`).
     #[serde(default)]
     pub prestage: PrestageMode,
+    /// The hypervisor to serve the VM's config for (`mount --for`); None: the backup's own.
+    #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
+    pub target: Option<crate::vmconfig::Hypervisor>,
+    /// With `for` the other hypervisor: the disks' bus there.
+    #[serde(default)]
+    pub disk_bus: crate::vmconfig::DiskBus,
+    /// With `for` the other hypervisor: the NICs' model there.
+    #[serde(default)]
+    pub nic_model: crate::vmconfig::NicModel,
 }
 
 /// `mount --prestage`.
@@ -193,6 +202,13 @@ pub struct MountInfo {
     /// What the mount's config does with each of the VM's NICs.
     #[serde(default)]
     pub network: Vec<NicReport>,
+    /// The hypervisor of the backed-up VM, when the config was converted for the other one
+    /// (`hypervisor`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub converted_from: Option<Hypervisor>,
+    /// A converted config: what each device became, and what was left behind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceReport>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -353,7 +369,7 @@ impl Agent {
         };
         let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
-        let (config, network) = self.config_for_mount(&spec, &snapshot, config, None)?;
+        let config = self.config_for_mount(&spec, &snapshot, config, None)?;
         // A disks-only mount's disks are attached to a VM that booted elsewhere: no boot.
         let window = self
             .learning
@@ -370,7 +386,7 @@ impl Agent {
             let (dir, claim) = (overlays.clone(), spec.clone());
             on_blocking_pool(&overlays, move || claim_overlays(&dir, &claim)).await?;
         }
-        let mut mount = LiveMount::open(
+        let mount = LiveMount::open(
             spec,
             &snapshot,
             reader,
@@ -380,7 +396,6 @@ impl Agent {
             self.read_ahead,
         )
         .await?;
-        mount.network = network;
         Ok(mount)
     }
 
@@ -404,9 +419,21 @@ impl Agent {
         snapshot: &Snapshot,
         original: Bytes,
         relocated: Option<&Path>,
-    ) -> Result<(Bytes, Vec<NicReport>), MountError> {
+    ) -> Result<Rewritten, MountError> {
         let m = &snapshot.manifest;
-        let (_, names) = plan_files(m, true);
+        let hypervisor = spec.hypervisor(m.vm.hypervisor);
+        let (_, names) = plan_files(m, hypervisor, true);
+        // A disk converted to ESXi needs a descriptor, and a descriptor counts whole sectors.
+        if spec.convert.is_some() && hypervisor == Hypervisor::Esxi {
+            if let Some(d) = m.disks.iter().find(|d| !d.size.is_multiple_of(512)) {
+                return Err(MountError::Conversion {
+                    what: format!(
+                        "disk {} is {} bytes, not a whole number of 512-byte sectors, which                          no VMDK can describe: ESXi cannot use it; mount it for kvm",
+                        d.device, d.size
+                    ),
+                });
+            }
+        }
         let folder = format!(
             "{}/{}",
             self.datastore.export.trim_end_matches('/'),
@@ -414,7 +441,7 @@ impl Agent {
         );
         let disks = names
             .into_iter()
-            .map(|(data, desc)| match m.vm.hypervisor {
+            .map(|(data, desc)| match hypervisor {
                 Hypervisor::Esxi => DiskTarget::VmdkFile(desc.unwrap_or(data)),
                 Hypervisor::Kvm if relocated.is_some() => DiskTarget::RawFile(
                     relocated
@@ -453,13 +480,14 @@ impl Agent {
                 legacy_link_down_only: spec.network_rewrite == 0,
             },
             disks,
+            convert: spec.convert,
         };
-        rewrite_for_mount_reported(&m.config.file_name, &original, &how)
-            .map(|done| (Bytes::from(done.bytes), done.nics))
-            .map_err(|e| MountError::Config {
+        rewrite_for_mount_reported(&m.config.file_name, &original, &how).map_err(|e| {
+            MountError::Config {
                 mount: spec.name.clone(),
                 what: e.to_string(),
-            })
+            }
+        })
     }
 
     /// Creates a live mount. Returns in well under a second whatever the disk sizes: nothing is
@@ -494,6 +522,7 @@ impl Agent {
         if mounts.iter().any(|m| m.spec.name == name) {
             return Err(MountError::Exists { name });
         }
+        let convert = conversion(req, info.vm.hypervisor)?;
         let spec = MountSpec {
             name,
             id,
@@ -507,6 +536,7 @@ impl Agent {
             created: jiff::Timestamp::now(),
             hosts,
             disks_only: req.disks_only,
+            convert,
         };
         // In the lease before the snapshot is opened: a forget that misses the lease has
         // removed the manifest before it is read, and the mount fails (decision 0017).
@@ -874,7 +904,7 @@ fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
     MountInfo {
         spec: m.spec.clone(),
         vm: info.vm.name.clone(),
-        hypervisor: info.vm.hypervisor,
+        hypervisor: m.hypervisor,
         config: m.config_name.clone(),
         files: m
             .files
@@ -898,6 +928,36 @@ fn describe(m: &LiveMount, info: &SnapshotInfo) -> MountInfo {
         },
         relocation: None,
         network: m.network.clone(),
+        converted_from: (m.hypervisor != info.vm.hypervisor).then_some(info.vm.hypervisor),
+        devices: m.devices.clone(),
+    }
+}
+
+/// The conversion a mount request asks for, of a backup of a `backup` VM: None for its own
+/// hypervisor. Errors: `--disk-bus` or `--nic-model` without a conversion, or naming what
+/// the target lacks.
+fn conversion(req: &MountRequest, backup: Hypervisor) -> Result<Option<Conversion>, MountError> {
+    let what = |what: String| MountError::Conversion { what };
+    match req.target {
+        Some(to) if to != backup => {
+            let c = Conversion {
+                to,
+                disk_bus: req.disk_bus,
+                nic_model: req.nic_model,
+            };
+            c.check().map_err(what)?;
+            Ok(Some(c))
+        }
+        _ if req.disk_bus != DiskBus::Auto || req.nic_model != NicModel::Auto => Err(what(
+            format!(
+                "--disk-bus and --nic-model apply to a config converted with --for {}; this                  backup is of a {backup} VM",
+                match backup {
+                    Hypervisor::Esxi => "kvm",
+                    Hypervisor::Kvm => "esxi",
+                }
+            ),
+        )),
+        _ => Ok(None),
     }
 }
 
@@ -947,6 +1007,7 @@ mod tests {
             created: jiff::Timestamp::UNIX_EPOCH,
             hosts: Vec::new(),
             disks_only: false,
+            convert: None,
         }
     }
 

@@ -27,7 +27,7 @@ use overlay::{Overlay, OverlayError};
 use crate::prestage::{BootWindow, Prestage};
 use crate::profile::BlockMap;
 use crate::repo::{
-    descriptor_for, plan_files, ChunkId, DiskImage, Extent, Pieces, RepoError, Snapshot, SnapshotId,
+    descriptor_at, plan_files, ChunkId, DiskImage, Extent, Pieces, RepoError, Snapshot, SnapshotId,
 };
 
 /// The file id of the datastore's root folder.
@@ -54,6 +54,8 @@ pub enum MountError {
         "--allow {value:?} is not an address or a CIDR such as 10.1.0.0/16; nothing was mounted"
     )]
     BadHost { value: String },
+    #[error("{what}; nothing was mounted")]
+    Conversion { what: String },
     #[error("mount state {path}: {what}")]
     State { path: String, what: String },
     #[error("mount {name} is being relocated ({phase}); `livemount relocate {name} --finish` hands it over, `--cancel` stops it")]
@@ -99,6 +101,17 @@ pub struct MountSpec {
     /// folder (`mount --disks-only`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disks_only: bool,
+    /// The config converted to the other hypervisor (`mount --for`), and how; None: the
+    /// backup's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub convert: Option<crate::vmconfig::Conversion>,
+}
+
+impl MountSpec {
+    /// The hypervisor the mount's files are laid out for, of a backup of `backup`'s.
+    pub fn hypervisor(&self, backup: crate::vmconfig::Hypervisor) -> crate::vmconfig::Hypervisor {
+        self.convert.map_or(backup, |c| c.to)
+    }
 }
 
 /// Runs a mount's file work (making or opening its overlay files, with their fsyncs) on the
@@ -308,6 +321,10 @@ pub struct LiveMount {
     pub prestage: OnceLock<Arc<Prestage>>,
     /// What the config does with each of the VM's NICs.
     pub network: Vec<crate::vmconfig::NicReport>,
+    /// The hypervisor the mount's config and files are for.
+    pub hypervisor: crate::vmconfig::Hypervisor,
+    /// A converted config (`mount --for`): what each device became, what was left behind.
+    pub devices: Vec<crate::vmconfig::DeviceReport>,
 }
 
 impl LiveMount {
@@ -341,7 +358,7 @@ impl LiveMount {
         spec: MountSpec,
         snapshot: &Snapshot,
         reader: Arc<reader::MountReader>,
-        config: Bytes,
+        config: crate::vmconfig::Rewritten,
         overlays: &Path,
         window: Option<Arc<BootWindow>>,
         read_ahead: bool,
@@ -351,7 +368,16 @@ impl LiveMount {
             mount: spec.name.clone(),
             source,
         };
-        let (config_name, names) = plan_files(m, true);
+        let hypervisor = spec.hypervisor(m.vm.hypervisor);
+        let (config_name, names) = plan_files(m, hypervisor, true);
+        let crate::vmconfig::Rewritten {
+            bytes: config,
+            nics: network,
+            devices,
+            disk_slots,
+            ..
+        } = config;
+        let config = Bytes::from(config);
         let config_name = if spec.disks_only {
             String::new()
         } else {
@@ -390,7 +416,9 @@ impl LiveMount {
                 .map_err(err)?
                 .with_reader(reader.clone() as Arc<dyn crate::repo::ChunkReader>);
             if let Some(desc) = desc {
-                if let Some(text) = descriptor_for(d, &data, &snapshot.id) {
+                // A disk converted to ESXi: its descriptor says the adapter of its new slot.
+                let device = disk_slots.get(i).unwrap_or(&d.device);
+                if let Some(text) = descriptor_at(d, device, &data, &snapshot.id) {
                     add(desc, Content::Bytes(Bytes::from(text)));
                 }
             }
@@ -424,7 +452,9 @@ impl LiveMount {
             vm: m.vm.name.clone(),
             window,
             prestage: OnceLock::new(),
-            network: Vec::new(),
+            network,
+            hypervisor,
+            devices,
         })
     }
 }

@@ -48,7 +48,7 @@ pub use location::RepoLocation;
 pub use manifest::{DiskManifest, Manifest, SnapshotId, VmInfo};
 pub use prune::{Counts, PruneReport};
 pub use read::{ChunkReader, DiskImage, Extent, Pieces, RepoStats, Repository, Snapshot};
-pub(crate) use restore::{descriptor_for, plan_files};
+pub(crate) use restore::{descriptor_at, plan_files};
 pub use restore::{RestoreSummary, RestoredDisk};
 pub use s3::{S3Config, S3Store};
 pub use slow::{SlowStore, Slowness};

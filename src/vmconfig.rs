@@ -5,12 +5,14 @@
 //! Must not: do I/O. Callers read the file and hand over its bytes; paths in the result are as the
 //! config writes them, resolving them against a folder is the caller's business.
 
+mod convert;
 mod libvirt;
 mod libvirt_rewrite;
 mod rewrite;
 mod vmx;
 mod vmx_rewrite;
 
+pub use convert::{Conversion, DeviceReport, DiskBus, NicModel};
 pub use rewrite::{
     check_network_map, rewrite_for_mount, rewrite_for_mount_reported, DiskTarget, MountRewrite,
     NetworkMode, NetworkPlan, NicAction, NicReport, Rewritten,

@@ -7,21 +7,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
-
 use common::*;
 
 #[test]
 fn virsh_defines_and_boots_the_rewritten_domain_xml_from_the_live_mount() {
-    let up = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirt-up"))
-        .output()
-        .expect("running scripts/libvirt-up");
-    assert!(
-        up.status.success(),
-        "libvirtd did not start: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    libvirt_up();
 
     let t = tempfile::tempdir().unwrap();
     let image = guest_image();

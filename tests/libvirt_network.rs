@@ -14,7 +14,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -79,14 +78,7 @@ fn wait_for_boot(console: &Path) {
 
 #[test]
 fn a_vm_on_a_network_the_host_lacks_starts_disconnected_and_mapped() {
-    let up = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirt-up"))
-        .output()
-        .expect("running scripts/libvirt-up");
-    assert!(
-        up.status.success(),
-        "libvirtd did not start: {}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    libvirt_up();
 
     let pid = std::process::id();
     let missing = format!("lmnosuch{pid}");

@@ -82,7 +82,7 @@ impl Agent {
             .map_err(|e| state_err(e.to_string()))?;
         let name = mount.config_name.clone();
         let config = dest.join(&name);
-        match snapshot.manifest.vm.hypervisor {
+        match mount.hypervisor {
             Hypervisor::Esxi => Ok((
                 FinalConfig::FromMount { name },
                 vec![
@@ -98,9 +98,11 @@ impl Agent {
                     .config_bytes()
                     .await
                     .map_err(|e| state_err(e.to_string()))?;
-                let (bytes, _) = self
+                let bytes = self
                     .config_for_mount(&mount.spec, &snapshot, original, Some(dest))
-                    .map_err(|e| state_err(e.to_string()))?;
+                    .map_err(|e| state_err(e.to_string()))?
+                    .bytes
+                    .into();
                 Ok((
                     FinalConfig::Fixed { name, bytes },
                     vec![

@@ -72,7 +72,8 @@ impl Agent {
             return Ok(w);
         }
         let snapshot = self.repo.snapshot(&info.id).await?;
-        let (_, names) = plan_files(&snapshot.manifest, true);
+        let m = &snapshot.manifest;
+        let (_, names) = plan_files(m, m.vm.hypervisor, true);
         let mut images = Vec::new();
         for (i, (data, _)) in names.into_iter().enumerate() {
             images.push((data, snapshot.disk(i).await?));

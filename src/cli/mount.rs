@@ -1,5 +1,6 @@
 //! `livemount mount SNAPSHOT [--name NAME] [--read-only] [--disks-only]
-//! [--network keep|disconnect|remove] [--network-map OLD=NEW]...`
+//! [--network keep|disconnect|remove] [--network-map OLD=NEW]...
+//! [--for kvm|esxi [--disk-bus BUS] [--nic-model MODEL]]`
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,7 +17,7 @@ use crate::prestage::PrestageStatus;
 use crate::profile::Source;
 use crate::repo::Progress;
 use crate::units::parse_duration;
-use crate::vmconfig::NetworkMode;
+use crate::vmconfig::{DiskBus, Hypervisor, NetworkMode, NicModel};
 
 /// `--state`, shared by the commands that talk to a running server.
 #[derive(Debug, Clone, Args)]
@@ -89,9 +90,48 @@ pub struct MountArgs {
     /// (instant disk recovery), over NFS or as block devices (serve --nbd).
     #[arg(long)]
     disks_only: bool,
+    /// The hypervisor to recover on [default: the backup's own]. `kvm` for an ESXi backup
+    /// serves libvirt domain XML and raw disks; `esxi` for a KVM backup serves a .vmx and a
+    /// VMDK descriptor per disk. `mount` lists what each device became and what could not
+    /// come along (passthrough devices, vTPM, CD-ROMs, ...).
+    #[arg(long = "for", value_enum, value_name = "HYPERVISOR")]
+    for_hypervisor: Option<For>,
+    /// With --for: the disks' bus. `auto` keeps the source's controller where the target
+    /// has it (pvscsi, LSI Logic, LSI SAS, SATA; IDE and NVMe on ESXi) and uses SATA
+    /// otherwise; `virtio` (KVM), `scsi` (KVM virtio-scsi, ESXi pvscsi), `sata`, `ide` (ESXi).
+    #[arg(long, value_enum, default_value = "auto", value_name = "BUS")]
+    disk_bus: Bus,
+    /// With --for: the NICs' model; `auto` is e1000e, which every current guest OS has a
+    /// driver for.
+    #[arg(long, value_enum, default_value = "auto", value_name = "MODEL")]
+    nic_model: Model,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum For {
+    Kvm,
+    Esxi,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Bus {
+    Auto,
+    Virtio,
+    Scsi,
+    Sata,
+    Ide,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Model {
+    Auto,
+    Virtio,
+    E1000e,
+    E1000,
+    Vmxnet3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -128,6 +168,24 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
             Prestage::Wait => PrestageMode::Wait,
             Prestage::Background => PrestageMode::Background,
             Prestage::Off => PrestageMode::Off,
+        },
+        target: a.for_hypervisor.map(|h| match h {
+            For::Kvm => Hypervisor::Kvm,
+            For::Esxi => Hypervisor::Esxi,
+        }),
+        disk_bus: match a.disk_bus {
+            Bus::Auto => DiskBus::Auto,
+            Bus::Virtio => DiskBus::Virtio,
+            Bus::Scsi => DiskBus::Scsi,
+            Bus::Sata => DiskBus::Sata,
+            Bus::Ide => DiskBus::Ide,
+        },
+        nic_model: match a.nic_model {
+            Model::Auto => NicModel::Auto,
+            Model::Virtio => NicModel::Virtio,
+            Model::E1000e => NicModel::E1000e,
+            Model::E1000 => NicModel::E1000,
+            Model::Vmxnet3 => NicModel::Vmxnet3,
         },
     };
     let client = Client::from_state(&a.state.state)?;
@@ -173,6 +231,27 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
         println!("{label}");
         for c in lines {
             println!("  {c}");
+        }
+    }
+    if let Some(from) = m.converted_from {
+        println!(
+            "converted from {from} for {}{}:",
+            m.hypervisor,
+            if m.spec.disks_only {
+                " (disks only: the descriptors and names below)"
+            } else {
+                ""
+            }
+        );
+        for d in m.devices.iter().filter(|d| !d.is_dropped()) {
+            println!("  {d}");
+        }
+        let dropped: Vec<_> = m.devices.iter().filter(|d| d.is_dropped()).collect();
+        if !dropped.is_empty() {
+            println!("not carried over:");
+            for d in dropped {
+                println!("  {d}");
+            }
         }
     }
     if !m.spec.disks_only && !m.network.is_empty() {

@@ -46,6 +46,23 @@ pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
         if m.spec.disks_only {
             println!("  disks only (no config, no folder files)");
         }
+        if let Some(from) = m.converted_from {
+            let dropped = m.devices.iter().filter(|d| d.is_dropped()).count();
+            println!(
+                "  converted from {from} for {}{}",
+                m.hypervisor,
+                if dropped > 0 {
+                    format!(" ({dropped} settings or devices not carried over; --json lists them)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        if !m.spec.disks_only {
+            for nic in &m.network {
+                println!("  {nic}");
+            }
+        }
         if let Some(r) = &m.relocation {
             println!(
                 "  relocation to {}: {}, {} of {} copied{}{}",

@@ -99,7 +99,9 @@ impl IntoResponse for ApiError {
 impl From<MountError> for ApiError {
     fn from(e: MountError) -> Self {
         let code = match &e {
-            MountError::BadName { .. } | MountError::BadHost { .. } => StatusCode::BAD_REQUEST,
+            MountError::BadName { .. }
+            | MountError::BadHost { .. }
+            | MountError::Conversion { .. } => StatusCode::BAD_REQUEST,
             MountError::Exists { .. } | MountError::Relocating { .. } => StatusCode::CONFLICT,
             MountError::NotFound { .. } => StatusCode::NOT_FOUND,
             MountError::Repo { source, .. } => match source {

@@ -45,6 +45,7 @@ async fn core(dir: &Path) -> DatastoreCore {
                 prestage: PrestageMode::Off,
                 hosts,
                 disks_only: false,
+                ..MountRequest::default()
             })
             .await
             .unwrap();
@@ -362,6 +363,7 @@ async fn a_disk_by_name_for_block_protocols() {
             prestage: PrestageMode::Off,
             hosts: vec![],
             disks_only: false,
+            ..MountRequest::default()
         })
         .await
         .unwrap();

@@ -141,6 +141,7 @@ pub async fn one_mount(dir: &std::path::Path) -> anyhow::Result<Arc<DatastoreFs>
             prestage: PrestageMode::Off,
             hosts: Vec::new(),
             disks_only: false,
+            ..MountRequest::default()
         })
         .await?;
     let identity = Identity::fixed(*b"fuzzfuzz", *b"verifier");

@@ -58,16 +58,35 @@ pub struct RestoreSummary {
 /// components and unique; a disk whose name collides gets its device as a prefix. With
 /// `keep_kvm_names` a KVM disk keeps its original file name whatever its source format (a live
 /// mount's XML says `raw`); without it a non-raw one is renamed `STEM.raw`.
+///
+/// `target` is the hypervisor the files are laid out for: the backup's own, or the other one
+/// for a live mount converted to it (`mount --for`). Converted to KVM, the config is
+/// `STEM.xml` and each disk `STEM.raw`; converted to ESXi, the config is `STEM.vmx` and each
+/// disk a descriptor and its flat file, as an ESXi backup's.
 pub(crate) fn plan_files(
     m: &super::Manifest,
+    target: Hypervisor,
     keep_kvm_names: bool,
 ) -> (String, Vec<(String, Option<String>)>) {
     let config = safe_name(&m.config.file_name);
+    let config = if target == m.vm.hypervisor {
+        config
+    } else {
+        let stem = match config.rsplit_once('.') {
+            Some((stem, _)) if !stem.is_empty() => stem,
+            _ => config.as_str(),
+        };
+        match target {
+            Hypervisor::Kvm => format!("{stem}.xml"),
+            Hypervisor::Esxi => format!("{stem}.vmx"),
+        }
+    };
+    let keep_kvm_names = keep_kvm_names && m.vm.hypervisor == Hypervisor::Kvm;
     let mut taken: HashSet<String> = HashSet::new();
     taken.insert(config.clone());
     let mut disks = Vec::new();
     for d in &m.disks {
-        let (base_data, base_desc) = file_names(d, m.vm.hypervisor, keep_kvm_names);
+        let (base_data, base_desc) = file_names(d, target, keep_kvm_names);
         let (mut data, mut desc) = (base_data.clone(), base_desc.clone());
         // Prefix the device, then a counter, until neither name is taken.
         let tag = d.device.replace([':', '/'], "_");
@@ -152,7 +171,7 @@ impl Repository {
         let target = |what: String| RestoreTarget(dir.to_path_buf(), what);
 
         // Plan every file name first and refuse before writing anything.
-        let (config_name, names) = plan_files(m, false);
+        let (config_name, names) = plan_files(m, m.vm.hypervisor, false);
         let config_path = dir.join(&config_name);
         let mut taken = vec![config_name];
         let mut plan = Vec::new();
@@ -322,9 +341,20 @@ impl Repository {
 /// The VMDK descriptor of an ESXi disk laid out as `flat_name`; its CID derives from the
 /// snapshot id, so the same snapshot always gets the same descriptor.
 pub(crate) fn descriptor_for(d: &DiskManifest, flat_name: &str, id: &SnapshotId) -> Option<String> {
+    descriptor_at(d, &d.device, flat_name, id)
+}
+
+/// [`descriptor_for`] a disk that sits at `device` (a `.vmx` slot such as `ide0:1`, which
+/// picks the adapter type) rather than where the backup had it: a disk converted to ESXi.
+pub(crate) fn descriptor_at(
+    d: &DiskManifest,
+    device: &str,
+    flat_name: &str,
+    id: &SnapshotId,
+) -> Option<String> {
     let b = id.0 .0;
     let cid = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-    flat_descriptor(d.size, flat_name, AdapterType::for_device(&d.device), cid)
+    flat_descriptor(d.size, flat_name, AdapterType::for_device(device), cid)
 }
 
 struct RestoreTarget(PathBuf, String);

@@ -848,6 +848,7 @@ mod tests {
                 ..NetworkPlan::default()
             },
             disks,
+            convert: None,
         }
     }
 

@@ -12,6 +12,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
+use super::convert::{Conversion, DeviceReport};
 use super::{Hypervisor, VmConfig, VmConfigError};
 
 /// What a live mount changes in a VM's config.
@@ -26,8 +27,11 @@ pub struct MountRewrite {
     /// What happens to the NICs: kept, disconnected or removed, and networks renamed.
     pub network: NetworkPlan,
     /// For each disk of the parsed config, in [`VmConfig::disks`] order: what the rewritten
-    /// config must point at.
+    /// config must point at (a target of the kind the converted config takes, with `convert`).
     pub disks: Vec<DiskTarget>,
+    /// The config converted to the other hypervisor first (`mount --for`); None, or a
+    /// conversion to the config's own hypervisor: no conversion.
+    pub convert: Option<Conversion>,
 }
 
 /// What a live mount does with a VM's NICs (decision 0022).
@@ -184,6 +188,14 @@ impl std::fmt::Display for NicReport {
 pub struct Rewritten {
     pub bytes: Vec<u8>,
     pub nics: Vec<NicReport>,
+    /// The hypervisor the config is for.
+    pub hypervisor: Hypervisor,
+    /// A converted config: what each device became and what was left behind (empty without a
+    /// conversion).
+    pub devices: Vec<DeviceReport>,
+    /// A converted config: each disk's place in it (`sata0:1`, `sdb`), in the source's disk
+    /// order (empty without a conversion).
+    pub disk_slots: Vec<String>,
 }
 
 /// Where one disk of the rewritten config points.
@@ -253,12 +265,71 @@ pub fn rewrite_for_mount_reported(
     })?;
     check_disk_count(&config, how).map_err(invalid)?;
     check_map(&how.network).map_err(invalid)?;
-    let (bytes, nics) = match config.hypervisor {
-        Hypervisor::Esxi => super::vmx_rewrite::rewrite(file, original, how, &config, &uuid)?,
-        Hypervisor::Kvm => super::libvirt_rewrite::rewrite(file, original, how, &config, &uuid)?,
+    let converted = match how.convert {
+        Some(conversion) if conversion.to != config.hypervisor => {
+            let files = how
+                .disks
+                .iter()
+                .map(|target| match target {
+                    DiskTarget::VmdkFile(name) | DiskTarget::RawFile(name) => name.clone(),
+                    DiskTarget::Nfs { path, .. } => path.clone(),
+                })
+                .collect::<Vec<_>>();
+            Some(super::convert::convert(
+                file,
+                original,
+                &config,
+                &conversion,
+                &files,
+            )?)
+        }
+        _ => None,
+    };
+    let (bytes, nics, hypervisor, devices, disk_slots) = match converted {
+        None => {
+            let (bytes, nics) = rewrite_as(file, original, how, &config, &uuid)?;
+            (bytes, nics, config.hypervisor, Vec::new(), Vec::new())
+        }
+        Some(converted) => {
+            let config = super::parse(file, &converted.bytes)?;
+            let mut how = how.clone();
+            how.disks = converted
+                .order
+                .iter()
+                .map(|&source| how.disks[source].clone())
+                .collect();
+            let (bytes, nics) = rewrite_as(file, &converted.bytes, &how, &config, &uuid)?;
+            (
+                bytes,
+                nics,
+                config.hypervisor,
+                converted.devices,
+                converted.slots,
+            )
+        }
     };
     check_map_used(&how.network, &nics).map_err(invalid)?;
-    Ok(Rewritten { bytes, nics })
+    Ok(Rewritten {
+        bytes,
+        nics,
+        hypervisor,
+        devices,
+        disk_slots,
+    })
+}
+
+/// The rewrite of a config of either format (`config` is what `original` parses into).
+fn rewrite_as(
+    file: &str,
+    original: &[u8],
+    how: &MountRewrite,
+    config: &VmConfig,
+    uuid: &[u8; 16],
+) -> Result<(Vec<u8>, Vec<NicReport>), VmConfigError> {
+    match config.hypervisor {
+        Hypervisor::Esxi => super::vmx_rewrite::rewrite(file, original, how, config, uuid),
+        Hypervisor::Kvm => super::libvirt_rewrite::rewrite(file, original, how, config, uuid),
+    }
 }
 
 fn check_map(plan: &NetworkPlan) -> Result<(), String> {

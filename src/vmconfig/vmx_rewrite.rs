@@ -364,6 +364,7 @@ mod tests {
                 .iter()
                 .map(|name| DiskTarget::VmdkFile((*name).to_owned()))
                 .collect(),
+            convert: None,
         }
     }
 

@@ -361,6 +361,19 @@ pub fn qemu_compare(a: &str, b: &str) -> Output {
     client("qemu-img", &["compare", "-f", "raw", "-F", "raw", a, b])
 }
 
+/// Starts libvirtd and virtlogd with `scripts/libvirt-up` (no systemd on these machines), or
+/// panics with what it said.
+pub fn libvirt_up() {
+    let up = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/libvirt-up"))
+        .output()
+        .expect("running scripts/libvirt-up");
+    assert!(
+        up.status.success(),
+        "libvirtd did not start: {}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+}
+
 /// `virsh` against the system libvirtd (started by `scripts/libvirt-up`).
 pub fn virsh(args: &[&str]) -> Output {
     let mut a = vec!["-c", "qemu:///system"];
