@@ -161,11 +161,12 @@ pub struct MountRequest {
     /// The hypervisor to serve the VM's config for (`mount --for`); None: the backup's own.
     #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
     pub target: Option<crate::vmconfig::Hypervisor>,
-    /// With `for` the other hypervisor: the disks' bus there.
-    #[serde(default)]
+    /// With `for` the other hypervisor: the disks' bus there. Left out of a request when
+    /// `auto`, so that a newer CLI still mounts through an older server.
+    #[serde(default, skip_serializing_if = "DiskBus::is_auto")]
     pub disk_bus: crate::vmconfig::DiskBus,
-    /// With `for` the other hypervisor: the NICs' model there.
-    #[serde(default)]
+    /// With `for` the other hypervisor: the NICs' model there (left out when `auto`).
+    #[serde(default, skip_serializing_if = "NicModel::is_auto")]
     pub nic_model: crate::vmconfig::NicModel,
 }
 
@@ -428,7 +429,8 @@ impl Agent {
             if let Some(d) = m.disks.iter().find(|d| !d.size.is_multiple_of(512)) {
                 return Err(MountError::Conversion {
                     what: format!(
-                        "disk {} is {} bytes, not a whole number of 512-byte sectors, which                          no VMDK can describe: ESXi cannot use it; mount it for kvm",
+                        "disk {} is {} bytes, not a whole number of 512-byte sectors, which \
+                         no VMDK can describe: ESXi cannot use it; mount it for kvm",
                         d.device, d.size
                     ),
                 });
@@ -791,8 +793,35 @@ impl Agent {
 /// kept for another snapshot are never laid over this one.
 fn claim_overlays(dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
     let stamp = dir.join("snapshot");
+    // A mount converted to the other hypervisor (`--for`) stamps its folder with that
+    // hypervisor: the folder keeps the config and files made for it, which a mount for the
+    // other one must not adopt.
+    let made_for = dir.join("for");
+    let want = spec.convert.map(|c| c.to.to_string());
     match fs::read_to_string(&stamp) {
-        Ok(id) if id.trim() == spec.snapshot.to_string() => Ok(()),
+        Ok(id) if id.trim() == spec.snapshot.to_string() => {
+            let had = match fs::read_to_string(&made_for) {
+                Ok(text) => Some(text.trim().to_owned()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(e) => return Err(state_err(&made_for, e)),
+            };
+            if had == want {
+                return Ok(());
+            }
+            let say = |h: &Option<String>| match h {
+                Some(h) => format!("--for {h}"),
+                None => "the backup's own hypervisor (no --for)".to_owned(),
+            };
+            Err(MountError::State {
+                path: dir.display().to_string(),
+                what: format!(
+                    "it holds kept writes and files of this mount made for {}, not for {}; \
+                     mount it as it was made, or choose another name",
+                    say(&had),
+                    say(&want)
+                ),
+            })
+        }
         Ok(other) => Err(MountError::State {
             path: dir.display().to_string(),
             what: format!(
@@ -803,6 +832,9 @@ fn claim_overlays(dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             durable::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+            if let Some(h) = &want {
+                durable::replace(&made_for, h.as_bytes()).map_err(|e| state_err(&made_for, e))?;
+            }
             durable::replace(&stamp, spec.snapshot.to_string().as_bytes())
                 .map_err(|e| state_err(&stamp, e))
         }
@@ -948,15 +980,16 @@ fn conversion(req: &MountRequest, backup: Hypervisor) -> Result<Option<Conversio
             c.check().map_err(what)?;
             Ok(Some(c))
         }
-        _ if req.disk_bus != DiskBus::Auto || req.nic_model != NicModel::Auto => Err(what(
-            format!(
-                "--disk-bus and --nic-model apply to a config converted with --for {}; this                  backup is of a {backup} VM",
+        _ if req.disk_bus != DiskBus::Auto || req.nic_model != NicModel::Auto => {
+            Err(what(format!(
+                "--disk-bus and --nic-model apply to a config converted with --for {}; this \
+                         backup is of a {backup} VM",
                 match backup {
                     Hypervisor::Esxi => "kvm",
                     Hypervisor::Kvm => "esxi",
                 }
-            ),
-        )),
+            )))
+        }
         _ => Ok(None),
     }
 }
@@ -1036,6 +1069,28 @@ mod tests {
             err.contains(&"a".repeat(64)) && err.contains("vm@2026"),
             "{err}"
         );
+        // Refused for the same snapshot converted to another hypervisor, and the other way.
+        let converted = |to| MountSpec {
+            convert: Some(Conversion {
+                to,
+                disk_bus: DiskBus::Auto,
+                nic_model: NicModel::Auto,
+            }),
+            ..spec('a')
+        };
+        let err = claim_overlays(&dir, &converted(Hypervisor::Esxi))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("made for the backup's own hypervisor (no --for), not for --for esxi"),
+            "{err}"
+        );
+        let other = state.join("overlays/c");
+        claim_overlays(&other, &converted(Hypervisor::Kvm)).unwrap();
+        claim_overlays(&other, &converted(Hypervisor::Kvm)).unwrap();
+        let err = claim_overlays(&other, &spec('a')).unwrap_err().to_string();
+        assert!(err.contains("made for --for kvm"), "{err}");
+        assert_eq!(fs::read_to_string(other.join("for")).unwrap(), "kvm");
 
         durable::create_dir_all(&state.join("mounts")).unwrap();
         let path = state.join("mounts/m.json");

@@ -167,6 +167,10 @@ pub enum Content {
         index: usize,
         /// The mount's boot window, while the VM's first boot from it is recorded.
         window: Option<Arc<BootWindow>>,
+        /// The disk's name in boot profiles: its file name in a mount for the backup's own
+        /// hypervisor, also when this mount is converted to the other (and names it otherwise),
+        /// so that both learn and pre-stage the same profile.
+        profile_name: Arc<str>,
     },
 }
 
@@ -283,9 +287,10 @@ impl MountFile {
                 readahead,
                 index,
                 window,
+                profile_name,
             } => {
                 if let Some(w) = window {
-                    w.on_read(*index, &self.name, image, offset, u64::from(count));
+                    w.on_read(*index, profile_name, image, offset, u64::from(count));
                 }
                 if let Some(r) = readahead {
                     r.on_read(image, offset, u64::from(count));
@@ -370,6 +375,7 @@ impl LiveMount {
         };
         let hypervisor = spec.hypervisor(m.vm.hypervisor);
         let (config_name, names) = plan_files(m, hypervisor, true);
+        let (_, native) = plan_files(m, m.vm.hypervisor, true);
         let crate::vmconfig::Rewritten {
             bytes: config,
             nics: network,
@@ -409,7 +415,9 @@ impl LiveMount {
         if folder.is_none() && !spec.disks_only {
             add(config_name.clone(), Content::Bytes(config));
         }
-        for (i, (d, (data, desc))) in m.disks.iter().zip(names).enumerate() {
+        for (i, ((d, (data, desc)), (profile_name, _))) in
+            m.disks.iter().zip(names).zip(native).enumerate()
+        {
             let image = snapshot
                 .disk(i)
                 .await
@@ -441,6 +449,7 @@ impl LiveMount {
                         .then(|| Arc::new(readahead::ReadAhead::new(reader.clone()))),
                     index: i,
                     window: window.clone(),
+                    profile_name: profile_name.into(),
                 },
             );
         }
@@ -482,7 +491,11 @@ impl LiveMount {
 
     fn disk_images(&self) -> impl Iterator<Item = (&str, &DiskImage)> {
         self.files.iter().filter_map(|f| match &f.content {
-            Content::Disk { image, .. } => Some((f.name.as_str(), image)),
+            Content::Disk {
+                image,
+                profile_name,
+                ..
+            } => Some((&**profile_name, image)),
             Content::Bytes(_) => None,
         })
     }

@@ -7,62 +7,22 @@ mod common;
 
 use common::*;
 
-#[test]
-fn an_esxi_backup_mounted_for_kvm_is_defined_started_and_boots_under_libvirt() {
-    libvirt_up();
-    let t = tempfile::tempdir().unwrap();
-    // The test guest as an ESXi VM: a monolithicFlat VMDK on pvscsi, a vmxnet3 NIC on a port
-    // group this host has no network for.
-    convert(
-        &guest_image(),
-        &t.path().join("lab.vmdk"),
-        "vmdk",
-        &["-o", "subformat=monolithicFlat"],
-    );
-    let vm = format!("lmesx{}", std::process::id());
-    let vmx = esxi_config(t.path(), &vm, &["lab.vmdk"]);
-    let mut text = std::fs::read_to_string(&vmx).unwrap();
-    text.push_str(
-        "ethernet0.present = \"TRUE\"\nethernet0.virtualDev = \"vmxnet3\"\n\
-         ethernet0.networkName = \"VM Network\"\nethernet0.addressType = \"generated\"\n\
-         ethernet0.generatedAddress = \"00:0c:29:aa:bb:cc\"\n",
-    );
-    write(&vmx, text.as_bytes());
-    let repo = repo_with_backup(t.path(), &vmx);
-
-    let _port111 = port_111_lock();
-    let server = Server::start(&repo, &t.path().join("state"), "127.0.0.1:111", &[]);
-    let mount = format!("{vm}-lm1");
-    // The guest's initramfs has virtio drivers only: the disk goes on virtio-blk.
-    let out = server.cli(&["mount", &vm, "--for", "kvm", "--disk-bus", "virtio"]);
-    for wanted in [
-        "converted from esxi for kvm",
-        "scsi0:0 (pvscsi disk) -> vda (virtio-blk)",
-        "ethernet0 (vmxnet3 NIC) -> e1000e NIC on network VM Network",
-        "firmware (BIOS) -> SeaBIOS on a q35 machine",
-        &format!("virsh define {mount}.xml"),
-    ] {
-        assert!(out.contains(wanted), "{wanted:?} missing in:\n{out}");
-    }
+/// Fetches the domain XML a mount converted for KVM serves, makes the two changes this machine
+/// needs (TCG instead of KVM, the serial console into `console`), defines and starts it.
+fn start_converted(
+    server: &Server,
+    dir: &std::path::Path,
+    mount: &str,
+    xml_file: &str,
+    console: &std::path::Path,
+) -> Domain {
     let def = client(
         "nfs-cat",
-        &[&server.libnfs_url(&format!("{mount}/{vm}.xml"))],
+        &[&server.libnfs_url(&format!("{mount}/{xml_file}"))],
     );
     assert!(def.status.success(), "{}", output_text(&def));
     let xml = String::from_utf8(def.stdout).unwrap();
-    for wanted in [
-        format!("<name>{mount}</name>"),
-        format!("protocol='nfs' name='/livemount/{mount}/lab.raw'"),
-        "<interface type='user'>".to_owned(),
-        "<link state='down'/>".to_owned(),
-    ] {
-        assert!(xml.contains(&wanted), "{wanted} missing in:\n{xml}");
-    }
-    assert!(!xml.contains("00:0c:29:aa:bb:cc"), "a new MAC: {xml}");
-
-    // This machine runs guests under TCG, and the test reads the guest's serial console from
-    // a file: the two changes made to the XML the mount serves for a KVM host.
-    let console = t.path().join("console.log");
+    assert!(xml.contains(&format!("<name>{mount}</name>")), "{xml}");
     let xml = xml
         .replace("<domain type='kvm'>", "<domain type='qemu'>")
         .replace(
@@ -78,33 +38,125 @@ fn an_esxi_backup_mounted_for_kvm_is_defined_started_and_boots_under_libvirt() {
             ),
         );
     assert!(xml.contains("<serial type='file'>"), "{xml}");
-    let def_path = t.path().join("def.xml");
+    let def_path = dir.join(format!("{mount}.xml"));
     write(&def_path, xml.as_bytes());
-    let _domain = Domain(mount.clone());
+    let domain = Domain(mount.to_owned());
     let out = virsh(&["define", def_path.to_str().unwrap()]);
     assert!(out.status.success(), "virsh define: {}", output_text(&out));
-    let out = virsh(&["start", &mount]);
+    let out = virsh(&["start", mount]);
     assert!(
         out.status.success(),
-        "virsh start: {}\n{}",
+        "virsh start {mount}: {}\n{xml}\n{}",
         output_text(&out),
         server.log_text()
     );
+    domain
+}
+
+/// Waits up to 120 s for `marker` in the console log; the log.
+fn wait_for(console: &std::path::Path, marker: &str) -> String {
     let t0 = std::time::Instant::now();
     let mut log = String::new();
     while t0.elapsed().as_secs() < 120 {
-        log = std::fs::read_to_string(&console).unwrap_or_default();
-        if log.contains("LIVEMOUNT-GUEST-DONE") {
+        log = std::fs::read_to_string(console).unwrap_or_default();
+        if log.contains(marker) {
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
+    log
+}
+
+#[test]
+fn an_esxi_backup_mounted_for_kvm_is_defined_started_and_boots_under_libvirt() {
+    libvirt_up();
+    let t = tempfile::tempdir().unwrap();
+    // The test guest as an ESXi VM: its disk and a data disk, monolithicFlat VMDKs on one
+    // pvscsi controller, and a vmxnet3 NIC on a port group this host has no network for.
+    convert(
+        &guest_image(),
+        &t.path().join("lab.vmdk"),
+        "vmdk",
+        &["-o", "subformat=monolithicFlat"],
+    );
+    write(&t.path().join("data.raw"), &mixed_disk(MIB, 43));
+    convert(
+        &t.path().join("data.raw"),
+        &t.path().join("data.vmdk"),
+        "vmdk",
+        &["-o", "subformat=monolithicFlat"],
+    );
+    let vm = format!("lmesx{}", std::process::id());
+    let vmx = esxi_config(t.path(), &vm, &["lab.vmdk", "data.vmdk"]);
+    let mut text = std::fs::read_to_string(&vmx).unwrap();
+    text.push_str(
+        "ethernet0.present = \"TRUE\"\nethernet0.virtualDev = \"vmxnet3\"\n\
+         ethernet0.networkName = \"VM Network\"\nethernet0.addressType = \"generated\"\n\
+         ethernet0.generatedAddress = \"00:0c:29:aa:bb:cc\"\n",
+    );
+    write(&vmx, text.as_bytes());
+    let repo = repo_with_backup(t.path(), &vmx);
+
+    let _port111 = port_111_lock();
+    let server = Server::start(&repo, &t.path().join("state"), "127.0.0.1:111", &[]);
+
+    // The default mapping keeps the disks on pvscsi, one SCSI target each. The test guest's
+    // initramfs has virtio drivers only, so it cannot find its root there; but SeaBIOS boots
+    // its kernel from the pvscsi disk, which says QEMU took the controller and both disks.
+    let pv = format!("{vm}-pv");
+    let out = server.cli(&["mount", &vm, "--for", "kvm", "--name", &pv]);
+    for wanted in [
+        "scsi0:0 (pvscsi disk) -> sda on a vmpvscsi SCSI controller",
+        "scsi0:1 (pvscsi disk) -> sdb on a vmpvscsi SCSI controller",
+    ] {
+        assert!(out.contains(wanted), "{wanted:?} missing in:\n{out}");
+    }
+    let console = t.path().join("pv.log");
+    let domain = start_converted(&server, t.path(), &pv, &format!("{vm}.xml"), &console);
+    let log = wait_for(&console, "LIVEMOUNT-GUEST-FAILED");
+    assert!(
+        log.contains("LIVEMOUNT-GUEST-FAILED cannot mount /dev/vda2"),
+        "the kernel did not start from the pvscsi disk:\n{log}"
+    );
+    drop(domain);
+
+    // With --disk-bus virtio the guest boots to its end.
+    let mount = format!("{vm}-lm2");
+    let out = server.cli(&["mount", &vm, "--for", "kvm", "--disk-bus", "virtio"]);
+    for wanted in [
+        "converted from esxi for kvm",
+        "scsi0:0 (pvscsi disk) -> vda (virtio-blk)",
+        "scsi0:1 (pvscsi disk) -> vdb (virtio-blk)",
+        "ethernet0 (vmxnet3 NIC) -> e1000e NIC on network VM Network",
+        "firmware (BIOS) -> SeaBIOS on a q35 machine",
+        &format!("virsh define {mount}.xml"),
+    ] {
+        assert!(out.contains(wanted), "{wanted:?} missing in:\n{out}");
+    }
+    let def = client(
+        "nfs-cat",
+        &[&server.libnfs_url(&format!("{mount}/{vm}.xml"))],
+    );
+    let xml = String::from_utf8(def.stdout).unwrap();
+    for wanted in [
+        format!("protocol='nfs' name='/livemount/{mount}/lab.raw'"),
+        format!("protocol='nfs' name='/livemount/{mount}/data.raw'"),
+        "<interface type='user'>".to_owned(),
+        "<link state='down'/>".to_owned(),
+    ] {
+        assert!(xml.contains(&wanted), "{wanted} missing in:\n{xml}");
+    }
+    assert!(!xml.contains("00:0c:29:aa:bb:cc"), "a new MAC: {xml}");
+    let console = t.path().join("console.log");
+    let t0 = std::time::Instant::now();
+    let _domain = start_converted(&server, t.path(), &mount, &format!("{vm}.xml"), &console);
+    let log = wait_for(&console, "LIVEMOUNT-GUEST-DONE");
     assert!(
         log.contains("LIVEMOUNT-GUEST-BOOTED") && log.contains("LIVEMOUNT-GUEST-DONE"),
         "the converted VM did not boot under libvirt:\n{log}"
     );
     eprintln!(
-        "esxi backup for kvm: guest done {:.2} s after virsh start returned",
+        "esxi backup for kvm: guest done {:.2} s after virsh start",
         t0.elapsed().as_secs_f64()
     );
 }

@@ -238,7 +238,7 @@ pub async fn run(a: MountArgs) -> anyhow::Result<ExitCode> {
             "converted from {from} for {}{}:",
             m.hypervisor,
             if m.spec.disks_only {
-                " (disks only: the descriptors and names below)"
+                " (disks only: the files above are named for it)"
             } else {
                 ""
             }

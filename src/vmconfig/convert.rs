@@ -1,6 +1,6 @@
 //! Converting a VM's config to the other hypervisor (`mount --for kvm|esxi`): a `.vmx` becomes
 //! libvirt domain XML, domain XML becomes a `.vmx`, with a report of what each device became
-//! and of what could not come along (decision 0023; the table is in docs/ARCHITECTURE.md).
+//! and of what could not come along (decision 0023; the table is in docs/conversion.md).
 //!
 //! Owns: the choice of bus per disk ([`DiskBus`]) and of NIC model ([`NicModel`]) on the
 //! other side, and the checks that the result fits it (slots per controller). The conversion
@@ -63,6 +63,13 @@ pub enum DiskBus {
     Ide,
 }
 
+impl DiskBus {
+    /// `auto`, the default.
+    pub fn is_auto(&self) -> bool {
+        *self == DiskBus::Auto
+    }
+}
+
 impl std::str::FromStr for DiskBus {
     type Err = String;
 
@@ -93,6 +100,13 @@ pub enum NicModel {
     E1000e,
     E1000,
     Vmxnet3,
+}
+
+impl NicModel {
+    /// `auto`, the default.
+    pub fn is_auto(&self) -> bool {
+        *self == NicModel::Auto
+    }
 }
 
 impl std::str::FromStr for NicModel {

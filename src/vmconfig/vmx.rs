@@ -124,7 +124,8 @@ fn disks(doc: &VmxDocument, file: &str) -> Result<Vec<DiskRef>, VmConfigError> {
                 return Err(VmConfigError::Invalid {
                     file: file.to_owned(),
                     what: format!(
-                        "{slot}: deviceType {device_type:?} ({file_name}) is not a virtual disk                          livemount can back up; detach it or mark it present = \"FALSE\""
+                        "{slot}: deviceType {device_type:?} ({file_name}) is not a virtual disk \
+                         livemount can back up; detach it or mark it present = \"FALSE\""
                     ),
                 });
             }

@@ -363,12 +363,25 @@ pub(super) fn from_vmx(
              (\\EFI\\BOOT\\BOOTX64.EFI)",
         ));
     }
+    for (key, what) in [
+        ("vhv.enable", "nested virtualization (vhv.enable)"),
+        ("vbs.enable", "virtualization-based security (vbs.enable)"),
+        ("vvtd.enable", "virtual IOMMU (vvtd.enable)"),
+        ("nvdimm0.present", "virtual NVDIMM"),
+    ] {
+        if is_true(key) {
+            dropped_list.push(dropped(key, what, "not carried over"));
+        }
+    }
     if doc.entries().any(|(key, _)| {
-        (key.starts_with("sched.cpu.") || key.starts_with("sched.mem.")) && !key.ends_with(".units")
+        (key.starts_with("sched.cpu.")
+            || key.starts_with("sched.mem.")
+            || (key.starts_with("numa.") && !key.starts_with("numa.autosize.")))
+            && !key.ends_with(".units")
     }) {
         dropped_list.push(dropped(
             "sched",
-            "resource settings (sched.cpu.*, sched.mem.*)",
+            "resource settings (sched.cpu.*, sched.mem.*, numa.*)",
             "not carried over: shares, reservations, limits and affinity are the old host's",
         ));
     }
@@ -544,10 +557,9 @@ fn read_tree(file: &str, text: &str) -> Result<Element, VmConfigError> {
 
 /// Device elements a conversion to ESXi replaces with the host's own (ESXi gives every VM a
 /// console, video and input) or that carry nothing (the emulator path): not reported.
-const REPLACED_DEVICES: [&str; 9] = [
+const REPLACED_DEVICES: [&str; 8] = [
     "emulator",
     "controller",
-    "serial",
     "console",
     "input",
     "graphics",
@@ -711,6 +723,20 @@ pub(super) fn from_libvirt(
                         "not carried over: the served disk holds the data as the backup read it",
                     ));
                 }
+                for (flag, what) in [
+                    ("shareable", "shared with other VMs (<shareable/>)"),
+                    ("readonly", "read-only (<readonly/>)"),
+                    ("blockio", "its block sizes (<blockio>)"),
+                ] {
+                    if device.child(flag).is_some() {
+                        dropped_list.push(dropped(
+                            dev,
+                            what,
+                            "not carried over: the disk is an ordinary writable disk of \
+                             512-byte sectors",
+                        ));
+                    }
+                }
                 let bus =
                     target
                         .and_then(|t| t.attribute("bus"))
@@ -803,6 +829,21 @@ pub(super) fn from_libvirt(
                 "shared folder from the host",
                 "not carried over: it is on the old host",
             )),
+            "serial" | "parallel" => dropped_list.push(dropped(
+                name,
+                format!(
+                    "{name} port ({})",
+                    device.attribute("type").unwrap_or("pty")
+                ),
+                "not carried over: ESXi's VM console takes the place of a pty console; add a \
+                 port by hand if the guest needs one",
+            )),
+            "controller"
+                if device.attribute("type") == Some("usb")
+                    && device.attribute("model") != Some("none") =>
+            {
+                dropped_list.push(dropped("usb", "USB controller", "not carried over"))
+            }
             "channel" => dropped_list.push(dropped(
                 "channel",
                 device
@@ -818,6 +859,21 @@ pub(super) fn from_libvirt(
                 format!("<{other}>"),
                 "not carried over: no ESXi counterpart",
             )),
+        }
+    }
+    if os.is_some_and(|o| o.child("kernel").is_some()) {
+        dropped_list.push(dropped(
+            "os",
+            "direct kernel boot (<kernel>, <initrd>, <cmdline>)",
+            "not carried over: ESXi boots from the disks, which need a boot loader",
+        ));
+    }
+    for (element, what) in [
+        ("launchSecurity", "memory encryption (<launchSecurity>)"),
+        ("sysinfo", "SMBIOS strings (<sysinfo>)"),
+    ] {
+        if domain.child(element).is_some() {
+            dropped_list.push(dropped(element, what, "not carried over"));
         }
     }
     for tuning in [

@@ -128,7 +128,7 @@ fn an_efi_linux_vm_keeps_its_controllers_and_boots_from_any_disk_in_order() {
     // scsi0:2 and scsi0:10 (pvscsi), sata0:1, nvme0:0; scsi0:3 and scsi1 are not present.
     assert_eq!(out.slots, ["sda", "sdb", "sdc", "sdd"]);
     assert!(
-        xml.contains("<address type='drive' controller='0' bus='0' target='0' unit='1'/>"),
+        xml.contains("<address type='drive' controller='0' bus='0' target='1' unit='0'/>"),
         "{xml}"
     );
     for order in 1..=4 {
@@ -214,8 +214,8 @@ fn a_running_ubuntu_domain_lists_its_guest_agent_rng_and_cdrom_as_left_behind() 
     );
 }
 
-/// A KVM VM with EFI and secure boot, a passthrough GPU, a vTPM, a passthrough NIC and three
-/// disks on three buses (virtio, an LSI Logic SCSI controller, IDE).
+/// A KVM VM with EFI and secure boot, a passthrough GPU, a vTPM, a passthrough NIC and four
+/// disks on four buses (virtio, an LSI SAS and an LSI Logic SCSI controller, IDE).
 const KVM_EFI: &str = "<domain type='kvm'>
   <name>win-app03</name>
   <uuid>0b7e2f14-8a3c-4d1e-9f25-6c4a1b3d2e07</uuid>
@@ -246,8 +246,18 @@ const KVM_EFI: &str = "<domain type='kvm'>
       <driver name='qemu' type='raw'/>
       <source file='/var/lib/libvirt/images/app03-legacy.raw'/>
       <target dev='hda' bus='ide'/>
+      <shareable/>
     </disk>
-    <controller type='scsi' index='1' model='lsilogic'/>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source file='/var/lib/libvirt/images/app03-logs.raw'/>
+      <target dev='sdb' bus='scsi'/>
+      <address type='drive' controller='2' bus='0' target='0' unit='0'/>
+    </disk>
+    <controller type='scsi' index='1' model='lsisas1068'/>
+    <controller type='scsi' index='2' model='lsilogic'/>
+    <controller type='usb' index='0' model='qemu-xhci'/>
+    <serial type='pty'><target port='0'/></serial>
     <interface type='hostdev' managed='yes'>
       <source><address type='pci' domain='0x0000' bus='0x3b' slot='0x02' function='0x1'/></source>
     </interface>
@@ -279,9 +289,10 @@ fn a_kvm_vm_with_efi_secure_boot_passthrough_and_tpm_becomes_a_vmx_with_each_los
         "numvcpus = \"8\"",
         "cpuid.coresPerSocket = \"4\"",
         "guestOS = \"windows2019srvNext-64\"",
-        "scsi0.virtualDev = \"lsilogic\"",
+        "scsi0.virtualDev = \"lsisas1068\"",
         "scsi0:0.fileName = \"disk1.vmdk\"",
         "sata0:0.fileName = \"disk0.vmdk\"",
+        "sata0:1.fileName = \"disk3.vmdk\"",
         "ide0:0.fileName = \"disk2.vmdk\"",
         "ide0:0.deviceType = \"ata-hardDisk\"",
         "ethernet0.networkName = \"default\"",
@@ -298,15 +309,22 @@ fn a_kvm_vm_with_efi_secure_boot_passthrough_and_tpm_becomes_a_vmx_with_each_los
         "EFI has no BIOS disk order: {vmx}"
     );
     // The converted .vmx lists SCSI, then SATA, then IDE: the order maps back to the source.
-    assert_eq!(out.order, [1, 0, 2]);
-    assert_eq!(out.slots, ["sata0:0", "scsi0:0", "ide0:0"]);
+    assert_eq!(out.order, [1, 0, 3, 2]);
+    assert_eq!(out.slots, ["sata0:0", "scsi0:0", "ide0:0", "sata0:1"]);
     let report = lines(&out);
     has(
         &report,
-        "sda (lsilogic disk) -> scsi0:0 on a lsilogic SCSI controller",
+        "sda (lsisas1068 disk) -> scsi0:0 on a lsisas1068 SCSI controller",
+    );
+    has(
+        &report,
+        "sdb (lsilogic disk) -> sata0:1 on SATA: QEMU's lsilogic is a 53C895A",
     );
     has(&report, "hda (ide disk) -> ide0:0 on IDE");
     for dropped in [
+        "- hda (shared with other VMs (<shareable/>))",
+        "- serial (serial port (pty))",
+        "- usb (USB controller)",
         "- interface 0 (type='hostdev' NIC)",
         "- hostdev (pci passthrough device)",
         "- tpm (virtual TPM)",
@@ -318,7 +336,7 @@ fn a_kvm_vm_with_efi_secure_boot_passthrough_and_tpm_becomes_a_vmx_with_each_los
 
     // And back: the .vmx made for ESXi converts to KVM with the same firmware and buses.
     let config = parse("app03.vmx", vmx.as_bytes()).unwrap();
-    let files: Vec<String> = (0..3).map(|i| format!("/d{i}")).collect();
+    let files: Vec<String> = (0..4).map(|i| format!("/d{i}")).collect();
     let back = convert(
         "app03.vmx",
         vmx.as_bytes(),
@@ -337,7 +355,7 @@ fn a_kvm_vm_with_efi_secure_boot_passthrough_and_tpm_becomes_a_vmx_with_each_los
         "{xml}"
     );
     assert!(
-        xml.contains("<controller type='scsi' index='0' model='lsilogic'/>"),
+        xml.contains("<controller type='scsi' index='0' model='lsisas1068'/>"),
         "{xml}"
     );
     assert!(xml.contains("<model type='virtio'/>"), "{xml}");
@@ -495,4 +513,60 @@ fn the_mount_rewrite_gives_a_converted_config_its_identity_disks_and_network_pla
     let done = rewrite_for_mount_reported("web01.vmx", &vmx, &mapped).unwrap();
     let xml = String::from_utf8(done.bytes).unwrap();
     assert!(xml.contains("<source network='lab'/>"), "{xml}");
+}
+
+#[test]
+fn an_lsi_logic_disk_goes_to_sata_on_kvm_and_pvscsi_disks_get_a_target_each() {
+    let vmx = "displayName = \"old\"\nmemSize = \"2048\"\nscsi0.present = \"TRUE\"\n\
+               scsi0.virtualDev = \"lsilogic\"\nscsi0:0.present = \"TRUE\"\n\
+               scsi0:0.fileName = \"old.vmdk\"\nscsi1.present = \"TRUE\"\n\
+               scsi1.virtualDev = \"pvscsi\"\nscsi1:0.present = \"TRUE\"\n\
+               scsi1:0.fileName = \"a.vmdk\"\nscsi1:1.present = \"TRUE\"\n\
+               scsi1:1.fileName = \"b.vmdk\"\nvhv.enable = \"TRUE\"\n";
+    let (xml, out) = run("old.vmx", vmx.as_bytes(), Hypervisor::Kvm, DiskBus::Auto);
+    assert_eq!(out.slots, ["sda", "sdb", "sdc"]);
+    assert!(xml.contains("<target dev='sda' bus='sata'/>"), "{xml}");
+    assert!(
+        xml.contains("<controller type='scsi' index='0' model='vmpvscsi'/>"),
+        "{xml}"
+    );
+    for target in 0..2 {
+        assert!(
+            xml.contains(&format!(
+                "<address type='drive' controller='0' bus='0' target='{target}' unit='0'/>"
+            )),
+            "{xml}"
+        );
+    }
+    let report = lines(&out);
+    has(
+        &report,
+        "scsi0:0 (lsilogic disk) -> sda on SATA: QEMU has no LSI 53C1030",
+    );
+    has(&report, "- vhv.enable (nested virtualization");
+}
+
+#[test]
+fn memory_is_rounded_to_what_esxi_takes_and_nics_past_ten_are_listed() {
+    let mut nics = String::new();
+    for i in 0..11 {
+        nics.push_str(&format!(
+            "<interface type='network'><source network='n{i}'/></interface>"
+        ));
+    }
+    let xml = format!(
+        "<domain><name>big</name><memory unit='KiB'>1049600</memory><devices>\
+         <disk type='file' device='disk'><source file='/d0'/><target dev='vda' bus='virtio'/>\
+         </disk>{nics}</devices></domain>"
+    );
+    let (vmx, out) = run("big.xml", xml.as_bytes(), Hypervisor::Esxi, DiskBus::Auto);
+    assert!(vmx.contains("memSize = \"1024\""), "{vmx}");
+    assert!(vmx.contains("ethernet9.networkName = \"n9\""), "{vmx}");
+    assert!(!vmx.contains("ethernet10"), "{vmx}");
+    let report = lines(&out);
+    has(&report, "memory (1025 MiB) -> memSize = 1024");
+    has(
+        &report,
+        "- interface 10 (rtl8139 NIC): not carried over: ESXi takes 10 NICs",
+    );
 }

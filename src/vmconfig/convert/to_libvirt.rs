@@ -22,11 +22,12 @@ enum Bus {
     Scsi(&'static str),
 }
 
-/// SCSI targets per controller model (libvirt's limits for QEMU).
-fn units_per_controller(model: &str) -> usize {
+/// SCSI targets a controller of this model takes, one disk each (QEMU's pvscsi takes 64,
+/// mptsas1068 8, megasas 64; virtio-scsi many more).
+fn targets_per_controller(model: &str) -> usize {
     match model {
-        "virtio-scsi" | "vmpvscsi" => 64,
-        _ => 7,
+        "virtio-scsi" | "vmpvscsi" | "lsisas1078" => 64,
+        _ => 8,
     }
 }
 
@@ -43,11 +44,27 @@ fn bus_for(controller: &Controller, how: DiskBus) -> Result<(Bus, Option<&'stati
         DiskBus::Auto => match controller {
             Controller::Virtio => (Bus::Virtio, None),
             Controller::Scsi(model) => match model.as_str() {
-                "pvscsi" | "vmpvscsi" => (Bus::Scsi("vmpvscsi"), None),
-                "lsilogic" => (Bus::Scsi("lsilogic"), None),
-                "lsisas1068" => (Bus::Scsi("lsisas1068"), None),
+                "pvscsi" | "vmpvscsi" => (
+                    Bus::Scsi("vmpvscsi"),
+                    Some("needs a QEMU with pvscsi (RHEL's qemu-kvm has none: --disk-bus sata)"),
+                ),
+                "lsisas1068" => (
+                    Bus::Scsi("lsisas1068"),
+                    Some(
+                        "needs a QEMU with mptsas1068 (RHEL's qemu-kvm has none: --disk-bus sata)",
+                    ),
+                ),
                 "lsisas1078" => (Bus::Scsi("lsisas1078"), None),
                 "virtio-scsi" => (Bus::Scsi("virtio-scsi"), None),
+                "lsilogic" => (
+                    Bus::Sata,
+                    Some(
+                        "QEMU has no LSI 53C1030 (its lsilogic is a 53C895A that current \
+                         guests have no driver for): SATA, whose driver a guest must have in \
+                         its boot image (a host-only initramfs or a Windows installed on SCSI \
+                         may not)",
+                    ),
+                ),
                 _ => (Bus::Sata, Some("QEMU has no such SCSI controller")),
             },
             Controller::Sata => (Bus::Sata, None),
@@ -204,20 +221,24 @@ pub(super) fn render(
                 sd += 1;
                 let next_index = controllers.len();
                 let slot = scsi.entry(model).or_insert((next_index, 0));
-                if slot.1 == units_per_controller(model) {
+                if slot.1 == targets_per_controller(model) {
                     *slot = (controllers.len(), 0);
                 }
                 if !controllers.iter().any(|(index, _)| *index == slot.0) {
                     controllers.push((slot.0, model));
                 }
-                let (index, unit) = *slot;
+                let (index, n) = *slot;
                 slot.1 += 1;
+                // One disk per SCSI target, LUN 0: QEMU's pvscsi takes no other LUN, and
+                // libvirt gives every model but lsilogic `scsi-id` from the target and `lun`
+                // from the unit (virtio-scsi takes either).
+                let (target, unit) = if model == "lsilogic" { (0, n) } else { (n, 0) };
                 (
                     dev.clone(),
                     "scsi",
                     format!(
                         "\n      <address type='drive' controller='{index}' bus='0' \
-                         target='0' unit='{unit}'/>"
+                         target='{target}' unit='{unit}'/>"
                     ),
                     format!("{dev} on a {model} SCSI controller"),
                 )

@@ -51,8 +51,14 @@ fn bus_for(controller: &Controller, how: DiskBus) -> Result<(Bus, Option<&'stati
             ),
             Controller::Scsi(model) => match model.as_str() {
                 "pvscsi" | "vmpvscsi" => (Bus::Scsi("pvscsi"), None),
-                "lsilogic" => (Bus::Scsi("lsilogic"), None),
                 "lsisas1068" => (Bus::Scsi("lsisas1068"), None),
+                "lsilogic" => (
+                    Bus::Sata,
+                    Some(
+                        "QEMU's lsilogic is a 53C895A, ESXi's an LSI 53C1030 (another \
+                         driver): SATA, which every guest boots from",
+                    ),
+                ),
                 _ => (
                     Bus::Sata,
                     Some("ESXi has no such SCSI controller; every guest boots from SATA"),
@@ -85,6 +91,9 @@ fn prefix(bus: Bus) -> &'static str {
         Bus::Nvme => "nvme",
     }
 }
+
+/// NICs an ESXi VM may have.
+const MAX_NICS: usize = 10;
 
 /// ESXi's `guestOS` for the guest the source describes.
 fn guest_os(m: &Machine) -> (&'static str, Option<&'static str>) {
@@ -149,7 +158,17 @@ pub(super) fn render(
         to: Some(format!("guestOS = {os}")),
         note: os_note.map(str::to_owned),
     });
-    put("memSize", &m.memory_mib.to_string());
+    // ESXi takes memory in multiples of 4 MB.
+    let memory = (m.memory_mib / 4 * 4).max(4);
+    put("memSize", &memory.to_string());
+    if memory != m.memory_mib {
+        report.push(DeviceReport {
+            device: "memory".to_owned(),
+            from: format!("{} MiB", m.memory_mib),
+            to: Some(format!("memSize = {memory}")),
+            note: Some("ESXi takes memory in multiples of 4 MB".to_owned()),
+        });
+    }
     put("numvcpus", &m.vcpus.to_string());
     put("cpuid.coresPerSocket", &m.cores_per_socket.to_string());
     match m.firmware {
@@ -221,9 +240,10 @@ pub(super) fn render(
             let number = used_numbers.entry(kind).or_insert(0);
             if *number == controllers(bus) {
                 return Err(format!(
-                    "disk {}: every {kind} controller ESXi allows is full; pass --disk-bus \
-                     to spread the disks",
-                    disk.device
+                    "disk {}: the {} {kind} controllers ESXi allows are full; choose a bus \
+                     with room for every disk (--disk-bus sata: 120, scsi: 252)",
+                    disk.device,
+                    controllers(bus)
                 ));
             }
             open.insert(bus, (*number, 0));
@@ -289,6 +309,15 @@ pub(super) fn render(
         }
     };
     for (n, nic) in m.nics.iter().enumerate() {
+        if n >= MAX_NICS {
+            report.push(DeviceReport {
+                device: nic.label.clone(),
+                from: format!("{} NIC", nic.model),
+                to: None,
+                note: Some(format!("not carried over: ESXi takes {MAX_NICS} NICs")),
+            });
+            continue;
+        }
         let key = |attribute: &str| format!("ethernet{n}.{attribute}");
         put(&key("present"), "TRUE");
         put(&key("virtualDev"), model);
