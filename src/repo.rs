@@ -28,6 +28,7 @@ pub mod lease;
 mod local;
 mod location;
 mod manifest;
+mod pool;
 mod prune;
 mod read;
 mod restore;

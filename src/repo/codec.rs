@@ -9,7 +9,7 @@ use std::cell::RefCell;
 
 use bytes::Bytes;
 
-use super::{ChunkId, RepoError};
+use super::{pool, ChunkId, RepoError};
 
 /// zstd level for chunks: level 1 keeps a backup well above disk speed on two cores, and the
 /// ratio on VM disks is close to level 3's (see docs/decisions/0002-chunk-format.md).
@@ -51,8 +51,39 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         Ok(n) => n.map_or(max_len, |n| n as usize),
         Err(_) => return Err(corrupt("not a zstd frame".into())),
     };
+    // Into a slot of the pool for this chunk size (huge pages, reused), where there is one.
+    if max_len >= pool::MIN_SLOT {
+        if let Some(mut slot) = pool::Slot::get(max_len) {
+            let n = with_decompressor(id, |d| {
+                d.decompress_to_buffer(stored, &mut slot.as_mut_slice()[..size])
+            })?;
+            let data = slot.freeze(n);
+            let actual = ChunkId::of(&data);
+            if actual != *id {
+                return Err(corrupt(format!("its bytes hash to {actual}")));
+            }
+            return Ok(data);
+        }
+    }
     // As big as the frame says, not as big as a chunk may be.
     let mut out = Vec::with_capacity(size);
+    with_decompressor(id, |d| d.decompress_to_buffer(stored, &mut out))?;
+    // A frame that did not state its size does not keep a whole chunk's capacity.
+    out.shrink_to_fit();
+    let data = out;
+    let actual = ChunkId::of(&data);
+    if actual != *id {
+        return Err(corrupt(format!("its bytes hash to {actual}")));
+    }
+    Ok(Bytes::from(data))
+}
+
+/// Runs `f` with this thread's decompression context; a zstd error is a corrupt chunk.
+fn with_decompressor<T>(
+    id: &ChunkId,
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> std::io::Result<T>,
+) -> Result<T, RepoError> {
+    let corrupt = |what: String| RepoError::CorruptChunk { chunk: *id, what };
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -64,17 +95,8 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         let Some(d) = slot.as_mut() else {
             unreachable!("set just above")
         };
-        d.decompress_to_buffer(stored, &mut out)
-            .map_err(|e| corrupt(format!("zstd: {e}")))
-    })?;
-    // A frame that did not state its size does not keep a whole chunk's capacity.
-    out.shrink_to_fit();
-    let data = out;
-    let actual = ChunkId::of(&data);
-    if actual != *id {
-        return Err(corrupt(format!("its bytes hash to {actual}")));
-    }
-    Ok(Bytes::from(data))
+        f(d).map_err(|e| corrupt(format!("zstd: {e}")))
+    })
 }
 
 #[cfg(test)]
@@ -107,6 +129,34 @@ mod tests {
         let stored = compress(&data).unwrap();
         let err = decode(&ChunkId::of(&data), &stored, 4096).unwrap_err();
         assert!(err.to_string().contains("more than the 4096"), "{err}");
+    }
+
+    #[test]
+    fn chunks_of_pooled_sizes_round_trip_and_are_checked() {
+        let max = 1 << 20;
+        for len in [max, max - 4096, 70_000, 1] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 13 % 253) as u8).collect();
+            let id = ChunkId::of(&data);
+            let stored = compress(&data).unwrap();
+            let out = decode(&id, &stored, max).unwrap();
+            assert_eq!(out.len(), len);
+            assert!(out[..] == data[..], "{len}");
+            let other = compress(&data[..len / 2]).unwrap();
+            let err = decode(&id, &other, max).unwrap_err().to_string();
+            assert!(err.contains("hash to"), "{err}");
+        }
+        // A frame that does not state its size decodes into a whole slot.
+        let data = vec![9u8; 200_000];
+        let mut no_size = Vec::new();
+        let mut e = zstd::stream::Encoder::new(&mut no_size, 1).unwrap();
+        e.include_contentsize(false).unwrap();
+        std::io::Write::write_all(&mut e, &data).unwrap();
+        e.finish().unwrap();
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&no_size).unwrap(),
+            None
+        );
+        assert!(decode(&ChunkId::of(&data), &no_size, max).unwrap()[..] == data[..]);
     }
 
     #[test]
