@@ -51,8 +51,10 @@ pub(crate) fn decode(id: &ChunkId, stored: &[u8], max_len: usize) -> Result<Byte
         Ok(n) => n.map_or(max_len, |n| n as usize),
         Err(_) => return Err(corrupt("not a zstd frame".into())),
     };
-    // Into a slot of the pool for this chunk size (huge pages, reused), where there is one.
-    if max_len >= pool::MIN_SLOT {
+    // A chunk of about the chunk size goes into a slot of the pool for that size (huge pages,
+    // reused); a short one (a disk's last), and what is not a chunk (a config, up to 16 MiB),
+    // into a buffer of the size the frame states.
+    if size >= max_len / 2 {
         if let Some(mut slot) = pool::Slot::get(max_len) {
             let n = with_decompressor(id, |d| {
                 d.decompress_to_buffer(stored, &mut slot.as_mut_slice()[..size])

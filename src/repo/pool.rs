@@ -8,8 +8,9 @@
 //! `madvise(MADV_HUGEPAGE)` memory faults once per 2 MiB, and a slot that comes back is reused
 //! without a fault at all, as a busy agent's cache evicts and refills.
 //!
-//! Owns: the regions (mapped once, never unmapped: the pool's size follows the most chunks held
-//! at once, which the caches bound) and the free slots of each slot size.
+//! Owns: the regions (mapped once, never unmapped; their memory is resident for the slots in
+//! use and up to 64 MiB of free ones, the rest given back with `MADV_DONTNEED`) and the free
+//! slots of each slot size (64 KiB to 8 MiB).
 //! Must not: hand out a slot twice (a slot is either in its pool's free list or owned by exactly
 //! one [`Slot`], which gives it back once, on drop), or expose memory that was never written:
 //! fresh anonymous memory is zero, and a reused slot holds an earlier chunk, so every byte of a
@@ -25,10 +26,14 @@ const HUGE: usize = 2 << 20;
 /// A region is at least this large (and holds at least [`MIN_SLOTS`] slots).
 const REGION: usize = 64 << 20;
 const MIN_SLOTS: usize = 16;
-/// Smallest slot the pool serves; smaller buffers come from the allocator.
+/// Slot sizes the pool serves; others come from the allocator.
 pub(crate) const MIN_SLOT: usize = 64 << 10;
+pub(crate) const MAX_SLOT: usize = 8 << 20;
+/// Free slots kept resident per pool; a slot given back beyond these is given back to the
+/// kernel too (`MADV_DONTNEED`), so a passing peak of chunks in flight does not stay resident.
+const KEEP_FREE_BYTES: usize = 64 << 20;
 
-/// The pools by slot size (a process has one or two chunk sizes: one per open repository).
+/// The pools by slot size (a media agent has one: its repository's chunk size).
 static POOLS: Mutex<Vec<&'static Pool>> = Mutex::new(Vec::new());
 
 struct Pool {
@@ -48,25 +53,26 @@ pub(crate) struct Slot {
 // SAFETY: a Slot owns its memory exclusively (like a Box<[u8]>) until it is dropped; the pool
 // is a 'static with its own lock.
 unsafe impl Send for Slot {}
-// SAFETY: as above; shared access only reads.
-unsafe impl Sync for Slot {}
 
 impl Slot {
-    /// A slot of at least `size` bytes (`size` >= [`MIN_SLOT`]), or None when no memory could
-    /// be mapped (the caller falls back to the allocator).
+    /// A slot of at least `size` bytes, or None for a size outside [`MIN_SLOT`] ..=
+    /// [`MAX_SLOT`] or when no memory could be mapped (the caller uses the allocator).
     pub(crate) fn get(size: usize) -> Option<Slot> {
+        if !(MIN_SLOT..=MAX_SLOT).contains(&size) {
+            return None;
+        }
         let slot = size.div_ceil(4096) * 4096;
         let pool = pool_for(slot);
-        let addr = {
-            let mut free = pool.free.lock().unwrap_or_else(|p| p.into_inner());
-            match free.pop() {
-                Some(addr) => addr,
-                None => {
-                    let base = map_region(slot)?;
-                    let count = region_size(slot) / slot;
-                    free.extend((1..count).map(|i| base + i * slot));
-                    base
-                }
+        let popped = pool.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let addr = match popped {
+            Some(addr) => addr,
+            None => {
+                // Mapped without the lock: slots given back meanwhile are not held up.
+                let base = map_region(slot)?;
+                let count = region_size(slot) / slot;
+                let mut free = pool.free.lock().unwrap_or_else(|p| p.into_inner());
+                free.extend((1..count).map(|i| base + i * slot));
+                base
             }
         };
         Some(Slot {
@@ -83,9 +89,15 @@ impl Slot {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.pool.slot) }
     }
 
-    /// The chunk: the first `len` bytes of the slot.
+    /// The chunk: the first `len` bytes of the slot (`len` at most the slot's size: what a
+    /// decoder wrote into [`Slot::as_mut_slice`]).
     pub(crate) fn freeze(mut self, len: usize) -> Bytes {
-        self.len = len.min(self.pool.slot);
+        assert!(
+            len <= self.pool.slot,
+            "a slot holds {} bytes",
+            self.pool.slot
+        );
+        self.len = len;
         Bytes::from_owner(self)
     }
 }
@@ -100,6 +112,17 @@ impl AsRef<[u8]> for Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut free = self.pool.free.lock().unwrap_or_else(|p| p.into_inner());
+        if free.len() * self.pool.slot >= KEEP_FREE_BYTES {
+            // SAFETY: the slot lies in a live mapping and is owned by this Slot alone; its
+            // pages read as zeros afterwards, which is still initialised memory.
+            unsafe {
+                libc::madvise(
+                    self.ptr.as_ptr().cast(),
+                    self.pool.slot,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
         free.push(self.ptr.as_ptr() as usize);
     }
 }
