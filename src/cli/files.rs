@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use super::progress::Bar;
 use super::{human, RepoArgs, SnapshotArgs};
 use crate::guestfs::{Entry, EntryKind, GuestFiles};
+use crate::repo::lease::{random_name, LeaseHolder, LeaseKind, SnapshotUse};
 
 #[derive(Debug, Subcommand)]
 pub enum FilesCommand {
@@ -64,18 +65,36 @@ pub async fn run(c: FilesCommand) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Opens the snapshot's disks. With `lease_for`, first takes a restore lease on the snapshot
+/// (as `restore` does: neither forgotten nor pruned while the copy runs; decision 0017).
 async fn open(
     repo: &RepoArgs,
     snapshot: &SnapshotArgs,
     disk: Option<&str>,
-) -> anyhow::Result<Arc<GuestFiles>> {
+    lease_for: Option<String>,
+) -> anyhow::Result<(Arc<GuestFiles>, Option<Arc<LeaseHolder>>)> {
     let repo = repo.open().await?;
     let info = snapshot.resolve(&repo).await?;
+    let lease = match lease_for {
+        Some(what) => Some(
+            repo.take_lease(
+                random_name(LeaseKind::Restore),
+                LeaseKind::Restore,
+                "files get".into(),
+                vec![SnapshotUse {
+                    snapshot: info.id,
+                    what,
+                }],
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let snap = repo.snapshot(&info.id).await?;
     let files = GuestFiles::open(&snap, disk)
         .await
         .with_context(|| format!("snapshot {}", info.name))?;
-    Ok(Arc::new(files))
+    Ok((Arc::new(files), lease))
 }
 
 fn mtime(e: &Entry) -> String {
@@ -94,7 +113,7 @@ fn kind_char(k: EntryKind) -> char {
 }
 
 async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
-    let files = open(&a.repo, &a.snapshot, a.disk.as_deref()).await?;
+    let (files, _) = open(&a.repo, &a.snapshot, a.disk.as_deref(), None).await?;
     let listing = files
         .list(&a.path)
         .await
@@ -143,10 +162,16 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn get(a: GetArgs) -> anyhow::Result<ExitCode> {
-    let files = open(&a.repo, &a.snapshot, a.disk.as_deref()).await?;
+    let what = format!("files get into {}", a.to.display());
+    let (files, lease) = open(&a.repo, &a.snapshot, a.disk.as_deref(), Some(what)).await?;
     let bar = Arc::new(Bar::new(&format!("get {}", files.snapshot()), true, a.json));
     let summary = files.get(&a.paths, &a.to, bar.clone()).await;
     bar.finish();
+    if let Some(lease) = lease {
+        if let Err(e) = lease.release().await {
+            tracing::warn!(error = %e, "cannot remove the lease of files get; it expires by itself");
+        }
+    }
     let s = summary.with_context(|| format!("files get from snapshot {}", files.snapshot()))?;
     if a.json {
         super::print_json(&s)?;
