@@ -278,7 +278,8 @@ fn fixture() -> Fixture {
     let script = dir.join("gpt.sfdisk");
     std::fs::write(
         &script,
-        "label: gpt\nunit: sectors\nstart=2048, size=102400\nstart=104448, size=20480\n",
+        "label: gpt\nunit: sectors\nstart=2048, size=102400\nstart=104448, size=20480\n\
+         start=124928, size=2048\nstart=126976, size=2048\n",
     )
     .unwrap();
     sfdisk(&gpt, &script);
@@ -292,6 +293,17 @@ fn fixture() -> Fixture {
         f.write_all_at(&[0xff; 4096], 4096).unwrap();
     }
     dd_into(&gpt, &bad, st[&format!("{}2", s(&gpt))]);
+    // Volumes known by their magic that this step does not open: an NTFS boot sector, a LUKS
+    // header.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&gpt).unwrap();
+        let ntfs = st[&format!("{}3", s(&gpt))] * 512;
+        f.write_all_at(b"\xebR\x90NTFS    ", ntfs).unwrap();
+        f.write_all_at(b"\x55\xaa", ntfs + 510).unwrap();
+        f.write_all_at(b"LUKS\xba\xbe\x00\x02", st[&format!("{}4", s(&gpt))] * 512)
+            .unwrap();
+    }
 
     let cfg = kvm_config(&dir, "gf", &[("mbr.img", "raw"), ("gpt.img", "raw")]);
     let repo = repo_with_backup(&dir, &cfg);
@@ -362,12 +374,33 @@ fn files_ls_and_get_give_back_what_the_debian_tools_put_in() {
             ("/vda/part5".into(), "fat32".into(), 133120 * 512),
             ("/vdb/part1".into(), "ext4".into(), 102400 * 512),
             ("/vdb/part2".into(), "ext4".into(), 20480 * 512),
+            ("/vdb/part3".into(), "ntfs".into(), 2048 * 512),
+            ("/vdb/part4".into(), "luks".into(), 2048 * 512),
         ]
     );
+    let reasons: Vec<&str> = top["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v["reason"].as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            "ntfs: not supported yet",
+            "luks: encrypted, cannot be opened without its key"
+        ]
+    );
+    let text = livemount_ok(&["files", "ls", "gf", "--repo", repo]);
+    assert!(text.contains("(ntfs: not supported yet)"), "{text}");
+    let ntfs = livemount(&["files", "ls", "gf", "/vdb/part3/x", "--repo", repo]);
+    assert!(!ntfs.status.success());
+    let err = String::from_utf8_lossy(&ntfs.stderr);
+    assert!(err.contains("/vdb/part3: ntfs: not supported yet"), "{err}");
     let only_b = json(&[
         "files", "ls", "gf", "--disk", "vdb", "--repo", repo, "--json",
     ]);
-    assert_eq!(only_b["volumes"].as_array().unwrap().len(), 2);
+    assert_eq!(only_b["volumes"].as_array().unwrap().len(), 4);
 
     // ls of the ext4 root: names, links and their targets.
     let text = livemount_ok(&["files", "ls", "gf", "/vda/part1", "--repo", repo]);
