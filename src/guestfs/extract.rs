@@ -16,6 +16,7 @@
 //! - Hard links: the readers do not give inode numbers, so each name of a hard-linked file is
 //!   copied as a file of its own (same bytes).
 //! - A file that fails midway is removed; what was copied before stays (the error says so).
+//! - The file system DIR is on is synced (`syncfs`) before the summary is given.
 
 use std::ffi::OsStr;
 use std::io::Write;
@@ -354,6 +355,8 @@ pub(crate) fn get(
         let fd = open_dir(&root, &item.out).map_err(|e| out_err(path.clone(), e.to_string()))?;
         set_attrs(&fd, &item.entry, is_root).map_err(|e| out_err(path, e.to_string()))?;
     }
+    // On disk before the summary says copied: one sync of the file system DIR is on.
+    rustix::fs::syncfs(&root).map_err(|e| out_err(to.into(), format!("cannot sync it: {e}")))?;
     s.seconds = started.elapsed().as_secs_f64();
     Ok(s)
 }
@@ -361,6 +364,186 @@ pub(crate) fn get(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guestfs::FsKind;
+
+    fn e(name: &[u8], kind: EntryKind, target: Option<&[u8]>) -> Entry {
+        Entry {
+            name: String::from_utf8_lossy(name).into_owned(),
+            raw_name: name.to_vec(),
+            kind,
+            size: if kind == EntryKind::File { 3 } else { 0 },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime: 1_600_000_000,
+            mtime_nsec: 0,
+            target: None,
+            raw_target: target.map(<[u8]>::to_vec),
+        }
+    }
+
+    /// A guest whose every folder lists `children` (so a folder holds itself: a loop).
+    struct Hostile {
+        children: Vec<Entry>,
+    }
+
+    impl FsView for Hostile {
+        fn stat(&mut self, path: &[Vec<u8>]) -> Result<Entry, String> {
+            match path.last() {
+                None => Ok(e(b"/", EntryKind::Dir, None)),
+                Some(n) => self
+                    .children
+                    .iter()
+                    .find(|c| &c.raw_name == n)
+                    .cloned()
+                    .ok_or_else(|| "no such file or folder".into()),
+            }
+        }
+        fn list(&mut self, _: &[Vec<u8>]) -> Result<Vec<Entry>, String> {
+            Ok(self.children.clone())
+        }
+        fn copy(
+            &mut self,
+            _: &[Vec<u8>],
+            _: u64,
+            out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        ) -> Result<(), String> {
+            out(b"abc").map_err(|e| e.to_string())
+        }
+    }
+
+    fn source(children: Vec<Entry>) -> Source {
+        let vol = Volume {
+            path: "/vda/part1".into(),
+            device: "vda".into(),
+            disk: 0,
+            kind: FsKind::Ext4,
+            start: 0,
+            size: 1 << 20,
+            reason: None,
+        };
+        (vol, Vec::new(), Box::new(Hostile { children }))
+    }
+
+    fn run(children: Vec<Entry>, to: &Path) -> Result<GetSummary, GuestFsError> {
+        get(vec![source(children)], to, &crate::repo::NoProgress)
+    }
+
+    fn tree(root: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for x in std::fs::read_dir(&d).unwrap() {
+                let p = x.unwrap().path();
+                if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                    stack.push(p.clone());
+                }
+                out.push(p);
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn hostile_names_are_refused_before_anything_is_written() {
+        for bad in [&b".."[..], b".", b"", b"a/b", b"../../etc", b"x\0y"] {
+            let tmp = tempfile::tempdir().unwrap();
+            let to = tmp.path().join("out");
+            let kids = vec![
+                e(b"ok.txt", EntryKind::File, None),
+                e(bad, EntryKind::File, None),
+            ];
+            let err = run(kids, &to).unwrap_err().to_string();
+            assert!(err.contains("nothing was copied"), "{bad:?}: {err}");
+            assert!(
+                !to.exists() || tree(&to).is_empty(),
+                "{bad:?}: {:?}",
+                tree(&to)
+            );
+            assert_eq!(tree(tmp.path()).len(), usize::from(to.exists()));
+        }
+    }
+
+    #[test]
+    fn a_folder_that_holds_itself_is_an_error_not_a_hang() {
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path().join("out");
+        let err = run(vec![e(b"d", EntryKind::Dir, None)], &to)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nested more than"), "{err}");
+        assert!(!to.exists());
+    }
+
+    #[test]
+    fn a_link_and_a_folder_of_one_name_never_write_through_the_link() {
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        let to = tmp.path().join("out");
+        let target = outside.as_os_str().as_bytes().to_vec();
+        // The link comes first; the folder of the same name (and the file in it) cannot follow.
+        let kids = vec![
+            e(b"a", EntryKind::Symlink, Some(&target)),
+            e(b"a", EntryKind::Dir, None),
+        ];
+        // Every folder lists the same two entries: a loop too, cut by the depth bound.
+        let err = run(kids.clone(), &to).unwrap_err().to_string();
+        assert!(err.contains("nested more than"), "{err}");
+        // Without the loop: the folder entry is a file of the same name.
+        let kids = vec![
+            e(b"a", EntryKind::Symlink, Some(&target)),
+            e(b"a", EntryKind::File, None),
+        ];
+        let err = run(kids, &to).unwrap_err().to_string();
+        assert!(
+            err.contains("File exists") || err.contains("exists"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(std::fs::symlink_metadata(to.join("part1/a"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+    }
+
+    #[test]
+    fn an_existing_name_is_refused_and_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path().join("out");
+        std::fs::create_dir_all(to.join("part1")).unwrap();
+        std::fs::write(to.join("part1/keep"), b"mine").unwrap();
+        let err = run(vec![e(b"keep", EntryKind::File, None)], &to)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("exists already"), "{err}");
+        assert_eq!(std::fs::read(to.join("part1/keep")).unwrap(), b"mine");
+    }
+
+    #[test]
+    fn a_plain_tree_is_copied_with_its_times_and_modes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let to = tmp.path().join("out");
+        let mut f = e(b"f", EntryKind::File, None);
+        f.mode = 0o640;
+        let s = get(
+            vec![(
+                source(vec![]).0,
+                vec![b"f".to_vec()],
+                Box::new(Hostile { children: vec![f] }),
+            )],
+            &to,
+            &crate::repo::NoProgress,
+        )
+        .unwrap();
+        assert_eq!((s.files, s.bytes), (1, 3));
+        let m = std::fs::metadata(to.join("f")).unwrap();
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        assert_eq!(m.permissions().mode() & 0o7777, 0o640);
+        assert_eq!(m.mtime(), 1_600_000_000);
+        assert_eq!(std::fs::read(to.join("f")).unwrap(), b"abc");
+    }
 
     #[test]
     fn names_from_the_guest_are_checked() {
