@@ -16,6 +16,7 @@ use crate::repo::{RepoError, RepoLocation, Repository, S3Config, SnapshotInfo, S
 
 mod backup;
 mod backups;
+mod files;
 mod forget;
 mod mount;
 mod mounts;
@@ -65,6 +66,10 @@ enum Command {
     Prune(prune::PruneArgs),
     /// Restore a snapshot in full (config and raw disks) into a folder.
     Restore(restore::RestoreArgs),
+    /// Guest files: list the volumes, folders and files inside a snapshot's disks, or copy
+    /// some out, without starting the VM.
+    #[command(subcommand)]
+    Files(files::FilesCommand),
     /// Run the media agent: serve live mounts as an NFSv3 datastore.
     Serve(serve::ServeArgs),
     /// Live-mount a snapshot: a folder in the datastore a hypervisor runs the VM from.
@@ -257,6 +262,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Show(a) => show::run(a).await,
         Command::Verify(a) => verify::run(a).await,
         Command::Restore(a) => restore::run(a).await,
+        Command::Files(c) => files::run(c).await,
         Command::Forget(a) => forget::run(a).await,
         Command::Prune(a) => prune::run(a).await,
         Command::Serve(a) => serve::run(a, umask).await,

@@ -14,6 +14,8 @@
 //! - [`relocate`]: moving a live-mounted VM's disks to primary storage while it runs.
 //! - [`durable`]: replacing files atomically and durably, durable new names, the umask.
 //! - [`allow`]: the client address allow-list every server checks (NFS, portmapper, NBD, iSCSI).
+//! - [`guestfs`]: the volumes and files inside a snapshot's disks (partition tables, ext2/3/4,
+//!   FAT), read through the repository, for `files ls` and `files get`.
 //!
 //! Data flow of a backup: VM config -> `vmconfig` -> disks opened by `disk` -> `repo::ingest`
 //! cuts blocks, hashes, deduplicates, compresses -> `ChunkStore` -> manifest.
@@ -31,6 +33,7 @@ pub mod datastore;
 pub mod disk;
 pub mod durable;
 pub mod fetch;
+pub mod guestfs;
 pub mod iscsi;
 pub mod metrics;
 pub mod mount;

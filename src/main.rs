@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     // the repository holds whole disks (docs/decisions/0013-private-files-by-umask.md).
     livemount::durable::set_umask(livemount::durable::Umask::PRIVATE);
     let filter = tracing_subscriber::EnvFilter::try_from_env("LIVEMOUNT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,fatfs=error"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

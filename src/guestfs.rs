@@ -1,0 +1,550 @@
+//! Guest files: the volumes and files inside a snapshot's disks, read without booting anything.
+//!
+//! Owns: finding volumes on a snapshot's disks (MBR with extended partitions, GPT, a file
+//! system on the whole disk; `parts.rs`), telling their kind by magic, opening ext2/3/4
+//! (`ext4-view`, `ext.rs`) and FAT12/16/32 (`fatfs`, `fat.rs`) read-only, listing folders and
+//! copying files and folders out into a folder of the host (`extract.rs`).
+//!
+//! Must not: write to a disk (the readers' write side is an error), trust anything a guest's
+//! bytes say (sizes, counts, offsets, names are hostile input: every loop and allocation is
+//! bounded by a documented const), follow a guest's symbolic link on the host, or write
+//! outside the folder it was given.
+//!
+//! Threads: the file system crates are synchronous and single-threaded (`ext4-view` holds an
+//! `Rc`), so each operation runs whole on one blocking thread (`spawn_blocking`); its disk
+//! reads go through [`reader::DiskReader`], which waits for the repository's async read path
+//! (`DiskImage::read_at`: every chunk checked against its digest) with `Handle::block_on` and
+//! keeps the last chunks it read, so that metadata reads do not fetch a chunk again.
+//!
+//! Names: a volume is `/DEVICE/partN` (MBR primaries 1-4, logicals from 5; GPT by entry), or
+//! `/DEVICE/whole` for a file system on the whole disk, DEVICE the disk's device in the
+//! config made path-safe (`scsi0:0` -> `scsi0-0`). A path inside a volume follows it:
+//! `/vda/part2/etc/hostname`.
+
+mod ext;
+mod extract;
+mod fat;
+pub mod fuzzing;
+pub mod parts;
+mod reader;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::repo::{DiskImage, Progress, RepoError, Snapshot};
+
+pub use extract::GetSummary;
+pub use parts::FsKind;
+pub use reader::{DiskReader, MemDisk};
+
+/// Deepest folder a walk goes into (below the path asked for).
+pub const MAX_DEPTH: usize = 256;
+/// The most entries one `ls` of a folder or one `get` takes; past it is an error, not a cut.
+pub const MAX_ENTRIES: usize = 1_000_000;
+
+/// A source of bytes at any offset: a disk of a snapshot, or one in memory (tests, fuzzing).
+pub trait ReadAt {
+    /// The size in bytes.
+    fn size(&self) -> u64;
+    /// Fills `buf` from `offset`; reading past the end is an error.
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), GuestFsError>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GuestFsError {
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(
+        "{path}: no such volume in snapshot {snapshot}; `livemount files ls {snapshot}` lists its \
+         volumes"
+    )]
+    NoVolume { snapshot: String, path: String },
+    #[error("{volume}: {reason}")]
+    NotOpenable { volume: String, reason: String },
+    #[error(
+        "{volume}: cannot open its {kind} file system: {what} (the volume is damaged or uses a \
+         feature this version does not read)"
+    )]
+    Open {
+        volume: String,
+        kind: &'static str,
+        what: String,
+    },
+    #[error("{volume}{path}: {what}")]
+    Fs {
+        volume: String,
+        path: String,
+        what: String,
+    },
+    #[error("disk {disk}: cannot read {len} bytes at byte {offset}: {what}")]
+    Read {
+        disk: String,
+        offset: u64,
+        len: usize,
+        what: String,
+    },
+    #[error("{path}: {what}")]
+    Output { path: PathBuf, what: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("guest files task failed: {0}")]
+    Task(String),
+}
+
+/// One volume of a snapshot: a partition or a whole disk.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Volume {
+    /// `/vda/part1`.
+    pub path: String,
+    /// The disk's device in the config (`vda`, `scsi0:0`).
+    pub device: String,
+    /// Index of the disk in the snapshot.
+    #[serde(skip)]
+    pub disk: usize,
+    #[serde(rename = "type")]
+    pub kind: FsKind,
+    /// Byte offset on its disk.
+    pub start: u64,
+    pub size: u64,
+    /// Why it cannot be opened, if it cannot.
+    pub reason: Option<String>,
+}
+
+/// What an entry of a folder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EntryKind {
+    File,
+    Dir,
+    Symlink,
+    /// A device, FIFO or socket: listed, never copied.
+    Special,
+}
+
+/// One file, folder or link inside a volume.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Entry {
+    /// The name as text (bytes that are not UTF-8 shown as U+FFFD).
+    pub name: String,
+    #[serde(skip)]
+    pub raw_name: Vec<u8>,
+    pub kind: EntryKind,
+    pub size: u64,
+    /// Permission bits (`0o7777` part of the mode).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time: seconds and nanoseconds since the Unix epoch.
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// A symbolic link's target, as text.
+    pub target: Option<String>,
+    #[serde(skip)]
+    pub raw_target: Option<Vec<u8>>,
+}
+
+/// A path inside a volume, as its names (bytes).
+pub type GuestPath = Vec<Vec<u8>>;
+
+/// Shows a guest path as `/a/b`.
+pub fn show_path(p: &[Vec<u8>]) -> String {
+    if p.is_empty() {
+        return "/".into();
+    }
+    p.iter()
+        .map(|c| format!("/{}", String::from_utf8_lossy(c)))
+        .collect()
+}
+
+/// A file system opened read-only. Errors are the `what` of a [`GuestFsError::Fs`].
+pub(crate) trait FsView {
+    /// The entry at `path`, not following a final symbolic link; `[]` is the root.
+    fn stat(&mut self, path: &[Vec<u8>]) -> Result<Entry, String>;
+    /// The entries of the folder at `path` (without `.` and `..`), at most [`MAX_ENTRIES`].
+    fn list(&mut self, path: &[Vec<u8>]) -> Result<Vec<Entry>, String>;
+    /// Streams the regular file at `path`, whose size is `size`, into `out`.
+    fn copy(
+        &mut self,
+        path: &[Vec<u8>],
+        size: u64,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), String>;
+}
+
+/// A path-safe name for a disk's device: `scsi0:0` -> `scsi0-0`.
+pub fn device_name(device: &str, index: usize) -> String {
+    let s: String = device
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if s.is_empty() || s.chars().all(|c| c == '.') {
+        format!("disk{index}")
+    } else {
+        s
+    }
+}
+
+/// The volumes of one disk. A damaged partition table is one volume (the disk) whose reason
+/// says what was wrong; reading the disk failing is an error.
+pub fn volumes_of(
+    r: &mut dyn ReadAt,
+    device: &str,
+    dev_path: &str,
+    disk: usize,
+) -> Result<Vec<Volume>, GuestFsError> {
+    let size = r.size();
+    let layout = match parts::read_layout(r, size) {
+        Ok(l) => l,
+        Err(e) => {
+            return Ok(vec![Volume {
+                path: format!("/{dev_path}"),
+                device: device.into(),
+                disk,
+                kind: FsKind::Unknown,
+                start: 0,
+                size,
+                reason: Some(format!("damaged partition table: {e}")),
+            }])
+        }
+    };
+    let found: Vec<(String, u64, u64)> = match layout {
+        parts::Layout::Whole => vec![("whole".into(), 0, size)],
+        parts::Layout::Mbr(p) | parts::Layout::Gpt(p) => p
+            .into_iter()
+            .map(|p| (format!("part{}", p.number), p.start, p.len))
+            .collect(),
+    };
+    let mut out = Vec::with_capacity(found.len());
+    for (name, start, len) in found {
+        let n = (len.min(parts::PROBE_BYTES as u64)) as usize;
+        let mut probe = vec![0u8; n];
+        r.read_exact_at(start, &mut probe)?;
+        let kind = parts::detect_fs(&probe);
+        out.push(Volume {
+            path: format!("/{dev_path}/{name}"),
+            device: device.into(),
+            disk,
+            kind,
+            start,
+            size: len,
+            reason: kind.not_openable().map(str::to_string),
+        });
+    }
+    Ok(out)
+}
+
+/// Opens a volume's file system over `disk` (its whole disk).
+pub(crate) fn open_volume(
+    vol: &Volume,
+    disk: reader::Shared,
+) -> Result<Box<dyn FsView>, GuestFsError> {
+    if let Some(reason) = &vol.reason {
+        return Err(GuestFsError::NotOpenable {
+            volume: vol.path.clone(),
+            reason: reason.clone(),
+        });
+    }
+    let window = reader::Window::new(disk, vol.start, vol.size);
+    let opened = match vol.kind {
+        FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => ext::open(window),
+        FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => fat::open(window),
+        other => Err(other.not_openable().unwrap_or("cannot be opened").into()),
+    };
+    opened.map_err(|what| GuestFsError::Open {
+        volume: vol.path.clone(),
+        kind: vol.kind.as_str(),
+        what,
+    })
+}
+
+/// Splits a path given by the user into names; `.` and `..` are refused.
+fn split_user_path(path: &str) -> Result<Vec<String>, GuestFsError> {
+    let mut out = Vec::new();
+    for c in path.split('/').filter(|c| !c.is_empty()) {
+        if c == "." || c == ".." {
+            return Err(GuestFsError::Invalid(format!(
+                "{path}: `.` and `..` are not allowed in a path; name the folder itself"
+            )));
+        }
+        out.push(c.to_string());
+    }
+    Ok(out)
+}
+
+/// The volume a user's path goes into, and the path inside it.
+fn find_volume<'v>(
+    volumes: &'v [Volume],
+    snapshot: &str,
+    path: &str,
+) -> Result<Option<(&'v Volume, GuestPath)>, GuestFsError> {
+    let names = split_user_path(path)?;
+    for v in volumes {
+        let vnames: Vec<&str> = v.path.split('/').filter(|c| !c.is_empty()).collect();
+        if names.len() >= vnames.len() && names.iter().zip(&vnames).all(|(a, b)| a == b) {
+            let rest = names[vnames.len()..]
+                .iter()
+                .map(|s| s.as_bytes().to_vec())
+                .collect();
+            return Ok(Some((v, rest)));
+        }
+    }
+    // A disk or the top: no volume, but a known prefix.
+    let known = names.is_empty()
+        || volumes.iter().any(|v| {
+            let vnames: Vec<&str> = v.path.split('/').filter(|c| !c.is_empty()).collect();
+            names.len() < vnames.len() && names.iter().zip(&vnames).all(|(a, b)| a == b)
+        });
+    if known {
+        Ok(None)
+    } else {
+        Err(GuestFsError::NoVolume {
+            snapshot: snapshot.into(),
+            path: path.into(),
+        })
+    }
+}
+
+/// What `ls` found: the volumes (under the path asked, or all), then the folder's entries.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Listing {
+    pub snapshot: String,
+    pub volumes: Vec<Volume>,
+    /// The path listed inside a volume, if the path went into one.
+    pub path: Option<String>,
+    pub entries: Vec<Entry>,
+}
+
+/// A snapshot's disks, opened for reading guest files.
+pub struct GuestFiles {
+    snapshot: String,
+    disks: Vec<DiskImage>,
+    volumes: Vec<Volume>,
+}
+
+async fn blocking<T, F>(f: F) -> Result<T, GuestFsError>
+where
+    F: FnOnce() -> Result<T, GuestFsError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        if e.is_panic() {
+            GuestFsError::Task(format!(
+                "a reader crashed on a damaged volume ({e}); this is a bug, please report it"
+            ))
+        } else {
+            GuestFsError::Task(e.to_string())
+        }
+    })?
+}
+
+impl GuestFiles {
+    /// Opens every disk of `snap` (or only those `disk` names: device, path-safe device or
+    /// disk name) and finds their volumes.
+    pub async fn open(snap: &Snapshot, disk: Option<&str>) -> Result<GuestFiles, GuestFsError> {
+        let snapshot = snap.manifest.display_name();
+        let mut disks = Vec::new();
+        let mut names = Vec::new();
+        for (i, d) in snap.manifest.disks.iter().enumerate() {
+            let mut dev = device_name(&d.device, i);
+            if names.iter().any(|(_, n): &(String, String)| *n == dev) {
+                dev = format!("{dev}-{i}");
+            }
+            if let Some(want) = disk {
+                if want != d.device && want != dev && want != d.name {
+                    continue;
+                }
+            }
+            disks.push((i, snap.disk(i).await?));
+            names.push((d.device.clone(), dev));
+        }
+        if disks.is_empty() {
+            return Err(GuestFsError::Invalid(format!(
+                "snapshot {snapshot} has no disk {}; `livemount show {snapshot}` lists its disks",
+                disk.unwrap_or("at all")
+            )));
+        }
+        let handle = tokio::runtime::Handle::current();
+        let images: Vec<DiskImage> = disks.iter().map(|(_, d)| d.clone()).collect();
+        let volumes = blocking(move || {
+            let mut out = Vec::new();
+            for (pos, d) in images.into_iter().enumerate() {
+                let (device, dev) = &names[pos];
+                let mut r = DiskReader::new(d, handle.clone());
+                out.extend(volumes_of(&mut r, device, dev, pos)?);
+            }
+            Ok(out)
+        })
+        .await?;
+        Ok(GuestFiles {
+            snapshot,
+            disks: disks.into_iter().map(|(_, d)| d).collect(),
+            volumes,
+        })
+    }
+
+    pub fn snapshot(&self) -> &str {
+        &self.snapshot
+    }
+
+    pub fn volumes(&self) -> &[Volume] {
+        &self.volumes
+    }
+
+    fn open_fs(&self, vol: &Volume) -> Result<Box<dyn FsView>, GuestFsError> {
+        let d = self
+            .disks
+            .get(vol.disk)
+            .cloned()
+            .ok_or_else(|| GuestFsError::Invalid(format!("{}: no disk", vol.path)))?;
+        let r = DiskReader::new(d, tokio::runtime::Handle::current());
+        open_volume(vol, reader::shared(r))
+    }
+
+    /// Lists `path`: the volumes under it (all for `/`), or the folder (or the one entry) it
+    /// names inside a volume.
+    pub async fn list(self: &Arc<Self>, path: &str) -> Result<Listing, GuestFsError> {
+        let this = self.clone();
+        let path = path.to_string();
+        let handle = tokio::runtime::Handle::current();
+        blocking(move || {
+            let _guard = handle.enter();
+            this.list_blocking(&path)
+        })
+        .await
+    }
+
+    fn list_blocking(&self, path: &str) -> Result<Listing, GuestFsError> {
+        let found = find_volume(&self.volumes, &self.snapshot, path)?;
+        let Some((vol, inner)) = found else {
+            let names = split_user_path(path)?;
+            let volumes = self
+                .volumes
+                .iter()
+                .filter(|v| {
+                    let vn: Vec<&str> = v.path.split('/').filter(|c| !c.is_empty()).collect();
+                    names.iter().zip(&vn).all(|(a, b)| a == b)
+                })
+                .cloned()
+                .collect();
+            return Ok(Listing {
+                snapshot: self.snapshot.clone(),
+                volumes,
+                path: None,
+                entries: Vec::new(),
+            });
+        };
+        let mut fs = self.open_fs(vol)?;
+        let fs_err = |what: String, p: &[Vec<u8>]| GuestFsError::Fs {
+            volume: vol.path.clone(),
+            path: show_path(p),
+            what,
+        };
+        let top = fs.stat(&inner).map_err(|w| fs_err(w, &inner))?;
+        let entries = if top.kind == EntryKind::Dir {
+            fs.list(&inner).map_err(|w| fs_err(w, &inner))?
+        } else {
+            vec![top]
+        };
+        Ok(Listing {
+            snapshot: self.snapshot.clone(),
+            volumes: vec![vol.clone()],
+            path: Some(format!(
+                "{}{}",
+                vol.path,
+                if inner.is_empty() {
+                    String::new()
+                } else {
+                    show_path(&inner)
+                }
+            )),
+            entries,
+        })
+    }
+
+    /// Copies the files and folders at `paths` into `to` (made if missing): see `extract.rs`
+    /// for the rules that keep every write inside it.
+    pub async fn get(
+        self: &Arc<Self>,
+        paths: &[String],
+        to: &Path,
+        progress: Arc<dyn Progress>,
+    ) -> Result<GetSummary, GuestFsError> {
+        let this = self.clone();
+        let paths = paths.to_vec();
+        let to = to.to_path_buf();
+        let handle = tokio::runtime::Handle::current();
+        blocking(move || {
+            let _guard = handle.enter();
+            let mut sources = Vec::new();
+            for p in &paths {
+                let Some((vol, inner)) = find_volume(&this.volumes, &this.snapshot, p)? else {
+                    return Err(GuestFsError::Invalid(format!(
+                        "{p}: name a volume or a path inside one (`livemount files ls {}` lists \
+                         them)",
+                        this.snapshot
+                    )));
+                };
+                sources.push((vol.clone(), inner));
+            }
+            let mut opened = Vec::new();
+            for (vol, inner) in sources {
+                let fs = this.open_fs(&vol)?;
+                opened.push((vol, inner, fs));
+            }
+            extract::get(opened, &to, progress.as_ref())
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_are_path_safe() {
+        assert_eq!(device_name("vda", 0), "vda");
+        assert_eq!(device_name("scsi0:0", 0), "scsi0-0");
+        assert_eq!(device_name("", 3), "disk3");
+        assert_eq!(device_name("..", 1), "disk1");
+        assert_eq!(device_name("a/b", 1), "a-b");
+    }
+
+    fn vol(path: &str) -> Volume {
+        Volume {
+            path: path.into(),
+            device: "vda".into(),
+            disk: 0,
+            kind: FsKind::Ext4,
+            start: 0,
+            size: 1,
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn user_paths_find_their_volume() {
+        let vols = [vol("/vda/part1"), vol("/vda/part2")];
+        let (v, rest) = find_volume(&vols, "s", "/vda/part2/etc/x")
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.path, "/vda/part2");
+        assert_eq!(rest, vec![b"etc".to_vec(), b"x".to_vec()]);
+        let (v, rest) = find_volume(&vols, "s", "vda/part1/").unwrap().unwrap();
+        assert_eq!((v.path.as_str(), rest.len()), ("/vda/part1", 0));
+        assert!(find_volume(&vols, "s", "/vda").unwrap().is_none());
+        assert!(find_volume(&vols, "s", "/").unwrap().is_none());
+        assert!(matches!(
+            find_volume(&vols, "s", "/vdb/part1"),
+            Err(GuestFsError::NoVolume { .. })
+        ));
+        assert!(find_volume(&vols, "s", "/vda/part1/../part2").is_err());
+        assert!(find_volume(&vols, "s", "/vda/part10").is_err());
+    }
+}

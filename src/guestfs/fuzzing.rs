@@ -1,0 +1,68 @@
+//! The entry point the `guestfs` fuzz target drives (fuzz/fuzz_targets/guestfs.rs): a disk
+//! image in memory through the partition readers, kind detection and every file system reader
+//! that opens it: stat and list from the root down, read of each file. Any panic, endless
+//! loop or unbounded allocation is a finding; errors are the expected answer to damage.
+
+use super::{open_volume, reader, volumes_of, EntryKind, FsKind, GuestPath, MemDisk};
+
+/// Entries looked at per image, so that one input stays fast.
+const BUDGET: usize = 256;
+/// Bytes read per file.
+const FILE_BYTES: u64 = 1 << 20;
+
+/// Runs the readers over `image`. `kind_hint` forces the kind of a whole-disk volume when the
+/// magic says unknown (so that damaged superblocks reach the file system readers).
+pub fn exercise(image: &[u8], kind_hint: u8) {
+    let disk = reader::shared(MemDisk(image.to_vec()));
+    let vols = {
+        let mut d = disk.borrow_mut();
+        volumes_of(&mut *d, "vda", "vda", 0)
+    };
+    let Ok(mut vols) = vols else {
+        return;
+    };
+    for v in &mut vols {
+        if v.kind == FsKind::Unknown
+            && v.reason
+                .as_deref()
+                .is_some_and(|r| r.starts_with("unknown"))
+        {
+            v.kind = match kind_hint % 3 {
+                0 => FsKind::Ext4,
+                1 => FsKind::Fat16,
+                _ => FsKind::Unknown,
+            };
+            v.reason = v.kind.not_openable().map(str::to_string);
+        }
+        let Ok(mut fs) = open_volume(v, disk.clone()) else {
+            continue;
+        };
+        let mut budget = BUDGET;
+        let mut stack: Vec<GuestPath> = vec![Vec::new()];
+        while let Some(p) = stack.pop() {
+            let Ok(entries) = fs.list(&p) else {
+                continue;
+            };
+            for e in entries {
+                if budget == 0 {
+                    return;
+                }
+                budget -= 1;
+                let mut child = p.clone();
+                child.push(e.raw_name.clone());
+                let _ = fs.stat(&child);
+                match e.kind {
+                    EntryKind::Dir if child.len() < 8 => stack.push(child),
+                    EntryKind::File => {
+                        let mut left = FILE_BYTES;
+                        let _ = fs.copy(&child, e.size.min(FILE_BYTES), &mut |b: &[u8]| {
+                            left = left.saturating_sub(b.len() as u64);
+                            Ok(())
+                        });
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+}

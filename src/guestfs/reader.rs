@@ -1,0 +1,247 @@
+//! Synchronous readers for the file system crates: a snapshot's disk through the repository's
+//! read path (with a small cache of whole chunks), a disk in memory, and a window of either
+//! (one volume) that the crates read as `Ext4Read` or `Read + Seek`.
+//!
+//! Must not: run on a runtime thread (`DiskReader` blocks on the async read); write (the
+//! `Write` side every FAT reader needs is an error).
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use super::{GuestFsError, ReadAt};
+use crate::repo::DiskImage;
+
+/// Chunks a [`DiskReader`] keeps, in bytes (at least two chunks).
+pub const CACHE_BYTES: u64 = 16 << 20;
+
+/// A snapshot's disk read through the repository (chunks checked on every fetch), keeping the
+/// last chunks it read so that small reads of one chunk fetch it once.
+pub struct DiskReader {
+    disk: DiskImage,
+    handle: tokio::runtime::Handle,
+    chunk: u64,
+    keep: usize,
+    cache: VecDeque<(u64, Bytes)>,
+    /// Chunks fetched (cache misses), for tests and figures.
+    pub fetches: u64,
+}
+
+impl DiskReader {
+    pub fn new(disk: DiskImage, handle: tokio::runtime::Handle) -> DiskReader {
+        let chunk = disk.chunk_size().as_u64();
+        DiskReader {
+            keep: (CACHE_BYTES / chunk).max(2) as usize,
+            disk,
+            handle,
+            chunk,
+            cache: VecDeque::new(),
+            fetches: 0,
+        }
+    }
+
+    fn chunk_bytes(&mut self, idx: u64) -> Result<Bytes, GuestFsError> {
+        if let Some(pos) = self.cache.iter().position(|(i, _)| *i == idx) {
+            let hit = self.cache.remove(pos).map(|(_, b)| b).unwrap_or_default();
+            self.cache.push_front((idx, hit.clone()));
+            return Ok(hit);
+        }
+        let offset = idx * self.chunk;
+        let len = (self.disk.size() - offset).min(self.chunk) as usize;
+        let disk = self.disk.clone();
+        let bytes = self
+            .handle
+            .block_on(async move { disk.read_at(offset, len).await })?;
+        self.fetches += 1;
+        if bytes.len() != len {
+            return Err(GuestFsError::Read {
+                disk: self.disk.name().into(),
+                offset,
+                len,
+                what: format!("{} bytes came back", bytes.len()),
+            });
+        }
+        self.cache.push_front((idx, bytes.clone()));
+        self.cache.truncate(self.keep);
+        Ok(bytes)
+    }
+}
+
+impl ReadAt for DiskReader {
+    fn size(&self) -> u64 {
+        self.disk.size()
+    }
+
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), GuestFsError> {
+        check_range(self.disk.name(), self.disk.size(), offset, buf.len())?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let idx = pos / self.chunk;
+            let within = (pos % self.chunk) as usize;
+            let bytes = self.chunk_bytes(idx)?;
+            let n = (bytes.len() - within).min(buf.len() - done);
+            buf[done..done + n].copy_from_slice(&bytes[within..within + n]);
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+fn check_range(disk: &str, size: u64, offset: u64, len: usize) -> Result<(), GuestFsError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(GuestFsError::Read {
+            disk: disk.into(),
+            offset,
+            len,
+            what: format!("past the end of the disk ({size} bytes)"),
+        }),
+    }
+}
+
+/// A disk in memory (tests, fuzzing).
+pub struct MemDisk(pub Vec<u8>);
+
+impl ReadAt for MemDisk {
+    fn size(&self) -> u64 {
+        self.0.len() as u64
+    }
+
+    fn read_exact_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), GuestFsError> {
+        check_range("in memory", self.size(), offset, buf.len())?;
+        let at = offset as usize;
+        buf.copy_from_slice(&self.0[at..at + buf.len()]);
+        Ok(())
+    }
+}
+
+/// A disk shared by the volumes opened on it (one thread).
+pub type Shared = Rc<RefCell<dyn ReadAt>>;
+
+pub fn shared<R: ReadAt + 'static>(r: R) -> Shared {
+    Rc::new(RefCell::new(r))
+}
+
+/// One volume of a disk: bytes `start..start + len`, read as a file of its own.
+pub struct Window {
+    disk: Shared,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Window {
+    pub fn new(disk: Shared, start: u64, len: u64) -> Window {
+        Window {
+            disk,
+            start,
+            len,
+            pos: 0,
+        }
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), GuestFsError> {
+        match offset.checked_add(buf.len() as u64) {
+            Some(end) if end <= self.len => {}
+            _ => {
+                return Err(GuestFsError::Invalid(format!(
+                    "a read of {} bytes at byte {offset} of a volume of {} bytes: past its end",
+                    buf.len(),
+                    self.len
+                )))
+            }
+        }
+        self.disk
+            .try_borrow_mut()
+            .map_err(|_| GuestFsError::Invalid("disk reader re-entered".into()))?
+            .read_exact_at(self.start + offset, buf)
+    }
+}
+
+impl ext4_view::Ext4Read for Window {
+    fn read(
+        &mut self,
+        start_byte: u64,
+        dst: &mut [u8],
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+        self.read_at(start_byte, dst)
+            .map_err(|e| Box::new(std::io::Error::other(e.to_string())) as _)
+    }
+}
+
+impl Read for Window {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        self.read_at(self.pos, &mut buf[..n])
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Seek for Window {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(n) => Some(n),
+            SeekFrom::End(d) => self.len.checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        let new = new.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "seek out of range")
+        })?;
+        self.pos = new;
+        Ok(new)
+    }
+}
+
+/// The FAT reader wants a writable disk; nothing is ever written.
+impl Write for Window {
+    fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "guest volumes are read-only",
+        ))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn window_reads_inside_its_volume_only() {
+        let disk = shared(MemDisk((0..=255u8).collect()));
+        let mut w = Window::new(disk, 16, 32);
+        let mut b = [0u8; 4];
+        w.read_exact(&mut b).unwrap();
+        assert_eq!(b, [16, 17, 18, 19]);
+        w.seek(SeekFrom::Start(30)).unwrap();
+        let mut rest = Vec::new();
+        w.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, vec![46, 47]);
+        assert!(w.read_at(30, &mut [0u8; 4]).is_err());
+        assert!(w.read_at(u64::MAX, &mut [0u8; 4]).is_err());
+        assert!(w.write(&[1]).is_err());
+        assert!(w.seek(SeekFrom::Current(-100)).is_err());
+    }
+
+    #[test]
+    fn mem_disk_refuses_reads_past_its_end() {
+        let mut d = MemDisk(vec![0u8; 10]);
+        assert!(d.read_exact_at(8, &mut [0u8; 4]).is_err());
+        assert!(d.read_exact_at(u64::MAX - 1, &mut [0u8; 4]).is_err());
+        assert!(d.read_exact_at(6, &mut [0u8; 4]).is_ok());
+    }
+}
