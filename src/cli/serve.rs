@@ -505,6 +505,13 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     if !nfs_addr.ip().is_loopback() && allow_items.is_empty() {
         println!("note: only loopback clients are allowed; pass --allow CIDR for your hypervisors");
     }
+    // A service manager (systemd, Type=notify) learns that every port listens now. No
+    // NOTIFY_SOCKET: nothing to tell. A manager that cannot be told is worth a warning only.
+    let serving = format!("serving {} mounts", agent.mounts().len());
+    notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&serving),
+    ]);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -512,6 +519,10 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         _ = term.recv() => {}
     }
     println!("livemount: stopping");
+    notify(&[
+        sd_notify::NotifyState::Stopping,
+        sd_notify::NotifyState::Status("stopping: syncing every mount's writes"),
+    ]);
     cancel.cancel();
     tasks.close();
     tasks.wait().await;
@@ -542,6 +553,13 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// Tells the service manager that started us (`NOTIFY_SOCKET`), if any.
+fn notify(states: &[sd_notify::NotifyState]) {
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::warn!(error = %e, "cannot tell the service manager (NOTIFY_SOCKET)");
+    }
+}
+
 /// A listening address as `--nbd` and `--iscsi` take it: `off`, `ADDR:PORT`, or an
 /// address alone for the protocol's own port. `flag` names the setting in the error.
 fn optional_listen(
@@ -570,6 +588,49 @@ fn optional_listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// contrib/livemount.toml with every commented-out setting and section turned on.
+    fn example_config_uncommented() -> String {
+        include_str!("../../contrib/livemount.toml")
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if is_setting(rest) => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn is_setting(line: &str) -> bool {
+        let key = line.split(" = ").next().unwrap_or("");
+        let ident =
+            |k: &str| !k.is_empty() && k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_');
+        (line.starts_with('[') && line.split(']').next().is_some_and(|k| ident(&k[1..])))
+            || (line.contains(" = ")
+                && (ident(key) || (key.starts_with('"') && key.ends_with('"'))))
+    }
+
+    #[test]
+    fn the_example_config_names_every_setting_and_parses() {
+        let text = example_config_uncommented();
+        let c: ServeConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert!(c.repo.is_some() && c.repository.is_some() && c.slow_repository.is_some());
+        assert!(c.profiles.is_some() && c.retention.is_some() && c.network_map.is_some());
+        assert_eq!(c.state, Some(PathBuf::from("/var/lib/livemount")));
+        // Every field of ServeConfig is in the file (this source file names them).
+        let src = include_str!("serve.rs");
+        let body = &src[src.find("pub struct ServeConfig {\n").unwrap() + 25..];
+        let body = &body[..body.find("\n}").unwrap()];
+        for field in body.lines().filter_map(|l| l.trim().strip_prefix("pub ")) {
+            let name = field.split(':').next().unwrap();
+            let set = format!("\n{name} = ");
+            let section = format!("\n[{name}]");
+            assert!(
+                text.contains(&set) || text.contains(&section),
+                "contrib/livemount.toml does not show the setting {name}"
+            );
+        }
+    }
 
     #[test]
     fn listen_addresses_take_a_port_a_bare_address_or_off() {
