@@ -1107,13 +1107,12 @@ fn add_thin_lv(pv: &LoopPv, dir: &Path, vg: &str) {
     let text = std::fs::read_to_string(&file).unwrap();
     // Free extents of the 15 the PV has: root 0-4, data 5-7, root 8-10; tmeta 11, tdata 12-13.
     let lv = |name: &str, status: &str, seg: &str| {
+        // A UUID of LVM's shape (6-4-4-4-4-4-6 characters), unique by the LV's name.
+        let n = name.replace('_', "");
+        let tail = &n[..n.len().min(6)];
         format!(
-            "{name} {{\nid = \"{id}\"\nstatus = [{status}]\nflags = []\nsegment_count = 1\n\
-             segment1 {{\nstart_extent = 0\n{seg}\n}}\n}}\n",
-            id = format!("thinlv-aaaa-aaaa-aaaa-aaaa-aaaa-{:a>6}", {
-                let n = name.replace('_', "");
-                n[..n.len().min(6)].to_string()
-            }),
+            "{name} {{\nid = \"thinlv-aaaa-aaaa-aaaa-aaaa-aaaa-{tail:a>6}\"\nstatus = [{status}]\n\
+             flags = []\nsegment_count = 1\nsegment1 {{\nstart_extent = 0\n{seg}\n}}\n}}\n"
         )
     };
     let add = [

@@ -36,7 +36,7 @@ pub fn exercise(image: &[u8], kind_hint: u8) {
             };
             v.reason = v.kind.not_openable().map(str::to_string);
         }
-        let Ok(mut fs) = open_volume(v, &[disk.clone()]) else {
+        let Ok(mut fs) = open_volume(v, std::slice::from_ref(&disk)) else {
             continue;
         };
         let mut budget = BUDGET;

@@ -145,7 +145,7 @@ pub fn read_pv(r: &mut dyn ReadAt, start: u64, len: u64) -> Result<PvInfo, Strin
     let data_end = if data_size == 0 {
         len
     } else {
-        data_start.checked_add(data_size).unwrap_or(u64::MAX)
+        data_start.saturating_add(data_size)
     };
     if data_start > len || data_end > len || data_end < data_start {
         return Err(format!(

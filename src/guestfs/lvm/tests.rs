@@ -123,7 +123,8 @@ fn damaged_labels_and_areas_are_reasons_on_the_pv() {
 
 #[test]
 fn hostile_metadata_gives_reasons_never_wrong_extents() {
-    let cases: Vec<(Box<dyn Fn(&str) -> String>, &str, &str)> = vec![
+    type Edit = Box<dyn Fn(&str) -> String>;
+    let cases: Vec<(Edit, &str, &str)> = vec![
         (
             Box::new(|t| t.replace("\"pv0\", 12", "\"pv0\", 29")),
             "/vda/lvm/fzvg/fat",
