@@ -25,6 +25,7 @@ mod ext;
 mod extract;
 mod fat;
 pub mod fuzzing;
+pub mod lvm;
 pub mod parts;
 mod reader;
 
@@ -91,23 +92,51 @@ pub enum GuestFsError {
     Task(String),
 }
 
-/// One volume of a snapshot: a partition or a whole disk.
+/// One volume of a snapshot: a partition, a whole disk or an LVM logical volume.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Volume {
-    /// `/vda/part1`.
+    /// `/vda/part1`, `/vda/lvm/VG/LV`.
     pub path: String,
-    /// The disk's device in the config (`vda`, `scsi0:0`).
+    /// The disk's device in the config (`vda`, `scsi0:0`); for a logical volume, the disk it
+    /// is named under.
     pub device: String,
-    /// Index of the disk in the snapshot.
-    #[serde(skip)]
-    pub disk: usize,
     #[serde(rename = "type")]
     pub kind: FsKind,
-    /// Byte offset on its disk.
-    pub start: u64,
     pub size: u64,
     /// Why it cannot be opened, if it cannot.
     pub reason: Option<String>,
+    /// Where its bytes are: one extent for a partition, one per segment for a logical volume
+    /// (empty for one that cannot be read).
+    #[serde(skip)]
+    pub extents: Vec<Extent>,
+}
+
+/// A piece of a volume: its bytes `at..at + len` are bytes `offset..offset + len` of disk
+/// `disk` (the index of the disk among those opened).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub at: u64,
+    pub disk: usize,
+    pub offset: u64,
+    pub len: u64,
+}
+
+impl Volume {
+    fn partition(path: String, device: &str, disk: usize, start: u64, size: u64) -> Volume {
+        Volume {
+            path,
+            device: device.into(),
+            kind: FsKind::Unknown,
+            size,
+            reason: None,
+            extents: vec![Extent {
+                at: 0,
+                disk,
+                offset: start,
+                len: size,
+            }],
+        }
+    }
 }
 
 /// What an entry of a folder is.
@@ -202,15 +231,9 @@ pub fn volumes_of(
     let layout = match parts::read_layout(r, size) {
         Ok(l) => l,
         Err(e) => {
-            return Ok(vec![Volume {
-                path: format!("/{dev_path}"),
-                device: device.into(),
-                disk,
-                kind: FsKind::Unknown,
-                start: 0,
-                size,
-                reason: Some(format!("damaged partition table: {e}")),
-            }])
+            let mut v = Volume::partition(format!("/{dev_path}"), device, disk, 0, size);
+            v.reason = Some(format!("damaged partition table: {e}"));
+            return Ok(vec![v]);
         }
     };
     let found: Vec<(String, u64, u64)> = match layout {
@@ -226,23 +249,100 @@ pub fn volumes_of(
         let mut probe = vec![0u8; n];
         r.read_exact_at(start, &mut probe)?;
         let kind = parts::detect_fs(&probe);
-        out.push(Volume {
-            path: format!("/{dev_path}/{name}"),
-            device: device.into(),
-            disk,
-            kind,
-            start,
-            size: len,
-            reason: kind.not_openable().map(str::to_string),
-        });
+        let mut v = Volume::partition(format!("/{dev_path}/{name}"), device, disk, start, len);
+        v.kind = kind;
+        v.reason = kind.not_openable().map(str::to_string);
+        out.push(v);
     }
     Ok(out)
 }
 
-/// Opens a volume's file system over `disk` (its whole disk).
+/// A disk of a snapshot for [`all_volumes`]: its reader, device and path-safe name.
+pub struct DiskSource {
+    pub disk: reader::Shared,
+    pub device: String,
+    pub dev_path: String,
+}
+
+/// The volumes of all `disks`: each disk's partitions (see [`volumes_of`]), then the logical
+/// volumes of the LVM2 volume groups on them (a volume group may span disks). A physical
+/// volume stays listed, with a reason that says where its logical volumes are or what was
+/// wrong with it.
+pub fn all_volumes(disks: &[DiskSource]) -> Result<Vec<Volume>, GuestFsError> {
+    let mut out = Vec::new();
+    for (i, d) in disks.iter().enumerate() {
+        let mut r = d
+            .disk
+            .try_borrow_mut()
+            .map_err(|_| GuestFsError::Invalid("disk reader re-entered".into()))?;
+        out.extend(volumes_of(&mut *r, &d.device, &d.dev_path, i)?);
+    }
+    let mut pvs = Vec::new();
+    for v in out.iter_mut().filter(|v| v.kind == FsKind::Lvm2) {
+        let &[e] = v.extents.as_slice() else {
+            continue;
+        };
+        let d = &disks[e.disk];
+        let info = {
+            let mut r = d
+                .disk
+                .try_borrow_mut()
+                .map_err(|_| GuestFsError::Invalid("disk reader re-entered".into()))?;
+            lvm::read_pv(&mut *r, e.offset, e.len)
+        };
+        match info {
+            Ok(info) => pvs.push(lvm::PvFound {
+                disk: e.disk,
+                device: d.device.clone(),
+                dev_path: d.dev_path.clone(),
+                volume: v.path.clone(),
+                start: e.offset,
+                len: e.len,
+                info,
+            }),
+            Err(what) => v.reason = Some(format!("lvm2 physical volume: {what}")),
+        }
+    }
+    if pvs.is_empty() {
+        return Ok(out);
+    }
+    let found = lvm::logical_volumes(&pvs);
+    for (path, note) in found.pv_notes {
+        if let Some(v) = out.iter_mut().find(|v| v.path == path) {
+            v.reason = Some(note);
+        }
+    }
+    let shared: Vec<reader::Shared> = disks.iter().map(|d| d.disk.clone()).collect();
+    for lv in found.lvs {
+        let mut v = Volume {
+            path: lv.path,
+            device: lv.device,
+            kind: FsKind::Lvm,
+            size: lv.size,
+            reason: lv.reason,
+            extents: lv.extents,
+        };
+        if v.reason.is_none() {
+            let n = v.size.min(parts::PROBE_BYTES as u64) as usize;
+            let mut probe = vec![0u8; n];
+            let mut w = reader::Window::new(shared.clone(), v.extents.clone(), v.size);
+            match std::io::Read::read_exact(&mut w, &mut probe) {
+                Ok(()) => {
+                    v.kind = parts::detect_fs(&probe);
+                    v.reason = v.kind.not_openable().map(str::to_string);
+                }
+                Err(e) => v.reason = Some(format!("cannot read its first bytes: {e}")),
+            }
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
+/// Opens a volume's file system over `disks` (all the disks its extents may name).
 pub(crate) fn open_volume(
     vol: &Volume,
-    disk: reader::Shared,
+    disks: &[reader::Shared],
 ) -> Result<Box<dyn FsView>, GuestFsError> {
     if let Some(reason) = &vol.reason {
         return Err(GuestFsError::NotOpenable {
@@ -250,7 +350,7 @@ pub(crate) fn open_volume(
             reason: reason.clone(),
         });
     }
-    let window = reader::Window::new(disk, vol.start, vol.size);
+    let window = reader::Window::new(disks.to_vec(), vol.extents.clone(), vol.size);
     let opened = match vol.kind {
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => ext::open(window),
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => fat::open(window),
@@ -372,13 +472,16 @@ impl GuestFiles {
         let handle = tokio::runtime::Handle::current();
         let images: Vec<DiskImage> = disks.iter().map(|(_, d)| d.clone()).collect();
         let volumes = blocking(move || {
-            let mut out = Vec::new();
-            for (pos, d) in images.into_iter().enumerate() {
-                let (device, dev) = &names[pos];
-                let mut r = DiskReader::new(d, handle.clone());
-                out.extend(volumes_of(&mut r, device, dev, pos)?);
-            }
-            Ok(out)
+            let sources: Vec<DiskSource> = images
+                .into_iter()
+                .zip(names)
+                .map(|(d, (device, dev_path))| DiskSource {
+                    disk: reader::shared(DiskReader::new(d, handle.clone())),
+                    device,
+                    dev_path,
+                })
+                .collect();
+            all_volumes(&sources)
         })
         .await?;
         Ok(GuestFiles {
@@ -397,13 +500,18 @@ impl GuestFiles {
     }
 
     fn open_fs(&self, vol: &Volume) -> Result<Box<dyn FsView>, GuestFsError> {
-        let d = self
+        // A reader per disk; one that no extent names reads nothing.
+        let disks: Vec<reader::Shared> = self
             .disks
-            .get(vol.disk)
-            .cloned()
-            .ok_or_else(|| GuestFsError::Invalid(format!("{}: no disk", vol.path)))?;
-        let r = DiskReader::new(d, tokio::runtime::Handle::current());
-        open_volume(vol, reader::shared(r))
+            .iter()
+            .map(|d| {
+                reader::shared(DiskReader::new(
+                    d.clone(),
+                    tokio::runtime::Handle::current(),
+                ))
+            })
+            .collect();
+        open_volume(vol, &disks)
     }
 
     /// Lists `path`: the volumes under it (all for `/`), or the folder (or the one entry) it
@@ -517,15 +625,9 @@ mod tests {
     }
 
     fn vol(path: &str) -> Volume {
-        Volume {
-            path: path.into(),
-            device: "vda".into(),
-            disk: 0,
-            kind: FsKind::Ext4,
-            start: 0,
-            size: 1,
-            reason: None,
-        }
+        let mut v = Volume::partition(path.into(), "vda", 0, 0, 1);
+        v.kind = FsKind::Ext4;
+        v
     }
 
     #[test]

@@ -679,3 +679,477 @@ fn test_guest_root_lists_and_its_kernel_comes_back_byte_identical() {
         b.len()
     );
 }
+
+/// The LVM tools' config for one test: only `dev` is scanned, nothing touches udev, the
+/// kernel's device-mapper (absent on the test machines: no /dev/mapper/control) or
+/// /etc/lvm's backups.
+fn lvm_config(dev: &str) -> String {
+    format!(
+        "devices {{ filter = [ \"a|^{dev}$|\", \"r|.*|\" ] obtain_device_list_from_udev = 0 }} \
+         activation {{ udev_sync = 0 udev_rules = 0 }} global {{ activation = 0 }} \
+         backup {{ backup = 0 archive = 0 }}"
+    )
+}
+
+/// Runs an LVM command with `cfg`, failing the test with what to install when it is missing.
+fn lvm(cmd: &str, cfg: &str, args: &[&str]) -> String {
+    let out = Command::new(cmd)
+        .arg("--config")
+        .arg(cfg)
+        .args(args)
+        .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd}: {e} (scripts/install-deps installs lvm2)"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A loop device over part of a file and the volume group made on it: on drop the loop device
+/// is detached, and the VG (while `vg` is set: a failure while it is being made) removed.
+struct LoopPv {
+    dev: String,
+    cfg: String,
+    vg: Option<String>,
+}
+
+impl LoopPv {
+    fn new(file: &Path, offset: u64, size: u64) -> LoopPv {
+        let dev = tool(
+            "losetup",
+            &[
+                "-f",
+                "--show",
+                "-o",
+                &offset.to_string(),
+                "--sizelimit",
+                &size.to_string(),
+                s(file),
+            ],
+        )
+        .trim()
+        .to_string();
+        assert!(dev.starts_with("/dev/loop"), "losetup gave {dev:?}");
+        let cfg = lvm_config(&dev);
+        LoopPv { dev, cfg, vg: None }
+    }
+}
+
+impl Drop for LoopPv {
+    fn drop(&mut self) {
+        if let Some(vg) = &self.vg {
+            let _ = Command::new("vgremove")
+                .args(["-f", "--config", &self.cfg, vg])
+                .env("LVM_SUPPRESS_FD_WARNINGS", "1")
+                .output();
+        }
+        let _ = Command::new("losetup").args(["-d", &self.dev]).output();
+    }
+}
+
+/// Where each LV's segments are, from LVM's own report: (LV, first extent, PV extent, count).
+fn lvm_segments(pv: &LoopPv) -> Vec<(String, u64, u64, u64)> {
+    let j: serde_json::Value = serde_json::from_str(&lvm(
+        "lvs",
+        &pv.cfg,
+        &[
+            "--reportformat",
+            "json",
+            "-o",
+            "lv_name,seg_start_pe,seg_pe_ranges",
+            pv.vg.as_deref().unwrap(),
+        ],
+    ))
+    .unwrap();
+    let mut out = Vec::new();
+    for r in j["report"][0]["lv"].as_array().unwrap() {
+        let range = r["seg_pe_ranges"].as_str().unwrap();
+        let Some((_, pes)) = range.rsplit_once(':') else {
+            continue;
+        };
+        let (a, b) = pes.split_once('-').unwrap();
+        let (a, b): (u64, u64) = (a.parse().unwrap(), b.parse().unwrap());
+        out.push((
+            r["lv_name"].as_str().unwrap().to_string(),
+            r["seg_start_pe"].as_str().unwrap().parse().unwrap(),
+            a,
+            b - a + 1,
+        ));
+    }
+    out
+}
+
+/// Writes the file system image `fs` into the LV `lv` by its segments (the LV cannot be
+/// activated without device-mapper): LV extent `e` is at `pv_at + pe_start + pe * extent`.
+fn write_into_lv(
+    disk: &Path,
+    fs: &Path,
+    segs: &[(String, u64, u64, u64)],
+    lv: &str,
+    pv_at: u64,
+    pe_start: u64,
+    extent: u64,
+) {
+    use std::os::unix::fs::FileExt;
+    let bytes = std::fs::read(fs).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let mut written = 0;
+    for (_, first, pe, count) in segs.iter().filter(|s| s.0 == lv) {
+        let from = (first * extent) as usize;
+        let to = (((first + count) * extent) as usize).min(bytes.len());
+        if from >= to {
+            continue;
+        }
+        f.write_all_at(&bytes[from..to], pv_at + pe_start + pe * extent)
+            .unwrap();
+        written += to - from;
+    }
+    assert_eq!(
+        written,
+        bytes.len(),
+        "{lv} is smaller than {}",
+        fs.display()
+    );
+}
+
+/// A tree of known files for a logical volume: sizes that cross its segments.
+fn make_lv_tree(src: &Path, seed: u64, big_files: usize) {
+    let mut rng = Rng::new(seed);
+    std::fs::create_dir_all(src.join("etc/conf.d")).unwrap();
+    std::fs::write(src.join("etc/hostname"), b"lvm-guest\n").unwrap();
+    std::fs::write(src.join("etc/conf.d/net"), b"dhcp\n").unwrap();
+    std::fs::set_permissions(src.join("etc/conf.d/net"), PermissionsExt::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("etc/hostname", src.join("name-link")).unwrap();
+    for i in 0..big_files {
+        let mut big = vec![0u8; 7 * MIB as usize + 999 * i];
+        rng.fill(&mut big);
+        std::fs::write(src.join(format!("big{i}.bin")), &big).unwrap();
+    }
+    let mut t = 1_650_000_000u64;
+    let mut all = walk(src);
+    // Files first, folders after (deepest first), so that no write changes a folder's time.
+    all.sort_by_key(|p| {
+        let m = std::fs::symlink_metadata(src.join(p)).unwrap();
+        (m.is_dir(), std::cmp::Reverse(p.components().count()))
+    });
+    for e in all {
+        let m = std::fs::symlink_metadata(src.join(&e)).unwrap();
+        if !m.file_type().is_symlink() {
+            t += 3;
+            set_mtime(&src.join(&e), t);
+        }
+    }
+}
+
+/// The files `get` gave back equal the source (links by target), lost+found aside.
+fn assert_same_tree(src: &Path, got: &Path) {
+    let clean = |mut m: BTreeMap<PathBuf, String>| {
+        m.retain(|p, _| !p.starts_with("lost+found"));
+        for v in m.values_mut() {
+            if v.starts_with("link") {
+                *v = v.split(' ').take(2).collect::<Vec<_>>().join(" ");
+            }
+        }
+        m
+    };
+    let want = clean(describe(src, true));
+    assert!(want.len() >= 5, "{want:#?}");
+    assert_eq!(clean(describe(got, true)), want);
+}
+
+#[test]
+fn lvm_logical_volumes_list_and_give_back_their_files_and_xfs_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // GPT: part1 a PV of 64 MiB, part2 an XFS of 300 MiB (mkfs.xfs's smallest).
+    let disk = dir.join("lvm.img");
+    sparse_disk(&disk, 400 * MIB);
+    let script = dir.join("lvm.sfdisk");
+    std::fs::write(
+        &script,
+        "label: gpt\nunit: sectors\nstart=2048, size=131072, type=E6D6D379-F507-44C2-A23C-238F2A3DF928\n\
+         start=133120, size=614400\n",
+    )
+    .unwrap();
+    sfdisk(&disk, &script);
+    let st = starts(&disk);
+    let pv_at = st[&format!("{}1", s(&disk))] * 512;
+    let xfs_at = st[&format!("{}2", s(&disk))];
+
+    // The VG: root of 5 extents, data of 3 after it, then root grown by 3 (a second segment
+    // after data's extents); a thin pool and a thin LV in its metadata.
+    let vg = format!("lmt{}", std::process::id());
+    let mut pv = LoopPv::new(&disk, pv_at, 131072 * 512);
+    lvm("pvcreate", &pv.cfg, &["-q", &pv.dev]);
+    lvm("vgcreate", &pv.cfg, &["-q", "-s", "4m", &vg, &pv.dev]);
+    pv.vg = Some(vg.clone());
+    let lv = |name: &str, extents: &str| {
+        lvm(
+            "lvcreate",
+            &pv.cfg,
+            &["-q", "-an", "-Zn", "-l", extents, "-n", name, &vg],
+        )
+    };
+    lv("root", "5");
+    lv("data", "3");
+    lvm(
+        "lvextend",
+        &pv.cfg,
+        &["-q", "-l", "8", &format!("{vg}/root")],
+    );
+    add_thin_lv(&pv, dir, &vg);
+    let segs = lvm_segments(&pv);
+    let root_segs: Vec<_> = segs.iter().filter(|s| s.0 == "root").collect();
+    assert_eq!(
+        root_segs.len(),
+        2,
+        "root should have two segments: {segs:?}"
+    );
+    let j: serde_json::Value = serde_json::from_str(&lvm(
+        "pvs",
+        &pv.cfg,
+        &[
+            "--reportformat",
+            "json",
+            "--units",
+            "b",
+            "--nosuffix",
+            "-o",
+            "pe_start",
+        ],
+    ))
+    .unwrap();
+    let pe_start: u64 = j["report"][0]["pv"][0]["pe_start"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Done with LVM: keep the VG (it is the test's data) and detach the loop device.
+    pv.vg = None;
+    drop(pv);
+
+    // ext4 in both LVs, written through LVM's own report of their segments.
+    let extent = 4 * MIB;
+    let root_src = dir.join("root-src");
+    make_lv_tree(&root_src, 31, 3);
+    let root_img = dir.join("root.img");
+    tool(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "4096",
+            "-d",
+            s(&root_src),
+            s(&root_img),
+            "32M",
+        ],
+    );
+    write_into_lv(&disk, &root_img, &segs, "root", pv_at, pe_start, extent);
+    let data_src = dir.join("data-src");
+    make_lv_tree(&data_src, 32, 1);
+    let data_img = dir.join("data.img");
+    tool(
+        "mkfs.ext4",
+        &[
+            "-q",
+            "-F",
+            "-b",
+            "1024",
+            "-d",
+            s(&data_src),
+            s(&data_img),
+            "12M",
+        ],
+    );
+    write_into_lv(&disk, &data_img, &segs, "data", pv_at, pe_start, extent);
+    let xfs = dir.join("xfs.img");
+    tool(
+        "mkfs.xfs",
+        &[
+            "-q",
+            "-f",
+            "-d",
+            &format!("file,name={},size=300m", s(&xfs)),
+        ],
+    );
+    dd_into(&disk, &xfs, xfs_at);
+
+    let cfg = kvm_config(dir, "lv", &[("lvm.img", "raw")]);
+    let repo = repo_with_backup(dir, &cfg);
+    let repo = s(&repo);
+    let top = json(&["files", "ls", "lv", "--repo", repo, "--json"]);
+    let mut vols: Vec<(String, String, u64, String)> = top["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| {
+            (
+                v["path"].as_str().unwrap().to_string(),
+                v["type"].as_str().unwrap().to_string(),
+                v["size"].as_u64().unwrap(),
+                v["reason"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let base = format!("/vda/lvm/{vg}");
+    vols.sort();
+    let mut want: Vec<(String, String, u64, String)> = vec![
+        (
+            "/vda/part1".into(),
+            "lvm2".into(),
+            131072 * 512,
+            format!(
+                "lvm2 physical volume of volume group {vg}: its logical volumes are under \
+                     {base}"
+            ),
+        ),
+        (
+            "/vda/part2".into(),
+            "xfs".into(),
+            614400 * 512,
+            "xfs: not supported yet".into(),
+        ),
+        (
+            format!("{base}/root"),
+            "ext4".into(),
+            32 * MIB,
+            String::new(),
+        ),
+        (
+            format!("{base}/data"),
+            "ext4".into(),
+            12 * MIB,
+            String::new(),
+        ),
+        (
+            format!("{base}/pool"),
+            "lvm".into(),
+            2 * extent,
+            "lvm: thin pools are not supported yet".into(),
+        ),
+        (
+            format!("{base}/thin"),
+            "lvm".into(),
+            64 * MIB,
+            "lvm: thin volumes are not supported yet".into(),
+        ),
+    ];
+    want.sort();
+    assert_eq!(vols, want);
+    let text = livemount_ok(&[
+        "files",
+        "ls",
+        "lv",
+        &format!("{base}/root/etc"),
+        "--repo",
+        repo,
+    ]);
+    assert!(
+        text.contains("hostname") && text.contains("conf.d/"),
+        "{text}"
+    );
+
+    // get gives back exactly the files of both LVs.
+    let out = dir.join("out");
+    let r = run_timed(
+        &[
+            "files",
+            "get",
+            "lv",
+            &format!("{base}/root"),
+            &format!("{base}/data"),
+            "--to",
+            s(&out),
+            "--repo",
+            repo,
+        ],
+        Duration::from_secs(120),
+    );
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_same_tree(&root_src, &out.join("root"));
+    assert_same_tree(&data_src, &out.join("data"));
+
+    // The thin LV and the XFS volume: ls and get say why, and write nothing.
+    for (path, want) in [
+        (format!("{base}/thin"), "thin volumes are not supported yet"),
+        (
+            "/vda/part2".to_string(),
+            "/vda/part2: xfs: not supported yet",
+        ),
+    ] {
+        let ls = livemount(&["files", "ls", "lv", &format!("{path}/etc"), "--repo", repo]);
+        assert!(!ls.status.success());
+        let err = String::from_utf8_lossy(&ls.stderr);
+        assert!(err.contains(want), "{err}");
+        let to = dir.join("refused");
+        let get = livemount(&["files", "get", "lv", &path, "--to", s(&to), "--repo", repo]);
+        assert!(!get.status.success());
+        let err = String::from_utf8_lossy(&get.stderr);
+        assert!(err.contains(want), "{err}");
+        assert!(!to.exists() || std::fs::read_dir(&to).unwrap().count() == 0);
+    }
+}
+
+/// Adds a thin pool (2 extents) and a thin LV of 64 MiB to the VG's metadata. `lvcreate --type
+/// thin-pool` needs the kernel's device-mapper, which the test machines lack; so the metadata
+/// is taken with `vgcfgbackup`, the LVs are added to it in LVM's text format, and
+/// `vgcfgrestore --force` (LVM's own validation) writes it back.
+fn add_thin_lv(pv: &LoopPv, dir: &Path, vg: &str) {
+    let file = dir.join("vg.txt");
+    lvm("vgcfgbackup", &pv.cfg, &["-q", "-f", s(&file), vg]);
+    let text = std::fs::read_to_string(&file).unwrap();
+    // Free extents of the 15 the PV has: root 0-4, data 5-7, root 8-10; tmeta 11, tdata 12-13.
+    let lv = |name: &str, status: &str, seg: &str| {
+        // A UUID of LVM's shape (6-4-4-4-4-4-6 characters), unique by the LV's name.
+        let n = name.replace('_', "");
+        let tail = &n[..n.len().min(6)];
+        format!(
+            "{name} {{\nid = \"thinlv-aaaa-aaaa-aaaa-aaaa-aaaa-{tail:a>6}\"\nstatus = [{status}]\n\
+             flags = []\nsegment_count = 1\nsegment1 {{\nstart_extent = 0\n{seg}\n}}\n}}\n"
+        )
+    };
+    let add = [
+        lv(
+            "pool",
+            "\"READ\", \"WRITE\", \"VISIBLE\"",
+            "extent_count = 2\ntype = \"thin-pool\"\nmetadata = \"pool_tmeta\"\n\
+             pool = \"pool_tdata\"\ntransaction_id = 1\nchunk_size = 128\n\
+             discards = \"passdown\"\nzero_new_blocks = 1",
+        ),
+        lv(
+            "thin",
+            "\"READ\", \"WRITE\", \"VISIBLE\"",
+            "extent_count = 16\ntype = \"thin\"\nthin_pool = \"pool\"\ntransaction_id = 0\n\
+             device_id = 1",
+        ),
+        lv(
+            "pool_tmeta",
+            "\"READ\", \"WRITE\"",
+            "extent_count = 1\ntype = \"striped\"\nstripe_count = 1\nstripes = [\n\"pv0\", 11\n]",
+        ),
+        lv(
+            "pool_tdata",
+            "\"READ\", \"WRITE\"",
+            "extent_count = 2\ntype = \"striped\"\nstripe_count = 1\nstripes = [\n\"pv0\", 12\n]",
+        ),
+    ]
+    .concat();
+    let at = text
+        .find("logical_volumes {\n")
+        .expect("logical_volumes in vgcfgbackup's text")
+        + "logical_volumes {\n".len();
+    let text = format!("{}{add}{}", &text[..at], &text[at..]);
+    std::fs::write(&file, text).unwrap();
+    lvm(
+        "vgcfgrestore",
+        &pv.cfg,
+        &["-q", "--force", "-f", s(&file), vg],
+    );
+}

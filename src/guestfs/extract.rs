@@ -416,11 +416,10 @@ mod tests {
         let vol = Volume {
             path: "/vda/part1".into(),
             device: "vda".into(),
-            disk: 0,
             kind: FsKind::Ext4,
-            start: 0,
             size: 1 << 20,
             reason: None,
+            extents: Vec::new(),
         };
         (vol, Vec::new(), Box::new(Hostile { children }))
     }

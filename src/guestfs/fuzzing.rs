@@ -1,9 +1,10 @@
 //! The entry point the `guestfs` fuzz target drives (fuzz/fuzz_targets/guestfs.rs): a disk
-//! image in memory through the partition readers, kind detection and every file system reader
+//! image in memory through the partition readers, LVM2 (label, metadata areas, text, volume
+//! group, logical volumes), kind detection and every file system reader
 //! that opens it: stat and list from the root down, read of each file. Any panic, endless
 //! loop or unbounded allocation is a finding; errors are the expected answer to damage.
 
-use super::{open_volume, reader, volumes_of, EntryKind, FsKind, GuestPath, MemDisk};
+use super::{all_volumes, open_volume, reader, DiskSource, EntryKind, FsKind, GuestPath, MemDisk};
 
 /// Entries looked at per image, so that one input stays fast.
 const BUDGET: usize = 256;
@@ -14,10 +15,11 @@ const FILE_BYTES: u64 = 1 << 20;
 /// magic says unknown (so that damaged superblocks reach the file system readers).
 pub fn exercise(image: &[u8], kind_hint: u8) {
     let disk = reader::shared(MemDisk(image.to_vec()));
-    let vols = {
-        let mut d = disk.borrow_mut();
-        volumes_of(&mut *d, "vda", "vda", 0)
-    };
+    let vols = all_volumes(&[DiskSource {
+        disk: disk.clone(),
+        device: "vda".into(),
+        dev_path: "vda".into(),
+    }]);
     let Ok(mut vols) = vols else {
         return;
     };
@@ -34,7 +36,7 @@ pub fn exercise(image: &[u8], kind_hint: u8) {
             };
             v.reason = v.kind.not_openable().map(str::to_string);
         }
-        let Ok(mut fs) = open_volume(v, disk.clone()) else {
+        let Ok(mut fs) = open_volume(v, std::slice::from_ref(&disk)) else {
             continue;
         };
         let mut budget = BUDGET;

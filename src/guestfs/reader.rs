@@ -12,7 +12,7 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
-use super::{GuestFsError, ReadAt};
+use super::{Extent, GuestFsError, ReadAt};
 use crate::repo::DiskImage;
 
 /// Chunks a [`DiskReader`] keeps, in bytes (at least two chunks).
@@ -126,19 +126,22 @@ pub fn shared<R: ReadAt + 'static>(r: R) -> Shared {
     Rc::new(RefCell::new(r))
 }
 
-/// One volume of a disk: bytes `start..start + len`, read as a file of its own.
+/// One volume read as a file of its own: its extents (pieces of the snapshot's disks, in
+/// volume order, with no gap) mapped onto `disks` (indexed by [`Extent::disk`]).
 pub struct Window {
-    disk: Shared,
-    start: u64,
+    disks: Vec<Shared>,
+    extents: Vec<Extent>,
     len: u64,
     pos: u64,
 }
 
 impl Window {
-    pub fn new(disk: Shared, start: u64, len: u64) -> Window {
+    /// A window of `len` bytes over `extents`; the extents must cover `0..len` in order and
+    /// name disks of `disks` (volumes are built so; anything else is an error on every read).
+    pub fn new(disks: Vec<Shared>, extents: Vec<Extent>, len: u64) -> Window {
         Window {
-            disk,
-            start,
+            disks,
+            extents,
             len,
             pos: 0,
         }
@@ -155,10 +158,29 @@ impl Window {
                 )))
             }
         }
-        self.disk
-            .try_borrow_mut()
-            .map_err(|_| GuestFsError::Invalid("disk reader re-entered".into()))?
-            .read_exact_at(self.start + offset, buf)
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            // The extent holding `pos`: the last that starts at or before it.
+            let i = self.extents.partition_point(|e| e.at <= pos);
+            let e = i
+                .checked_sub(1)
+                .map(|i| &self.extents[i])
+                .filter(|e| pos - e.at < e.len)
+                .ok_or_else(|| {
+                    GuestFsError::Invalid(format!("byte {pos} of the volume is in no extent"))
+                })?;
+            let within = pos - e.at;
+            let n = ((e.len - within).min((buf.len() - done) as u64)) as usize;
+            let disk = self.disks.get(e.disk).ok_or_else(|| {
+                GuestFsError::Invalid(format!("an extent names disk {}, not read", e.disk))
+            })?;
+            disk.try_borrow_mut()
+                .map_err(|_| GuestFsError::Invalid("disk reader re-entered".into()))?
+                .read_exact_at(e.offset + within, &mut buf[done..done + n])?;
+            done += n;
+        }
+        Ok(())
     }
 }
 
@@ -223,7 +245,13 @@ mod tests {
     #[test]
     fn window_reads_inside_its_volume_only() {
         let disk = shared(MemDisk((0..=255u8).collect()));
-        let mut w = Window::new(disk, 16, 32);
+        let one = Extent {
+            at: 0,
+            disk: 0,
+            offset: 16,
+            len: 32,
+        };
+        let mut w = Window::new(vec![disk], vec![one], 32);
         let mut b = [0u8; 4];
         w.read_exact(&mut b).unwrap();
         assert_eq!(b, [16, 17, 18, 19]);
@@ -235,6 +263,41 @@ mod tests {
         assert!(w.read_at(u64::MAX, &mut [0u8; 4]).is_err());
         assert!(w.write(&[1]).is_err());
         assert!(w.seek(SeekFrom::Current(-100)).is_err());
+    }
+
+    #[test]
+    fn window_maps_reads_through_its_extents_across_disks() {
+        let a = shared(MemDisk((0..=99u8).collect()));
+        let b = shared(MemDisk((100..=199u8).collect()));
+        let ext = |at, disk, offset, len| Extent {
+            at,
+            disk,
+            offset,
+            len,
+        };
+        // 0..4 from a[10..14], 4..10 from b[50..56], 10..12 from a[0..2].
+        let w = Window::new(
+            vec![a, b],
+            vec![ext(0, 0, 10, 4), ext(4, 1, 50, 6), ext(10, 0, 0, 2)],
+            12,
+        );
+        let mut all = [0u8; 12];
+        w.read_at(0, &mut all).unwrap();
+        assert_eq!(all, [10, 11, 12, 13, 150, 151, 152, 153, 154, 155, 0, 1]);
+        let mut mid = [0u8; 3];
+        w.read_at(3, &mut mid).unwrap();
+        assert_eq!(mid, [13, 150, 151]);
+        assert!(w.read_at(11, &mut [0u8; 2]).is_err());
+        // A gap or a disk that is not there is an error, not zeros.
+        let gap = Window::new(
+            vec![shared(MemDisk(vec![1; 10]))],
+            vec![ext(0, 0, 0, 2), ext(4, 0, 0, 2)],
+            6,
+        );
+        assert!(gap.read_at(1, &mut [0u8; 2]).is_err());
+        assert!(gap.read_at(4, &mut [0u8; 2]).is_ok());
+        let nodisk = Window::new(vec![], vec![ext(0, 3, 0, 2)], 2);
+        assert!(nodisk.read_at(0, &mut [0u8; 1]).is_err());
     }
 
     #[test]
