@@ -266,6 +266,7 @@ async fn metrics(
         mounts: mounts.len(),
         slots_busy: sched.in_flight,
         waiting: sched.waiting,
+        started: sched.started,
         boots: mounts
             .iter()
             .map(|m| BootSample {
