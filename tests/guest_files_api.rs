@@ -576,3 +576,85 @@ async fn a_download_runs_while_a_mount_is_read() {
         "the download's were background: {text}"
     );
 }
+
+/// The restore leases in the repository's `leases/` (their JSON text).
+fn restore_leases(repo: &Path) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(repo.join("leases")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let name = e.file_name().into_string().ok()?;
+        name.starts_with("restore-")
+            .then(|| std::fs::read_to_string(e.path()).unwrap_or_default())
+    })
+    .collect()
+}
+
+/// Waits up to 30 s (a loaded machine) for `cond`.
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed().as_secs() < 30, "{what} (after {:?})", t0.elapsed());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_download_holds_a_restore_lease_until_it_ends_or_its_client_goes_away() {
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&f.repo, &tmp.path().join("state"), "off", &[]);
+    let (url, token) = api(&server);
+    let want = std::fs::read(f.ext_src.join("large.bin")).unwrap();
+    let out = tmp.path().join("large.bin");
+    let slow_curl = || {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--limit-rate",
+                "2M",
+                "-o",
+                s(&out),
+                "-H",
+                &format!("Authorization: Bearer {token}"),
+                &format!("{url}/v1/snapshots/gfa/files/content?path=/vda/part1/large.bin"),
+            ])
+            .spawn()
+            .expect("running curl (scripts/install-deps installs it)")
+    };
+    // To its end: the lease is there while the bytes flow (about 3 s at 2 MB/s), then gone.
+    let mut curl = slow_curl();
+    wait_for("a restore lease while the download runs", || {
+        restore_leases(&f.repo)
+            .iter()
+            .any(|l| l.contains("download of /vda/part1/large.bin"))
+    });
+    assert!(curl.wait().unwrap().success());
+    assert_eq!(
+        blake3::hash(&std::fs::read(&out).unwrap()),
+        blake3::hash(&want)
+    );
+    wait_for("the lease removed after the download", || {
+        restore_leases(&f.repo).is_empty()
+    });
+    // A client that goes away halfway: its lease goes too.
+    let mut curl = slow_curl();
+    wait_for("a restore lease while the download runs", || {
+        !restore_leases(&f.repo).is_empty()
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    curl.kill().unwrap();
+    curl.wait().unwrap();
+    wait_for("the lease removed when the client went away", || {
+        restore_leases(&f.repo).is_empty()
+    });
+    // The agent still serves the next one.
+    let r = get(
+        &server,
+        "/v1/snapshots/gfa/files/content",
+        Some("/vda/part1/etc/hostname"),
+        &[],
+    );
+    assert_eq!((r.status, &r.body[..]), (200, &b"guest\n"[..]));
+}
