@@ -67,7 +67,7 @@ struct Fixture {
 }
 
 /// One MBR disk: part1 ext4 (a 6 MiB file of random bytes over several 1 MiB chunks, a
-/// non-ASCII name, a folder, a link), part2 FAT32, part3 a LUKS header, part4 an ext4 whose
+/// non-ASCII name, a folder, a link, a sparse file of 256 MiB), part2 FAT32, part3 a LUKS header, part4 an ext4 whose
 /// group descriptors are garbage.
 fn fixture() -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
@@ -81,6 +81,14 @@ fn fixture() -> Fixture {
     std::fs::write(ext_src.join("etc/sub/deep.txt"), b"deep\n").unwrap();
     std::fs::write(ext_src.join("héllo \"wörld\".txt"), "non-ASCII\n").unwrap();
     std::fs::write(ext_src.join("empty"), b"").unwrap();
+    // 256 MiB, nearly all holes: more than the sockets between a server and its client hold.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(ext_src.join("sparse.bin")).unwrap();
+        f.set_len(256 * MIB).unwrap();
+        f.write_all_at(b"start", 0).unwrap();
+        f.write_all_at(b"end", 256 * MIB - 3).unwrap();
+    }
     std::os::unix::fs::symlink("etc/hostname", ext_src.join("link")).unwrap();
     let ext = dir.join("ext4.img");
     tool(
@@ -595,7 +603,11 @@ fn restore_leases(repo: &Path) -> Vec<String> {
 fn wait_for(what: &str, cond: impl Fn() -> bool) {
     let t0 = std::time::Instant::now();
     while !cond() {
-        assert!(t0.elapsed().as_secs() < 30, "{what} (after {:?})", t0.elapsed());
+        assert!(
+            t0.elapsed().as_secs() < 30,
+            "{what} (after {:?})",
+            t0.elapsed()
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
@@ -606,29 +618,31 @@ fn a_download_holds_a_restore_lease_until_it_ends_or_its_client_goes_away() {
     let tmp = tempfile::tempdir().unwrap();
     let server = Server::start(&f.repo, &tmp.path().join("state"), "off", &[]);
     let (url, token) = api(&server);
-    let want = std::fs::read(f.ext_src.join("large.bin")).unwrap();
-    let out = tmp.path().join("large.bin");
-    let slow_curl = || {
+    // The lease covers the reads from the repository: the sparse file's 256 MiB, more than the
+    // sockets hold, keep the server reading as long as the client is slow.
+    let want = std::fs::read(f.ext_src.join("sparse.bin")).unwrap();
+    let out = tmp.path().join("sparse.bin");
+    let slow_curl = |rate: &str| {
         Command::new("curl")
             .args([
                 "-sS",
                 "--limit-rate",
-                "2M",
+                rate,
                 "-o",
                 s(&out),
                 "-H",
                 &format!("Authorization: Bearer {token}"),
-                &format!("{url}/v1/snapshots/gfa/files/content?path=/vda/part1/large.bin"),
+                &format!("{url}/v1/snapshots/gfa/files/content?path=/vda/part1/sparse.bin"),
             ])
             .spawn()
             .expect("running curl (scripts/install-deps installs it)")
     };
-    // To its end: the lease is there while the bytes flow (about 3 s at 2 MB/s), then gone.
-    let mut curl = slow_curl();
+    // To its end: the lease is there while the bytes flow (about 5 s at 50 MB/s), then gone.
+    let mut curl = slow_curl("50M");
     wait_for("a restore lease while the download runs", || {
         restore_leases(&f.repo)
             .iter()
-            .any(|l| l.contains("download of /vda/part1/large.bin"))
+            .any(|l| l.contains("download of /vda/part1/sparse.bin"))
     });
     assert!(curl.wait().unwrap().success());
     assert_eq!(
@@ -639,7 +653,7 @@ fn a_download_holds_a_restore_lease_until_it_ends_or_its_client_goes_away() {
         restore_leases(&f.repo).is_empty()
     });
     // A client that goes away halfway: its lease goes too.
-    let mut curl = slow_curl();
+    let mut curl = slow_curl("2M");
     wait_for("a restore lease while the download runs", || {
         !restore_leases(&f.repo).is_empty()
     });
@@ -657,4 +671,18 @@ fn a_download_holds_a_restore_lease_until_it_ends_or_its_client_goes_away() {
         &[],
     );
     assert_eq!((r.status, &r.body[..]), (200, &b"guest\n"[..]));
+    // A download under way (256 MiB at 200 kB/s, 20 minutes) does not hold up a stop: its
+    // connection is cut (at once, or after the API's 10 s of grace).
+    let mut curl = slow_curl("200K");
+    wait_for("a restore lease while the download runs", || {
+        !restore_leases(&f.repo).is_empty()
+    });
+    let t0 = std::time::Instant::now();
+    assert!(server.stop().success());
+    assert!(
+        t0.elapsed().as_secs() < 20,
+        "serve stopped in {:?} with a download under way",
+        t0.elapsed()
+    );
+    assert!(!curl.wait().unwrap().success(), "curl saw its download cut");
 }

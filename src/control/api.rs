@@ -210,19 +210,41 @@ pub async fn serve_api(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .merge(api)
+        .layer(axum::Extension(Stopping(cancel.clone())))
         .with_state(state);
     let listener = super::listener::GuardedListener::new(
         listener,
         super::listener::MAX_CONNECTIONS,
         super::listener::IDLE,
     );
-    axum::serve(
+    let stop = cancel.clone();
+    let serving = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<super::listener::Peer>(),
     )
-    .with_graceful_shutdown(async move { cancel.cancelled().await })
-    .await
+    .with_graceful_shutdown(async move { stop.cancelled().await });
+    // A stop waits for the requests under way, but at most SHUTDOWN_GRACE: a download to a
+    // slow client is not polled while its socket is full, so it may not see the stop itself.
+    tokio::select! {
+        r = serving => r,
+        _ = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("API requests still under way {SHUTDOWN_GRACE:?} after the stop; they are cut");
+            Ok(())
+        }
+    }
 }
+
+/// How long a stop waits for the API's requests under way (a download's client included).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Fires when the server stops: a download under way ends then (its connection is cut), or
+/// the graceful shutdown, which waits for every connection, would wait for the slowest
+/// client's whole file.
+#[derive(Clone)]
+struct Stopping(CancellationToken);
 
 /// Runs a change to the agent as its own task, so that it runs to the end even if its client
 /// goes away (or its connection is closed as idle) halfway: a mount or relocation cut short
@@ -403,6 +425,7 @@ async fn files_list(
 /// Range header is ignored and the whole file comes (RFC 9110 allows it).
 async fn files_content(
     State(s): State<ApiState>,
+    axum::Extension(Stopping(stopping)): axum::Extension<Stopping>,
     Path(id): Path<String>,
     Query(q): Query<FilesQuery>,
     headers: axum::http::HeaderMap,
@@ -461,14 +484,26 @@ async fn files_content(
     let what = format!("{path} in snapshot {}", d.snapshot);
     // The download (its lease, its place among the guest file operations) lives as long as
     // the body: to its end, or until the client goes away.
-    let body = futures::stream::unfold((d, what), |(mut d, what)| async move {
-        match d.pieces.recv().await {
-            Some(Ok(b)) => Some((Ok(b), (d, what))),
-            Some(Err(e)) => {
-                tracing::warn!(file = %what, error = %e, "a download failed midway; its connection is cut");
-                Some((Err(e), (d, what)))
+    let body = futures::stream::unfold((d, what, false), move |(mut d, what, ended)| {
+        let stopping = stopping.clone();
+        async move {
+            if ended {
+                return None;
             }
-            None => None,
+            let piece = tokio::select! {
+                p = d.pieces.recv() => p,
+                _ = stopping.cancelled() => Some(Err(GuestFsError::Task(
+                    "the server is stopping".into(),
+                ))),
+            };
+            match piece {
+                Some(Ok(b)) => Some((Ok(b), (d, what, false))),
+                Some(Err(e)) => {
+                    tracing::warn!(file = %what, error = %e, "a download ended midway; its connection is cut");
+                    Some((Err(e), (d, what, true)))
+                }
+                None => None,
+            }
         }
     });
     let mut r = Response::builder()
