@@ -21,8 +21,11 @@
 //! Each keeps its state consistent at every await (a relocation resumes from its recorded
 //! frontier, a pre-stage or an unfinished boot window is simply not kept).
 
+mod files;
 mod relocations;
 mod warmups;
+
+pub use files::{FileDownload, MAX_GUEST_FILE_OPS};
 
 pub use warmups::{WarmError, WarmInfo, WarmRequest};
 
@@ -88,6 +91,10 @@ pub struct Agent {
     /// This agent's lease in the repository: the snapshots its mounts use, so that no forget
     /// or prune, here or on another agent, takes them (decision 0017).
     lease: Arc<LeaseHolder>,
+    /// Guest file listings and downloads running ([`MAX_GUEST_FILE_OPS`] at most).
+    guest_ops: Arc<tokio::sync::Semaphore>,
+    /// Snapshots open for guest files ([`files::OPEN_SNAPSHOTS`] at most).
+    open_guests: files::OpenGuests,
 }
 
 impl std::fmt::Debug for Agent {
@@ -296,6 +303,8 @@ impl Agent {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             lease,
+            guest_ops: Arc::new(tokio::sync::Semaphore::new(MAX_GUEST_FILE_OPS)),
+            open_guests: Default::default(),
         };
         for (path, spec) in specs {
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the

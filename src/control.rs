@@ -11,6 +11,8 @@
 //! | `GET /v1/mounts` | every live mount |
 //! | `POST /v1/mounts` | mount a snapshot ([`crate::agent::MountRequest`]) |
 //! | `DELETE /v1/mounts/{name}[?keep_writes=true]` | unmount, discarding or keeping its writes |
+//! | `GET /v1/snapshots/{id}/files[?path=P&disk=D]` | a snapshot's volumes, or the folder or file P inside one: the JSON of `files ls --json` |
+//! | `GET /v1/snapshots/{id}/files/content?path=P` | the regular file P, streamed (`Range: bytes=` of one span gives 206) |
 //! | `GET /metrics` | Prometheus text format (see `metrics.rs`); no token needed |
 //! Every `/v1` route needs `Authorization: Bearer TOKEN`.
 

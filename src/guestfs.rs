@@ -32,7 +32,9 @@ mod reader;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::repo::{DiskImage, Progress, RepoError, Snapshot};
+use bytes::Bytes;
+
+use crate::repo::{ChunkReader, DiskImage, Progress, RepoError, Snapshot};
 
 pub use extract::GetSummary;
 pub use parts::FsKind;
@@ -42,6 +44,12 @@ pub use reader::{DiskReader, MemDisk};
 pub const MAX_DEPTH: usize = 256;
 /// The most entries one `ls` of a folder or one `get` takes; past it is an error, not a cut.
 pub const MAX_ENTRIES: usize = 1_000_000;
+/// Pieces of a file read by [`GuestFiles::read_file`] waiting for their reader (each at most
+/// the file system reader's buffer, 1 MiB): what one streamed file holds in memory at most.
+pub const STREAM_PIECES: usize = 4;
+/// What every file system reader's `stat` and `list` say when a name is missing; the one error
+/// text that becomes [`GuestFsError::NotFound`].
+pub const NOT_FOUND: &str = "no such file or folder";
 
 /// A source of bytes at any offset: a disk of a snapshot, or one in memory (tests, fuzzing).
 pub trait ReadAt {
@@ -70,6 +78,15 @@ pub enum GuestFsError {
         volume: String,
         kind: &'static str,
         what: String,
+    },
+    #[error(
+        "{volume}{path}: no such file or folder in snapshot {snapshot}; list its folder with \
+         `livemount files ls {snapshot} {volume}`"
+    )]
+    NotFound {
+        snapshot: String,
+        volume: String,
+        path: String,
     },
     #[error("{volume}{path}: {what}")]
     Fs {
@@ -172,6 +189,9 @@ pub struct Entry {
     pub raw_target: Option<Vec<u8>>,
 }
 
+/// The pieces of a file being read ([`GuestFiles::read_file`]), in order; an error is the last.
+pub type FilePieces = tokio::sync::mpsc::Receiver<Result<Bytes, GuestFsError>>;
+
 /// A path inside a volume, as its names (bytes).
 pub type GuestPath = Vec<Vec<u8>>;
 
@@ -198,6 +218,41 @@ pub(crate) trait FsView {
         size: u64,
         out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), String>;
+    /// Streams bytes `start..start + len` of that file (cut at its end) into `out`. This
+    /// default reads the file from its start and drops what lies before `start`; a reader
+    /// that can seek does better.
+    fn copy_range(
+        &mut self,
+        path: &[Vec<u8>],
+        size: u64,
+        start: u64,
+        len: u64,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), String> {
+        let end = start.saturating_add(len).min(size);
+        if start >= end {
+            return Ok(());
+        }
+        let (mut pos, mut done) = (0u64, false);
+        let r = self.copy(path, size, &mut |buf: &[u8]| {
+            let next = pos + buf.len() as u64;
+            let (from, to) = (start.max(pos), end.min(next));
+            if from < to {
+                out(&buf[(from - pos) as usize..(to - pos) as usize])?;
+            }
+            pos = next;
+            if pos >= end {
+                done = true;
+                return Err(std::io::Error::other("the range is read"));
+            }
+            Ok(())
+        });
+        if done {
+            Ok(())
+        } else {
+            r
+        }
+    }
 }
 
 /// A path-safe name for a disk's device: `scsi0:0` -> `scsi0-0`.
@@ -447,6 +502,18 @@ impl GuestFiles {
     /// Opens every disk of `snap` (or only those `disk` names: device, path-safe device or
     /// disk name) and finds their volumes.
     pub async fn open(snap: &Snapshot, disk: Option<&str>) -> Result<GuestFiles, GuestFsError> {
+        Self::open_via(snap, disk, None).await
+    }
+
+    /// The same, the disks' chunks read through `chunks` instead of the repository's own
+    /// reader (the media agent gives its cache, in the background class of its fetch
+    /// scheduler). Either way each disk is a [`DiskImage`]: offsets to chunks by its block
+    /// table, and every chunk checked against its digest where it is fetched.
+    pub async fn open_via(
+        snap: &Snapshot,
+        disk: Option<&str>,
+        chunks: Option<Arc<dyn ChunkReader>>,
+    ) -> Result<GuestFiles, GuestFsError> {
         let snapshot = snap.manifest.display_name();
         let mut disks = Vec::new();
         let mut names = Vec::new();
@@ -460,7 +527,12 @@ impl GuestFiles {
                     continue;
                 }
             }
-            disks.push((i, snap.disk(i).await?));
+            let image = snap.disk(i).await?;
+            let image = match &chunks {
+                Some(c) => image.with_reader(c.clone()),
+                None => image,
+            };
+            disks.push((i, image));
             names.push((d.device.clone(), dev));
         }
         if disks.is_empty() {
@@ -553,7 +625,7 @@ impl GuestFiles {
             path: show_path(p),
             what,
         };
-        let top = fs.stat(&inner).map_err(|w| fs_err(w, &inner))?;
+        let top = fs.stat(&inner).map_err(|w| self.stat_err(vol, &inner, w))?;
         let entries = if top.kind == EntryKind::Dir {
             fs.list(&inner).map_err(|w| fs_err(w, &inner))?
         } else {
@@ -573,6 +645,122 @@ impl GuestFiles {
             )),
             entries,
         })
+    }
+
+    /// A `stat` error of `path` in `vol`: a missing name is [`GuestFsError::NotFound`].
+    fn stat_err(&self, vol: &Volume, path: &[Vec<u8>], what: String) -> GuestFsError {
+        if what == NOT_FOUND || what == "not a folder" {
+            GuestFsError::NotFound {
+                snapshot: self.snapshot.clone(),
+                volume: vol.path.clone(),
+                path: show_path(path),
+            }
+        } else {
+            GuestFsError::Fs {
+                volume: vol.path.clone(),
+                path: show_path(path),
+                what,
+            }
+        }
+    }
+
+    /// The volume and the regular file at `path`; anything else at `path` (a folder, a link,
+    /// a device, a volume or disk itself) is [`GuestFsError::Invalid`] saying what it is.
+    #[allow(clippy::type_complexity)]
+    fn file_at(
+        &self,
+        path: &str,
+    ) -> Result<(Volume, GuestPath, Entry, Box<dyn FsView>), GuestFsError> {
+        let Some((vol, inner)) = find_volume(&self.volumes, &self.snapshot, path)? else {
+            return Err(GuestFsError::Invalid(format!(
+                "{path}: a disk or the top of snapshot {}, not a file; name a file inside a \
+                 volume (`livemount files ls {}` lists them)",
+                self.snapshot, self.snapshot
+            )));
+        };
+        let mut fs = self.open_fs(vol)?;
+        let e = fs.stat(&inner).map_err(|w| self.stat_err(vol, &inner, w))?;
+        let shown = format!("{}{}", vol.path, show_path(&inner));
+        let what = match e.kind {
+            EntryKind::File => return Ok((vol.clone(), inner, e, fs)),
+            EntryKind::Dir => "a folder".to_string(),
+            EntryKind::Symlink => {
+                format!("a symbolic link to {}", e.target.as_deref().unwrap_or("?"))
+            }
+            EntryKind::Special => "a device, FIFO or socket".to_string(),
+        };
+        Err(GuestFsError::Invalid(format!(
+            "{shown} in snapshot {} is {what}, not a file; `livemount files ls {} {shown}` \
+             shows it",
+            self.snapshot, self.snapshot
+        )))
+    }
+
+    /// The regular file at `path`: its volume and entry. Errors as [`GuestFiles::read_file`].
+    pub async fn stat_file(self: &Arc<Self>, path: &str) -> Result<(Volume, Entry), GuestFsError> {
+        let this = self.clone();
+        let path = path.to_string();
+        let handle = tokio::runtime::Handle::current();
+        blocking(move || {
+            let _guard = handle.enter();
+            this.file_at(&path).map(|(v, _, e, _)| (v, e))
+        })
+        .await
+    }
+
+    /// Streams bytes `start..start + len` of the regular file at `path` (cut at its end): a
+    /// blocking thread reads it and sends it in pieces of at most 1 MiB, at most
+    /// [`STREAM_PIECES`] of them waiting; dropping the receiver ends the read at its next
+    /// piece. Returns the file's entry and the pieces to come; a read that fails midway sends
+    /// its error as the last piece. Not a file at `path` is [`GuestFsError::Invalid`], no such
+    /// name [`GuestFsError::NotFound`].
+    pub async fn read_file(
+        self: &Arc<Self>,
+        path: &str,
+        start: u64,
+        len: u64,
+    ) -> Result<(Entry, FilePieces), GuestFsError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_PIECES);
+        let (first, found) = tokio::sync::oneshot::channel();
+        let this = self.clone();
+        let path = path.to_string();
+        let handle = tokio::runtime::Handle::current();
+        let task = tokio::task::spawn_blocking(move || {
+            let _guard = handle.enter();
+            let (vol, inner, e, mut fs) = match this.file_at(&path) {
+                Ok(x) => x,
+                Err(err) => {
+                    let _ = first.send(Err(err));
+                    return;
+                }
+            };
+            let size = e.size;
+            if first.send(Ok(e)).is_err() {
+                return;
+            }
+            let r = fs.copy_range(&inner, size, start, len, &mut |buf: &[u8]| {
+                tx.blocking_send(Ok(Bytes::copy_from_slice(buf)))
+                    .map_err(|_| std::io::Error::other("the reader went away"))
+            });
+            if let Err(what) = r {
+                let _ = tx.blocking_send(Err(GuestFsError::Fs {
+                    volume: vol.path.clone(),
+                    path: show_path(&inner),
+                    what,
+                }));
+            }
+        });
+        match found.await {
+            Ok(r) => r.map(|e| (e, rx)),
+            // The task ended without a word: it panicked.
+            Err(_) => Err(match task.await {
+                Err(e) if e.is_panic() => GuestFsError::Task(format!(
+                    "a reader crashed on a damaged volume ({e}); this is a bug, please report it"
+                )),
+                Err(e) => GuestFsError::Task(e.to_string()),
+                Ok(()) => GuestFsError::Task("the reader ended without an answer".into()),
+            }),
+        }
     }
 
     /// Copies the files and folders at `paths` into `to` (made if missing): see `extract.rs`
@@ -628,6 +816,56 @@ mod tests {
         let mut v = Volume::partition(path.into(), "vda", 0, 0, 1);
         v.kind = FsKind::Ext4;
         v
+    }
+
+    /// A file system of one file, `data`, that can only copy from the start, in pieces of 3.
+    struct Pieces(Vec<u8>);
+
+    impl FsView for Pieces {
+        fn stat(&mut self, _: &[Vec<u8>]) -> Result<Entry, String> {
+            Err(NOT_FOUND.into())
+        }
+        fn list(&mut self, _: &[Vec<u8>]) -> Result<Vec<Entry>, String> {
+            Ok(Vec::new())
+        }
+        fn copy(
+            &mut self,
+            _: &[Vec<u8>],
+            size: u64,
+            out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+        ) -> Result<(), String> {
+            for c in self.0[..size as usize].chunks(3) {
+                out(c).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_range_of_a_reader_that_cannot_seek_is_cut_from_its_copy() {
+        let data: Vec<u8> = (0..20).collect();
+        let mut fs = Pieces(data.clone());
+        let mut range = |start: u64, len: u64| {
+            let mut got = Vec::new();
+            fs.copy_range(&[], 20, start, len, &mut |b: &[u8]| {
+                got.extend_from_slice(b);
+                Ok(())
+            })
+            .unwrap();
+            got
+        };
+        assert_eq!(range(0, 20), data);
+        assert_eq!(range(4, 5), data[4..9]);
+        assert_eq!(range(3, 3), data[3..6]);
+        assert_eq!(range(18, u64::MAX), data[18..]);
+        assert_eq!(range(20, 5), Vec::<u8>::new());
+        assert_eq!(range(u64::MAX, 5), Vec::<u8>::new());
+        assert_eq!(range(5, 0), Vec::<u8>::new());
+        // An error of the output is the range's error.
+        let r = fs.copy_range(&[], 20, 2, 5, &mut |_: &[u8]| {
+            Err(std::io::Error::other("disk full"))
+        });
+        assert!(r.unwrap_err().contains("disk full"));
     }
 
     #[test]

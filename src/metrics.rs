@@ -17,6 +17,8 @@
 //! | `livemount_disk_cache_bytes`, `livemount_disk_cache_hits_total`, `livemount_disk_cache_dropped_total` | | the disk cache's fill, reads it served, damaged entries it dropped (brought up to date at scrape) |
 //! | `livemount_repo_fetches_total`, `livemount_repo_fetched_bytes_total` | | chunk and manifest GETs (file reads) of the repository's store, and the stored bytes they returned (brought up to date at scrape) |
 //! | `livemount_fetch_slots_busy`, `livemount_fetches_waiting` | | the fetch scheduler now (sampled) |
+//! | `livemount_fetches_started_total` | class (`vm`, `prestage`, `background`) | fetches that got a scheduler slot, by class (brought up to date at scrape) |
+//! | `livemount_guest_files_cache_hits_total`, `livemount_guest_files_cache_misses_total` | | chunk lookups of guest file listings and downloads through the API: from the cache, or fetched (in the background class) |
 //! | `livemount_boot_set_chunks`, `livemount_prestaged_chunks` | mount | the boot set being pre-staged, and how much of it is cached (sampled) |
 //! | `livemount_boot_window_hits`, `livemount_boot_window_misses` | mount | the VM's chunk reads during its boot window, from the cache or not (sampled) |
 //! | `livemount_boot_storage_wait_seconds` | mount | time during the boot window in which at least one VM read waited for a repository fetch (sampled) |
@@ -45,6 +47,12 @@ pub struct MountLabel {
 pub struct DiskLabel {
     pub mount: String,
     pub disk: String,
+}
+
+/// The label of per-class metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabel {
+    pub class: &'static str,
 }
 
 type Hist = Family<MountLabel, Histogram, fn() -> Histogram>;
@@ -80,6 +88,9 @@ pub struct Metrics {
     pub hits: Family<MountLabel, Counter>,
     pub misses: Family<MountLabel, Counter>,
     pub fetch_seconds: Hist,
+    pub guest_files_hits: Counter,
+    pub guest_files_misses: Counter,
+    fetches_started: Family<ClassLabel, Counter>,
     cache_bytes: Gauge,
     repo_fetches: Counter,
     repo_fetched_bytes: Counter,
@@ -109,6 +120,8 @@ pub struct Sample {
     pub mounts: usize,
     pub slots_busy: usize,
     pub waiting: usize,
+    /// Fetches started by the scheduler, by class: VM, pre-stage, background.
+    pub started: [u64; 3],
     pub boots: Vec<BootSample>,
     pub relocations: Vec<RelocationSample>,
 }
@@ -164,6 +177,9 @@ impl Metrics {
             hits: Family::default(),
             misses: Family::default(),
             fetch_seconds: Family::new_with_constructor(fetch_histogram as fn() -> Histogram),
+            guest_files_hits: Counter::default(),
+            guest_files_misses: Counter::default(),
+            fetches_started: Family::default(),
             cache_bytes: Gauge::default(),
             repo_fetches: Counter::default(),
             repo_fetched_bytes: Counter::default(),
@@ -258,6 +274,21 @@ impl Metrics {
             m.waiting.clone(),
         );
         registry.register(
+            "fetches_started",
+            "repository fetches that got a scheduler slot, by class",
+            m.fetches_started.clone(),
+        );
+        registry.register(
+            "guest_files_cache_hits",
+            "chunk lookups of guest file listings and downloads served by the cache",
+            m.guest_files_hits.clone(),
+        );
+        registry.register(
+            "guest_files_cache_misses",
+            "chunk lookups of guest file listings and downloads that fetched (background class)",
+            m.guest_files_misses.clone(),
+        );
+        registry.register(
             "boot_set_chunks",
             "chunks in the boot set being pre-staged",
             m.boot_set.clone(),
@@ -321,6 +352,12 @@ impl Metrics {
         self.mounts.set(g(s.mounts as u64));
         self.slots_busy.set(g(s.slots_busy as u64));
         self.waiting.set(g(s.waiting as u64));
+        for (class, n) in ["vm", "prestage", "background"].into_iter().zip(s.started) {
+            catch_up(
+                &self.fetches_started.get_or_create(&ClassLabel { class }),
+                n,
+            );
+        }
         for f in [
             &self.boot_set,
             &self.prestaged,
@@ -404,6 +441,7 @@ mod tests {
             mounts: 1,
             slots_busy: 2,
             waiting: 5,
+            started: [7, 0, 3],
             boots: vec![BootSample {
                 mount: "web01-lm1".into(),
                 boot_set: Some((40, 12)),
@@ -421,6 +459,8 @@ mod tests {
         for needle in [
             "livemount_fetch_slots_busy 2",
             "livemount_fetches_waiting 5",
+            "livemount_fetches_started_total{class=\"vm\"} 7",
+            "livemount_fetches_started_total{class=\"background\"} 3",
             "livemount_boot_set_chunks{mount=\"web01-lm1\"} 40",
             "livemount_prestaged_chunks{mount=\"web01-lm1\"} 12",
             "livemount_boot_window_hits{mount=\"web01-lm1\"} 30",

@@ -14,6 +14,7 @@ use crate::agent::{
     Agent, MountInfo, MountRequest, RelocateRequest, WarmError, WarmInfo, WarmRequest,
 };
 use crate::cache::CacheStats;
+use crate::guestfs::{GuestFsError, Listing};
 use crate::metrics::{BootSample, DiskSample, RelocationSample, Sample};
 use crate::mount::MountError;
 use crate::relocate::{RelocateError, RelocationStatus};
@@ -154,6 +155,28 @@ impl From<RelocateError> for ApiError {
     }
 }
 
+impl From<GuestFsError> for ApiError {
+    fn from(e: GuestFsError) -> Self {
+        use crate::repo::RepoError;
+        let code = match &e {
+            GuestFsError::NoVolume { .. } | GuestFsError::NotFound { .. } => StatusCode::NOT_FOUND,
+            GuestFsError::Repo(RepoError::NoSnapshot { .. }) => StatusCode::NOT_FOUND,
+            GuestFsError::Repo(RepoError::AmbiguousSnapshot { .. } | RepoError::Invalid(_))
+            | GuestFsError::Invalid(_) => StatusCode::BAD_REQUEST,
+            // A kind this version cannot open (encrypted, swap, not supported yet): asking
+            // again will not help, opening it elsewhere may.
+            GuestFsError::NotOpenable { .. } => StatusCode::CONFLICT,
+            // The file system is damaged or uses a feature this version does not read.
+            GuestFsError::Open { .. } | GuestFsError::Fs { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            GuestFsError::Repo(_)
+            | GuestFsError::Read { .. }
+            | GuestFsError::Output { .. }
+            | GuestFsError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
 /// Serves the API on `listener` until `cancel` fires.
 pub async fn serve_api(
     listener: tokio::net::TcpListener,
@@ -175,6 +198,8 @@ pub async fn serve_api(
         .route("/v1/relocations", get(relocations))
         .route("/v1/prestage", post(warm))
         .route("/v1/prestage/{id}", get(warm_status))
+        .route("/v1/snapshots/{id}/files", get(files_list))
+        .route("/v1/snapshots/{id}/files/content", get(files_content))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -185,19 +210,41 @@ pub async fn serve_api(
     let app = Router::new()
         .route("/metrics", get(metrics))
         .merge(api)
+        .layer(axum::Extension(Stopping(cancel.clone())))
         .with_state(state);
     let listener = super::listener::GuardedListener::new(
         listener,
         super::listener::MAX_CONNECTIONS,
         super::listener::IDLE,
     );
-    axum::serve(
+    let stop = cancel.clone();
+    let serving = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<super::listener::Peer>(),
     )
-    .with_graceful_shutdown(async move { cancel.cancelled().await })
-    .await
+    .with_graceful_shutdown(async move { stop.cancelled().await });
+    // A stop waits for the requests under way, but at most SHUTDOWN_GRACE: a download to a
+    // slow client is not polled while its socket is full, so it may not see the stop itself.
+    tokio::select! {
+        r = serving => r,
+        _ = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("API requests still under way {SHUTDOWN_GRACE:?} after the stop; they are cut");
+            Ok(())
+        }
+    }
 }
+
+/// How long a stop waits for the API's requests under way (a download's client included).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Fires when the server stops: a download under way ends then (its connection is cut), or
+/// the graceful shutdown, which waits for every connection, would wait for the slowest
+/// client's whole file.
+#[derive(Clone)]
+struct Stopping(CancellationToken);
 
 /// Runs a change to the agent as its own task, so that it runs to the end even if its client
 /// goes away (or its connection is closed as idle) halfway: a mount or relocation cut short
@@ -266,6 +313,7 @@ async fn metrics(
         mounts: mounts.len(),
         slots_busy: sched.in_flight,
         waiting: sched.waiting,
+        started: sched.started,
         boots: mounts
             .iter()
             .map(|m| BootSample {
@@ -345,6 +393,202 @@ async fn warm_status(
     Path(id): Path<String>,
 ) -> Result<Json<WarmInfo>, ApiError> {
     Ok(Json(s.agent.warm_status(&id)?))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilesQuery {
+    /// A volume or a path inside one; `/` (the default) lists the volumes.
+    #[serde(default)]
+    path: Option<String>,
+    /// Only this disk (listing only): its device or its name in the config.
+    #[serde(default)]
+    disk: Option<String>,
+}
+
+/// `GET /v1/snapshots/{id}/files?path=P[&disk=D]`: what `livemount files ls --json` prints.
+async fn files_list(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+) -> Result<Json<Listing>, ApiError> {
+    let path = q.path.as_deref().unwrap_or("/");
+    Ok(Json(
+        s.agent
+            .list_guest_files(&id, path, q.disk.as_deref())
+            .await?,
+    ))
+}
+
+/// `GET /v1/snapshots/{id}/files/content?path=P`: the regular file at P, streamed. A `Range:
+/// bytes=A-B`, `bytes=A-` or `bytes=-N` header (one range) gives 206 and those bytes; any other
+/// Range header is ignored and the whole file comes (RFC 9110 allows it).
+async fn files_content(
+    State(s): State<ApiState>,
+    axum::Extension(Stopping(stopping)): axum::Extension<Stopping>,
+    Path(id): Path<String>,
+    Query(q): Query<FilesQuery>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::http::header;
+    let Some(path) = q.path.as_deref() else {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "name the file to download: /v1/snapshots/{id}/files/content?path=/vda/part1/etc/hosts"
+            ),
+        ));
+    };
+    if q.disk.is_some() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "`disk` is for listings; a file's path names its disk already".into(),
+        ));
+    }
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_range);
+    let (start, len) = match range {
+        None => (0, u64::MAX),
+        Some(ByteRange::From(a, b)) => (a, b.map_or(u64::MAX, |b| b - a + 1)),
+        Some(ByteRange::Last(n)) => {
+            let size = s.agent.guest_file_size(&id, path).await?;
+            (size.saturating_sub(n), n)
+        }
+    };
+    let d = s.agent.download_guest_file(&id, path, start, len).await?;
+    let size = d.entry.size;
+    if range.is_some() && (start >= size || d.len == 0) {
+        return Ok((
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            [(header::CONTENT_RANGE, format!("bytes */{size}"))],
+            Json(ErrorReply {
+                error: format!(
+                    "{path} in snapshot {} is {size} bytes; the range asked for is not in it",
+                    d.snapshot
+                ),
+            }),
+        )
+            .into_response());
+    }
+    let (status, content_range) = match range {
+        Some(_) => (
+            StatusCode::PARTIAL_CONTENT,
+            Some(format!("bytes {start}-{}/{size}", start + d.len - 1)),
+        ),
+        None => (StatusCode::OK, None),
+    };
+    let disposition = content_disposition(&d.entry.name);
+    let len = d.len;
+    let what = format!("{path} in snapshot {}", d.snapshot);
+    // The download (its lease, its place among the guest file operations) lives as long as
+    // the body: to its end, or until the client goes away.
+    let body = futures::stream::unfold((d, what, false), move |(mut d, what, ended)| {
+        let stopping = stopping.clone();
+        async move {
+            if ended {
+                return None;
+            }
+            let piece = tokio::select! {
+                p = d.pieces.recv() => p,
+                _ = stopping.cancelled() => Some(Err(GuestFsError::Task(
+                    "the server is stopping".into(),
+                ))),
+            };
+            match piece {
+                Some(Ok(b)) => Some((Ok(b), (d, what, false))),
+                Some(Err(e)) => {
+                    tracing::warn!(file = %what, error = %e, "a download ended midway; its connection is cut");
+                    Some((Err(e), (d, what, true)))
+                }
+                None => None,
+            }
+        }
+    });
+    let mut r = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::CONTENT_DISPOSITION, disposition)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::X_CONTENT_TYPE_OPTIONS, "nosniff")
+        .header(header::CACHE_CONTROL, "no-store");
+    if let Some(cr) = content_range {
+        r = r.header(header::CONTENT_RANGE, cr);
+    }
+    r.body(axum::body::Body::from_stream(body)).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("building the reply: {e}"),
+        )
+    })
+}
+
+/// One byte range of a `Range` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ByteRange {
+    /// `bytes=A-B` (B inclusive) or `bytes=A-`.
+    From(u64, Option<u64>),
+    /// `bytes=-N`: the last N bytes.
+    Last(u64),
+}
+
+/// A `Range` header of one byte range; anything else (several ranges, other units, B < A,
+/// garbage) is `None`: the whole file is sent.
+fn parse_range(v: &str) -> Option<ByteRange> {
+    let spec = v.trim().strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let num = |t: &str| -> Option<u64> {
+        let t = t.trim();
+        if t.is_empty() || !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    match (a.trim().is_empty(), b.trim().is_empty()) {
+        (true, false) => num(b).filter(|&n| n > 0).map(ByteRange::Last),
+        (false, true) => num(a).map(|a| ByteRange::From(a, None)),
+        (false, false) => {
+            let (a, b) = (num(a)?, num(b)?);
+            (b >= a).then_some(ByteRange::From(a, Some(b)))
+        }
+        (true, true) => None,
+    }
+}
+
+/// `attachment` with the guest's file name made safe for every browser: a plain ASCII
+/// `filename` (letters, digits, `._-+`, anything else `_`, no leading dot) and the name itself,
+/// percent-encoded, as `filename*` (RFC 6266, 8187). Quotes, slashes, control characters and
+/// CR/LF never reach the header.
+fn content_disposition(name: &str) -> String {
+    let ascii: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-+".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let ascii = ascii.trim_start_matches('.');
+    let ascii = if ascii.is_empty() { "download" } else { ascii };
+    let mut encoded = String::new();
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
+            encoded.push(char::from(b));
+        } else {
+            encoded.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if encoded.is_empty() || encoded.bytes().all(|c| c == b'.') {
+        return format!("attachment; filename=\"{ascii}\"");
+    }
+    format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
 async fn list(State(s): State<ApiState>) -> Json<Vec<MountInfo>> {
@@ -521,5 +765,68 @@ fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
         kvm,
         disk_urls,
         block,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_of_one_span_are_read_and_the_rest_ignored() {
+        assert_eq!(
+            parse_range("bytes=0-99"),
+            Some(ByteRange::From(0, Some(99)))
+        );
+        assert_eq!(parse_range("bytes=100-"), Some(ByteRange::From(100, None)));
+        assert_eq!(parse_range("bytes=-5"), Some(ByteRange::Last(5)));
+        assert_eq!(
+            parse_range(" bytes= 7 - 8 "),
+            Some(ByteRange::From(7, Some(8)))
+        );
+        for bad in [
+            "bytes=5-4",
+            "bytes=-0",
+            "bytes=-",
+            "bytes=0-1,4-5",
+            "items=0-1",
+            "bytes=a-b",
+            "bytes=+1-2",
+            "bytes=99999999999999999999999-",
+            "",
+        ] {
+            assert_eq!(parse_range(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn download_names_are_safe_in_the_header() {
+        assert_eq!(
+            content_disposition("hosts"),
+            "attachment; filename=\"hosts\"; filename*=UTF-8''hosts"
+        );
+        assert_eq!(
+            content_disposition("a \"b\"\r\n/x.txt"),
+            "attachment; filename=\"a__b____x.txt\"; filename*=UTF-8''a%20%22b%22%0D%0A%2Fx.txt"
+        );
+        assert_eq!(
+            content_disposition("héllo.txt"),
+            "attachment; filename=\"h_llo.txt\"; filename*=UTF-8''h%C3%A9llo.txt"
+        );
+        assert_eq!(
+            content_disposition(".bashrc"),
+            "attachment; filename=\"bashrc\"; filename*=UTF-8''.bashrc"
+        );
+        assert_eq!(content_disposition(""), "attachment; filename=\"download\"");
+        assert_eq!(
+            content_disposition(".."),
+            "attachment; filename=\"download\""
+        );
+        for name in ["\u{0}", "x;y=z", "日本語"] {
+            let h = content_disposition(name);
+            assert!(axum::http::HeaderValue::from_str(&h).is_ok(), "{h}");
+            assert!(h.is_ascii() && h.matches('"').count() == 2, "{h}");
+            assert!(!h.contains(['\r', '\n', '/', '\0']), "{h}");
+        }
     }
 }

@@ -115,12 +115,28 @@ impl FsView for ExtView {
         size: u64,
         out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), String> {
+        self.copy_range(path, size, 0, size, out)
+    }
+
+    fn copy_range(
+        &mut self,
+        path: &[Vec<u8>],
+        size: u64,
+        start: u64,
+        len: u64,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), String> {
+        let end = start.saturating_add(len).min(size);
+        if start >= end {
+            return Ok(());
+        }
         let p = self.path(path)?;
         let mut f = self.fs.open(&p).map_err(err)?;
+        f.seek_to(start).map_err(err)?;
         let mut buf = vec![0u8; 1 << 20];
-        let mut done = 0u64;
-        while done < size {
-            let want = (size - done).min(buf.len() as u64) as usize;
+        let mut done = start;
+        while done < end {
+            let want = (end - done).min(buf.len() as u64) as usize;
             let n = f.read_bytes(&mut buf[..want]).map_err(err)?;
             if n == 0 {
                 return Err(format!("the file ends at byte {done} of its {size}"));

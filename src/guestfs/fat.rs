@@ -5,7 +5,7 @@
 //! without noticing a loop, so a folder is read at most [`MAX_FAT_DIR_ENTRIES`] entries (the
 //! most FAT allows) and a file at most its size.
 
-use std::io::Read;
+use std::io::{Read, Seek};
 
 use fatfs::{Dir, FileSystem, FsOptions};
 
@@ -152,15 +152,32 @@ impl FsView for FatView {
         size: u64,
         out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), String> {
+        self.copy_range(path, size, 0, size, out)
+    }
+
+    fn copy_range(
+        &mut self,
+        path: &[Vec<u8>],
+        size: u64,
+        start: u64,
+        len: u64,
+        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
+    ) -> Result<(), String> {
+        let end = start.saturating_add(len).min(size);
+        if start >= end {
+            return Ok(());
+        }
         let e = find(&self.fs, path)?;
         if !e.is_file() {
             return Err("not a file".into());
         }
         let mut f = e.to_file();
+        f.seek(std::io::SeekFrom::Start(start))
+            .map_err(|e| e.to_string())?;
         let mut buf = vec![0u8; 1 << 20];
-        let mut done = 0u64;
-        while done < size {
-            let want = (size - done).min(buf.len() as u64) as usize;
+        let mut done = start;
+        while done < end {
+            let want = (end - done).min(buf.len() as u64) as usize;
             let n = f.read(&mut buf[..want]).map_err(|e| e.to_string())?;
             if n == 0 {
                 return Err(format!("the file ends at byte {done} of its {size}"));

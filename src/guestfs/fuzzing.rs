@@ -1,8 +1,9 @@
 //! The entry point the `guestfs` fuzz target drives (fuzz/fuzz_targets/guestfs.rs): a disk
 //! image in memory through the partition readers, LVM2 (label, metadata areas, text, volume
-//! group, logical volumes), kind detection and every file system reader
-//! that opens it: stat and list from the root down, read of each file. Any panic, endless
-//! loop or unbounded allocation is a finding; errors are the expected answer to damage.
+//! group, logical volumes), kind detection and every file system reader that opens it: stat
+//! and list from the root down, read of each file whole and of a range from its middle. Any
+//! panic, endless loop or unbounded allocation is a finding; errors are the expected answer
+//! to damage.
 
 use super::{all_volumes, open_volume, reader, DiskSource, EntryKind, FsKind, GuestPath, MemDisk};
 
@@ -61,6 +62,8 @@ pub fn exercise(image: &[u8], kind_hint: u8) {
                             left = left.saturating_sub(b.len() as u64);
                             Ok(())
                         });
+                        // A range from the middle (a download's `Range`): the readers seek.
+                        let _ = fs.copy_range(&child, e.size, e.size / 3, 8192, &mut |_| Ok(()));
                     }
                     _ => {}
                 }
