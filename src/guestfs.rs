@@ -2,7 +2,7 @@
 //!
 //! Owns: finding volumes on a snapshot's disks (MBR with extended partitions, GPT, a file
 //! system on the whole disk; `parts.rs`), telling their kind by magic, opening ext2/3/4
-//! (`ext4-view`, `ext.rs`) and FAT12/16/32 (`fatfs`, `fat.rs`) read-only, listing folders and
+//! (`ext4-view`, `ext.rs`), FAT12/16/32 (`fatfs`, `fat.rs`) and NTFS (`ntfs`, `ntfs.rs`) read-only, listing folders and
 //! copying files and folders out into a folder of the host (`extract.rs`).
 //!
 //! Must not: write to a disk (the readers' write side is an error), trust anything a guest's
@@ -26,6 +26,7 @@ mod extract;
 mod fat;
 pub mod fuzzing;
 pub mod lvm;
+mod ntfs;
 pub mod parts;
 mod reader;
 
@@ -50,6 +51,10 @@ pub const STREAM_PIECES: usize = 4;
 /// What every file system reader's `stat` and `list` say when a name is missing; the one error
 /// text that becomes [`GuestFsError::NotFound`].
 pub const NOT_FOUND: &str = "no such file or folder";
+
+/// An owner (`uid`, `gid`) the file system does not give (NTFS): shown as `?`, left as the
+/// copier's own by `get`.
+pub const UNKNOWN_ID: u32 = u32::MAX;
 
 /// A source of bytes at any offset: a disk of a snapshot, or one in memory (tests, fuzzing).
 pub trait ReadAt {
@@ -409,6 +414,7 @@ pub(crate) fn open_volume(
     let opened = match vol.kind {
         FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => ext::open(window),
         FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => fat::open(window),
+        FsKind::Ntfs => ntfs::open(window),
         other => Err(other.not_openable().unwrap_or("cannot be opened").into()),
     };
     opened.map_err(|what| GuestFsError::Open {

@@ -103,6 +103,15 @@ fn mtime(e: &Entry) -> String {
         .unwrap_or_else(|_| e.mtime.to_string())
 }
 
+/// An owner id, `?` when the file system gives none.
+fn id(v: u32) -> String {
+    if v == crate::guestfs::UNKNOWN_ID {
+        "?".into()
+    } else {
+        v.to_string()
+    }
+}
+
 fn kind_char(k: EntryKind) -> char {
     match k {
         EntryKind::Dir => 'd',
@@ -151,8 +160,8 @@ async fn ls(a: LsArgs) -> anyhow::Result<ExitCode> {
                 "{}{:04o} {:>6} {:>6} {:>12} {} {name}",
                 kind_char(e.kind),
                 e.mode,
-                e.uid,
-                e.gid,
+                id(e.uid),
+                id(e.gid),
                 e.size,
                 mtime(e)
             );

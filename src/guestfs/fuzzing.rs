@@ -30,9 +30,10 @@ pub fn exercise(image: &[u8], kind_hint: u8) {
                 .as_deref()
                 .is_some_and(|r| r.starts_with("unknown"))
         {
-            v.kind = match kind_hint % 3 {
+            v.kind = match kind_hint % 4 {
                 0 => FsKind::Ext4,
                 1 => FsKind::Fat16,
+                2 => FsKind::Ntfs,
                 _ => FsKind::Unknown,
             };
             v.reason = v.kind.not_openable().map(str::to_string);

@@ -82,7 +82,7 @@ impl FsKind {
         match self {
             FsKind::Ext2 | FsKind::Ext3 | FsKind::Ext4 => None,
             FsKind::Fat12 | FsKind::Fat16 | FsKind::Fat32 => None,
-            FsKind::Ntfs => Some("ntfs: not supported yet"),
+            FsKind::Ntfs => None,
             FsKind::Xfs => Some("xfs: not supported yet"),
             FsKind::Lvm2 => Some("lvm2 physical volume: its logical volumes are listed apart"),
             FsKind::Lvm => Some("lvm: this kind of logical volume is not supported yet"),
