@@ -470,6 +470,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         iscsi_port,
         chap_key,
         metrics_public: file.metrics_public.unwrap_or(false),
+        changes: TaskTracker::new(),
     };
     tasks.spawn({
         let cancel = cancel.child_token();

@@ -37,6 +37,9 @@ pub struct ApiState {
     pub chap_key: Option<[u8; 32]>,
     /// Serve `/metrics` to other hosts too (else to loopback only).
     pub metrics_public: bool,
+    /// The changes under way (mounts, unmounts, relocations, warm-ups: [`run_to_end`]). A stop
+    /// waits for every one of them, also past [`SHUTDOWN_GRACE`].
+    pub changes: tokio_util::task::TaskTracker,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -211,7 +214,8 @@ pub async fn serve_api(
         .route("/metrics", get(metrics))
         .merge(api)
         .layer(axum::Extension(Stopping(cancel.clone())))
-        .with_state(state);
+        .with_state(state.clone());
+    let changes = state.changes;
     let listener = super::listener::GuardedListener::new(
         listener,
         super::listener::MAX_CONNECTIONS,
@@ -225,7 +229,7 @@ pub async fn serve_api(
     .with_graceful_shutdown(async move { stop.cancelled().await });
     // A stop waits for the requests under way, but at most SHUTDOWN_GRACE: a download to a
     // slow client is not polled while its socket is full, so it may not see the stop itself.
-    tokio::select! {
+    let served = tokio::select! {
         r = serving => r,
         _ = async {
             cancel.cancelled().await;
@@ -234,7 +238,12 @@ pub async fn serve_api(
             tracing::warn!("API requests still under way {SHUTDOWN_GRACE:?} after the stop; they are cut");
             Ok(())
         }
-    }
+    };
+    // A change whose request was cut still runs to its end (a mount or a relocation's
+    // handover left half done at an await would be worse): the stop waits for it.
+    changes.close();
+    changes.wait().await;
+    served
 }
 
 /// How long a stop waits for the API's requests under way (a download's client included).
@@ -250,9 +259,10 @@ struct Stopping(CancellationToken);
 /// goes away (or its connection is closed as idle) halfway: a mount or relocation cut short
 /// at an await could leave half its work done.
 async fn run_to_end<T: Send + 'static>(
+    changes: &tokio_util::task::TaskTracker,
     work: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, ApiError> {
-    tokio::spawn(work).await.map_err(|e| {
+    changes.spawn(work).await.map_err(|e| {
         ApiError(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("the request's task failed: {e}"),
@@ -384,7 +394,7 @@ async fn warm(
 ) -> Result<Json<WarmInfo>, ApiError> {
     let agent = s.agent.clone();
     Ok(Json(
-        run_to_end(async move { agent.warm(&req).await }).await??,
+        run_to_end(&s.changes, async move { agent.warm(&req).await }).await??,
     ))
 }
 
@@ -600,7 +610,7 @@ async fn mount(
     Json(req): Json<MountRequest>,
 ) -> Result<Json<MountReply>, ApiError> {
     let agent = s.agent.clone();
-    let mount = run_to_end(async move { agent.mount(&req).await }).await??;
+    let mount = run_to_end(&s.changes, async move { agent.mount(&req).await }).await??;
     let attach = attach_info(&s, &mount);
     Ok(Json(MountReply { mount, attach }))
 }
@@ -618,7 +628,10 @@ async fn unmount(
 ) -> Result<Json<crate::mount::MountSpec>, ApiError> {
     let agent = s.agent.clone();
     Ok(Json(
-        run_to_end(async move { agent.unmount(&name, q.keep_writes).await }).await??,
+        run_to_end(&s.changes, async move {
+            agent.unmount(&name, q.keep_writes).await
+        })
+        .await??,
     ))
 }
 
@@ -629,7 +642,7 @@ async fn relocate(
 ) -> Result<Json<RelocationStatus>, ApiError> {
     let agent = s.agent.clone();
     Ok(Json(
-        run_to_end(async move { agent.relocate(&name, &req).await }).await??,
+        run_to_end(&s.changes, async move { agent.relocate(&name, &req).await }).await??,
     ))
 }
 
@@ -646,7 +659,10 @@ async fn finish_relocation(
 ) -> Result<Json<RelocationStatus>, ApiError> {
     let agent = s.agent.clone();
     Ok(Json(
-        run_to_end(async move { agent.finish_relocation(&name, q.force).await }).await??,
+        run_to_end(&s.changes, async move {
+            agent.finish_relocation(&name, q.force).await
+        })
+        .await??,
     ))
 }
 
@@ -656,7 +672,11 @@ async fn cancel_relocation(
 ) -> Result<Json<RelocationStatus>, ApiError> {
     let agent = s.agent.clone();
     Ok(Json(
-        run_to_end(async move { agent.cancel_relocation(&name).await }).await??,
+        run_to_end(
+            &s.changes,
+            async move { agent.cancel_relocation(&name).await },
+        )
+        .await??,
     ))
 }
 
