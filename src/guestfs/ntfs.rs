@@ -56,12 +56,39 @@ const NT_TO_UNIX_100NS: i128 = 116_444_736_000_000_000;
 
 pub(crate) struct NtfsView {
     ntfs: Ntfs,
-    fs: Window,
+    fs: Padded,
     /// Path -> file record, filled as folders are read.
     cache: HashMap<Vec<Vec<u8>>, u64>,
 }
 
-pub(crate) fn open(mut window: Window) -> Result<Box<dyn FsView>, String> {
+/// The volume as the `ntfs` crate reads it: zeros past its end. The crate turns an error of a
+/// read inside one of its structures into a panic (`unreachable!` in its
+/// `From<binrw::Error>`: binrw wraps the I/O error in context), so a damaged offset that points
+/// past the volume must read as bytes, which the crate then rejects as a structure. Found by
+/// the guestfs fuzz target (an empty disk handed to the NTFS reader).
+pub(crate) struct Padded(Window);
+
+impl std::io::Read for Padded {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::Seek;
+        let n = self.0.read(buf)?;
+        if n > 0 || buf.is_empty() {
+            return Ok(n);
+        }
+        buf.fill(0);
+        self.0.seek(std::io::SeekFrom::Current(buf.len() as i64))?;
+        Ok(buf.len())
+    }
+}
+
+impl std::io::Seek for Padded {
+    fn seek(&mut self, to: std::io::SeekFrom) -> std::io::Result<u64> {
+        self.0.seek(to)
+    }
+}
+
+pub(crate) fn open(window: Window) -> Result<Box<dyn FsView>, String> {
+    let mut window = Padded(window);
     let ntfs = Ntfs::new(&mut window).map_err(|e| e.to_string())?;
     if ntfs.file_record_size() > MAX_RECORD_BYTES {
         return Err(format!(
@@ -152,7 +179,7 @@ fn err(e: ntfs::NtfsError) -> String {
 
 /// The attribute of type `ty` with no name (the unnamed `$DATA`, `$REPARSE_POINT`).
 fn find_attr<'n, 'f>(
-    fs: &mut Window,
+    fs: &mut Padded,
     f: &'f NtfsFile<'n>,
     ty: NtfsAttributeType,
 ) -> Result<Option<NtfsAttributeItem<'n, 'f>>, String> {
@@ -174,7 +201,7 @@ fn find_attr<'n, 'f>(
 
 /// Reads the first `max` bytes of the unnamed attribute `ty` of `f`.
 fn read_small(
-    fs: &mut Window,
+    fs: &mut Padded,
     f: &NtfsFile<'_>,
     ty: NtfsAttributeType,
     max: u64,
@@ -399,6 +426,17 @@ impl FsView for NtfsView {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_and_empty_disks_through_every_reader_are_errors_not_panics() {
+        // The fuzz target's finding: an empty disk handed to the NTFS reader made the `ntfs`
+        // crate panic on the failed read of its boot sector.
+        for len in [0usize, 1, 511, 512, 4096] {
+            for mode in 0..0x80u8 {
+                crate::guestfs::fuzzing::exercise(&vec![0u8; len], mode);
+            }
+        }
+    }
 
     #[test]
     fn windows_times_become_unix_times() {
