@@ -4,15 +4,20 @@
 use ext4_view::{Ext4, Ext4Error, FileType, Metadata};
 
 use super::reader::Window;
-use super::{Entry, EntryKind, FsView, MAX_ENTRIES};
+use super::{pump, Entry, EntryKind, FsView, MAX_ENTRIES};
 
 pub(crate) struct ExtView {
     fs: Ext4,
+    /// The copy buffer, reused from file to file.
+    buf: Vec<u8>,
 }
 
 pub(crate) fn open(window: Window) -> Result<Box<dyn FsView>, String> {
     let fs = Ext4::load(Box::new(window)).map_err(|e| e.to_string())?;
-    Ok(Box::new(ExtView { fs }))
+    Ok(Box::new(ExtView {
+        fs,
+        buf: Vec::new(),
+    }))
 }
 
 /// `/a/b` from names.
@@ -109,15 +114,6 @@ impl FsView for ExtView {
         Ok(out)
     }
 
-    fn copy(
-        &mut self,
-        path: &[Vec<u8>],
-        size: u64,
-        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> Result<(), String> {
-        self.copy_range(path, size, 0, size, out)
-    }
-
     fn copy_range(
         &mut self,
         path: &[Vec<u8>],
@@ -133,17 +129,7 @@ impl FsView for ExtView {
         let p = self.path(path)?;
         let mut f = self.fs.open(&p).map_err(err)?;
         f.seek_to(start).map_err(err)?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = start;
-        while done < end {
-            let want = (end - done).min(buf.len() as u64) as usize;
-            let n = f.read_bytes(&mut buf[..want]).map_err(err)?;
-            if n == 0 {
-                return Err(format!("the file ends at byte {done} of its {size}"));
-            }
-            out(&buf[..n]).map_err(|e| format!("writing the copy: {e}"))?;
-            done += n as u64;
-        }
-        Ok(())
+        let read = &mut |b: &mut [u8]| f.read_bytes(b).map_err(err);
+        pump(&mut self.buf, (start, end, size), read, out)
     }
 }

@@ -402,9 +402,11 @@ mod tests {
         fn list(&mut self, _: &[Vec<u8>]) -> Result<Vec<Entry>, String> {
             Ok(self.children.clone())
         }
-        fn copy(
+        fn copy_range(
             &mut self,
             _: &[Vec<u8>],
+            _: u64,
+            _: u64,
             _: u64,
             out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
         ) -> Result<(), String> {

@@ -10,18 +10,23 @@ use std::io::{Read, Seek};
 use fatfs::{Dir, FileSystem, FsOptions};
 
 use super::reader::Window;
-use super::{Entry, EntryKind, FsView};
+use super::{pump, Entry, EntryKind, FsView};
 
 /// The most entries a FAT folder holds (its size is at most 2 MiB of 32-byte entries).
 pub const MAX_FAT_DIR_ENTRIES: usize = 65_536;
 
 pub(crate) struct FatView {
     fs: FileSystem<Window>,
+    /// The copy buffer, reused from file to file.
+    buf: Vec<u8>,
 }
 
 pub(crate) fn open(window: Window) -> Result<Box<dyn FsView>, String> {
     let fs = FileSystem::new(window, FsOptions::new()).map_err(|e| e.to_string())?;
-    Ok(Box::new(FatView { fs }))
+    Ok(Box::new(FatView {
+        fs,
+        buf: Vec::new(),
+    }))
 }
 
 type FatEntry<'a> = fatfs::DirEntry<'a, Window>;
@@ -146,15 +151,6 @@ impl FsView for FatView {
         Ok(out)
     }
 
-    fn copy(
-        &mut self,
-        path: &[Vec<u8>],
-        size: u64,
-        out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
-    ) -> Result<(), String> {
-        self.copy_range(path, size, 0, size, out)
-    }
-
     fn copy_range(
         &mut self,
         path: &[Vec<u8>],
@@ -174,17 +170,7 @@ impl FsView for FatView {
         let mut f = e.to_file();
         f.seek(std::io::SeekFrom::Start(start))
             .map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = start;
-        while done < end {
-            let want = (end - done).min(buf.len() as u64) as usize;
-            let n = f.read(&mut buf[..want]).map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err(format!("the file ends at byte {done} of its {size}"));
-            }
-            out(&buf[..n]).map_err(|e| format!("writing the copy: {e}"))?;
-            done += n as u64;
-        }
-        Ok(())
+        let read = &mut |b: &mut [u8]| f.read(b).map_err(|e| e.to_string());
+        pump(&mut self.buf, (start, end, size), read, out)
     }
 }

@@ -26,7 +26,7 @@ use ntfs::{
 };
 
 use super::reader::Window;
-use super::{Entry, EntryKind, FsView, MAX_DEPTH, MAX_ENTRIES, UNKNOWN_ID};
+use super::{pump, Entry, EntryKind, FsView, MAX_DEPTH, MAX_ENTRIES, UNKNOWN_ID};
 
 /// The root folder's file record.
 const ROOT_RECORD: u64 = 5;
@@ -59,6 +59,8 @@ pub(crate) struct NtfsView {
     fs: Padded,
     /// Path -> file record, filled as folders are read.
     cache: HashMap<Vec<Vec<u8>>, u64>,
+    /// The copy buffer, reused from file to file.
+    buf: Vec<u8>,
 }
 
 /// The volume as the `ntfs` crate reads it: zeros past its end. The crate turns an error of a
@@ -100,6 +102,7 @@ pub(crate) fn open(window: Window) -> Result<Box<dyn FsView>, String> {
         ntfs,
         fs: window,
         cache: HashMap::new(),
+        buf: Vec::new(),
     }))
 }
 
@@ -377,12 +380,15 @@ impl FsView for NtfsView {
         Ok(out)
     }
 
-    fn copy(
+    fn copy_range(
         &mut self,
         path: &[Vec<u8>],
         size: u64,
+        start: u64,
+        len: u64,
         out: &mut dyn FnMut(&[u8]) -> std::io::Result<()>,
     ) -> Result<(), String> {
+        let end = start.saturating_add(len).min(size);
         let rec = self.resolve(path)?;
         let fs = &mut self.fs;
         let f = self.ntfs.file(fs, rec).map_err(err)?;
@@ -408,18 +414,12 @@ impl FsView for NtfsView {
         if v.len() < size {
             return Err(format!("the file holds {} bytes, not {size}", v.len()));
         }
-        let mut buf = vec![0u8; 1 << 20];
-        let mut done = 0u64;
-        while done < size {
-            let want = (size - done).min(buf.len() as u64) as usize;
-            let n = v.read(fs, &mut buf[..want]).map_err(err)?;
-            if n == 0 {
-                return Err(format!("the file ends at byte {done} of its {size}"));
-            }
-            out(&buf[..n]).map_err(|e| format!("writing the copy: {e}"))?;
-            done += n as u64;
+        if start >= end {
+            return Ok(());
         }
-        Ok(())
+        v.seek(fs, std::io::SeekFrom::Start(start)).map_err(err)?;
+        let read = &mut |b: &mut [u8]| v.read(fs, b).map_err(err);
+        pump(&mut self.buf, (start, end, size), read, out)
     }
 }
 
