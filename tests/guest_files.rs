@@ -15,31 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
+use common::tools::{dd_into, s, tool_text};
 use common::{kvm_config, livemount, livemount_ok, repo_with_backup, Rng, MIB};
-
-/// Runs a Debian tool, failing the test with what to install when it is missing or fails.
-fn tool(name: &str, args: &[&str]) -> String {
-    let out = Command::new(name)
-        .args(args)
-        .env("TZ", "UTC")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("running {name}: {e} (scripts/install-deps installs fdisk, e2fsprogs, dosfstools, mtools, ntfs-3g)")
-        });
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 fn set_mtime(p: &Path, secs: u64) {
     let f = std::fs::File::options().read(true).open(p).unwrap();
@@ -158,24 +135,10 @@ fn describe(root: &Path, with_mtime_of_links: bool) -> BTreeMap<PathBuf, String>
     out
 }
 
-/// Places `fs` at sector `start` of `disk`.
-fn dd_into(disk: &Path, fs: &Path, start: u64) {
-    tool(
-        "dd",
-        &[
-            &format!("if={}", s(fs)),
-            &format!("of={}", s(disk)),
-            "bs=512",
-            &format!("seek={start}"),
-            "conv=notrunc,sparse",
-            "status=none",
-        ],
-    );
-}
-
 /// Partition starts (sectors) by number, from `sfdisk -J`.
 fn starts(disk: &Path) -> BTreeMap<String, u64> {
-    let j: serde_json::Value = serde_json::from_str(&tool("sfdisk", &["-J", s(disk)])).unwrap();
+    let j: serde_json::Value =
+        serde_json::from_str(&tool_text("sfdisk", &["-J", s(disk)])).unwrap();
     j["partitiontable"]["partitions"]
         .as_array()
         .unwrap()
@@ -231,7 +194,7 @@ fn fixture() -> Fixture {
     std::fs::create_dir(&ext_src).unwrap();
     make_ext_tree(&ext_src, &outside);
     let ext = dir.join("ext4.img");
-    tool(
+    tool_text(
         "mkfs.ext4",
         &["-q", "-F", "-b", "4096", "-d", s(&ext_src), s(&ext), "48M"],
     );
@@ -247,7 +210,7 @@ fn fixture() -> Fixture {
         set_mtime(&fat_src.join(e), 1_700_000_000 + 2 * i as u64);
     }
     let fat = dir.join("fat.img");
-    tool("mkfs.vfat", &["-F", "32", "-C", s(&fat), "65536"]);
+    tool_text("mkfs.vfat", &["-F", "32", "-C", s(&fat), "65536"]);
     let items: Vec<String> = std::fs::read_dir(&fat_src)
         .unwrap()
         .map(|e| s(&e.unwrap().path()).to_string())
@@ -255,7 +218,7 @@ fn fixture() -> Fixture {
     let mut args: Vec<&str> = vec!["-i", s(&fat), "-s", "-m", "-Q"];
     args.extend(items.iter().map(|s| s.as_str()));
     args.push("::/");
-    tool("mcopy", &args);
+    tool_text("mcopy", &args);
 
     // MBR: part1 ext4, an extended partition, logical part5 FAT32.
     let mbr = dir.join("mbr.img");
@@ -287,7 +250,7 @@ fn fixture() -> Fixture {
     let st = starts(&gpt);
     dd_into(&gpt, &ext, st[&format!("{}1", s(&gpt))]);
     let bad = dir.join("bad-ext4.img");
-    tool("mkfs.ext4", &["-q", "-F", "-b", "4096", s(&bad), "10M"]);
+    tool_text("mkfs.ext4", &["-q", "-F", "-b", "4096", s(&bad), "10M"]);
     {
         use std::os::unix::fs::FileExt;
         let f = std::fs::OpenOptions::new().write(true).open(&bad).unwrap();
@@ -659,7 +622,7 @@ fn test_guest_root_lists_and_its_kernel_comes_back_byte_identical() {
         repo,
     ]);
     let reference = dir.join("vmlinuz.mcopy");
-    tool(
+    tool_text(
         "mcopy",
         &[
             "-i",
@@ -723,7 +686,7 @@ struct LoopPv {
 
 impl LoopPv {
     fn new(file: &Path, offset: u64, size: u64) -> LoopPv {
-        let dev = tool(
+        let dev = tool_text(
             "losetup",
             &[
                 "-f",
@@ -941,7 +904,7 @@ fn lvm_logical_volumes_list_and_give_back_their_files_and_xfs_is_refused() {
     let root_src = dir.join("root-src");
     make_lv_tree(&root_src, 31, 3);
     let root_img = dir.join("root.img");
-    tool(
+    tool_text(
         "mkfs.ext4",
         &[
             "-q",
@@ -958,7 +921,7 @@ fn lvm_logical_volumes_list_and_give_back_their_files_and_xfs_is_refused() {
     let data_src = dir.join("data-src");
     make_lv_tree(&data_src, 32, 1);
     let data_img = dir.join("data.img");
-    tool(
+    tool_text(
         "mkfs.ext4",
         &[
             "-q",
@@ -973,7 +936,7 @@ fn lvm_logical_volumes_list_and_give_back_their_files_and_xfs_is_refused() {
     );
     write_into_lv(&disk, &data_img, &segs, "data", pv_at, pe_start, extent);
     let xfs = dir.join("xfs.img");
-    tool(
+    tool_text(
         "mkfs.xfs",
         &[
             "-q",
@@ -1244,7 +1207,7 @@ fn make_ntfs_tree(src: &Path) {
 /// An empty NTFS of `mib` MiB in the file `path`, made by `mkntfs`.
 fn ntfs_image(path: &Path, mib: u64) {
     sparse_disk(path, mib * MIB);
-    tool("mkntfs", &["-q", "-F", "-f", "-Q", s(path)]);
+    tool_text("mkntfs", &["-q", "-F", "-f", "-Q", s(path)]);
 }
 
 #[test]
@@ -1261,7 +1224,7 @@ fn ntfs_files_come_back_as_ntfs_3g_put_them_in() {
     {
         let m = NtfsMount::new(&main, &dir.join("mnt"));
         let from = format!("{}/.", s(&src));
-        tool(
+        tool_text(
             "cp",
             &[
                 "-R",

@@ -9,51 +9,10 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
+use common::tools::{dd_into, s, tool};
 use common::{kvm_config, livemount_ok, repo_with_backup, Rng, Server, MIB};
-
-/// Runs a tool, failing the test with what to install when it is missing or fails.
-fn tool(name: &str, args: &[&str]) -> Vec<u8> {
-    let out = Command::new(name)
-        .args(args)
-        .env("TZ", "UTC")
-        .env("MTOOLS_SKIP_CHECK", "1")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "running {name}: {e} (scripts/install-deps installs curl, fdisk, e2fsprogs, \
-                 dosfstools, mtools)"
-            )
-        });
-    assert!(
-        out.status.success(),
-        "{name} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Places `fs` at sector `start` of `disk`.
-fn dd_into(disk: &Path, fs: &Path, start: u64) {
-    tool(
-        "dd",
-        &[
-            &format!("if={}", s(fs)),
-            &format!("of={}", s(disk)),
-            "bs=512",
-            &format!("seek={start}"),
-            "conv=notrunc,sparse",
-            "status=none",
-        ],
-    );
-}
 
 /// The test disk's size.
 const DISK: u64 = 120 * MIB;

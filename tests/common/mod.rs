@@ -9,6 +9,7 @@ pub mod cutfs;
 pub mod garage;
 pub mod nfs;
 pub mod retention;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
