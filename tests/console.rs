@@ -300,6 +300,58 @@ async fn click_button(c: &Client, scope: &str, label: &str) {
     panic!("button {label:?} is not displayed");
 }
 
+/// From the top of the page, Tab alone reaches sign-out, a snapshot's Mount button, the boot
+/// profile's Forget button and every field of the mount form, each with a visible focus ring.
+async fn keyboard_reaches_every_control(c: &Client) {
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    c.execute(
+        "document.activeElement.blur(); window.scrollTo(0, 0);",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let mut reached = Vec::new();
+    for _ in 0..40 {
+        let tab = KeyActions::new("keyboard".into())
+            .then(KeyAction::Down { value: '\u{e004}' })
+            .then(KeyAction::Up { value: '\u{e004}' });
+        c.perform_actions(tab).await.unwrap();
+        let d = c
+            .execute(
+                "const e = document.activeElement; \
+                 if (!e || e === document.body) return ['(page)', 'n/a']; \
+                 return [e.id || e.getAttribute('aria-label') || e.textContent.trim(), \
+                         getComputedStyle(e).outlineStyle];",
+                vec![],
+            )
+            .await
+            .unwrap();
+        let name = d[0].as_str().unwrap_or("").to_string();
+        assert_ne!(d[1], "none", "{name} has no visible focus");
+        reached.push(name);
+    }
+    for want in [
+        "sign-out",
+        "Forget the boot profile of vm",
+        "Mount vm@",
+        "mount-snapshot",
+        "mount-name",
+        "mount-network",
+        "mount-prestage",
+        "mount-hosts",
+        "mount-ro",
+        "Mount",
+    ] {
+        assert!(
+            reached.iter().any(|r| r.starts_with(want)),
+            "Tab never reaches {want}: {reached:?}"
+        );
+    }
+    c.execute("document.activeElement.blur();", vec![])
+        .await
+        .unwrap();
+}
+
 #[test]
 fn the_console_signs_in_mounts_reads_relocates_and_unmounts_in_a_real_browser() {
     let t = tempfile::tempdir().unwrap();
@@ -335,6 +387,7 @@ fn the_console_signs_in_mounts_reads_relocates_and_unmounts_in_a_real_browser() 
         let vm = text(&c, "[data-vm=\"vm\"]").await;
         assert!(vm.contains("boot profile: 1 boot, 8 blocks"), "{vm}");
         shot(&c, "02-signed-in").await;
+        keyboard_reaches_every_control(&c).await;
 
         // Mount from the page: the snapshot's Mount button fills the form.
         click_button(&c, "[data-vm=\"vm\"]", "Mount…").await;
@@ -353,6 +406,15 @@ fn the_console_signs_in_mounts_reads_relocates_and_unmounts_in_a_real_browser() 
         for want in ["esxcli storage nfs add", "vim-cmd solo/registervm", "virsh define vm-lm1.xml", "/vm-lm1/disk.img"] {
             assert!(attach.contains(want), "{want} not in the attach instructions: {attach}");
         }
+        // The copy button copies (or says to select and copy where the browser will not).
+        click(&c, "[data-mount=\"vm-lm1\"] .attach button.copy").await;
+        wait_js(
+            &c,
+            "return document.querySelector('[data-mount=\"vm-lm1\"] .attach button.copy').textContent === 'Copied';",
+            "the copy button to say Copied",
+            5,
+        )
+        .await;
         // Pre-staging ran from the imported profile.
         wait_js(&c, "return document.querySelector('[data-mount=\"vm-lm1\"]').textContent.includes('Pre-staging');", "pre-staging shown", 10).await;
         shot(&c, "03-mounted").await;

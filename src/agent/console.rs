@@ -32,11 +32,11 @@ pub struct VmSnapshots {
 /// read are named, not fatal.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Catalog {
+    /// By name; a VM with a boot profile but no snapshot left (all forgotten) is listed too,
+    /// with no snapshots, so that its profile can be forgotten.
     pub vms: Vec<VmSnapshots>,
     /// Snapshot ids whose manifests cannot be read, and why.
     pub unreadable: Vec<String>,
-    /// Profiles with no snapshot in the repository (a VM whose snapshots were all forgotten).
-    pub other_profiles: Vec<(String, ProfileSummary)>,
 }
 
 impl Agent {
@@ -66,6 +66,9 @@ impl Agent {
         for s in all {
             vms.entry(s.vm.name.clone()).or_default().push(s);
         }
+        for vm in profiles.keys() {
+            vms.entry(vm.clone()).or_default();
+        }
         let vms = vms
             .into_iter()
             .map(|(vm, mut snapshots)| {
@@ -80,7 +83,6 @@ impl Agent {
         Ok(Catalog {
             vms,
             unreadable: bad.iter().map(|(id, e)| format!("{id}: {e}")).collect(),
-            other_profiles: profiles.into_iter().collect(),
         })
     }
 

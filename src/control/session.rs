@@ -133,7 +133,8 @@ pub fn clear_cookie() -> String {
 }
 
 /// Whether a state-changing request with a session cookie comes from the page itself: its
-/// `Origin`, when it has one, is this server as the browser reached it (`http://` + `Host`), and
+/// `Origin`, when it has one, is this server as the browser reached it (`http://` or
+/// `https://` + `Host`), and
 /// `Sec-Fetch-Site`, when there is one, is not another site.
 pub fn same_origin(headers: &axum::http::HeaderMap) -> Result<(), String> {
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -147,7 +148,11 @@ pub fn same_origin(headers: &axum::http::HeaderMap) -> Result<(), String> {
     if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
         let host = text("host").unwrap_or("");
         let origin = origin.to_str().unwrap_or("");
-        if host.is_empty() || origin != format!("http://{host}") {
+        // https too: the same host behind a TLS proxy that keeps `Host`.
+        let own = ["http://", "https://"]
+            .iter()
+            .any(|scheme| origin.strip_prefix(scheme) == Some(host));
+        if host.is_empty() || !own {
             return Err(format!(
                 "a request from origin {origin:?} may not change anything on http://{host}"
             ));
@@ -225,6 +230,11 @@ mod tests {
             ("sec-fetch-site", "same-origin"),
         ]))
         .is_ok());
+        assert!(same_origin(&h(&[
+            ("host", "console.example:443"),
+            ("origin", "https://console.example:443"),
+        ]))
+        .is_ok());
         for bad in [
             h(&[
                 ("host", "127.0.0.1:8080"),
@@ -236,6 +246,15 @@ mod tests {
             ]),
             h(&[("host", "127.0.0.1:8080"), ("origin", "null")]),
             h(&[("origin", "http://127.0.0.1:8080")]),
+            h(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "ftp://127.0.0.1:8080"),
+            ]),
+            h(&[
+                ("host", "127.0.0.1:8080"),
+                ("origin", "http://127.0.0.1:8080.evil"),
+            ]),
+            h(&[("host", "127.0.0.1"), ("origin", "http://127.0.0.1:8080")]),
             h(&[("host", "127.0.0.1:8080"), ("sec-fetch-site", "cross-site")]),
             h(&[("host", "127.0.0.1:8080"), ("sec-fetch-site", "same-site")]),
         ] {

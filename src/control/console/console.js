@@ -464,6 +464,7 @@ function drawSnapshots(c) {
           ? `boot profile: ${p.boots} boot${p.boots === 1 ? "" : "s"}, ${p.blocks} blocks (${bytes(p.bytes)})`
           : "no boot profile"),
         forget),
+      rows.length === 0 ? el("p", { class: "muted" }, "No snapshot of this VM is left in the repository.") :
       el("div", { class: "scroll" },
         el("table", {},
           el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "Taken"), el("th", { scope: "col" }, "Size"),
