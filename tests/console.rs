@@ -539,6 +539,8 @@ fn the_console_signs_in_mounts_reads_relocates_and_unmounts_in_a_real_browser() 
         let refusal = text(&c, "#message").await;
         assert!(refusal.contains("no-such-vm"), "{refusal}");
         shot(&c, "09-refused").await;
+        click(&c, "#message-close").await;
+        wait_js(&c, "return document.getElementById('message').hidden;", "the message dismissed", 5).await;
 
         // Sign out: the page asks for the token again, and the old session opens nothing.
         click(&c, "#sign-out").await;

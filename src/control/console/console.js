@@ -48,11 +48,13 @@ const when = (t) => new Date(t).toISOString().replace("T", " ").replace(/\.\d+Z$
 
 function say(text, kind) {
   const m = $("message");
-  m.textContent = text;
+  $("message-text").textContent = text;
   m.className = kind || "info";
   m.hidden = !text;
   m.setAttribute("role", kind === "error" ? "alert" : "status");
 }
+
+$("message-close").addEventListener("click", () => say("", ""));
 
 class ApiError extends Error {
   constructor(status, message) { super(message); this.status = status; }
@@ -226,7 +228,9 @@ function newCard(m) {
   const cancel = el("button", { type: "button", hidden: true }, "Cancel relocation");
   finish.addEventListener("click", () => act(`Finishing the relocation of ${name}`,
     () => api("POST", `/v1/mounts/${encodeURIComponent(name)}/relocation/finish`),
-    (r) => `Relocation of ${name}: ${r.phase}` + (r.config ? `; the VM's config is ${r.config}` : "")));
+    (r) => `Relocation of ${name}: ${r.phase}` + (r.phase === "done"
+      ? (r.config ? `; the VM's config is ${r.config}` : "")
+      : "; the Relocations list says when the handover is done")));
   cancel.addEventListener("click", () => act(`Cancelling the relocation of ${name}`,
     () => api("DELETE", `/v1/mounts/${encodeURIComponent(name)}/relocation`),
     `Relocation of ${name} cancelled; the mount runs as before.`));
@@ -336,6 +340,7 @@ function drawRelocations(list) {
   const rows = list.map((r) => {
     const frac = r.total > 0 ? r.copied / r.total : (r.phase === "done" ? 1 : 0);
     const pctText = (100 * frac).toFixed(0) + " %";
+    const running = ["copying", "synced", "finishing"].includes(r.phase);
     return el("article", { class: "card relocation", "data-relocation": r.mount },
       el("h3", {}, `${r.mount} → ${r.dest}`),
       el("div", { class: "progress-line" },
@@ -344,8 +349,8 @@ function drawRelocations(list) {
         el("span", { class: "phase" }, `${r.phase} · ${pctText}`)),
       el("dl", { class: "facts" },
         el("dt", {}, "Copied"), el("dd", {}, `${bytes(r.copied)} of ${bytes(r.total)}`),
-        el("dt", {}, "Speed"), el("dd", {}, mbps(r.bytes_per_second) + (r.rate_limit ? ` (limit ${mbps(r.rate_limit)})` : "")),
-        el("dt", {}, "Time left"), el("dd", {}, ["done", "failed"].includes(r.phase) ? "–" : duration(r.eta_seconds)),
+        el("dt", {}, "Speed"), el("dd", {}, (running ? mbps(r.bytes_per_second) : "–") + (r.rate_limit ? ` (limit ${mbps(r.rate_limit)})` : "")),
+        el("dt", {}, "Time left"), el("dd", {}, running ? duration(r.eta_seconds) : "–"),
         r.error ? [el("dt", {}, "Error"), el("dd", { class: "error" }, r.error)] : null,
         r.config ? [el("dt", {}, "Config"), el("dd", {}, r.config)] : null),
       r.start && r.start.length ? attachBlock("Start it from its new home", r.start) : null);
