@@ -13,6 +13,7 @@
 mod common;
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,7 +75,9 @@ fn import_profile(server: &Server, t: &Path) {
 
 // ---- the browser -----------------------------------------------------------------------------
 
-/// `chromedriver` on a free loopback port; stopped (by its PID) on drop.
+/// `chromedriver` on a free loopback port, in a process group of its own that the browsers it
+/// starts join; on drop the group is killed (by the driver's PID), so that a test that fails
+/// before it closes its session leaves no browser behind.
 struct Driver {
     child: Child,
     url: String,
@@ -82,6 +85,9 @@ struct Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.child.id() as i32) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -108,6 +114,7 @@ fn start_driver() -> Driver {
         .port();
     let child = Command::new("chromedriver")
         .args([&format!("--port={port}"), "--allowed-ips=127.0.0.1"])
+        .process_group(0)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -136,6 +143,7 @@ async fn browser(driver: &Driver) -> Client {
         "--disable-gpu".into(),
         "--disable-dev-shm-usage".into(),
         "--hide-scrollbars".into(),
+        "--disable-crash-reporter".into(),
         format!("--window-size={},{}", WIDE.0, WIDE.1),
     ];
     // Chromium's sandbox cannot run as root (CI runs as root).
