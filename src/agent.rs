@@ -21,10 +21,12 @@
 //! Each keeps its state consistent at every await (a relocation resumes from its recorded
 //! frontier, a pre-stage or an unfinished boot window is simply not kept).
 
+mod console;
 mod files;
 mod relocations;
 mod warmups;
 
+pub use console::{Catalog, ProfileSummary, VmSnapshots};
 pub use files::{FileDownload, MAX_GUEST_FILE_OPS};
 
 pub use warmups::{WarmError, WarmInfo, WarmRequest};
@@ -95,6 +97,8 @@ pub struct Agent {
     guest_ops: Arc<tokio::sync::Semaphore>,
     /// Snapshots open for guest files ([`files::OPEN_SNAPSHOTS`] at most).
     open_guests: files::OpenGuests,
+    /// The last minutes of the server's counters, for the console ([`Agent::start_history`]).
+    history: Arc<crate::metrics::history::History>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -305,6 +309,7 @@ impl Agent {
             lease,
             guest_ops: Arc::new(tokio::sync::Semaphore::new(MAX_GUEST_FILE_OPS)),
             open_guests: Default::default(),
+            history: Default::default(),
         };
         for (path, spec) in specs {
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the

@@ -13,14 +13,26 @@
 //! | `DELETE /v1/mounts/{name}[?keep_writes=true]` | unmount, discarding or keeping its writes |
 //! | `GET /v1/snapshots/{id}/files[?path=P&disk=D]` | a snapshot's volumes, or the folder or file P inside one: the JSON of `files ls --json` |
 //! | `GET /v1/snapshots/{id}/files/content?path=P` | the regular file P, streamed (`Range: bytes=` of one span gives 206) |
+//! | `GET /v1/snapshots` | the snapshots by VM, newest first, each VM with its boot profile |
+//! | `DELETE /v1/profiles/{vm}` | forget a VM's boot profile (`profile forget`) |
+//! | `GET /v1/stats` | cache and fetch scheduler counters, and the last 10 minutes of them (a point every 2 s) |
 //! | `GET /metrics` | Prometheus text format (see `metrics.rs`); no token needed |
-//! Every `/v1` route needs `Authorization: Bearer TOKEN`.
+//! | `POST /v1/session`, `GET /v1/session`, `DELETE /v1/session` | the console's sign-in: the token for a session cookie, the page's CSRF value, sign-out |
+//! | `GET /`, `/console.js`, `/console.css` | the operator's console (`console.rs`), no token needed to load it |
+//! Every other `/v1` route needs `Authorization: Bearer TOKEN`, or a console session's cookie;
+//! with the cookie, a request that changes anything also needs the session's
+//! `X-Livemount-CSRF` value and, if it has an `Origin`, this server's own (`session.rs`).
 
 mod api;
 mod client;
+mod console;
 mod listener;
+mod session;
 
-pub use api::{serve_api, ApiState, AttachInfo, MountReply, StatusReply};
+pub use api::{
+    serve_api, ApiState, AttachInfo, ByClass, ListedMount, MountReply, SessionReply, StatsReply,
+    StatusReply,
+};
 pub use client::Client;
 
 /// The token file in the state directory.

@@ -369,6 +369,7 @@ impl DatastoreCore {
                     .read_bytes
                     .get_or_create(&label)
                     .inc_by(data.len() as u64);
+                metrics.totals.on_read(data.len() as u64);
                 Ok((data, eof))
             }
             Err((text, e)) => {

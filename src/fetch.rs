@@ -126,6 +126,8 @@ struct State {
     waiting: Vec<Waiter>,
     /// Slots handed out so far, by class (for tests and `/metrics`).
     granted: [u64; 3],
+    /// Fetches in flight now, by class (for the console).
+    class_in_flight: [usize; 3],
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +150,8 @@ pub struct SchedulerStats {
     pub waiting: usize,
     /// Fetches started, by class: VM, pre-stage, background.
     pub started: [u64; 3],
+    /// Fetches in flight now, by class: VM, pre-stage, background.
+    pub in_flight_by_class: [usize; 3],
 }
 
 /// Permission to run one fetch; the slot is given back when this is dropped.
@@ -201,6 +205,7 @@ impl FetchScheduler {
             in_flight: st.in_flight,
             waiting: st.waiting.iter().filter(|w| !w.wake.is_closed()).count(),
             started: st.granted,
+            in_flight_by_class: st.class_in_flight,
         }
     }
 
@@ -283,6 +288,7 @@ impl FetchScheduler {
             st.vm.entry(requester).or_default().in_flight += 1;
         }
         st.granted[class as usize] += 1;
+        st.class_in_flight[class as usize] += 1;
         Slot {
             sched: Some(self.clone()),
             class,
@@ -293,6 +299,7 @@ impl FetchScheduler {
     /// Undoes the counts of [`Self::take`]; `ran`: the fetch ran (a VM read ends now).
     fn give_back(&self, st: &mut State, class: FetchClass, requester: Requester, ran: bool) {
         st.in_flight -= 1;
+        st.class_in_flight[class as usize] -= 1;
         if let Some(n) = st.flights.get_mut(&requester) {
             *n -= 1;
             if *n == 0 {
@@ -399,6 +406,7 @@ mod tests {
             held.push(rx.recv().await.unwrap());
         }
         assert_eq!(s.stats().in_flight, 3);
+        assert_eq!(s.stats().in_flight_by_class, [0, 0, 3]);
         // A VM read arrives: the reserved slot is free, it starts at once.
         request(&s, Demand::new(FetchClass::Vm), "vm", &tx);
         let (label, vm_slot) = tokio::time::timeout(Duration::from_secs(1), rx.recv())
@@ -406,6 +414,7 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(label, "vm");
+        assert_eq!(s.stats().in_flight_by_class, [1, 0, 3]);
         // With every slot busy, a second VM read and more pre-staging queue; when one slot
         // frees, the VM read gets it. Pre-staging and background start only while at least
         // the reserved slot is free: pre-staging first, then background.
@@ -431,6 +440,7 @@ mod tests {
         assert_eq!(bg.0, "bg");
         assert_eq!(s.stats().started, [2, 1, 4]);
         assert_eq!(s.stats().in_flight, 3);
+        assert_eq!(s.stats().in_flight_by_class, [0, 1, 2]);
     }
 
     #[tokio::test(start_paused = true)]

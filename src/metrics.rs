@@ -25,7 +25,10 @@
 //! | `livemount_relocation_copied_bytes`, `livemount_relocation_total_bytes` | mount | a relocation's progress (sampled) |
 //! | `livemount_relocation_bytes_per_second`, `livemount_relocation_eta_seconds` | mount | its speed over the last seconds and the time left at that speed (sampled) |
 
+pub mod history;
+
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -77,9 +80,36 @@ fn label_value(v: &str) -> String {
         .collect()
 }
 
+/// Server-wide running totals of what the per-mount families count, for the console's
+/// history ([`history`]): prometheus-client's families cannot be summed cheaply.
+#[derive(Debug, Default)]
+pub struct Totals {
+    /// Bytes of NFS READs served, every mount.
+    pub read_bytes: AtomicU64,
+    /// Missed chunks a mount's reader fetched, and the nanoseconds they took in all.
+    pub fetches: AtomicU64,
+    pub fetch_nanos: AtomicU64,
+}
+
+impl Totals {
+    /// Counts one NFS READ of `bytes`.
+    pub fn on_read(&self, bytes: u64) {
+        self.read_bytes.fetch_add(bytes, Relaxed);
+    }
+
+    /// Counts one fetch of a missed chunk that took `took`.
+    pub fn on_fetch(&self, took: std::time::Duration) {
+        self.fetches.fetch_add(1, Relaxed);
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.fetch_nanos.fetch_add(nanos, Relaxed);
+    }
+}
+
 /// Every metric of the agent.
 pub struct Metrics {
     registry: Registry,
+    /// Running totals for the console's history.
+    pub totals: Totals,
     pub reads: Family<MountLabel, Counter>,
     pub read_bytes: Family<MountLabel, Counter>,
     pub writes: Family<MountLabel, Counter>,
@@ -169,6 +199,7 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("livemount");
         let m = Metrics {
+            totals: Totals::default(),
             reads: Family::default(),
             read_bytes: Family::default(),
             writes: Family::default(),

@@ -355,6 +355,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     );
     agent.set_default_network_map(file.network_map.clone().unwrap_or_default())?;
     agent.resume_relocations(relocate_roots).await?;
+    agent.start_history();
     let identity = Identity::load(&state).with_context(|| {
         format!(
             "state directory {}: cannot load the datastore identity",
@@ -471,6 +472,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         chap_key,
         metrics_public: file.metrics_public.unwrap_or(false),
         changes: TaskTracker::new(),
+        sessions: Default::default(),
     };
     tasks.spawn({
         let cancel = cancel.child_token();

@@ -19,6 +19,8 @@ use crate::metrics::{BootSample, DiskSample, RelocationSample, Sample};
 use crate::mount::MountError;
 use crate::relocate::{RelocateError, RelocationStatus};
 
+use super::session::{self, Sessions};
+
 /// What the API handlers share.
 #[derive(Clone)]
 pub struct ApiState {
@@ -40,6 +42,8 @@ pub struct ApiState {
     /// The changes under way (mounts, unmounts, relocations, warm-ups: [`run_to_end`]). A stop
     /// waits for every one of them, also past [`SHUTDOWN_GRACE`].
     pub changes: tokio_util::task::TaskTracker,
+    /// The console's sign-in sessions.
+    pub sessions: Arc<Sessions>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -201,8 +205,11 @@ pub async fn serve_api(
         .route("/v1/relocations", get(relocations))
         .route("/v1/prestage", post(warm))
         .route("/v1/prestage/{id}", get(warm_status))
+        .route("/v1/snapshots", get(snapshots))
         .route("/v1/snapshots/{id}/files", get(files_list))
         .route("/v1/snapshots/{id}/files/content", get(files_content))
+        .route("/v1/profiles/{vm}", delete(forget_profile))
+        .route("/v1/stats", get(stats))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             require_token,
@@ -210,8 +217,15 @@ pub async fn serve_api(
     // /metrics is read-only counters for scrapers; it needs no token, and is served to
     // loopback only unless the config says `metrics_public = true` (it names mounts and
     // relocation destinations).
+    // The console's page and its sign-in need no token (signing in is how a browser gets a
+    // session); the routes check what they need themselves.
     let app = Router::new()
         .route("/metrics", get(metrics))
+        .route(
+            "/v1/session",
+            get(session_info).post(sign_in).delete(sign_out),
+        )
+        .merge(super::console::routes())
         .merge(api)
         .layer(axum::Extension(Stopping(cancel.clone())))
         .with_state(state.clone());
@@ -270,22 +284,150 @@ async fn run_to_end<T: Send + 'static>(
     })
 }
 
+/// Lets a request through with the bearer token, or with a live console session; a
+/// session's request that changes anything must also carry its CSRF value and come from the
+/// page's own origin ([`session_request`]).
 async fn require_token(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let ok = req
+    let bearer = req
         .headers()
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), s.token.as_bytes()));
-    if !ok {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token (the token is in the state directory's api-token)"
-                .into(),
-        )
-        .into_response();
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if let Some(t) = bearer {
+        if constant_time_eq(t.as_bytes(), s.token.as_bytes()) {
+            return next.run(req).await;
+        }
+        return ApiError(StatusCode::UNAUTHORIZED, WRONG_TOKEN.into()).into_response();
+    }
+    if session::cookie_session(req.headers()).is_none() {
+        return ApiError(StatusCode::UNAUTHORIZED, WRONG_TOKEN.into()).into_response();
+    }
+    if let Err(e) = session_request(&s, req.method(), req.headers()) {
+        return e.into_response();
     }
     next.run(req).await
+}
+
+const WRONG_TOKEN: &str =
+    "missing or wrong bearer token (the token is in the state directory's api-token)";
+
+/// Checks a request that carries a session cookie: the session is live, and a request that
+/// may change anything (any method but GET and HEAD) carries the session's CSRF value in
+/// [`session::CSRF_HEADER`] and comes from this server's own origin. Returns the session id.
+fn session_request(
+    s: &ApiState,
+    method: &axum::http::Method,
+    headers: &axum::http::HeaderMap,
+) -> Result<String, ApiError> {
+    let id = session::cookie_session(headers).ok_or_else(|| {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "not signed in: sign in with the API token (in the state directory's api-token)".into(),
+        )
+    })?;
+    let csrf = s.sessions.csrf(&id).ok_or_else(|| {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "this console session has ended (signed out, expired, or the server restarted); sign in again"
+                .into(),
+        )
+    })?;
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return Ok(id);
+    }
+    session::same_origin(headers).map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
+    let sent = headers
+        .get(session::CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !constant_time_eq(sent.as_bytes(), csrf.as_bytes()) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a change made with a console session needs its {} header; reload the page",
+                session::CSRF_HEADER
+            ),
+        ));
+    }
+    Ok(id)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignIn {
+    token: String,
+}
+
+/// What a signed-in page learns: the value to send in [`session::CSRF_HEADER`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SessionReply {
+    pub csrf: String,
+    pub expires_in_seconds: u64,
+}
+
+/// `POST /v1/session {"token": ...}`: the token for a session cookie.
+async fn sign_in(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Json<SignIn>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    session::same_origin(&headers).map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
+    let Json(req) = body.map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if !constant_time_eq(req.token.trim().as_bytes(), s.token.as_bytes()) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "wrong API token (it is in the server's state directory, in api-token)".into(),
+        ));
+    }
+    let new = s.sessions.create().map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("making a session id: {e}"),
+        )
+    })?;
+    let reply = SessionReply {
+        csrf: new.csrf,
+        expires_in_seconds: session::SESSION_TTL.as_secs(),
+    };
+    Ok((
+        [
+            (axum::http::header::SET_COOKIE, session::set_cookie(&new.id)),
+            (axum::http::header::CACHE_CONTROL, "no-store".to_string()),
+        ],
+        Json(reply),
+    )
+        .into_response())
+}
+
+/// `GET /v1/session`: a signed-in page's CSRF value (after a reload); 401 when signed out.
+async fn session_info(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = session_request(&s, &axum::http::Method::GET, &headers)?;
+    let csrf = s.sessions.csrf(&id).unwrap_or_default();
+    Ok((
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        Json(SessionReply {
+            csrf,
+            expires_in_seconds: session::SESSION_TTL.as_secs(),
+        }),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/session`: signs out (a change: it needs the CSRF header).
+async fn sign_out(
+    State(s): State<ApiState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = session_request(&s, &axum::http::Method::DELETE, &headers)?;
+    s.sessions.remove(&id);
+    Ok((
+        [(axum::http::header::SET_COOKIE, session::clear_cookie())],
+        Json(serde_json::json!({ "signed_out": true })),
+    )
+        .into_response())
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -601,8 +743,100 @@ fn content_disposition(name: &str) -> String {
     format!("attachment; filename=\"{ascii}\"; filename*=UTF-8''{encoded}")
 }
 
-async fn list(State(s): State<ApiState>) -> Json<Vec<MountInfo>> {
-    Json(s.agent.list().await)
+/// A mount as `GET /v1/mounts` lists it: what `mounts --json` shows, and how to attach it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ListedMount {
+    #[serde(flatten)]
+    pub mount: MountInfo,
+    pub attach: AttachInfo,
+}
+
+async fn list(State(s): State<ApiState>) -> Json<Vec<ListedMount>> {
+    let mounts = s.agent.list().await;
+    Json(
+        mounts
+            .into_iter()
+            .map(|m| ListedMount {
+                attach: attach_info(&s, &m),
+                mount: m,
+            })
+            .collect(),
+    )
+}
+
+/// `GET /v1/snapshots`: the snapshots by VM, newest first, with each VM's boot profile.
+async fn snapshots(State(s): State<ApiState>) -> Result<Json<crate::agent::Catalog>, ApiError> {
+    s.agent.catalog().await.map(Json).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("listing the repository's snapshots: {e}"),
+        )
+    })
+}
+
+/// `DELETE /v1/profiles/{vm}`: forgets a VM's boot profile, as `livemount profile forget`.
+async fn forget_profile(
+    State(s): State<ApiState>,
+    Path(vm): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    use crate::profile::ProfileError;
+    s.agent.forget_profile(&vm).await.map_err(|e| {
+        let code = match &e {
+            ProfileError::NotFound { .. } => StatusCode::NOT_FOUND,
+            ProfileError::Io { .. } | ProfileError::Invalid { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError(code, e.to_string())
+    })?;
+    Ok(Json(serde_json::json!({ "vm": vm, "forgotten": true })))
+}
+
+/// Fetches in flight, started so far, by class.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct ByClass<T> {
+    pub vm: T,
+    pub prestage: T,
+    pub background: T,
+}
+
+impl<T: Copy> From<[T; 3]> for ByClass<T> {
+    fn from(a: [T; 3]) -> Self {
+        ByClass {
+            vm: a[0],
+            prestage: a[1],
+            background: a[2],
+        }
+    }
+}
+
+/// `GET /v1/stats`: the cache, the fetch scheduler, and the last minutes of the server's
+/// counters (one point every `interval_seconds`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StatsReply {
+    pub cache: CacheStats,
+    /// Hits among the cache's lookups since the start; none before the first lookup.
+    pub hit_ratio: Option<f64>,
+    pub fetches_in_flight: ByClass<usize>,
+    pub fetches_started: ByClass<u64>,
+    pub fetches_waiting: usize,
+    pub interval_seconds: u64,
+    pub history: Vec<crate::metrics::history::Point>,
+}
+
+async fn stats(State(s): State<ApiState>) -> Json<StatsReply> {
+    let cache = s.agent.cache().stats();
+    let sched = s.agent.cache().scheduler_stats();
+    let lookups = cache.hits + cache.misses;
+    Json(StatsReply {
+        hit_ratio: (lookups > 0).then(|| cache.hits as f64 / lookups as f64),
+        cache,
+        fetches_in_flight: sched.in_flight_by_class.into(),
+        fetches_started: sched.started.into(),
+        fetches_waiting: sched.waiting,
+        interval_seconds: crate::metrics::history::INTERVAL.as_secs(),
+        history: s.agent.history().points(),
+    })
 }
 
 async fn mount(

@@ -93,6 +93,7 @@ impl MountReader {
                     .fetch_seconds
                     .get_or_create(&self.label)
                     .observe((end - start).as_secs_f64());
+                self.metrics.totals.on_fetch(end - start);
             }
         }
         Ok(bytes)
