@@ -13,6 +13,9 @@
 //! - COMMIT: what a COMMIT acknowledged is there byte for byte; a block written since the last
 //!   acknowledged COMMIT is its old bytes or its new ones, never an error or a mix; if any
 //!   was lost, the write verifier changed (so NFS clients resend).
+//! - (issue 23) a mount that answered, cut before the VM's first write, at each sync of its
+//!   first writes and COMMITs, or once they settled: it is served, with every acknowledged
+//!   write.
 //!
 //! The same file system fails changes with EIO or ENOSPC on request: a namespace change that
 //! cannot be saved gets NFS3ERR_IO and is not visible (ENOSPC is tested on a real full tmpfs in
@@ -37,12 +40,22 @@ const DISK: u64 = 2 * MIB;
 
 /// Starts a server on `state` as if on a new boot of the machine: its own boot id.
 fn boot(repo: &Path, state: &Path, boots: &Path) -> Server {
+    boot_with(repo, state, boots, &[])
+}
+
+/// [`boot`] with more arguments for `serve`.
+fn boot_with(repo: &Path, state: &Path, boots: &Path, extra: &[&str]) -> Server {
     std::fs::create_dir_all(boots).unwrap();
     let n = std::fs::read_dir(boots).unwrap().count();
     let id = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), n);
     let file = boots.join(format!("boot-{n}"));
     write(&file, format!("{id}\n").as_bytes());
-    let src = std::ffi::CString::new(file.as_os_str().as_bytes()).unwrap();
+    start_on(repo, state, &file, extra)
+}
+
+/// Starts a server on `state` whose boot id is the content of `boot_file`.
+fn start_on(repo: &Path, state: &Path, boot_file: &Path, extra: &[&str]) -> Server {
+    let src = std::ffi::CString::new(boot_file.as_os_str().as_bytes()).unwrap();
     let prepare = move |cmd: &mut std::process::Command| {
         let src = src.clone();
         // SAFETY: between fork and exec only system calls, on memory made before the fork.
@@ -72,7 +85,7 @@ fn boot(repo: &Path, state: &Path, boots: &Path) -> Server {
             });
         }
     };
-    Server::start_with(repo.to_str().unwrap(), state, "off", &[], &[], &prepare)
+    Server::start_with(repo.to_str().unwrap(), state, "off", extra, &[], &prepare)
 }
 
 /// The server's log since `from` bytes.
@@ -482,5 +495,225 @@ fn a_mount_that_meets_eio_or_enospc_fails_clearly_and_leaves_nothing_broken() {
             server.cli(&["unmount", "m"]);
         }
     }
+    assert!(server.stop().success());
+}
+
+/// Where the power goes in `a_mount_that_answered_comes_back_with_its_committed_writes`.
+#[derive(Debug, Clone, Copy)]
+enum Moment {
+    /// Just after `mount` answered, before the VM's first write.
+    BeforeWrites,
+    /// At this sync of the VM's first writes and what follows them.
+    AtSync(usize),
+    /// Once everything settled (the boot window ended and its profile was saved).
+    Settled,
+}
+
+/// What the VM's first writes got acknowledged.
+#[derive(Debug, Default)]
+struct Acked {
+    /// The disk as the VM wrote it (every write applied, acknowledged or not).
+    disk: Vec<u8>,
+    /// Ranges a COMMIT or FILE_SYNC acknowledged as durable.
+    durable: Vec<std::ops::Range<usize>>,
+    log_created: bool,
+    /// The log's bytes a COMMIT acknowledged.
+    log_committed: Vec<u8>,
+}
+
+/// The VM's first writes on mount NAME, each allowed to fail (the power may be gone): a
+/// read that starts the boot window, an UNSTABLE write of the disk (part blocks), a new
+/// `vmware.log` with an UNSTABLE write, COMMITs of both, a FILE_SYNC write of the disk, then
+/// UNSTABLE writes of both left uncommitted. `steps` gets the sync count after each step.
+async fn first_writes(
+    server: &Server,
+    mount: &str,
+    raw: &[u8],
+    fs: &CutFs,
+    steps: &mut Vec<(&'static str, usize)>,
+) -> Acked {
+    let mut c = connect(server, mount).await;
+    let dir = c.root_nfs_fh3();
+    let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+    let mut acked = Acked {
+        disk: raw.to_vec(),
+        ..Acked::default()
+    };
+    let _ = read_at(&mut c, &disk, 0, 65536).await;
+    let write = |acked: &mut Acked, off: usize, len: usize, fill: u8| {
+        let data = vec![fill; len];
+        acked.disk[off..off + len].copy_from_slice(&data);
+        data
+    };
+    let a = 10 * 4096 + 100..10 * 4096 + 100 + 10_000;
+    let data = write(&mut acked, a.start, a.len(), 0xa1);
+    let _ = write_how(&mut c, &disk, a.start as u64, &data, stable_how::UNSTABLE).await;
+    steps.push(("UNSTABLE write of the disk", fs.syncs().len()));
+    let args = CREATE3args {
+        where_: diropargs3 {
+            dir: dir.clone(),
+            name: name("vmware.log"),
+        },
+        how: createhow3::UNCHECKED(sattr3::default()),
+    };
+    let log = match c.create(&args).await.unwrap() {
+        CREATE3res::Ok(_) => lookup(&mut c, &dir, "vmware.log").await.ok(),
+        CREATE3res::Err(_) => None,
+    };
+    acked.log_created = log.is_some();
+    steps.push(("CREATE vmware.log", fs.syncs().len()));
+    let line = b"the VM booted\n";
+    let mut log_ok = false;
+    if let Some(log) = &log {
+        log_ok = write_how(&mut c, log, 0, line, stable_how::UNSTABLE)
+            .await
+            .is_ok();
+    }
+    steps.push(("UNSTABLE write of vmware.log", fs.syncs().len()));
+    if commit(&mut c, &disk).await.is_ok() {
+        acked.durable.push(a.clone());
+    }
+    steps.push(("COMMIT of the disk", fs.syncs().len()));
+    if let Some(log) = &log {
+        if log_ok && commit(&mut c, log).await.is_ok() {
+            acked.log_committed = line.to_vec();
+        }
+    }
+    steps.push(("COMMIT of vmware.log", fs.syncs().len()));
+    let b = 100 * 4096..102 * 4096;
+    let data = write(&mut acked, b.start, b.len(), 0xb2);
+    if write_how(&mut c, &disk, b.start as u64, &data, stable_how::FILE_SYNC)
+        .await
+        .is_ok()
+    {
+        acked.durable.push(b.clone());
+    }
+    steps.push(("FILE_SYNC write of the disk", fs.syncs().len()));
+    let u = 200 * 4096 + 7..203 * 4096;
+    let data = write(&mut acked, u.start, u.len(), 0xc3);
+    let _ = write_how(&mut c, &disk, u.start as u64, &data, stable_how::UNSTABLE).await;
+    if let Some(log) = &log {
+        let more = b"and ran\n";
+        let _ = write_how(&mut c, log, line.len() as u64, more, stable_how::UNSTABLE).await;
+    }
+    steps.push(("UNSTABLE writes left uncommitted", fs.syncs().len()));
+    acked
+}
+
+/// Issue 23: a mount that answered, then lost power at any moment of what follows: before the
+/// VM's first write, at each sync of its first writes and COMMITs (the disk's overlay and a
+/// new folder file), and once everything settled (its boot window over and the profile saved).
+/// After the restart it is served, with every write a COMMIT or FILE_SYNC acknowledged, and
+/// every block of its disk is the backup's or the VM's, read without error.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mount_that_answered_comes_back_with_its_committed_writes() {
+    let mut s = setup(77);
+    // The boot window ends 1 s after the VM's last new block, so the test sees it settle.
+    let config = s.state.with_extension("toml");
+    write(&config, b"[profiles]\nquiet = \"1s\"\n");
+    let extra = ["--config", config.to_str().unwrap()];
+    let mut server = boot_with(&s.repo, &s.state, &s.boots, &extra);
+    server.cli(&["mount", "pl", "--name", "w"]);
+    let mut plan = vec![Moment::Settled, Moment::BeforeWrites];
+    let mut counted: Option<Vec<String>> = None;
+    let mut i = 0;
+    while i < plan.len() {
+        let moment = plan[i];
+        i += 1;
+        server.cli(&["mount", "pl", "--name", "n"]);
+        let from = server_log_len(&s.state);
+        match moment {
+            Moment::AtSync(k) => s.fs.cut_at_sync(k),
+            _ => s.fs.reset_counts(),
+        }
+        let mut steps = Vec::new();
+        let acked = match moment {
+            Moment::BeforeWrites => Acked {
+                disk: s.raw.clone(),
+                ..Acked::default()
+            },
+            _ => {
+                let acked = first_writes(&server, "n", &s.raw, &s.fs, &mut steps).await;
+                // Settled: the boot window ended, and its profile was saved (or, the power
+                // gone, could not be).
+                let t0 = std::time::Instant::now();
+                loop {
+                    let log = log_since(&server, from);
+                    if log.contains("boot window ended") || log.contains("boot profile not") {
+                        break;
+                    }
+                    assert!(
+                        t0.elapsed().as_secs() < 30,
+                        "{moment:?}: the boot window never ended:\n{log}"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                acked
+            }
+        };
+        let cut = s.fs.syncs();
+        if counted.is_none() {
+            // The first round (no cut until it settled) counts the syncs to cut at.
+            assert!(
+                acked.durable.len() == 2 && !acked.log_committed.is_empty(),
+                "writes failed with no cut: {acked:?}"
+            );
+            eprintln!("syncs of the first writes, by step: {steps:?}\nsyncs: {cut:?}");
+            plan.extend((0..cut.len()).map(Moment::AtSync));
+            counted = Some(cut.clone());
+        }
+        let why = format!("power cut {moment:?} ({cut:?})");
+        s.fs.cut();
+        server.kill();
+        s.fs.power_on();
+        let from = server_log_len(&s.state);
+        server = boot_with(&s.repo, &s.state, &s.boots, &extra);
+        let log = log_since(&server, from);
+        assert!(
+            !log.contains("mount not served"),
+            "{why}: a mount was refused at the start:\n{log}"
+        );
+        let names = mount_names(&server);
+        assert!(
+            names.contains(&"n".to_string()) && names.contains(&"w".to_string()),
+            "{why}: a mount that answered is gone: {names:?}"
+        );
+        let mut c = connect(&server, "n").await;
+        let dir = c.root_nfs_fh3();
+        let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+        let got = read_disk(&mut c, &disk).await;
+        for r in &acked.durable {
+            assert!(
+                got[r.clone()] == acked.disk[r.clone()],
+                "{why}: an acknowledged write of the disk at {r:?} is lost"
+            );
+        }
+        for b in 0..DISK as usize / 4096 {
+            let r = b * 4096..(b + 1) * 4096;
+            assert!(
+                got[r.clone()] == s.raw[r.clone()] || got[r.clone()] == acked.disk[r.clone()],
+                "{why}: block {b} of the disk is neither the backup's nor the VM's"
+            );
+        }
+        let log = lookup(&mut c, &dir, "vmware.log").await;
+        if acked.log_created {
+            let log = log.unwrap_or_else(|e| panic!("{why}: vmware.log is gone: {e:?}"));
+            let bytes = read_all(&mut c, &log).await;
+            assert!(
+                bytes.starts_with(&acked.log_committed),
+                "{why}: vmware.log lost what a COMMIT acknowledged: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        let cfg = lookup(&mut c, &dir, "pl.xml").await.unwrap();
+        assert!(!read_all(&mut c, &cfg).await.is_empty(), "{why}: no config");
+        drop(c);
+        server.cli(&["unmount", "n"]);
+    }
+    let counted = counted.unwrap();
+    assert!(
+        counted.len() >= 4,
+        "too few syncs for a COMMIT and a FILE_SYNC: {counted:?}"
+    );
     assert!(server.stop().success());
 }
