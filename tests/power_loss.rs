@@ -17,7 +17,8 @@
 //!   the page cache kept): the same; and what a failed mount leaves never blocks its name,
 //!   not even for a mount of another snapshot;
 //! - (issue 23) `unmount` discarding a mount's writes: once it answered, no cut brings them
-//!   back; a later mount of the name starts from the backup;
+//!   back; a later mount of the name starts from the backup. Keeping them: once it answered,
+//!   no cut loses them, and the next mount of the same snapshot adopts them;
 //! - (issue 23) a mount that answered, cut before the VM's first write, at each sync of its
 //!   first writes and COMMITs, or once they settled: it is served, with every acknowledged
 //!   write.
@@ -657,25 +658,52 @@ fn vm_view(server: &Server, name: &str) -> (Vec<u8>, bool, bool) {
 /// (disk, config, no file the VM made), never from the discarded overlay.
 #[test]
 fn discarded_writes_never_come_back_whenever_the_power_goes_during_or_after_unmount() {
-    let mut s = setup(76);
+    unmount_cut_at_each_sync(false, 76);
+}
+
+/// The other side of the same promise: once `unmount --keep-writes` has answered, no power
+/// cut loses the writes (nor does the start that follows take them for a failed mount's):
+/// a later mount of the same snapshot under the name adopts every one of them, and a mount of
+/// another snapshot under it is refused.
+#[test]
+fn kept_writes_stay_kept_whenever_the_power_goes_during_or_after_unmount() {
+    unmount_cut_at_each_sync(true, 78);
+}
+
+/// Mounts d, writes as the VM, and cuts the power at each sync of `unmount` (`keep`:
+/// `--keep-writes`) and just after it answered; checks what the next mount of d finds.
+fn unmount_cut_at_each_sync(keep: bool, seed: u64) {
+    let mut s = setup(seed);
+    let older = add_snapshot(&s);
     let mut server = boot(&s.repo, &s.state, &s.boots);
     server.cli(&["mount", "pl", "--name", "w"]);
-    // Count the syncs of discarding a mount the VM wrote to.
+    let state = s.state.to_str().unwrap().to_string();
+    let mut unmount = vec!["unmount", "d", "--state", &state];
+    if keep {
+        unmount.push("--keep-writes");
+    }
+    // Count the syncs of unmounting a mount the VM wrote to.
     server.cli(&["mount", "pl", "--name", "d"]);
     write_as_the_vm(&server, "d", &s.raw, 1);
     s.fs.reset_counts();
-    server.cli(&["unmount", "d"]);
+    livemount_ok(&unmount);
     let syncs = s.fs.syncs();
-    assert!(!syncs.is_empty(), "a discard that syncs nothing: {syncs:?}");
-    eprintln!("syncs of `unmount`: {syncs:?}");
+    if keep {
+        // Adopted, then discarded: each round starts from the backup.
+        server.cli(&["mount", "pl", "--name", "d"]);
+        server.cli(&["unmount", "d"]);
+    }
+    assert!(
+        !syncs.is_empty(),
+        "an unmount that syncs nothing: {syncs:?}"
+    );
+    eprintln!("syncs of `unmount` (keep writes: {keep}): {syncs:?}");
     let mut came_back = 0;
     for k in 0..=syncs.len() {
         server.cli(&["mount", "pl", "--name", "d"]);
         let written = write_as_the_vm(&server, "d", &s.raw, 10 + k as u64);
         s.fs.cut_at_sync(k);
-        let answered = livemount(&["unmount", "d", "--state", s.state.to_str().unwrap()])
-            .status
-            .success();
+        let answered = livemount(&unmount).status.success();
         let cut = s.fs.syncs();
         s.fs.cut();
         server.kill();
@@ -687,7 +715,7 @@ fn discarded_writes_never_come_back_whenever_the_power_goes_during_or_after_unmo
         } else {
             format!("at sync {k} of {}", syncs.len())
         };
-        let why = format!("power cut {at} ({cut:?})");
+        let why = format!("keep writes: {keep}, power cut {at} ({cut:?})");
         let log = log_since(&server, from);
         assert!(
             !log.contains("mount not served"),
@@ -705,7 +733,15 @@ fn discarded_writes_never_come_back_whenever_the_power_goes_during_or_after_unmo
                  vmware.log: {log}, config edited: {edited})",
                 disk == written
             );
-            server.cli(&["unmount", "d"]);
+            livemount_ok(&unmount);
+        }
+        if keep {
+            let out = mount_snapshot_cmd(&s.state, &older, "d");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains("kept writes"),
+                "{why}: a mount of another snapshot was not refused for the kept writes: {err}"
+            );
         }
         let out = mount_cmd(&s.state, "d");
         assert!(
@@ -714,17 +750,26 @@ fn discarded_writes_never_come_back_whenever_the_power_goes_during_or_after_unmo
             String::from_utf8_lossy(&out.stderr)
         );
         let (disk, log, edited) = vm_view(&server, "d");
-        assert!(
-            disk == s.raw && !log && !edited,
-            "{why}: the new mount d holds discarded writes (disk is the backup's: {}, \
-             vmware.log: {log}, config edited: {edited})",
-            disk == s.raw
-        );
+        if keep {
+            assert!(
+                disk == written && log && edited,
+                "{why}: the new mount d lost kept writes (disk as written: {}, vmware.log: \
+                 {log}, config edited: {edited})",
+                disk == written
+            );
+        } else {
+            assert!(
+                disk == s.raw && !log && !edited,
+                "{why}: the new mount d holds discarded writes (disk is the backup's: {}, \
+                 vmware.log: {log}, config edited: {edited})",
+                disk == s.raw
+            );
+        }
         server.cli(&["unmount", "d"]);
     }
     assert!(
         came_back > 0 && came_back <= syncs.len(),
-        "no cut kept d, or every one did: the cuts missed the discard ({came_back} of {})",
+        "no cut kept d, or every one did: the cuts missed the unmount ({came_back} of {})",
         syncs.len() + 1
     );
     assert!(server.stop().success());
