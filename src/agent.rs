@@ -4,6 +4,9 @@
 //! State directory layout:
 //! ```text
 //! mounts/NAME.json   one MountSpec per live mount, replaced whole ([`durable::replace`])
+//! overlays/NAME/     a mount's writes (`mount::overlay`, `mount::files`), its `snapshot`
+//!                    stamp and, unless its writes are kept, its `not-kept` mark (`overlays`)
+//! overlays/.discarded-NAME-HEX   a discarded overlay folder on its way out
 //! profiles/VM.json   boot profiles learned from the mounts' boot windows (see `profile`)
 //! api-token          the control API's bearer token, mode 0600
 //! api.json           where the control API listens, for the CLI

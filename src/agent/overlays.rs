@@ -102,7 +102,8 @@ pub fn discard(dir: &Path) -> io::Result<()> {
 }
 
 /// At a start: removes from `overlays` the tombstones, and the marked folders of no mount
-/// (`specs`: the names the state directory has specs for). Returns the names removed. A
+/// (`specs`: the names the state directory has specs for). Returns the names removed; one
+/// that cannot be removed is logged and left (the next mount of its name tries again). A
 /// missing `overlays` has nothing to sweep.
 pub fn sweep(overlays: &Path, specs: &BTreeSet<String>) -> io::Result<Vec<String>> {
     let entries = match fs::read_dir(overlays) {
@@ -113,16 +114,28 @@ pub fn sweep(overlays: &Path, specs: &BTreeSet<String>) -> io::Result<Vec<String
     let mut removed = Vec::new();
     for entry in entries {
         let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
-        if name.starts_with(TOMBSTONE) {
-            fs::remove_dir_all(&path)?;
-        } else if !specs.contains(&name) && is_not_kept(&path)? {
-            discard(&path)?;
-        } else {
+        if !entry.file_type()?.is_dir() {
             continue;
         }
-        removed.push(name);
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let path = entry.path();
+        let gone = if name.starts_with(TOMBSTONE) {
+            fs::remove_dir_all(&path).map(|()| true)
+        } else if specs.contains(&name) {
+            Ok(false)
+        } else {
+            match is_not_kept(&path) {
+                Ok(true) => discard(&path).map(|()| true),
+                other => other,
+            }
+        };
+        match gone {
+            Ok(true) => removed.push(name),
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(folder = %path.display(), error = %e, "overlay folder of no mount not removed")
+            }
+        }
     }
     Ok(removed)
 }
@@ -172,11 +185,15 @@ mod tests {
         made("live", true);
         made("old-kept", false);
         made(".discarded-x-0123456789abcdef", false);
+        fs::write(overlays.join("stray"), "not a folder").unwrap();
         let specs: BTreeSet<String> = ["live".to_string()].into();
         let mut gone = sweep(&overlays, &specs).unwrap();
         gone.sort();
         assert_eq!(gone, [".discarded-x-0123456789abcdef", "failed"]);
-        assert_eq!(durable::sorted_names(&overlays), ["k", "live", "old-kept"]);
+        assert_eq!(
+            durable::sorted_names(&overlays),
+            ["k", "live", "old-kept", "stray"]
+        );
         assert!(sweep(&t.path().join("none"), &specs).unwrap().is_empty());
     }
 }
