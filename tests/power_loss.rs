@@ -670,8 +670,9 @@ fn kept_writes_stay_kept_whenever_the_power_goes_during_or_after_unmount() {
     unmount_cut_at_each_sync(true, 78);
 }
 
-/// Mounts d, writes as the VM, and cuts the power at each sync of `unmount` (`keep`:
-/// `--keep-writes`) and just after it answered; checks what the next mount of d finds.
+/// Mounts d, writes as the VM, and cuts the power (then kills the server: a crash) at each
+/// sync of `unmount` (`keep`: `--keep-writes`) and just after it answered; checks what the
+/// next mount of d finds.
 fn unmount_cut_at_each_sync(keep: bool, seed: u64) {
     let mut s = setup(seed);
     let older = add_snapshot(&s);
@@ -699,23 +700,37 @@ fn unmount_cut_at_each_sync(keep: bool, seed: u64) {
     );
     eprintln!("syncs of `unmount` (keep writes: {keep}): {syncs:?}");
     let mut came_back = 0;
-    for k in 0..=syncs.len() {
+    for (crash, k) in [false, true]
+        .into_iter()
+        .flat_map(|crash| (0..=syncs.len()).map(move |k| (crash, k)))
+    {
         server.cli(&["mount", "pl", "--name", "d"]);
         let written = write_as_the_vm(&server, "d", &s.raw, 10 + k as u64);
-        s.fs.cut_at_sync(k);
+        if crash {
+            s.fs.kill_at_sync(k, server.pid());
+        } else {
+            s.fs.cut_at_sync(k);
+        }
         let answered = livemount(&unmount).status.success();
         let cut = s.fs.syncs();
-        s.fs.cut();
-        server.kill();
-        s.fs.power_on();
         let from = server_log_len(&s.state);
-        server = boot(&s.repo, &s.state, &s.boots);
+        if crash {
+            s.fs.reset_counts();
+            server.kill();
+            server = restart(&s.repo, &s.state, &s.boots);
+        } else {
+            s.fs.cut();
+            server.kill();
+            s.fs.power_on();
+            server = boot(&s.repo, &s.state, &s.boots);
+        }
         let at = if k == syncs.len() {
             "just after `unmount` answered".to_string()
         } else {
             format!("at sync {k} of {}", syncs.len())
         };
-        let why = format!("keep writes: {keep}, power cut {at} ({cut:?})");
+        let what = if crash { "crash" } else { "power cut" };
+        let why = format!("keep writes: {keep}, {what} {at} ({cut:?})");
         let log = log_since(&server, from);
         assert!(
             !log.contains("mount not served"),
@@ -768,9 +783,9 @@ fn unmount_cut_at_each_sync(keep: bool, seed: u64) {
         server.cli(&["unmount", "d"]);
     }
     assert!(
-        came_back > 0 && came_back <= syncs.len(),
+        came_back > 0 && came_back <= 2 * syncs.len(),
         "no cut kept d, or every one did: the cuts missed the unmount ({came_back} of {})",
-        syncs.len() + 1
+        2 * (syncs.len() + 1)
     );
     assert!(server.stop().success());
 }
