@@ -92,6 +92,9 @@ pub fn discard(dir: &Path) -> io::Result<()> {
                 }
             }
             if mark {
+                // The removals above durable before the mark's, when the disk lets them be
+                // (a full one may not: then the order is the file system's).
+                let _ = durable::fsync_dir(dir);
                 fs::remove_file(dir.join(NOT_KEPT))?;
             }
             fs::remove_dir(dir)?;
