@@ -4,6 +4,9 @@
 //! State directory layout:
 //! ```text
 //! mounts/NAME.json   one MountSpec per live mount, replaced whole ([`durable::replace`])
+//! overlays/NAME/     a mount's writes (`mount::overlay`, `mount::files`), its `snapshot`
+//!                    stamp and, unless its writes are kept, its `not-kept` mark (`overlays`)
+//! overlays/.discarded-NAME-HEX   a discarded overlay folder on its way out
 //! profiles/VM.json   boot profiles learned from the mounts' boot windows (see `profile`)
 //! api-token          the control API's bearer token, mode 0600
 //! api.json           where the control API listens, for the CLI
@@ -12,9 +15,13 @@
 //! across an await. Mount and unmount are serialised by an async mutex so that names and ids are
 //! allocated once.
 //! Durability: a new mount is on disk before `mount` answers: its overlay folder (made
-//! durably), its `snapshot` stamp, its overlay and folder files, then its spec. A mount that
-//! fails (ENOSPC, EIO) removes what it made, its spec and a new overlay folder, as far as the
-//! disk lets it, so that it does not come back at the next start.
+//! durably), its `not-kept` mark, its `snapshot` stamp, its overlay and folder files, then its
+//! spec. A mount that fails (ENOSPC, EIO) removes what it made, its spec and a new overlay
+//! folder, as far as the disk lets it, so that it does not come back at the next start; what
+//! it could not remove, or what a crash or a power cut left, is marked `not-kept` and named by
+//! no spec, so the next mount of the name and the next start discard it (`overlays`).
+//! `unmount` removes the spec durably before it answers; discarding, it renames the overlay
+//! folder away (durably) too; keeping writes, it syncs them and removes the mark first.
 //! Tasks: relocations, pre-staging, disk-cache warm-ups and boot-window watchers run under the
 //! agent's task tracker ([`Agent::spawn_task`]); a graceful stop ([`Agent::stop_tasks`]) ends
 //! them at an await point and waits for them before the final sync, so none writes after it.
@@ -23,6 +30,7 @@
 
 mod console;
 mod files;
+mod overlays;
 mod relocations;
 mod warmups;
 
@@ -67,6 +75,9 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     state: PathBuf,
     mounts: RwLock<BTreeMap<u32, Arc<LiveMount>>>,
+    /// Names whose spec is on disk but whose mount could not be opened at the start: their
+    /// overlay folders are a mount's, whatever their mark says.
+    unserved: std::sync::Mutex<std::collections::BTreeSet<String>>,
     changes: tokio::sync::Mutex<()>,
     started: jiff::Timestamp,
     /// How new mounts record their boot; `None`: they do not.
@@ -294,6 +305,7 @@ impl Agent {
             metrics: Arc::new(Metrics::new()),
             state: state.to_path_buf(),
             mounts: RwLock::new(BTreeMap::new()),
+            unserved: Default::default(),
             changes: tokio::sync::Mutex::new(()),
             started: jiff::Timestamp::now(),
             learning,
@@ -311,12 +323,38 @@ impl Agent {
             open_guests: Default::default(),
             history: Default::default(),
         };
+        // What failed mounts and discards cut short left: nobody's writes.
+        let (dir, names) = (
+            state.join("overlays"),
+            specs.iter().map(|(_, s)| s.name.clone()).collect(),
+        );
+        match tokio::task::spawn_blocking(move || overlays::sweep(&dir, &names)).await {
+            Ok(Ok(gone)) if !gone.is_empty() => {
+                tracing::info!(
+                    ?gone,
+                    "removed overlay folders of failed mounts and discards"
+                )
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "overlay folders of failed mounts not removed")
+            }
+            Err(e) => tracing::warn!(error = %e, "overlay folder sweep failed"),
+        }
         for (path, spec) in specs {
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the
             // others from being served: it is left out, loudly, and its state is kept.
+            let name = spec.name.clone();
             match agent.open_mount(spec, false).await {
                 Ok(mount) => agent.insert(Arc::new(mount)),
-                Err(e) => tracing::error!(spec = %path.display(), error = %e, "mount not served"),
+                Err(e) => {
+                    tracing::error!(spec = %path.display(), error = %e, "mount not served");
+                    agent
+                        .unserved
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(name);
+                }
             }
         }
         // Relocations come back with `resume_relocations`, before any NFS client is served.
@@ -554,6 +592,24 @@ impl Agent {
             disks_only: req.disks_only,
             convert,
         };
+        let unserved = self
+            .unserved
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&spec.name);
+        if !unserved {
+            // The name is free: a marked folder under it is what a failed mount or a discard
+            // cut short left, not kept writes (which, of another snapshot, would refuse this).
+            let dir = self.overlay_dir(&spec.name);
+            on_blocking_pool(&dir.clone(), move || {
+                match overlays::is_not_kept(&dir) {
+                    Ok(true) => overlays::discard(&dir),
+                    other => other.map(|_| ()),
+                }
+                .map_err(|e| state_err(&dir, e))
+            })
+            .await?;
+        }
         // In the lease before the snapshot is opened: a forget that misses the lease has
         // removed the manifest before it is read, and the mount fails (decision 0017).
         let mut uses = self.lease_uses();
@@ -713,6 +769,41 @@ impl Agent {
         if let Some(w) = &m.window {
             self.learner().learn(w, &m).await;
         }
+        let dir = self.overlay_dir(name);
+        let sync_err = |what: String| MountError::State {
+            path: dir.display().to_string(),
+            what,
+        };
+        if keep_writes {
+            // Durable before the mount goes: whatever the VM had acknowledged; then the mark
+            // goes, so that a later mount adopts the writes even if a cut follows at once.
+            for f in &m.files {
+                f.commit().await.map_err(|e| sync_err(e.to_string()))?;
+            }
+            if let Some(folder) = &m.folder {
+                folder
+                    .commit_all()
+                    .await
+                    .map_err(|e| sync_err(e.to_string()))?;
+            }
+            let d = dir.clone();
+            on_blocking_pool(&dir, move || {
+                overlays::keep(&d).map_err(|e| state_err(&d, e))
+            })
+            .await?;
+        } else {
+            // A folder from before the mark: marked first, so that a cut between the spec's
+            // removal and the discard leaves nobody's writes, never kept ones.
+            let d = dir.clone();
+            on_blocking_pool(&dir, move || {
+                match overlays::is_not_kept(&d) {
+                    Ok(false) if d.exists() => overlays::mark_not_kept(&d),
+                    other => other.map(|_| ()),
+                }
+                .map_err(|e| state_err(&d, e))
+            })
+            .await?;
+        }
         let (path, mounts) = (self.spec_path(&m.spec.name), self.state.join("mounts"));
         on_blocking_pool(&path.clone(), move || {
             fs::remove_file(&path).map_err(|e| state_err(&path, e))?;
@@ -723,31 +814,11 @@ impl Agent {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&m.spec.id);
-        // Durable before the mount goes: whatever the VM had acknowledged.
-        let sync_err = |what: String| MountError::State {
-            path: self.overlay_dir(name).display().to_string(),
-            what,
-        };
-        for f in &m.files {
-            f.commit().await.map_err(|e| sync_err(e.to_string()))?;
-        }
-        if let Some(folder) = &m.folder {
-            folder
-                .commit_all()
-                .await
-                .map_err(|e| sync_err(e.to_string()))?;
-        }
         if !keep_writes {
-            // Durably gone: a later mount of this name must not find these writes again.
-            let dir = self.overlay_dir(name);
+            // Durably gone before `unmount` answers: a later mount of this name must not find
+            // these writes again, whenever the power goes.
             on_blocking_pool(&dir.clone(), move || {
-                match fs::remove_dir_all(&dir) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-                    Err(e) => return Err(state_err(&dir, e)),
-                }
-                let above = dir.parent().unwrap_or(Path::new("."));
-                durable::fsync_dir(above).map_err(|e| state_err(above, e))
+                overlays::discard(&dir).map_err(|e| state_err(&dir, e))
             })
             .await?;
         }
@@ -846,6 +917,9 @@ fn claim_overlays(dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             durable::create_dir_all(dir).map_err(|e| state_err(dir, e))?;
+            // Before the stamp: a stamped folder that no spec names is kept writes only if
+            // `unmount --keep-writes` took the mark away.
+            overlays::mark_not_kept(dir).map_err(|e| state_err(dir, e))?;
             if let Some(h) = &want {
                 durable::replace(&made_for, h.as_bytes()).map_err(|e| state_err(&made_for, e))?;
             }
@@ -857,8 +931,8 @@ fn claim_overlays(dir: &Path, spec: &MountSpec) -> Result<(), MountError> {
 }
 
 /// Removes what a failed mount made: its spec, if it took its name, and the overlay folder
-/// `overlays` (made by the failed mount), each durably.
-fn undo_mount(spec: &Path, overlays: Option<&Path>) -> Result<(), MountError> {
+/// `made` (new, made by the failed mount: discarded), each durably.
+fn undo_mount(spec: &Path, made: Option<&Path>) -> Result<(), MountError> {
     let gone = |path: &Path, removed: std::io::Result<()>| match removed {
         Ok(()) => {
             let above = path.parent().unwrap_or(Path::new("."));
@@ -868,8 +942,10 @@ fn undo_mount(spec: &Path, overlays: Option<&Path>) -> Result<(), MountError> {
         Err(e) => Err(state_err(path, e)),
     };
     let spec_gone = gone(spec, fs::remove_file(spec));
-    match overlays {
-        Some(dir) => gone(dir, fs::remove_dir_all(dir)).and(spec_gone),
+    match made {
+        Some(dir) => overlays::discard(dir)
+            .map_err(|e| state_err(dir, e))
+            .and(spec_gone),
         None => spec_gone,
     }
 }
@@ -1066,16 +1142,20 @@ mod tests {
         claim_overlays(&dir, &spec('a')).unwrap();
         let stamp = dir.join("snapshot");
         assert_eq!(fs::read_to_string(&stamp).unwrap(), "a".repeat(64));
-        // The folders made, each in its parent; the stamp written in full and then named.
+        // The folders made, each in its parent; the mark, then the stamp, each written in
+        // full and then named.
         assert_eq!(
             durable::synced_under(state),
             [
                 state.to_path_buf(),
                 state.join("overlays"),
+                dir.join(overlays::NOT_KEPT),
+                dir.clone(),
                 stamp.clone(),
                 dir.clone()
             ]
         );
+        assert!(overlays::is_not_kept(&dir).unwrap());
         // Adopted by the same snapshot; refused for another, naming both.
         claim_overlays(&dir, &spec('a')).unwrap();
         let err = claim_overlays(&dir, &spec('b')).unwrap_err().to_string();

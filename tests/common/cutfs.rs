@@ -10,6 +10,8 @@
 //! A cut ([`CutFs::cut_at_sync`]) happens at the k-th sync from then on: that sync is not
 //! made and every later call fails with EIO, like a dead disk. The test then kills the server
 //! and [`CutFs::power_on`] mounts the durable state afresh (no kernel cache survives either).
+//! A crash ([`CutFs::kill_at_sync`]) kills the process at the k-th sync instead and loses
+//! nothing.
 //! [`CutFs::fail_from`] fails every change (write, truncate, create, mkdir, rename, sync; for
 //! EIO also unlink and rmdir) under a path from the k-th change on, until [`CutFs::heal`].
 //!
@@ -78,6 +80,8 @@ struct State {
     /// Changes (writes, creates, syncs, ...) since the counters were last reset.
     changes: Vec<String>,
     cut_at: Option<usize>,
+    /// At this sync, the process is killed instead (SIGKILL; nothing is lost: a crash).
+    kill_at: Option<(usize, i32)>,
     frozen: bool,
     fault: Option<Fault>,
 }
@@ -164,6 +168,15 @@ impl State {
     fn sync(&mut self, ino: u64) -> Result<(), Errno> {
         let path = self.path(ino);
         self.change("sync", &path, false)?;
+        if let Some((at, pid)) = self.kill_at {
+            if at == self.syncs.len() {
+                // The process stays in this call until it is answered, and dies then.
+                // SAFETY: kill(2) with a pid and a signal number; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                self.syncs.push(format!("{} (killed)", shown(&path)));
+                return Err(Errno::EIO);
+            }
+        }
         if self.cut_at == Some(self.syncs.len()) {
             self.frozen = true;
             self.syncs.push(format!("{} (cut)", shown(&path)));
@@ -698,6 +711,7 @@ impl CutFs {
         s.syncs.clear();
         s.changes.clear();
         s.cut_at = None;
+        s.kill_at = None;
         s.fault = None;
     }
 
@@ -715,6 +729,13 @@ impl CutFs {
     pub fn cut_at_sync(&self, k: usize) {
         self.reset_counts();
         self.state().cut_at = Some(k);
+    }
+
+    /// Counts from zero, and kills process `pid` with SIGKILL at sync `k` (0: the next one):
+    /// that sync is not made, and nothing else is lost (the page cache outlives a crash).
+    pub fn kill_at_sync(&self, k: usize, pid: u32) {
+        self.reset_counts();
+        self.state().kill_at = Some((k, pid as i32));
     }
 
     /// Whether the power was cut (every call fails with EIO).
