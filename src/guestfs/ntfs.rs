@@ -426,6 +426,59 @@ impl FsView for NtfsView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::guestfs::{all_volumes, open_volume, reader, DiskSource, FsKind, MemDisk};
+
+    /// Every regular file of the NTFS seed image (made by `mkntfs` and filled through
+    /// `ntfs-3g`): each range read by seeking equals that slice of the whole file.
+    #[test]
+    fn ranges_of_ntfs_files_seek_and_equal_their_slice_of_the_whole() {
+        let img =
+            zstd::decode_all(&include_bytes!("../../fuzz/seeds/guestfs-ntfs.img.zst")[..]).unwrap();
+        let disk = reader::shared(MemDisk(img));
+        let vols = all_volumes(&[DiskSource {
+            disk: disk.clone(),
+            device: "vda".into(),
+            dev_path: "vda".into(),
+        }])
+        .unwrap();
+        let vol = vols.iter().find(|v| v.kind == FsKind::Ntfs).unwrap();
+        let mut fs = open_volume(vol, &[disk]).unwrap();
+        let (mut files, mut folders) = (Vec::new(), vec![Vec::<Vec<u8>>::new()]);
+        while let Some(dir) = folders.pop() {
+            for e in fs.list(&dir).unwrap() {
+                let mut p = dir.clone();
+                p.push(e.raw_name.clone());
+                match e.kind {
+                    EntryKind::Dir => folders.push(p),
+                    EntryKind::File => files.push((p, e.size)),
+                    _ => {}
+                }
+            }
+        }
+        assert!(files.iter().any(|(_, size)| *size > 4096), "{files:?}");
+        for (path, size) in files {
+            let read = |fs: &mut Box<dyn FsView>, start: u64, len: u64| {
+                let mut got = Vec::new();
+                fs.copy_range(&path, size, start, len, &mut |b: &[u8]| {
+                    got.extend_from_slice(b);
+                    Ok(())
+                })
+                .unwrap();
+                got
+            };
+            let whole = read(&mut fs, 0, size);
+            assert_eq!(whole.len() as u64, size);
+            let s = size as usize;
+            for (start, len) in [(1, 7), (s / 3, 8192), (s.saturating_sub(1), 5), (s, 5)] {
+                let end = (start + len).min(s);
+                assert_eq!(
+                    read(&mut fs, start as u64, len as u64),
+                    whole[start.min(s)..end.max(start.min(s))],
+                    "{path:?} {start}+{len}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn short_and_empty_disks_through_every_reader_are_errors_not_panics() {
