@@ -209,6 +209,32 @@ struct Setup {
     fs: CutFs,
 }
 
+impl Setup {
+    /// Makes sync `k` from now the moment of a crash (SIGKILL of `server`) or of a power cut.
+    fn arm(&self, k: usize, crash: bool, server: &Server) {
+        if crash {
+            self.fs.kill_at_sync(k, server.pid());
+        } else {
+            self.fs.cut_at_sync(k);
+        }
+    }
+
+    /// After the moment: a crash restarts the server on the same boot (nothing written is
+    /// lost); a power cut drops what was not fsynced and boots it again.
+    fn recover(&mut self, server: Server, crash: bool) -> Server {
+        if crash {
+            self.fs.reset_counts();
+            server.kill();
+            restart(&self.repo, &self.state, &self.boots)
+        } else {
+            self.fs.cut();
+            server.kill();
+            self.fs.power_on();
+            boot(&self.repo, &self.state, &self.boots)
+        }
+    }
+}
+
 fn setup(seed: u64) -> Setup {
     let t = tempfile::tempdir().unwrap();
     let raw = mixed_disk(DISK, seed);
@@ -247,25 +273,12 @@ fn a_mount_cut_short_by_power_loss_or_a_crash_is_absent_or_whole_and_its_name_st
 
     for crash in [false, true] {
         for k in 0..=syncs.len() {
-            if crash {
-                s.fs.kill_at_sync(k, server.pid());
-            } else {
-                s.fs.cut_at_sync(k);
-            }
+            s.arm(k, crash, &server);
             let answered = mount_cmd(&s.state, "m").status.success();
             let cut = s.fs.syncs();
             let from = server_log_len(&s.state);
-            if crash {
-                // Killed at sync k, or (k past the last) just after `mount` answered.
-                s.fs.reset_counts();
-                server.kill();
-                server = restart(&s.repo, &s.state, &s.boots);
-            } else {
-                s.fs.cut();
-                server.kill();
-                s.fs.power_on();
-                server = boot(&s.repo, &s.state, &s.boots);
-            }
+            // Killed at sync k, or (k past the last) just after `mount` answered.
+            server = s.recover(server, crash);
             let what = if crash { "crash" } else { "power cut" };
             let why = format!("{what} at sync {k} of {} ({cut:?})", syncs.len());
             let log = log_since(&server, from);
@@ -706,24 +719,11 @@ fn unmount_cut_at_each_sync(keep: bool, seed: u64) {
     {
         server.cli(&["mount", "pl", "--name", "d"]);
         let written = write_as_the_vm(&server, "d", &s.raw, 10 + k as u64);
-        if crash {
-            s.fs.kill_at_sync(k, server.pid());
-        } else {
-            s.fs.cut_at_sync(k);
-        }
+        s.arm(k, crash, &server);
         let answered = livemount(&unmount).status.success();
         let cut = s.fs.syncs();
         let from = server_log_len(&s.state);
-        if crash {
-            s.fs.reset_counts();
-            server.kill();
-            server = restart(&s.repo, &s.state, &s.boots);
-        } else {
-            s.fs.cut();
-            server.kill();
-            s.fs.power_on();
-            server = boot(&s.repo, &s.state, &s.boots);
-        }
+        server = s.recover(server, crash);
         let at = if k == syncs.len() {
             "just after `unmount` answered".to_string()
         } else {
