@@ -5,8 +5,10 @@
 //! - the main cache (moka's TinyLFU admission: a disk copied end to end does not flush the
 //!   blocks running VMs read again and again) holds what VM reads and read-ahead fetched;
 //! - the staging area (a quarter of the size, plain LRU, which admits everything) holds
-//!   pre-staged chunks until a VM reads them; they are then added to the main cache too.
-//!   Pre-staging can evict only other pre-staged chunks, never a block a running VM uses.
+//!   guesses: chunks pre-staged or read ahead that no VM has read yet. A VM's read of one adds
+//!   it to the main cache too. A guess can evict only other guesses, never a block a running VM
+//!   uses, and the main cache's admission cannot turn one away before the VM that it was
+//!   fetched for reads it (which would cost that chunk a second fetch; decision 0021).
 //!
 //! Also owns single-flight fills: one repository fetch per missed chunk however many readers
 //! wait for it, and the fetch runs as its own task (a reader that goes away does not cancel it).
@@ -20,7 +22,7 @@
 pub mod disk;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use async_trait::async_trait;
@@ -46,7 +48,7 @@ pub struct CacheStats {
     /// Chunks fetched by pre-staging into the staging area.
     #[serde(default)]
     pub staged: u64,
-    /// Reads served from the staging area.
+    /// VM reads served from the staging area.
     #[serde(default)]
     pub staged_hits: u64,
     /// The disk tier, when there is one.
@@ -57,10 +59,20 @@ pub struct CacheStats {
 /// A fill's chunk, and whether it came from the disk tier (no repository fetch).
 type Fill = Shared<BoxFuture<'static, Result<(Bytes, bool), Arc<RepoError>>>>;
 
-/// A fetch under way: who wants it most, and its result to come.
+/// A fetch under way: who wants it most, whether anyone reads it yet (or it is only a guess),
+/// and its result to come.
 struct Pending {
     demand: Arc<Demand>,
+    used: Arc<AtomicBool>,
     fill: Fill,
+}
+
+/// Why a chunk is read: for use (a VM's read, a guest file's), or as a guess at what a VM reads
+/// next (pre-staging, read-ahead), which goes to the staging area until a use comes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Intent {
+    Use,
+    Guess,
 }
 
 /// A read-through chunk cache in front of a [`ChunkReader`].
@@ -191,7 +203,7 @@ impl ChunkCache {
         if self.contains(id) {
             return Ok(false);
         }
-        self.read_traced(id, FetchClass::Prestage)
+        self.read_intent(id, FetchClass::Prestage, Requester::ANYONE, Intent::Guess)
             .await
             .map(|_| true)
     }
@@ -302,6 +314,18 @@ impl ChunkCache {
         class: FetchClass,
         requester: Requester,
     ) -> Result<(Bytes, Access), RepoError> {
+        self.read_intent(id, class, requester, Intent::Use).await
+    }
+
+    /// Reads a chunk for `intent`: a guess that misses is fetched into the staging area (unless
+    /// a use joins its fetch), a use that finds a chunk there adds it to the main cache.
+    pub async fn read_intent(
+        &self,
+        id: &ChunkId,
+        class: FetchClass,
+        requester: Requester,
+        intent: Intent,
+    ) -> Result<(Bytes, Access), RepoError> {
         let i = &self.inner;
         if let Some(b) = i.main.get(id) {
             i.hits.fetch_add(1, Relaxed);
@@ -309,7 +333,7 @@ impl ChunkCache {
         }
         if let Some(b) = i.staging.get(id) {
             i.hits.fetch_add(1, Relaxed);
-            if class != FetchClass::Prestage {
+            if intent == Intent::Use {
                 // A VM has started using it: it belongs with the VMs' blocks now. It stays in
                 // the staging area too (the bytes are shared) until that area needs the room.
                 i.staged_hits.fetch_add(1, Relaxed);
@@ -324,6 +348,9 @@ impl ChunkCache {
                     if p.demand.raise(class) {
                         i.sched.reconsider();
                     }
+                    if intent == Intent::Use {
+                        p.used.store(true, Relaxed);
+                    }
                     p.fill.clone()
                 }
                 None => {
@@ -334,11 +361,13 @@ impl ChunkCache {
                         return Ok((b, Access::Hit));
                     }
                     let demand = Demand::on_behalf_of(class, requester);
-                    let fill = spawn_fill(i.clone(), *id, demand.clone());
+                    let used = Arc::new(AtomicBool::new(intent == Intent::Use));
+                    let fill = spawn_fill(i.clone(), *id, demand.clone(), used.clone());
                     pending.insert(
                         *id,
                         Pending {
                             demand,
+                            used,
                             fill: fill.clone(),
                         },
                     );
@@ -354,8 +383,9 @@ impl ChunkCache {
 
 /// Starts the one fill of a missed chunk: from the disk tier if it has a sound entry, else a
 /// slot in its class and the fetch (whose chunk also goes to disk); then the memory part its
-/// class says (staging for pre-staging alone, main otherwise); then out of `pending`.
-fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
+/// readers say (staging while it is only a guess, main once a use waits for it); then out of
+/// `pending`.
+fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>, used: Arc<AtomicBool>) -> Fill {
     let after = i.clone();
     let task = tokio::spawn(async move {
         let on_disk = match i.disk.get() {
@@ -377,8 +407,10 @@ fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>) -> Fill {
             }
         };
         match &result {
-            Ok(b) if demand.class() == FetchClass::Prestage => {
-                i.staged.fetch_add(1, Relaxed);
+            Ok(b) if !used.load(Relaxed) => {
+                if demand.class() == FetchClass::Prestage {
+                    i.staged.fetch_add(1, Relaxed);
+                }
                 i.staging.insert(id, b.clone());
             }
             Ok(b) => i.main.insert(id, b.clone()),
@@ -702,5 +734,49 @@ mod tests {
         cache.inner.main.run_pending_tasks();
         cache.inner.staging.run_pending_tasks();
         assert!(cache.stats().bytes <= 32 * 10, "{:?}", cache.stats());
+    }
+
+    #[tokio::test]
+    async fn a_chunk_read_ahead_into_a_full_cache_is_there_when_the_vm_reads_it() {
+        let src = Arc::new(Counting {
+            fetches: AtomicUsize::new(0),
+            bad: ChunkId([0; 32]),
+        });
+        // Room for 30 chunks of 32 bytes in the main cache, 10 in the staging area.
+        let cache = ChunkCache::new(src.clone(), 32 * 40);
+        // A VM's working set fills the main cache, each chunk read a few times.
+        for _ in 0..3 {
+            for i in 1..=30u8 {
+                cache.read_chunk(&ChunkId([i; 32])).await.unwrap();
+            }
+            cache.inner.main.run_pending_tasks();
+        }
+        let fetches = src.fetches.load(Relaxed);
+        // Read-ahead guesses the next chunk; the cache's admission must not turn it away.
+        let next = ChunkId([31; 32]);
+        cache
+            .read_intent(
+                &next,
+                FetchClass::Background,
+                Requester::ANYONE,
+                Intent::Guess,
+            )
+            .await
+            .unwrap();
+        cache.inner.main.run_pending_tasks();
+        cache.inner.staging.run_pending_tasks();
+        assert_eq!(src.fetches.load(Relaxed), fetches + 1);
+        // The VM's read of it a moment later is a hit: no second fetch.
+        let (_, access) = cache.read_traced(&next, FetchClass::Vm).await.unwrap();
+        assert_eq!(access, Access::Hit);
+        assert_eq!(src.fetches.load(Relaxed), fetches + 1);
+        // The working set is still there: a guess evicts only other guesses.
+        for i in 1..=30u8 {
+            let (_, access) = cache
+                .read_traced(&ChunkId([i; 32]), FetchClass::Vm)
+                .await
+                .unwrap();
+            assert_eq!(access, Access::Hit, "chunk {i}");
+        }
     }
 }

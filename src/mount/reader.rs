@@ -13,7 +13,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::cache::{Access, ChunkCache};
+use crate::cache::{Access, ChunkCache, Intent};
 use crate::fetch::{FetchClass, Requester};
 use crate::metrics::{Metrics, MountLabel};
 use crate::prestage::BootWindow;
@@ -51,20 +51,29 @@ impl MountReader {
 #[async_trait]
 impl ChunkReader for MountReader {
     async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
-        self.read_as(id, FetchClass::Vm).await
+        self.read_as(id, FetchClass::Vm, Intent::Use).await
     }
 }
 
 impl MountReader {
-    /// Fetches a chunk into the cache in `class` (read-ahead: the background class), without
-    /// returning it. Counted as the mount's hit or miss, never in its boot window.
+    /// Fetches a chunk into the cache in `class` (read-ahead: the background class) as a guess
+    /// at what the VM reads next, without returning it. Counted as the mount's hit or miss,
+    /// never in its boot window.
     pub async fn warm(&self, id: &ChunkId, class: FetchClass) -> Result<(), RepoError> {
-        self.read_as(id, class).await.map(|_| ())
+        self.read_as(id, class, Intent::Guess).await.map(|_| ())
     }
 
-    async fn read_as(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
+    async fn read_as(
+        &self,
+        id: &ChunkId,
+        class: FetchClass,
+        intent: Intent,
+    ) -> Result<Bytes, RepoError> {
         let start = Instant::now();
-        let result = self.cache.read_for(id, class, self.requester).await;
+        let result = self
+            .cache
+            .read_intent(id, class, self.requester, intent)
+            .await;
         let window = self.window.as_ref().filter(|_| class == FetchClass::Vm);
         let (bytes, access) = match result {
             Ok(r) => r,
