@@ -295,6 +295,7 @@ impl Agent {
         lease.start_renewing();
         let source: Arc<dyn ChunkReader> = Arc::new(repo.clone());
         let cache = Arc::new(ChunkCache::new(source, cache_bytes));
+        let metrics = Arc::new(Metrics::with_held_reads(cache.health().held_seconds()));
         if let Some(d) = disk_cache {
             cache.set_disk(d);
         }
@@ -302,7 +303,7 @@ impl Agent {
             cache,
             repo,
             datastore,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             state: state.to_path_buf(),
             mounts: RwLock::new(BTreeMap::new()),
             unserved: Default::default(),

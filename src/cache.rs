@@ -20,16 +20,19 @@
 //! Must not: cache errors (a failed fetch is retried by the next reader), or know about NFS.
 
 pub mod disk;
+pub mod outage;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 
 use self::disk::{DiskCache, DiskCacheStats};
+use self::outage::{StoreHealth, StoreState};
 use crate::fetch::{Demand, FetchClass, FetchScheduler, Requester, SchedulerStats};
 use crate::repo::{ChunkId, ChunkReader, RepoError};
 
@@ -59,11 +62,11 @@ pub struct CacheStats {
 /// A fill's chunk, and whether it came from the disk tier (no repository fetch).
 type Fill = Shared<BoxFuture<'static, Result<(Bytes, bool), Arc<RepoError>>>>;
 
-/// A fetch under way: who wants it most, whether anyone reads it yet (or it is only a guess),
-/// and its result to come.
+/// A fetch under way: who wants it most, who waits for it (uses or only guesses) and how long
+/// it may be held through an outage, and its result to come.
 struct Pending {
     demand: Arc<Demand>,
-    used: Arc<AtomicBool>,
+    state: Arc<FillState>,
     fill: Fill,
 }
 
@@ -94,6 +97,7 @@ struct Inner {
     errors: AtomicU64,
     staged: AtomicU64,
     staged_hits: AtomicU64,
+    health: StoreHealth,
 }
 
 impl std::fmt::Debug for ChunkCache {
@@ -152,6 +156,7 @@ impl ChunkCache {
                 errors: AtomicU64::new(0),
                 staged: AtomicU64::new(0),
                 staged_hits: AtomicU64::new(0),
+                health: StoreHealth::default(),
             }),
         }
     }
@@ -341,7 +346,7 @@ impl ChunkCache {
             }
             return Ok((b, Access::Hit));
         }
-        let fill = {
+        let (fill, state) = {
             let mut pending = i.pending.lock().unwrap_or_else(|p| p.into_inner());
             match pending.get(id) {
                 Some(p) => {
@@ -349,9 +354,9 @@ impl ChunkCache {
                         i.sched.reconsider();
                     }
                     if intent == Intent::Use {
-                        p.used.store(true, Relaxed);
+                        p.state.join_use(i.deadline_after_grace());
                     }
-                    p.fill.clone()
+                    (p.fill.clone(), p.state.clone())
                 }
                 None => {
                     // A fill may have finished between the lookups above and taking the lock;
@@ -361,32 +366,228 @@ impl ChunkCache {
                         return Ok((b, Access::Hit));
                     }
                     let demand = Demand::on_behalf_of(class, requester);
-                    let used = Arc::new(AtomicBool::new(intent == Intent::Use));
-                    let fill = spawn_fill(i.clone(), *id, demand.clone(), used.clone());
+                    let state = Arc::new(FillState::default());
+                    if intent == Intent::Use {
+                        state.join_use(i.deadline_after_grace());
+                    }
+                    let fill = spawn_fill(i.clone(), *id, demand.clone(), state.clone());
                     pending.insert(
                         *id,
                         Pending {
                             demand,
-                            used,
+                            state: state.clone(),
                             fill: fill.clone(),
                         },
                     );
-                    fill
+                    (fill, state)
                 }
             }
         };
-        fill.await
+        let waiting = (intent == Intent::Use).then(|| Waiting::new(&state));
+        let result = match intent {
+            Intent::Guess => fill.await,
+            // A use waits for a fill held through an outage until its own grace ends, however
+            // long later uses keep the fill trying.
+            Intent::Use => {
+                let until = tokio::time::Instant::now() + i.health.grace();
+                match tokio::time::timeout_at(until, fill.clone()).await {
+                    Ok(r) => r,
+                    Err(_) => match state.outage_error() {
+                        Some(e) => Err(e),
+                        // Slow, not held: a fetch that takes long is waited for.
+                        None => fill.await,
+                    },
+                }
+            }
+        };
+        if let Some(w) = waiting {
+            if state.held.load(Relaxed) {
+                i.health.on_held_read(w.since.elapsed(), result.is_ok());
+            }
+        }
+        result
             .map(|(b, from_disk)| (b, if from_disk { Access::Hit } else { Access::Miss }))
             .map_err(|e| shared_error(id, &e))
     }
+
+    /// The store's state as the fills found it, with the reads held now.
+    pub fn store_state(&self) -> StoreState {
+        let i = &self.inner;
+        let (mut held, mut longest) = (0, Duration::ZERO);
+        for p in i.pending.lock().unwrap_or_else(|p| p.into_inner()).values() {
+            if let Some(since) = p.state.held_since() {
+                held += p.state.waiting.load(Relaxed) as u64;
+                longest = longest.max(since.elapsed());
+            }
+        }
+        i.health.state(held, longest)
+    }
+
+    /// The store's health: its grace and the held reads' histogram.
+    pub fn health(&self) -> &StoreHealth {
+        &self.inner.health
+    }
 }
 
-/// Starts the one fill of a missed chunk: from the disk tier if it has a sound entry, else a
-/// slot in its class and the fetch (whose chunk also goes to disk); then the memory part its
-/// readers say (staging while it is only a guess, main once a use waits for it); then out of
-/// `pending`.
-fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>, used: Arc<AtomicBool>) -> Fill {
+/// What a fill's readers tell it, and what it tells them.
+#[derive(Debug, Default)]
+struct FillState {
+    /// Whether a use (not only guesses) waits for it.
+    used: AtomicBool,
+    /// Until when (nanoseconds after the cache's `epoch`) it is held through an outage: the
+    /// grace after the last use that joined it. Zero: not at all (guesses only).
+    deadline: AtomicU64,
+    /// Whether an attempt failed because the store was away, and since when (nanoseconds
+    /// after the epoch, plus one).
+    held: AtomicBool,
+    held_at: AtomicU64,
+    /// Uses waiting for it now.
+    waiting: AtomicUsize,
+    /// The last failure of a held attempt.
+    last_outage: Mutex<Option<Arc<RepoError>>>,
+}
+
+impl FillState {
+    /// A use joins (under the `pending` lock, like the fill's decision to give up).
+    fn join_use(&self, deadline: u64) {
+        self.used.store(true, Relaxed);
+        self.deadline.fetch_max(deadline, Relaxed);
+    }
+
+    /// The error a use gets when its grace ends while this fill is still held.
+    fn outage_error(&self) -> Option<Arc<RepoError>> {
+        if !self.held.load(Relaxed) {
+            return None;
+        }
+        self.last_outage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn held_since(&self) -> Option<tokio::time::Instant> {
+        let at = self.held_at.load(Relaxed);
+        (at != 0).then(|| epoch() + Duration::from_nanos(at - 1))
+    }
+}
+
+/// A use waiting for a fill, counted while it waits (also when its reader goes away).
+struct Waiting {
+    state: Arc<FillState>,
+    since: tokio::time::Instant,
+}
+
+impl Waiting {
+    fn new(state: &Arc<FillState>) -> Waiting {
+        state.waiting.fetch_add(1, Relaxed);
+        Waiting {
+            state: state.clone(),
+            since: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.state.waiting.fetch_sub(1, Relaxed);
+    }
+}
+
+/// The instant the deadlines are counted from (the first time any cache asked).
+fn epoch() -> tokio::time::Instant {
+    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
+    *EPOCH.get_or_init(tokio::time::Instant::now)
+}
+
+fn nanos_since_epoch() -> u64 {
+    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+impl Inner {
+    /// The deadline of a use joining now.
+    fn deadline_after_grace(&self) -> u64 {
+        let grace = u64::try_from(self.health.grace().as_nanos()).unwrap_or(u64::MAX);
+        nanos_since_epoch().saturating_add(grace).max(1)
+    }
+
+    /// Takes a fill out of `pending` if the entry is still its own (a fill that gave up may
+    /// have been followed by a new one for the same chunk).
+    fn remove_pending(&self, id: &ChunkId, state: &Arc<FillState>) {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if pending
+            .get(id)
+            .is_some_and(|p| Arc::ptr_eq(&p.state, state))
+        {
+            pending.remove(id);
+        }
+    }
+
+    /// Fetches a missed chunk through the scheduler. A failure because the store is away is
+    /// tried again with back-off, the slot given back while it waits, for as long as a use
+    /// waits and its grace lasts (`outage`); the decision to give up is taken under the
+    /// `pending` lock, and the fill leaves `pending` with it, so that a use joining later
+    /// starts a fill of its own rather than getting this one's error.
+    async fn fetch(
+        &self,
+        id: &ChunkId,
+        demand: &Arc<Demand>,
+        state: &Arc<FillState>,
+    ) -> FetchResult {
+        self.misses.fetch_add(1, Relaxed);
+        let mut attempts = 0;
+        loop {
+            let slot = self.sched.slot(demand.clone()).await;
+            let result = self.source.read_chunk(id).await;
+            drop(slot);
+            match result {
+                Ok(b) => {
+                    self.health.on_success();
+                    return FetchResult::Done(Ok(b));
+                }
+                Err(e) if e.is_outage() => {
+                    self.health.on_outage(&e);
+                    let now = nanos_since_epoch();
+                    {
+                        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        if now >= state.deadline.load(Relaxed) {
+                            if pending
+                                .get(id)
+                                .is_some_and(|p| Arc::ptr_eq(&p.state, state))
+                            {
+                                pending.remove(id);
+                            }
+                            return FetchResult::GaveUp(e);
+                        }
+                    }
+                    *state.last_outage.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Arc::new(shared_error(id, &e)));
+                    if !state.held.swap(true, Relaxed) {
+                        state.held_at.store(now + 1, Relaxed);
+                    }
+                    attempts += 1;
+                    let left =
+                        Duration::from_nanos(state.deadline.load(Relaxed).saturating_sub(now));
+                    tokio::time::sleep(outage::backoff(attempts).min(left)).await;
+                }
+                Err(e) => return FetchResult::Done(Err(e)),
+            }
+        }
+    }
+}
+
+/// How a fetch ended: with a chunk or an error to publish, or given up after an outage (out of
+/// `pending` already).
+enum FetchResult {
+    Done(Result<Bytes, RepoError>),
+    GaveUp(RepoError),
+}
+
+/// Starts the one fill of a missed chunk: from the disk tier if it has a sound entry, else
+/// [`Inner::fetch`] (whose chunk also goes to disk); then the memory part its readers say
+/// (staging while it is only a guess, main once a use waits for it); then out of `pending`.
+fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>, state: Arc<FillState>) -> Fill {
     let after = i.clone();
+    let after_state = state.clone();
     let task = tokio::spawn(async move {
         let on_disk = match i.disk.get() {
             Some(d) => d.get(&id).await,
@@ -395,19 +596,21 @@ fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>, used: Arc<AtomicB
         let from_disk = on_disk.is_some();
         let result = match on_disk {
             Some(b) => Ok(b),
-            None => {
-                let slot = i.sched.slot(demand.clone()).await;
-                i.misses.fetch_add(1, Relaxed);
-                let result = i.source.read_chunk(&id).await;
-                drop(slot);
-                if let (Ok(b), Some(d)) = (&result, i.disk.get()) {
-                    d.put(id, b.clone());
+            None => match i.fetch(&id, &demand, &state).await {
+                FetchResult::GaveUp(e) => {
+                    i.errors.fetch_add(1, Relaxed);
+                    return Err(Arc::new(e));
                 }
-                result
-            }
+                FetchResult::Done(result) => {
+                    if let (Ok(b), Some(d)) = (&result, i.disk.get()) {
+                        d.put(id, b.clone());
+                    }
+                    result
+                }
+            },
         };
         match &result {
-            Ok(b) if !used.load(Relaxed) => {
+            Ok(b) if !state.used.load(Relaxed) => {
                 if demand.class() == FetchClass::Prestage {
                     i.staged.fetch_add(1, Relaxed);
                 }
@@ -418,21 +621,14 @@ fn spawn_fill(i: Arc<Inner>, id: ChunkId, demand: Arc<Demand>, used: Arc<AtomicB
                 i.errors.fetch_add(1, Relaxed);
             }
         }
-        i.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id);
+        i.remove_pending(&id, &state);
         result.map(|b| (b, from_disk)).map_err(Arc::new)
     });
     async move {
         task.await.unwrap_or_else(|e| {
             // The fill task died before it could leave `pending`: take it out here, or every
             // later reader of this chunk would get this error forever.
-            after
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&id);
+            after.remove_pending(&id, &after_state);
             Err(Arc::new(RepoError::Task(format!(
                 "fetching chunk {id}: {e}"
             ))))
@@ -778,5 +974,140 @@ mod tests {
                 .unwrap();
             assert_eq!(access, Access::Hit, "chunk {i}");
         }
+    }
+
+    /// A store that can be taken away: while `down`, every fetch fails as unreachable.
+    #[derive(Default)]
+    struct Flaky {
+        down: AtomicBool,
+        fetches: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl ChunkReader for Flaky {
+        async fn read_chunk(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
+            self.fetches.fetch_add(1, Relaxed);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if self.down.load(Relaxed) {
+                return Err(RepoError::Unreachable {
+                    repo: crate::repo::RepoLocation::Dir("/backup".into()),
+                    what: "connection refused".into(),
+                });
+            }
+            Ok(Bytes::from(id.0.to_vec()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_vm_read_rides_through_an_outage_shorter_than_the_grace() {
+        let src = Arc::new(Flaky::default());
+        let cache = Arc::new(ChunkCache::new(src.clone(), 1 << 20));
+        cache.health().set_grace(Duration::from_secs(60));
+        let cached = ChunkId([1; 32]);
+        cache.read_chunk(&cached).await.unwrap();
+        assert!(cache.store_state().reachable);
+
+        src.down.store(true, Relaxed);
+        let missed = ChunkId([2; 32]);
+        let held = {
+            let c = cache.clone();
+            tokio::spawn(async move { c.read_chunk(&missed).await })
+        };
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let st = cache.store_state();
+        assert!(!st.reachable && st.unreachable_since.is_some(), "{st:?}");
+        assert!(
+            st.error.as_deref().unwrap().contains("connection refused"),
+            "{st:?}"
+        );
+        assert_eq!(st.held_reads, 1, "{st:?}");
+        assert!(st.longest_held_seconds >= 29.0, "{st:?}");
+        // Retried with back-off, not in a tight loop: 30 s at 250 ms doubling to 5 s.
+        let tries = src.fetches.load(Relaxed);
+        assert!((8..=14).contains(&tries), "{tries} fetches in 30 s");
+        // Cached reads go on; a guess fails at once and is not held.
+        assert_eq!(&cache.read_chunk(&cached).await.unwrap()[..], &[1; 32]);
+        let guess = cache
+            .read_intent(
+                &ChunkId([3; 32]),
+                FetchClass::Background,
+                Requester::ANYONE,
+                Intent::Guess,
+            )
+            .await;
+        assert!(guess.unwrap_err().is_outage());
+        assert_eq!(cache.store_state().held_reads, 1);
+
+        src.down.store(false, Relaxed);
+        let started = tokio::time::Instant::now();
+        assert_eq!(&held.await.unwrap().unwrap()[..], &[2; 32]);
+        assert!(started.elapsed() <= outage::MAX_BACKOFF + Duration::from_millis(10));
+        let st = cache.store_state();
+        assert!(st.reachable && st.unreachable_since.is_none(), "{st:?}");
+        assert_eq!((st.held_reads, st.outages), (0, 1), "{st:?}");
+        let last = st.last_outage.unwrap();
+        assert!((30.0..36.0).contains(&last.seconds), "{last:?}");
+        assert_eq!(cache.health().held_seconds_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn past_its_grace_a_held_read_fails_and_the_next_read_succeeds_once_the_store_is_back() {
+        let src = Arc::new(Flaky::default());
+        let cache = Arc::new(ChunkCache::new(src.clone(), 1 << 20));
+        cache.health().set_grace(Duration::from_secs(20));
+        src.down.store(true, Relaxed);
+        let id = ChunkId([5; 32]);
+        let first = {
+            let c = cache.clone();
+            tokio::spawn(async move {
+                let t = tokio::time::Instant::now();
+                (c.read_chunk(&id).await, t.elapsed())
+            })
+        };
+        // A second read of the same chunk joins 15 s later: it keeps the fetch trying, but
+        // the first read still ends at its own grace.
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        let second = {
+            let c = cache.clone();
+            tokio::spawn(async move {
+                let t = tokio::time::Instant::now();
+                (c.read_chunk(&id).await, t.elapsed())
+            })
+        };
+        let (r, took) = first.await.unwrap();
+        let e = r.unwrap_err();
+        assert!(e.is_outage(), "{e}");
+        assert!(e.to_string().contains("cannot be reached"), "{e}");
+        assert!(
+            (Duration::from_secs(20)..Duration::from_secs(21)).contains(&took),
+            "{took:?}"
+        );
+        let (r, took) = second.await.unwrap();
+        assert!(r.unwrap_err().is_outage());
+        assert!(
+            (Duration::from_secs(20)..Duration::from_secs(26)).contains(&took),
+            "{took:?}"
+        );
+        assert_eq!(cache.store_state().held_reads, 0);
+        // Nothing of the outage is left behind: the store back, the next read is served.
+        src.down.store(false, Relaxed);
+        assert_eq!(&cache.read_chunk(&id).await.unwrap()[..], &[5; 32]);
+        assert!(cache.store_state().reachable);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn with_no_grace_a_read_fails_at_once() {
+        let src = Arc::new(Flaky::default());
+        let cache = ChunkCache::new(src.clone(), 1 << 20);
+        cache.health().set_grace(Duration::ZERO);
+        src.down.store(true, Relaxed);
+        let t = tokio::time::Instant::now();
+        assert!(cache
+            .read_chunk(&ChunkId([6; 32]))
+            .await
+            .unwrap_err()
+            .is_outage());
+        assert!(t.elapsed() < Duration::from_millis(100));
+        assert_eq!(src.fetches.load(Relaxed), 1);
     }
 }

@@ -24,6 +24,10 @@
 //! | `livemount_boot_storage_wait_seconds` | mount | time during the boot window in which at least one VM read waited for a repository fetch (sampled) |
 //! | `livemount_relocation_copied_bytes`, `livemount_relocation_total_bytes` | mount | a relocation's progress (sampled) |
 //! | `livemount_relocation_bytes_per_second`, `livemount_relocation_eta_seconds` | mount | its speed over the last seconds and the time left at that speed (sampled) |
+//! | `livemount_store_up`, `livemount_store_unreachable_seconds` | | 1 while the repository's store answers, 0 from a fetch that found it away until one succeeds; how long the current outage has lasted (0 when up) (sampled) |
+//! | `livemount_store_held_reads`, `livemount_store_longest_held_seconds` | | VM reads waiting now for a fetch held through an outage, and the longest such wait (sampled) |
+//! | `livemount_store_held_read_seconds` | | histogram: how long each held read waited, served or not (observed by the cache, `cache::outage`) |
+//! | `livemount_store_outages_total` | | outages that ended since the server started (brought up to date at scrape) |
 
 pub mod history;
 
@@ -139,6 +143,11 @@ pub struct Metrics {
     reloc_total: Family<MountLabel, Gauge>,
     reloc_speed: Family<MountLabel, Gauge>,
     reloc_eta: Family<MountLabel, Gauge>,
+    store_up: Gauge,
+    store_down_seconds: Gauge<f64, AtomicU64>,
+    store_held: Gauge,
+    store_longest_held: Gauge<f64, AtomicU64>,
+    store_outages: Counter,
 }
 
 /// Values read at scrape time.
@@ -154,6 +163,7 @@ pub struct Sample {
     pub started: [u64; 3],
     pub boots: Vec<BootSample>,
     pub relocations: Vec<RelocationSample>,
+    pub store: crate::cache::outage::StoreState,
 }
 
 /// The disk cache, at scrape time.
@@ -197,6 +207,11 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
+        Self::with_held_reads(Histogram::new(exponential_buckets(0.1, 2.0, 15)))
+    }
+
+    /// The metrics, with `held_reads` the histogram the cache observes held reads into.
+    pub fn with_held_reads(held_reads: Histogram) -> Self {
         let mut registry = Registry::with_prefix("livemount");
         let m = Metrics {
             totals: Totals::default(),
@@ -229,6 +244,11 @@ impl Metrics {
             reloc_total: Family::default(),
             reloc_speed: Family::default(),
             reloc_eta: Family::default(),
+            store_up: Gauge::default(),
+            store_down_seconds: Gauge::default(),
+            store_held: Gauge::default(),
+            store_longest_held: Gauge::default(),
+            store_outages: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("nfs_reads", "NFS READs served", m.reads.clone());
@@ -364,6 +384,36 @@ impl Metrics {
             "time left for the copy at its current speed",
             m.reloc_eta.clone(),
         );
+        registry.register(
+            "store_up",
+            "1 while the repository's store answers, 0 during an outage",
+            m.store_up.clone(),
+        );
+        registry.register(
+            "store_unreachable_seconds",
+            "how long the current outage of the repository's store has lasted (0 when it answers)",
+            m.store_down_seconds.clone(),
+        );
+        registry.register(
+            "store_held_reads",
+            "VM reads waiting now for a fetch held through an outage of the store",
+            m.store_held.clone(),
+        );
+        registry.register(
+            "store_longest_held_seconds",
+            "the longest wait of a read held now",
+            m.store_longest_held.clone(),
+        );
+        registry.register(
+            "store_held_read_seconds",
+            "how long each read held through an outage waited, served or not",
+            held_reads,
+        );
+        registry.register(
+            "store_outages",
+            "outages of the repository's store that ended since the server started",
+            m.store_outages.clone(),
+        );
         Metrics { registry, ..m }
     }
 
@@ -381,6 +431,15 @@ impl Metrics {
             catch_up(&self.disk_dropped, d.dropped);
         }
         self.mounts.set(g(s.mounts as u64));
+        let st = &s.store;
+        self.store_up.set(i64::from(st.reachable));
+        let down = st
+            .unreachable_since
+            .map(|t| jiff::Timestamp::now().duration_since(t).as_secs_f64());
+        self.store_down_seconds.set(down.unwrap_or(0.0).max(0.0));
+        self.store_held.set(g(st.held_reads));
+        self.store_longest_held.set(st.longest_held_seconds);
+        catch_up(&self.store_outages, st.outages);
         self.slots_busy.set(g(s.slots_busy as u64));
         self.waiting.set(g(s.waiting as u64));
         for (class, n) in ["vm", "prestage", "background"].into_iter().zip(s.started) {
@@ -485,6 +544,16 @@ mod tests {
                 bytes_per_second: 1e6,
                 eta_seconds: Some(3.1),
             }],
+            store: crate::cache::outage::StoreState {
+                reachable: false,
+                unreachable_since: Some(
+                    jiff::Timestamp::now() - jiff::SignedDuration::from_secs(40),
+                ),
+                held_reads: 3,
+                longest_held_seconds: 12.5,
+                outages: 2,
+                ..Default::default()
+            },
         };
         let text = m.render(&sample);
         for needle in [
@@ -511,6 +580,12 @@ mod tests {
             "livemount_relocation_total_bytes{mount=\"web01-lm1\"} 4194304",
             "livemount_relocation_bytes_per_second{mount=\"web01-lm1\"} 1000000",
             "livemount_relocation_eta_seconds{mount=\"web01-lm1\"} 4",
+            "livemount_store_up 0",
+            "livemount_store_unreachable_seconds 40.",
+            "livemount_store_held_reads 3",
+            "livemount_store_longest_held_seconds 12.5",
+            "livemount_store_outages_total 2",
+            "livemount_store_held_read_seconds_count 0",
             "# EOF",
         ] {
             assert!(text.contains(needle), "missing {needle}:\n{text}");

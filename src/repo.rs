@@ -145,6 +145,17 @@ pub enum RepoError {
 }
 
 impl RepoError {
+    /// Whether this failure is the store being away (unreachable, or answering that it cannot
+    /// serve now), which a VM's read rides through (`cache::outage`), rather than a failure
+    /// of this one chunk or request.
+    pub fn is_outage(&self) -> bool {
+        match self {
+            RepoError::Unreachable { .. } => true,
+            RepoError::Read { source, .. } => source.is_outage(),
+            _ => false,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         RepoError::Io {
             path: path.into(),

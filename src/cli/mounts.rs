@@ -7,7 +7,7 @@ use clap::Args;
 use super::human;
 use super::mount::StateArgs;
 use crate::agent::MountInfo;
-use crate::control::Client;
+use crate::control::{Client, StatusReply};
 
 #[derive(Debug, Args)]
 pub struct MountsArgs {
@@ -19,12 +19,18 @@ pub struct MountsArgs {
 }
 
 pub async fn run(a: MountsArgs) -> anyhow::Result<ExitCode> {
-    let mounts: Vec<MountInfo> = Client::from_state(&a.state.state)?
-        .request("GET", "/v1/mounts".into(), None)
-        .await?;
+    let client = Client::from_state(&a.state.state)?;
+    let mounts: Vec<MountInfo> = client.request("GET", "/v1/mounts".into(), None).await?;
     if a.json {
         super::print_json(&mounts)?;
         return Ok(ExitCode::SUCCESS);
+    }
+    // An outage of the store concerns every mount: said first (`status --json` has it too).
+    let status: StatusReply = Client::from_state(&a.state.state)?
+        .request("GET", "/v1/status".into(), None)
+        .await?;
+    if !status.store.reachable {
+        println!("store: {}", super::status::store_line(&status.store));
     }
     if mounts.is_empty() {
         println!("no mounts");

@@ -83,6 +83,11 @@ pub struct ServeArgs {
     /// instructions [default: the NFS address, or this host's name when that is 0.0.0.0].
     #[arg(long, value_name = "HOST")]
     advertise: Option<String>,
+    /// How long a VM read that misses the cache waits for a repository that cannot be
+    /// reached, retried with back-off, before it fails with an I/O error; 0s: fail at once
+    /// [default: 120s].
+    #[arg(long, value_name = "DURATION")]
+    store_outage_grace: Option<String>,
 }
 
 /// The settings of `serve`, as a TOML file holds them. Every field is optional; defaults below.
@@ -130,6 +135,9 @@ pub struct ServeConfig {
     pub profiles: Option<ProfilesConfig>,
     /// Fetch ahead of sequential readers of a disk (default true).
     pub read_ahead: Option<bool>,
+    /// How long a VM read that misses the cache waits for a repository that cannot be reached
+    /// (default `"120s"`; `"0s"`: fail at once).
+    pub store_outage_grace: Option<String>,
     /// File creation mask for the state directory and everything else the server writes, in
     /// octal. Default `"0077"`: files 0600, folders 0700 (`--umask` or `LIVEMOUNT_UMASK` win).
     pub umask: Option<String>,
@@ -323,6 +331,25 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         host: advertise.clone(),
         export: export.clone(),
     };
+    let grace = match a
+        .store_outage_grace
+        .as_ref()
+        .or(file.store_outage_grace.as_ref())
+    {
+        None => crate::cache::outage::DEFAULT_GRACE,
+        Some(t) => {
+            let d = parse_duration(t).map_err(|e| {
+                anyhow::anyhow!("--store-outage-grace {t:?}: {e} (try \"120s\" or \"5m\")")
+            })?;
+            if d > crate::cache::outage::MAX_GRACE {
+                anyhow::bail!(
+                    "--store-outage-grace {t:?} is above {} s: a read held that long ties up a client's request for longer than any hypervisor waits",
+                    crate::cache::outage::MAX_GRACE.as_secs()
+                );
+            }
+            d
+        }
+    };
     let read_ahead = file.read_ahead.unwrap_or(true);
     if !read_ahead {
         tracing::warn!("read-ahead is off (read_ahead = false in the config)");
@@ -353,6 +380,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         )
         .await?,
     );
+    agent.cache().health().set_grace(grace);
     agent.set_default_network_map(file.network_map.clone().unwrap_or_default())?;
     agent.resume_relocations(relocate_roots).await?;
     agent.start_history();

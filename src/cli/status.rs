@@ -6,6 +6,7 @@ use clap::Args;
 
 use super::human;
 use super::mount::StateArgs;
+use crate::cache::outage::StoreState;
 use crate::control::{Client, StatusReply};
 
 #[derive(Debug, Args)]
@@ -51,6 +52,7 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         ),
         None => println!("block       iSCSI off (serve --iscsi ADDR:PORT)"),
     }
+    println!("store       {}", store_line(&s.store));
     println!("mounts      {}", s.mounts);
     println!(
         "cache       {} of {}, {} hits, {} misses, {} fetch errors",
@@ -72,4 +74,36 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The store's state in one line: reachable (and the last outage), or unreachable since when,
+/// why, and the reads held.
+pub(crate) fn store_line(st: &StoreState) -> String {
+    match st.unreachable_since {
+        None => {
+            let last = st.last_outage.as_ref().map_or(String::new(), |o| {
+                format!(
+                    "; {} outage(s) ridden through, the last {} to {} ({:.0} s)",
+                    st.outages, o.from, o.to, o.seconds
+                )
+            });
+            format!(
+                "reachable (VM reads held up to {:.0} s in an outage){last}",
+                st.grace_seconds
+            )
+        }
+        Some(since) => {
+            let secs = jiff::Timestamp::now()
+                .duration_since(since)
+                .as_secs()
+                .max(0);
+            format!(
+                "UNREACHABLE since {since} ({secs} s): {}; {} VM read(s) held (longest {:.0} s), each up to {:.0} s, then an I/O error; cached reads and writes go on",
+                st.error.as_deref().unwrap_or("?"),
+                st.held_reads,
+                st.longest_held_seconds,
+                st.grace_seconds
+            )
+        }
+    }
 }

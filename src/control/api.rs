@@ -69,6 +69,9 @@ pub struct StatusReply {
     /// Chunk and manifest fetches from the repository's store since the server started.
     #[serde(default)]
     pub repository_fetches: crate::repo::RepoStats,
+    /// Whether the store answers; an outage's start, error and held reads.
+    #[serde(default)]
+    pub store: crate::cache::outage::StoreState,
 }
 
 /// How a hypervisor attaches a mount.
@@ -500,6 +503,7 @@ async fn metrics(
                 eta_seconds: r.eta_seconds,
             })
             .collect(),
+        store: s.agent.cache().store_state(),
     };
     let text = s.agent.metrics().render(&sample);
     (
@@ -527,6 +531,7 @@ async fn status(State(s): State<ApiState>) -> Json<StatusReply> {
         mounts: s.agent.mounts().len(),
         cache: s.agent.cache().stats(),
         repository_fetches: s.agent.repo().stats(),
+        store: s.agent.cache().store_state(),
     })
 }
 
