@@ -299,6 +299,13 @@ impl S3Store {
                 repo,
                 what: one_line(&text),
             },
+            // A store that answers but cannot serve (a 5xx after the retries: Garage without
+            // quorum while its nodes come back, a gateway in front of a store that is down) is
+            // away too, and reads ride through it as through a refused connection.
+            _ if is_server_error(&text) => RepoError::Unreachable {
+                repo,
+                what: s3_code(&text).unwrap_or_else(|| one_line(&text)),
+            },
             _ => RepoError::Store {
                 repo,
                 what: s3_code(&text).unwrap_or_else(|| one_line(&text)),
@@ -586,6 +593,18 @@ fn is_transport(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// A response with a 5xx status, as object_store words it (its retry error type is not
+/// public, so its text is all there is).
+fn is_server_error(text: &str) -> bool {
+    text.split("status code: ").skip(1).any(|rest| {
+        rest.starts_with('5')
+            && rest
+                .as_bytes()
+                .get(1..3)
+                .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    })
+}
+
 /// A response whose S3 error code refuses the credentials.
 fn is_denial(text: &str) -> bool {
     [
@@ -663,6 +682,23 @@ mod tests {
         let line = one_line(&long);
         assert!(!line.contains('\n'));
         assert_eq!(line.chars().count(), 401);
+    }
+
+    #[test]
+    fn only_5xx_answers_are_the_store_being_away() {
+        let e = "Error performing GET http://127.0.0.1:3900/b/chunks/ab in 10s, after 3 retries, max_retries: 3, retry_timeout: 10s  - Server returned non-2xx status code: 503 Service Unavailable: <Error><Code>ServiceUnavailable</Code></Error>";
+        assert!(is_server_error(e));
+        assert!(is_server_error(
+            "Server returned non-2xx status code: 500 Internal Server Error: "
+        ));
+        assert!(!is_server_error(
+            "Server returned non-2xx status code: 404 Not Found: "
+        ));
+        assert!(!is_server_error(
+            "Server returned non-2xx status code: 403 Forbidden: "
+        ));
+        assert!(!is_server_error("status code: 5"));
+        assert!(!is_server_error("no status here"));
     }
 
     #[test]
