@@ -56,6 +56,10 @@ fn virsh_defines_and_boots_the_rewritten_domain_xml_from_the_live_mount() {
         !def_text.contains("52:54:00:12:34:56"),
         "a new MAC: {def_text}"
     );
+    assert!(
+        def_text.contains("error_policy='stop' rerror_policy='stop'"),
+        "an outage of the store pauses the VM rather than failing its I/O: {def_text}"
+    );
     let def_path = t.path().join("def.xml");
     write(&def_path, def_text.as_bytes());
 
@@ -72,6 +76,13 @@ fn virsh_defines_and_boots_the_rewritten_domain_xml_from_the_live_mount() {
         "virsh start: {}\n{}",
         String::from_utf8_lossy(&out.stderr),
         server.log_text()
+    );
+    // libvirt took the error policies (it checks them when it defines and starts a domain).
+    let live = virsh(&["dumpxml", &mount]);
+    let live = String::from_utf8_lossy(&live.stdout);
+    assert!(
+        live.contains("error_policy='stop'") && live.contains("rerror_policy='stop'"),
+        "{live}"
     );
     let t0 = std::time::Instant::now();
     let mut log = String::new();

@@ -110,6 +110,14 @@ fn libnfs_lists_the_datastore_and_reads_every_file_byte_identical() {
         .as_str()
         .unwrap()
         .contains("vim-cmd solo/registervm /vmfs/volumes/livemount/esx-clone/esx01.vmx"));
+    // What an outage of the store does to each, said where the admin attaches the VM.
+    let said = |v: &serde_json::Value, key: &str| v["attach"][key].to_string();
+    assert!(
+        said(&kvm, "kvm").contains("virsh resume kvm01-lm1"),
+        "{kvm:#}"
+    );
+    assert!(said(&kvm, "kvm").contains("error_policy='stop'"), "{kvm:#}");
+    assert!(said(&esx, "esxi").contains("all-paths-down"), "{esx:#}");
 
     let root = nfs_ls(&server, "");
     assert!(
@@ -368,12 +376,18 @@ fn a_corrupt_chunk_is_an_io_error_for_that_read_only() {
     );
 }
 
+/// Past its grace (1 s here; tests/outage.rs has reads that ride an outage through).
 #[test]
 fn an_unreachable_repository_fails_uncached_reads_only_and_then_comes_back() {
     use common::nfs::*;
     use nfs3_client::nfs3_types::nfs3::{nfsstat3, stable_how};
     let f = fixture();
-    let server = Server::start(&f.repo, &f.root.join("state"), "off", &[]);
+    let server = Server::start(
+        &f.repo,
+        &f.root.join("state"),
+        "off",
+        &["--store-outage-grace", "1s"],
+    );
     server.cli(&["mount", "kvm01", "--name", "vm-a"]);
     server.cli(&["mount", "kvm01", "--name", "vm-b"]);
     // vm-b has read its disk b (now in the read cache); nobody has read disk a.

@@ -999,6 +999,18 @@ fn attach_info(s: &ApiState, m: &MountInfo) -> AttachInfo {
             "virsh define {}.xml && virsh start {}",
             m.spec.name, m.spec.name
         ));
+        kvm.push(format!(
+            "# its disks have error_policy='stop' rerror_policy='stop': if the backup store stays \
+             away longer than QEMU waits, the VM pauses instead of seeing an I/O error; once \
+             `livemount status` says the store is reachable: virsh resume {}",
+            m.spec.name
+        ));
+        esxi.push(
+            "# an outage of the backup store: reads are held up to store_outage_grace, and ESXi \
+             holds the VM's I/O through all-paths-down (Misc.APDTimeout, 140 s by default) \
+             before it fails it"
+                .to_string(),
+        );
     }
     let mut block = Vec::new();
     if let Some(port) = s.nbd_port {

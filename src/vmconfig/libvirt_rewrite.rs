@@ -570,6 +570,11 @@ impl<'t> Rewriter<'t, '_> {
     }
 
     fn disk(&mut self, first: usize, last: usize, target: &DiskTarget) -> Result<(), String> {
+        const DRIVER_SET: &[(&str, &str)] = &[
+            ("type", "raw"),
+            ("error_policy", "stop"),
+            ("rerror_policy", "stop"),
+        ];
         let (kind, source) = match target {
             DiskTarget::RawFile(path) => ("file", format!("<source file='{}'/>", escape(path))),
             DiskTarget::Nfs { host, path } => (
@@ -595,8 +600,9 @@ impl<'t> Rewriter<'t, '_> {
             self.out.put(&start);
         }
         if !has_driver {
-            self.out
-                .put(&format!("{indent}<driver name='qemu' type='raw'/>"));
+            self.out.put(&format!(
+                "{indent}<driver name='qemu' type='raw' error_policy='stop' rerror_policy='stop'/>"
+            ));
         }
         if !has_source {
             self.out.put(&format!("{indent}{source}"));
@@ -611,8 +617,10 @@ impl<'t> Rewriter<'t, '_> {
                     last,
                 } if !driver_done => {
                     driver_done = true;
-                    self.out
-                        .put(&edit_tag(self.raw(first), &[("type", "raw")], &[]));
+                    // An outage of the store longer than the client's own patience pauses the
+                    // VM (`virsh resume` retries the request) instead of failing the guest's
+                    // I/O (decision 0031).
+                    self.out.put(&edit_tag(self.raw(first), DRIVER_SET, &[]));
                     if first < last {
                         self.copy(first + 1, last);
                     }
@@ -966,11 +974,11 @@ mod tests {
             )
             .replace(
                 "      <driver name='qemu' type='qcow2' discard='unmap'/>\n      <source file='/var/lib/libvirt/images/ubuntu22.04-db01.qcow2' index='3'/>\n      <backingStore type='file' index='4'>\n        <format type='qcow2'/>\n        <source file='/var/lib/libvirt/images/jammy-server-cloudimg-amd64.img'/>\n        <backingStore/>\n      </backingStore>\n",
-                "      <driver name='qemu' type='raw' discard='unmap'/>\n      <source file='/mnt/lm/db01/vda.raw'/>\n",
+                "      <driver name='qemu' type='raw' discard='unmap' error_policy='stop' rerror_policy='stop'/>\n      <source file='/mnt/lm/db01/vda.raw'/>\n",
             )
             .replace(
-                "      <source file='/srv/vmdata/db01-pgdata.img' index='2'/>\n      <backingStore/>\n",
-                "      <source file='/mnt/lm/db01/vdb.raw'/>\n",
+                "      <driver name='qemu' type='raw' cache='none' io='native'/>\n      <source file='/srv/vmdata/db01-pgdata.img' index='2'/>\n      <backingStore/>\n",
+                "      <driver name='qemu' type='raw' cache='none' io='native' error_policy='stop' rerror_policy='stop'/>\n      <source file='/mnt/lm/db01/vdb.raw'/>\n",
             )
             .replace(
                 "      <source file='/var/lib/libvirt/boot/ubuntu-22.04.4-live-server-amd64.iso' index='1'/>\n      <backingStore/>\n",
@@ -1040,13 +1048,13 @@ mod tests {
         well_formed(&out);
         assert!(out.contains(
             "    <disk type='network' device='disk'>\n      \
-             <driver name='qemu' type='raw' discard='unmap'/>\n      \
+             <driver name='qemu' type='raw' discard='unmap' error_policy='stop' rerror_policy='stop'/>\n      \
              <source protocol='nfs' name='/livemount/db01-lm/vda.raw'><host name='10.0.0.5'/></source>\n      \
              <target dev='vda' bus='virtio'/>\n"
         ));
         assert!(out.contains(
             "    <disk type='network' device='disk'>\n      \
-             <driver name='qemu' type='raw' cache='none' io='native'/>\n      \
+             <driver name='qemu' type='raw' cache='none' io='native' error_policy='stop' rerror_policy='stop'/>\n      \
              <source protocol='nfs' name='/livemount/db01-lm/o&apos;brien &amp; co.raw'><host name='10.0.0.5'/></source>\n      \
              <target dev='vdb' bus='virtio'/>\n"
         ));
@@ -1078,7 +1086,7 @@ mod tests {
             out,
             format!(
                 "\u{feff}<?xml version='1.0'?>\r\n<!-- keep me -->\r\n<domain type=\"qemu\">\r\n  <name>db01-lm-3f2a</name>\r\n  <uuid>{NEW_UUID}</uuid>\r\n  <devices>\r\n    \
-                 <disk type='file'><driver name='qemu' type='raw'/><source file='/x/a.raw'/><target dev='vda'/></disk>\r\n    \
+                 <disk type='file'><driver name='qemu' type='raw' error_policy='stop' rerror_policy='stop'/><source file='/x/a.raw'/><target dev='vda'/></disk>\r\n    \
                  <interface type='user'>\r\n      <mac address='{m0}'/>\r\n      <link state='down'/>\r\n    </interface>\r\n    \
                  <interface type='user'><mac address='{m1}'/><link state='down'/></interface>\r\n    \
                  <interface type='user'><mac address='{m2}'/><link state='down'/></interface>\r\n    \
