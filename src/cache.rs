@@ -528,7 +528,7 @@ impl Inner {
     /// `pending` lock, and the fill leaves `pending` with it, so that a use joining later
     /// starts a fill of its own rather than getting this one's error.
     async fn fetch(
-        &self,
+        self: &Arc<Self>,
         id: &ChunkId,
         demand: &Arc<Demand>,
         state: &Arc<FillState>,
@@ -545,7 +545,9 @@ impl Inner {
                     return FetchResult::Done(Ok(b));
                 }
                 Err(e) if e.is_outage() => {
-                    self.health.on_outage(&e);
+                    if self.health.on_outage(&e) {
+                        spawn_probe(self, *id);
+                    }
                     let now = nanos_since_epoch();
                     {
                         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -573,6 +575,28 @@ impl Inner {
             }
         }
     }
+}
+
+/// Fetches `id` again every [`outage::PROBE_EVERY`] while the store is away, to see it come
+/// back when no read is waiting. Ends with the outage, or with the cache.
+fn spawn_probe(i: &Arc<Inner>, id: ChunkId) {
+    let cache = Arc::downgrade(i);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(outage::PROBE_EVERY).await;
+            let Some(i) = cache.upgrade() else { return };
+            if i.health.is_up() {
+                return;
+            }
+            match i.source.read_chunk(&id).await {
+                Err(e) if e.is_outage() => {
+                    i.health.on_outage(&e);
+                }
+                // An answer, even a refusal of this chunk, is the store being there.
+                _ => i.health.on_success(),
+            }
+        }
+    });
 }
 
 /// How a fetch ended: with a chunk or an error to publish, or given up after an outage (out of
@@ -1022,9 +1046,10 @@ mod tests {
         );
         assert_eq!(st.held_reads, 1, "{st:?}");
         assert!(st.longest_held_seconds >= 29.0, "{st:?}");
-        // Retried with back-off, not in a tight loop: 30 s at 250 ms doubling to 5 s.
+        // Retried with back-off, not in a tight loop: 30 s at 250 ms doubling to 5 s, and
+        // the probe's fetch every 5 s.
         let tries = src.fetches.load(Relaxed);
-        assert!((8..=14).contains(&tries), "{tries} fetches in 30 s");
+        assert!((8..=21).contains(&tries), "{tries} fetches in 30 s");
         // Cached reads go on; a guess fails at once and is not held.
         assert_eq!(&cache.read_chunk(&cached).await.unwrap()[..], &[1; 32]);
         let guess = cache
@@ -1109,5 +1134,26 @@ mod tests {
             .is_outage());
         assert!(t.elapsed() < Duration::from_millis(100));
         assert_eq!(src.fetches.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_an_outage_is_seen_without_any_read() {
+        let src = Arc::new(Flaky::default());
+        let cache = ChunkCache::new(src.clone(), 1 << 20);
+        cache.health().set_grace(Duration::from_secs(1));
+        src.down.store(true, Relaxed);
+        assert!(cache.read_chunk(&ChunkId([7; 32])).await.is_err());
+        assert!(!cache.store_state().reachable);
+        // No read comes (a VM paused by its error policy); the store comes back.
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!cache.store_state().reachable, "still away");
+        src.down.store(false, Relaxed);
+        tokio::time::sleep(outage::PROBE_EVERY + Duration::from_millis(100)).await;
+        let st = cache.store_state();
+        assert!(st.reachable && st.outages == 1, "{st:?}");
+        // The probe stopped with the outage: no more fetches.
+        let n = src.fetches.load(Relaxed);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert_eq!(src.fetches.load(Relaxed), n);
     }
 }

@@ -4,7 +4,10 @@
 //! tried again with back-off (250 ms doubling to 5 s, its scheduler slot given back while it
 //! waits) until the store answers or `store_outage_grace` has passed since the last VM read
 //! joined it; only then do its readers get the error (NFS3ERR_IO, an NBD or iSCSI read error).
-//! Guesses (read-ahead, pre-staging) are not held: they fail at once and take no slot.
+//! Guesses (read-ahead, pre-staging) are not held: they fail at once and take no slot. While
+//! the store is away, the chunk whose fetch found it so is fetched again every 5 s by a probe,
+//! so that the end of an outage is seen even when no read comes (a VM paused by its I/O error
+//! policy reads nothing until it is resumed).
 //!
 //! Owns: the grace, the back-off steps, the store's state as the fills see it (reachable, or
 //! unreachable since when and why; the outages so far and the last one's length), its
@@ -27,6 +30,9 @@ pub const MAX_GRACE: Duration = Duration::from_secs(3600);
 /// The first wait after a failed attempt, doubled after each one up to [`MAX_BACKOFF`].
 pub const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// While the store is away, it is asked again this often even when no read waits (a paused
+/// VM reads nothing), so that `status` says when it is back.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 
 /// The store as `livemount status`, `mounts` and the API show it.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -119,11 +125,18 @@ impl StoreHealth {
             .unwrap_or(0)
     }
 
-    /// A fetch failed because the store is away.
-    pub(crate) fn on_outage(&self, e: &RepoError) {
+    pub fn is_up(&self) -> bool {
+        !self.is_down.load(Relaxed)
+    }
+
+    /// A fetch failed because the store is away; true if that begins an outage.
+    pub(crate) fn on_outage(&self, e: &RepoError) -> bool {
         let mut h = self.state.lock().unwrap_or_else(|p| p.into_inner());
         match &mut h.down {
-            Some(d) => d.error = e.to_string(),
+            Some(d) => {
+                d.error = e.to_string();
+                false
+            }
             None => {
                 tracing::warn!(error = %e, grace_seconds = self.grace().as_secs_f64(),
                     "the repository cannot be reached: VM reads that miss the cache are held until it is back or for the grace (store_outage_grace), cached reads and writes go on");
@@ -133,6 +146,7 @@ impl StoreHealth {
                     error: e.to_string(),
                 });
                 self.is_down.store(true, Relaxed);
+                true
             }
         }
     }
