@@ -268,3 +268,138 @@ fn a_guest_booting_from_garage_rides_through_30_s_without_any_node_and_keeps_its
         "the guest's write is gone:\n{out}"
     );
 }
+
+#[test]
+fn under_libvirt_an_outage_past_the_grace_pauses_the_vm_and_virsh_resume_goes_on() {
+    libvirt_up();
+    let image = guest_image();
+    let g = Garage::up(1);
+    let t = tempfile::tempdir().unwrap();
+    std::fs::copy(&image, t.path().join("guest.img")).unwrap();
+    let console = t.path().join("console.log");
+    let vm = format!("lmout{}", std::process::id());
+    let xml = format!(
+        "<domain type='qemu'>\n  <name>{vm}</name>\n  <uuid>41111111-2222-4333-8444-666666666666</uuid>\n  \
+         <memory unit='KiB'>262144</memory>\n  <vcpu>1</vcpu>\n  \
+         <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>\n  \
+         <features><acpi/></features>\n  <on_poweroff>destroy</on_poweroff>\n  <devices>\n    \
+         <disk type='file' device='disk'>\n      <driver name='qemu' type='raw'/>\n      \
+         <source file='guest.img'/>\n      <target dev='vda' bus='virtio'/>\n    </disk>\n    \
+         <serial type='file'><source path='{}'/><target port='0'/></serial>\n  </devices>\n</domain>\n",
+        console.display()
+    );
+    let cfg = t.path().join(format!("{vm}.xml"));
+    std::fs::write(&cfg, xml).unwrap();
+    let url = g.url("paused");
+    let env = &g.env;
+    livemount_env_ok(&["repo", "init", &url], env);
+    livemount_env_ok(
+        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
+        env,
+    );
+    let _port111 = port_111_lock();
+    // A grace well inside the outage: the held read fails, and libvirt's policy takes over.
+    let server = Server::start_env(
+        &url,
+        &t.path().join("state"),
+        "127.0.0.1:111",
+        &["--store-outage-grace", "10s"],
+        env,
+    );
+    server.cli(&["mount", &vm]);
+    let mount = format!("{vm}-lm1");
+    let def = client(
+        "nfs-cat",
+        &[&server.libnfs_url(&format!("{mount}/{vm}.xml"))],
+    );
+    assert!(def.status.success(), "{}", output_text(&def));
+    let def_path = t.path().join("def.xml");
+    std::fs::write(&def_path, &def.stdout).unwrap();
+    let _domain = Domain(mount.clone());
+    for args in [
+        vec!["define", def_path.to_str().unwrap()],
+        vec!["start", &mount],
+    ] {
+        let out = virsh(&args);
+        assert!(
+            out.status.success(),
+            "virsh {args:?}: {}",
+            output_text(&out)
+        );
+    }
+    let console_has = |what: &str| {
+        std::fs::read_to_string(&console)
+            .unwrap_or_default()
+            .contains(what)
+    };
+    let t0 = Instant::now();
+    while !console_has("LIVEMOUNT-GUEST-BOOTED") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "no boot under libvirt"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest's init goes on to read files the boot has not touched: the store goes away.
+    g.kill_node(1);
+    let down = Instant::now();
+    let state = || {
+        String::from_utf8_lossy(&virsh(&["domstate", "--reason", &mount]).stdout)
+            .trim()
+            .to_string()
+    };
+    let paused = loop {
+        let s = state();
+        if s.contains("paused") {
+            break s;
+        }
+        assert!(
+            down.elapsed() < Duration::from_secs(80) && !console_has("LIVEMOUNT-GUEST-DONE"),
+            "the domain did not pause ({s}) after {:?}:\n{}",
+            down.elapsed(),
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(paused.contains("I/O error"), "{paused}");
+    eprintln!(
+        "domain {paused} after {:.1} s of outage",
+        down.elapsed().as_secs_f64()
+    );
+    while down.elapsed() < Duration::from_secs(90) {
+        assert!(
+            state().contains("paused"),
+            "the domain must stay paused: {}",
+            state()
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    g.start_node(1);
+    // The probe sees the store back with no read coming; then the admin resumes.
+    let s = wait_status(&server, "the store is seen back", |s| {
+        s["store"]["reachable"] == true
+    });
+    eprintln!("store back: {}", s["store"]);
+    let out = virsh(&["resume", &mount]);
+    assert!(out.status.success(), "virsh resume: {}", output_text(&out));
+    let t1 = Instant::now();
+    while !console_has("LIVEMOUNT-GUEST-DONE") {
+        assert!(
+            t1.elapsed() < Duration::from_secs(120),
+            "the guest did not finish after virsh resume ({}):\n{}",
+            state(),
+            std::fs::read_to_string(&console).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert!(text.contains("LIVEMOUNT-READ"), "{text}");
+    for bad in [
+        "I/O error",
+        "blk_update_request",
+        "EXT4-fs error",
+        "Buffer I/O",
+    ] {
+        assert!(!text.contains(bad), "the guest saw {bad:?}:\n{text}");
+    }
+}
