@@ -98,6 +98,8 @@ struct Inner {
     staged: AtomicU64,
     staged_hits: AtomicU64,
     health: StoreHealth,
+    /// What fills' deadlines are counted from.
+    epoch: tokio::time::Instant,
 }
 
 impl std::fmt::Debug for ChunkCache {
@@ -157,6 +159,7 @@ impl ChunkCache {
                 staged: AtomicU64::new(0),
                 staged_hits: AtomicU64::new(0),
                 health: StoreHealth::default(),
+                epoch: tokio::time::Instant::now(),
             }),
         }
     }
@@ -415,7 +418,7 @@ impl ChunkCache {
         let i = &self.inner;
         let (mut held, mut longest) = (0, Duration::ZERO);
         for p in i.pending.lock().unwrap_or_else(|p| p.into_inner()).values() {
-            if let Some(since) = p.state.held_since() {
+            if let Some(since) = p.state.held_since(i.epoch) {
                 held += p.state.waiting.load(Relaxed) as u64;
                 longest = longest.max(since.elapsed());
             }
@@ -465,9 +468,9 @@ impl FillState {
             .clone()
     }
 
-    fn held_since(&self) -> Option<tokio::time::Instant> {
+    fn held_since(&self, epoch: tokio::time::Instant) -> Option<tokio::time::Instant> {
         let at = self.held_at.load(Relaxed);
-        (at != 0).then(|| epoch() + Duration::from_nanos(at - 1))
+        (at != 0).then(|| epoch + Duration::from_nanos(at - 1))
     }
 }
 
@@ -493,21 +496,16 @@ impl Drop for Waiting {
     }
 }
 
-/// The instant the deadlines are counted from (the first time any cache asked).
-fn epoch() -> tokio::time::Instant {
-    static EPOCH: OnceLock<tokio::time::Instant> = OnceLock::new();
-    *EPOCH.get_or_init(tokio::time::Instant::now)
-}
-
-fn nanos_since_epoch() -> u64 {
-    u64::try_from(epoch().elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
-
 impl Inner {
+    /// Nanoseconds since the cache was made: what deadlines are counted in.
+    fn nanos_since_epoch(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// The deadline of a use joining now.
     fn deadline_after_grace(&self) -> u64 {
         let grace = u64::try_from(self.health.grace().as_nanos()).unwrap_or(u64::MAX);
-        nanos_since_epoch().saturating_add(grace).max(1)
+        self.nanos_since_epoch().saturating_add(grace).max(1)
     }
 
     /// Takes a fill out of `pending` if the entry is still its own (a fill that gave up may
@@ -548,7 +546,7 @@ impl Inner {
                     if self.health.on_outage(&e) {
                         spawn_probe(self, *id);
                     }
-                    let now = nanos_since_epoch();
+                    let now = self.nanos_since_epoch();
                     {
                         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
                         if now >= state.deadline.load(Relaxed) {
