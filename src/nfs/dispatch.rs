@@ -525,6 +525,10 @@ async fn read(
         Ok(node) => node,
         Err(s) => return Some(fail_attr(fs, s, None)),
     };
+    #[cfg(feature = "jukebox-probe")]
+    if jukebox_probe::now() {
+        return Some(fail_attr(fs, nfsstat3::NFS3ERR_JUKEBOX, Some(&node)));
+    }
     // Room for the data before it is read; held until the reply is written.
     let taken = budget.take(count.min(MAX_IO) as usize).await;
     Some(match fs.read(&node, offset, count).await {
@@ -742,5 +746,22 @@ fn mount_status(s: nfsstat3) -> u32 {
         nfsstat3::NFS3ERR_NOTDIR => 20,
         nfsstat3::NFS3ERR_NAMETOOLONG => 63,
         _ => 10006, // MNT3ERR_SERVERFAULT
+    }
+}
+
+/// What clients do with NFS3ERR_JUKEBOX (scripts/jukebox-replies): READs answered so for
+/// `LIVEMOUNT_JUKEBOX_SECS` seconds from the first one.
+#[cfg(feature = "jukebox-probe")]
+mod jukebox_probe {
+    use std::sync::OnceLock;
+    use std::time::{Duration, Instant};
+
+    pub(super) fn now() -> bool {
+        static FIRST: OnceLock<Instant> = OnceLock::new();
+        let secs = std::env::var("LIVEMOUNT_JUKEBOX_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        FIRST.get_or_init(Instant::now).elapsed() < Duration::from_secs(secs)
     }
 }
