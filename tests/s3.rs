@@ -501,11 +501,18 @@ fn a_three_node_store_rides_one_node_down_and_reads_heal_when_all_return() {
         &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
         env,
     );
+    // A short grace: with every node down, a held read ends in its I/O error within it
+    // (tests/outage.rs has reads that ride an outage through).
     let server = Server::start_env(
         &url,
         &t.path().join("state"),
         "off",
-        &["--config", &no_read_ahead(t.path())],
+        &[
+            "--config",
+            &no_read_ahead(t.path()),
+            "--store-outage-grace",
+            "5s",
+        ],
         env,
     );
     server.cli(&["mount", "rep3", "--name", "rep3"]);
@@ -526,7 +533,8 @@ fn a_three_node_store_rides_one_node_down_and_reads_heal_when_all_return() {
             "block 1 with a node down"
         );
 
-        // Every node down: an uncached read is an I/O error, soon; a cached one is served.
+        // Every node down: an uncached read is an I/O error once its grace (5 s) is over; a
+        // cached one is served.
         g.kill_node(2);
         g.kill_node(1);
         let start = Instant::now();
