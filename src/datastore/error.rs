@@ -44,6 +44,15 @@ pub enum DatastoreError {
     /// A change to the datastore's root folder: mounts come and go through the control API.
     #[error("the datastore root cannot be changed")]
     Root,
+    /// The caller's mode bits do not grant what it asked (a read, a write, a change in a
+    /// folder, a size or a time set to now).
+    #[error("permission denied by the mode bits for this caller")]
+    Denied,
+    /// A change only the owner or root may make (mode, times to a given value), or only root
+    /// (owner; a group the owner is not in).
+    /// The datastore's root folder is the server's own: it keeps no attributes a client sets.
+    #[error("only the owner or root may change that (the datastore root: nobody)")]
+    NotOwner,
     /// The mount is limited to other hosts (`mount --allow`).
     #[error("this host may not use the mount")]
     HostNotAllowed,
