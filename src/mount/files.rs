@@ -64,10 +64,11 @@ pub struct Entry {
     pub kind: Kind,
     pub mode: u32,
     /// Owner and group (AUTH_SYS ids): the creator's, or what a client set. Namespaces written
-    /// before they were kept read as root's.
-    #[serde(default)]
+    /// before they were kept read as root's; root's are not written, so a namespace in which
+    /// nobody set anything reads the same for the versions before.
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub uid: u32,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub gid: u32,
     pub mtime: jiff::Timestamp,
     /// Last access a client set; none: the modification time.
@@ -81,6 +82,10 @@ pub struct Entry {
     /// The verifier of the exclusive create that made it, so that a resent create succeeds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verf: Option<[u8; 8]>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 impl Entry {
@@ -989,6 +994,34 @@ mod tests {
             "creates per second (each followed by a remove, both durable): {small:.0} with 10 \
              entries, {big:.0} with {} entries",
             MAX_ENTRIES - 1
+        );
+    }
+
+    /// A namespace written before owners and times were kept reads as root's, with atime and
+    /// ctime equal to mtime; an entry nobody changed is written as before (older versions,
+    /// which refuse unknown fields, still read it).
+    #[test]
+    fn entries_written_before_owners_were_kept_read_as_roots() {
+        let old = r#"{"name":"x.vmx","parent":0,"kind":"file","mode":420,"mtime":"2024-01-02T03:04:05Z","size":3}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (e.uid, e.gid, e.atime(), e.ctime()),
+            (0, 0, e.mtime, e.mtime)
+        );
+        assert_eq!(serde_json::to_string(&e).unwrap(), old);
+        let mut set = e.clone();
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        set.apply(
+            &SetAttr {
+                uid: Some(7),
+                mode: Some(0o100_600),
+                ..SetAttr::default()
+            },
+            now,
+        );
+        assert_eq!(
+            (set.uid, set.mode, set.ctime(), set.mtime),
+            (7, 0o600, now, e.mtime)
         );
     }
 
