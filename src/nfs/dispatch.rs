@@ -797,3 +797,113 @@ fn mount_status(s: nfsstat3) -> u32 {
         _ => 10006, // MNT3ERR_SERVERFAULT
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfs::fuzzing::one_mount;
+
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// A call record with an AUTH_SYS credential of `uid`/`gid` and no more groups.
+    fn call_as(uid: u32, gid: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        for w in [7, 0, 2, NFS_PROGRAM, 3, proc_] {
+            b.put_u32(w);
+        }
+        let mut cred = BytesMut::new();
+        cred.put_u32(0);
+        rpc::put_opaque(&mut cred, b"test");
+        for w in [uid, gid, 0] {
+            cred.put_u32(w);
+        }
+        b.put_u32(rpc::AUTH_SYS);
+        rpc::put_opaque(&mut b, &cred);
+        b.put_u32(0);
+        b.put_u32(0);
+        b.extend_from_slice(args);
+        b.to_vec()
+    }
+
+    /// The reply's results after the 24-byte accepted RPC header: status and the rest.
+    async fn results(fs: &DatastoreFs, record: &[u8]) -> (u32, Vec<u8>) {
+        let reply = handle(fs, record, HERE).await.unwrap();
+        let body = reply.head[24..].to_vec();
+        (u32::from_be_bytes(body[..4].try_into().unwrap()), body)
+    }
+
+    fn last_u32(body: &[u8]) -> u32 {
+        u32::from_be_bytes(body[body.len() - 4..].try_into().unwrap())
+    }
+
+    fn fh_args(fh: &[u8]) -> BytesMut {
+        let mut a = BytesMut::new();
+        rpc::put_opaque(&mut a, fh);
+        a
+    }
+
+    #[tokio::test]
+    async fn fsinfo_says_times_can_be_set_and_links_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = one_mount(dir.path()).await.unwrap();
+        let (folder, _) = crate::nfs::fuzzing::handles(&fs);
+        let (status, body) = results(&fs, &call_as(0, 0, 19, &fh_args(&folder))).await;
+        assert_eq!(status, 0);
+        let props = last_u32(&body);
+        assert_eq!(props, nfs::FSF3_HOMOGENEOUS | nfs::FSF3_CANSETTIME);
+        assert_eq!(props & (nfs::FSF3_LINK | nfs::FSF3_SYMLINK), 0);
+    }
+
+    /// ACCESS answers by the mode bits and the caller, and WRITE agrees with it.
+    #[tokio::test]
+    async fn access_and_write_agree_on_mode_bits_and_caller() {
+        use nfs::{ACCESS3_EXTEND, ACCESS3_MODIFY, ACCESS3_READ};
+        let dir = tempfile::tempdir().unwrap();
+        let fs = one_mount(dir.path()).await.unwrap();
+        let (_, disk) = crate::nfs::fuzzing::handles(&fs);
+        let access = |uid| {
+            let mut a = fh_args(&disk);
+            a.put_u32(0x3f);
+            call_as(uid, uid, 4, &a)
+        };
+        let write = |uid| {
+            let mut a = fh_args(&disk);
+            a.put_u64(0);
+            a.put_u32(4);
+            a.put_u32(2); // FILE_SYNC
+            rpc::put_opaque(&mut a, b"data");
+            call_as(uid, uid, 7, &a)
+        };
+        // The defaults: any caller reads and writes a read-write mount's disk; it never grows.
+        let (_, body) = results(&fs, &access(1000)).await;
+        assert_eq!(last_u32(&body) & 0x3f, ACCESS3_READ | ACCESS3_MODIFY);
+        assert_eq!(results(&fs, &write(1000)).await.0, 0);
+        // Root narrows the mode to 0644 (SETATTR mode, nothing else, no guard).
+        let mut s = fh_args(&disk);
+        for w in [1, 0o644, 0, 0, 0, 0, 0, 0] {
+            s.put_u32(w);
+        }
+        assert_eq!(results(&fs, &call_as(0, 0, 2, &s)).await.0, 0);
+        let (_, body) = results(&fs, &access(1000)).await;
+        assert_eq!(last_u32(&body) & 0x3f, ACCESS3_READ, "others may only read");
+        assert_eq!(
+            results(&fs, &write(1000)).await.0,
+            nfsstat3::NFS3ERR_ACCES as u32,
+            "a WRITE that ACCESS denies is refused"
+        );
+        // Root is not squashed: it still writes.
+        let (_, body) = results(&fs, &access(0)).await;
+        assert_eq!(last_u32(&body) & ACCESS3_MODIFY, ACCESS3_MODIFY);
+        assert_eq!(last_u32(&body) & ACCESS3_EXTEND, 0, "a disk never grows");
+        assert_eq!(results(&fs, &write(0)).await.0, 0);
+        // A user may not change the mode of what it does not own.
+        let mut s = fh_args(&disk);
+        for w in [1, 0o666, 0, 0, 0, 0, 0, 0] {
+            s.put_u32(w);
+        }
+        assert_eq!(
+            results(&fs, &call_as(1000, 1000, 2, &s)).await.0,
+            nfsstat3::NFS3ERR_PERM as u32
+        );
+    }
+}
