@@ -486,8 +486,8 @@ impl DatastoreCore {
     /// renamed or resized ([`DatastoreError::BackupFile`]); every other file and folder in a
     /// mount's folder (the config included) is the hypervisor's to create, write, resize,
     /// rename and remove. A read-only mount refuses every change
-    /// ([`DatastoreError::ReadOnlyMount`]); the root keeps nothing a client sets
-    /// ([`DatastoreError::NotOwner`]). Mode, owner, group and times are kept in the mount's
+    /// ([`DatastoreError::ReadOnlyMount`]); the root and a disks-only mount keep nothing a
+    /// client sets ([`DatastoreError::AttrsNotKept`]). Mode, owner, group and times are kept in the mount's
     /// namespace for every node of a read-write mount, the mount's folder and the backup's
     /// files too, as POSIX lets `who` set them ([`access::may_set`]). Setting nothing is never
     /// refused.
@@ -501,7 +501,7 @@ impl DatastoreCore {
             return Ok(self.attr(node));
         }
         match node {
-            Node::Root => return Err(DatastoreError::NotOwner),
+            Node::Root => return Err(DatastoreError::AttrsNotKept),
             Node::MountFolder(m) | Node::BackupFile(m, _) | Node::FolderFile(m, _, _)
                 if m.spec.read_only =>
             {
@@ -512,7 +512,7 @@ impl DatastoreCore {
         let now = self.attr_now(node).ok_or(DatastoreError::Stale)?;
         access::may_set(&now, who, &s)?;
         match node {
-            Node::Root => Err(DatastoreError::NotOwner),
+            Node::Root => Err(DatastoreError::AttrsNotKept),
             Node::BackupFile(m, i) => {
                 if s.size.is_some_and(|v| v != m.files[*i].size()) {
                     return Err(DatastoreError::BackupFile);
@@ -543,7 +543,8 @@ impl DatastoreCore {
         if s == SetAttr::default() {
             return Ok(());
         }
-        let folder = m.folder.as_ref().ok_or(DatastoreError::ReadOnlyMount)?;
+        // A read-write mount without a folder is a disks-only one.
+        let folder = m.folder.as_ref().ok_or(DatastoreError::AttrsNotKept)?;
         folder.set_meta(low, s).await?;
         Ok(())
     }

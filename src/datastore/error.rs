@@ -50,9 +50,12 @@ pub enum DatastoreError {
     Denied,
     /// A change only the owner or root may make (mode, times to a given value), or only root
     /// (owner; a group the owner is not in).
-    /// The datastore's root folder is the server's own: it keeps no attributes a client sets.
-    #[error("only the owner or root may change that (the datastore root: nobody)")]
+    #[error("only the owner or root may change that")]
     NotOwner,
+    /// Attributes set on the datastore's root (the server's own, made up at each start) or on
+    /// a disks-only mount (which has no namespace to keep them in).
+    #[error("the datastore root and disks-only mounts keep no attributes a client sets")]
+    AttrsNotKept,
     /// The mount is limited to other hosts (`mount --allow`).
     #[error("this host may not use the mount")]
     HostNotAllowed,

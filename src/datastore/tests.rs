@@ -99,7 +99,7 @@ async fn rules_per_kind_of_node() {
         c.setattr(&Node::Root, &root(), set_size(1))
             .await
             .unwrap_err(),
-        DatastoreError::NotOwner
+        DatastoreError::AttrsNotKept
     );
     let made = c
         .create(&Node::Root, b"x", CreateMode::Guarded, SetAttr::default())
@@ -427,7 +427,7 @@ async fn set_attributes_are_kept_for_every_node_of_a_mount() {
     // Refused where keeping makes no sense.
     assert_eq!(
         c.setattr(&Node::Root, &root(), all).await.unwrap_err(),
-        DatastoreError::NotOwner
+        DatastoreError::AttrsNotKept
     );
     assert_eq!(
         c.setattr(&rw, &root(), set_size(0)).await.unwrap_err(),
@@ -438,6 +438,35 @@ async fn set_attributes_are_kept_for_every_node_of_a_mount() {
         c.setattr(&ro_disk, &root(), all).await.unwrap_err(),
         DatastoreError::ReadOnlyMount
     );
+    // A disks-only mount has no namespace: nothing to keep attributes in; its size stays.
+    c.agent
+        .mount(&MountRequest {
+            snapshot: "vm".into(),
+            name: Some("dsk".into()),
+            prestage: PrestageMode::Off,
+            disks_only: true,
+            ..MountRequest::default()
+        })
+        .await
+        .unwrap();
+    let dsk = folder(&c, "dsk");
+    let listed = c.readdir(&dsk, 0, 10, HERE).unwrap();
+    let only = &listed[0].node;
+    assert!(matches!(only, Node::BackupFile(..)), "{only:?}");
+    assert_eq!(
+        c.setattr(only, &root(), all).await.unwrap_err(),
+        DatastoreError::AttrsNotKept
+    );
+    assert_eq!(
+        c.setattr(&dsk, &root(), all).await.unwrap_err(),
+        DatastoreError::AttrsNotKept
+    );
+    let size = c.attr(only).size;
+    assert_eq!(
+        c.setattr(only, &root(), set_size(size)).await.unwrap().size,
+        size
+    );
+
     // Another user may not change what it does not own; the owner may not give it away.
     let owner = Who::new(1000, 1001, &[]);
     let other = Who::new(2000, 2000, &[]);

@@ -16,7 +16,9 @@ pub fn to_nfsstat(e: &DatastoreError) -> nfsstat3 {
         DatastoreError::IsDir => nfsstat3::NFS3ERR_ISDIR,
         DatastoreError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
         DatastoreError::ReadOnlyMount | DatastoreError::Fenced => nfsstat3::NFS3ERR_ROFS,
-        DatastoreError::BackupFile | DatastoreError::NotOwner => nfsstat3::NFS3ERR_PERM,
+        DatastoreError::BackupFile | DatastoreError::NotOwner | DatastoreError::AttrsNotKept => {
+            nfsstat3::NFS3ERR_PERM
+        }
         DatastoreError::NotWritable
         | DatastoreError::Denied
         | DatastoreError::Root
@@ -63,6 +65,8 @@ mod tests {
             // A SETATTR of mode, owner, group or times the caller may not make (not the owner,
             // not root).
             (DatastoreError::NotOwner, nfsstat3::NFS3ERR_PERM),
+            // A SETATTR of the datastore root or of a disks-only mount: nowhere to keep it.
+            (DatastoreError::AttrsNotKept, nfsstat3::NFS3ERR_PERM),
             // What the mode bits deny the caller: the same answer as ACCESS's.
             (DatastoreError::Denied, nfsstat3::NFS3ERR_ACCES),
             // A write to a descriptor; a change to the root; a mount of other hosts; a name
@@ -94,7 +98,7 @@ mod tests {
     }
 
     /// How many variants [`DatastoreError`] has.
-    const VARIANTS: usize = 23;
+    const VARIANTS: usize = 24;
 
     /// A variant's number. No wildcard: a new variant does not compile until it has a number
     /// here, and then the test above fails until the table has a row for it.
@@ -123,6 +127,7 @@ mod tests {
             DatastoreError::Internal(_) => 20,
             DatastoreError::Denied => 21,
             DatastoreError::NotOwner => 22,
+            DatastoreError::AttrsNotKept => 23,
         }
     }
 
