@@ -854,9 +854,10 @@ mod tests {
         assert_eq!(props & (nfs::FSF3_LINK | nfs::FSF3_SYMLINK), 0);
     }
 
-    /// ACCESS answers by the mode bits and the caller, and WRITE agrees with it.
+    /// ACCESS answers by the mode bits and the caller, and WRITE agrees with it; root acts as
+    /// nobody only with root_squash.
     #[tokio::test]
-    async fn access_and_write_agree_on_mode_bits_and_caller() {
+    async fn access_and_write_agree_on_mode_bits_and_caller_and_root_squash() {
         use nfs::{ACCESS3_EXTEND, ACCESS3_MODIFY, ACCESS3_READ};
         let dir = tempfile::tempdir().unwrap();
         let fs = one_mount(dir.path()).await.unwrap();
@@ -896,6 +897,18 @@ mod tests {
         assert_eq!(last_u32(&body) & ACCESS3_MODIFY, ACCESS3_MODIFY);
         assert_eq!(last_u32(&body) & ACCESS3_EXTEND, 0, "a disk never grows");
         assert_eq!(results(&fs, &write(0)).await.0, 0);
+        // With root_squash, root acts as nobody: the 0644 disk is read-only to it too.
+        let squashed = std::sync::Arc::try_unwrap(fs)
+            .ok()
+            .unwrap()
+            .with_root_squash(true);
+        let (_, body) = results(&squashed, &access(0)).await;
+        assert_eq!(last_u32(&body) & 0x3f, ACCESS3_READ, "root squashed");
+        assert_eq!(
+            results(&squashed, &write(0)).await.0,
+            nfsstat3::NFS3ERR_ACCES as u32
+        );
+        let fs = squashed;
         // A user may not change the mode of what it does not own.
         let mut s = fh_args(&disk);
         for w in [1, 0o666, 0, 0, 0, 0, 0, 0] {
