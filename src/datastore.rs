@@ -18,6 +18,7 @@
 //! the mount's folder (`mount_id << 32 | id`, `mount/files.rs`, which also keeps its limit of
 //! entries). `.` and `..` resolve inside the datastore and never leave it.
 
+mod access;
 mod disk;
 mod error;
 mod names;
@@ -37,12 +38,17 @@ use crate::mount::files::{FolderFiles, Kind};
 use crate::mount::{LiveMount, ROOT_FILEID};
 use crate::repo::Pieces;
 
+pub use crate::mount::files::{SetAttr, SetTime};
+pub use access::{permits, Who, EXEC, MAX_GROUPS, NOBODY, READ, WRITE};
 pub use disk::Disk;
 pub use error::DatastoreError;
 pub use names::MAX_NAME;
 pub use node::{Attr, FileKind, Node, Rights};
 
 use names::{check_name, existing_name, new_name};
+
+/// The most folders below a mount's folder that a mount path may name.
+pub const MAX_MOUNT_DEPTH: usize = 64;
 
 /// How a create treats a name that exists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,13 +60,6 @@ pub enum CreateMode {
     /// Fail with [`DatastoreError::Exists`] unless the file was made by a create with this
     /// verifier (a client resending after a lost reply).
     Exclusive([u8; 8]),
-}
-
-/// Attributes a client asks to set; the others (owner, times) are not kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SetAttr {
-    pub size: Option<u64>,
-    pub mode: Option<u32>,
 }
 
 /// One entry of a folder listing; its node, for a listing that gives attributes too.
@@ -196,8 +195,10 @@ impl DatastoreCore {
         }
     }
 
-    /// The root (an empty path, `/`, or the export) or a mount's folder (`EXPORT/NAME`), as
-    /// a client mounting part of the datastore names it.
+    /// The root (an empty path, `/`, or the export), a mount's folder (`EXPORT/NAME`) or a
+    /// folder in it (`EXPORT/NAME/SUB/...`, as clients that mount a file's folder ask), as a
+    /// client mounting part of the datastore names it. At most [`MAX_MOUNT_DEPTH`] components
+    /// below the mount's folder are walked.
     pub fn mount_path(&self, path: &[u8], host: IpAddr) -> Result<Node, DatastoreError> {
         let export = self.agent.export().as_bytes();
         let rest = match path {
@@ -205,8 +206,10 @@ impl DatastoreCore {
             p if p.strip_suffix(b"/").unwrap_or(p) == export => return Ok(Node::Root),
             p => p.strip_prefix(export).ok_or(DatastoreError::NotFound)?,
         };
-        let name = rest.strip_prefix(b"/").ok_or(DatastoreError::NotFound)?;
-        let name = name.strip_suffix(b"/").unwrap_or(name);
+        let rest = rest.strip_prefix(b"/").ok_or(DatastoreError::NotFound)?;
+        let rest = rest.strip_suffix(b"/").unwrap_or(rest);
+        let mut parts = rest.split(|b| *b == b'/');
+        let name = parts.next().unwrap_or_default();
         check_name(name)?;
         let m = self
             .agent
@@ -215,7 +218,17 @@ impl DatastoreCore {
         if !m.allows(host) {
             return Err(DatastoreError::HostNotAllowed);
         }
-        Ok(Node::MountFolder(m))
+        let mut node = Node::MountFolder(m);
+        for (depth, part) in parts.enumerate() {
+            if depth >= MAX_MOUNT_DEPTH || matches!(part, b"." | b"..") {
+                return Err(DatastoreError::NotFound);
+            }
+            node = self.lookup(&node, part, host)?;
+        }
+        match node.is_dir() {
+            true => Ok(node),
+            false => Err(DatastoreError::NotDir),
+        }
     }
 
     /// The entry `name` of folder `dir`, if the client's host may use it.
@@ -457,39 +470,88 @@ impl DatastoreCore {
         }
     }
 
+    /// Whether `who` has the permissions `want` ([`READ`], [`WRITE`], [`EXEC`]) on `node` by
+    /// its mode bits, owner and group as they are now: [`DatastoreError::Denied`] if not. A
+    /// protocol that carries a caller asks this before a read, a write, or a change in a
+    /// folder, so that it refuses what its access check answers it would.
+    pub fn check(&self, node: &Node, who: &Who, want: u32) -> Result<(), DatastoreError> {
+        let a = self.attr_now(node).ok_or(DatastoreError::Stale)?;
+        match permits(&a, who, want) {
+            true => Ok(()),
+            false => Err(DatastoreError::Denied),
+        }
+    }
+
     /// Changes: the backup's disks take writes into their overlays and can never be removed,
     /// renamed or resized ([`DatastoreError::BackupFile`]); every other file and folder in a
     /// mount's folder (the config included) is the hypervisor's to create, write, resize,
     /// rename and remove. A read-only mount refuses every change
-    /// ([`DatastoreError::ReadOnlyMount`]); the root cannot be changed
-    /// ([`DatastoreError::Root`]). Setting nothing is never refused.
-    pub async fn setattr(&self, node: &Node, s: SetAttr) -> Result<Attr, DatastoreError> {
+    /// ([`DatastoreError::ReadOnlyMount`]); the root and a disks-only mount keep nothing a
+    /// client sets ([`DatastoreError::AttrsNotKept`]). Mode, owner, group and times are kept in the mount's
+    /// namespace for every node of a read-write mount, the mount's folder and the backup's
+    /// files too, as POSIX lets `who` set them ([`access::may_set`]). Setting nothing is never
+    /// refused.
+    pub async fn setattr(
+        &self,
+        node: &Node,
+        who: &Who,
+        s: SetAttr,
+    ) -> Result<Attr, DatastoreError> {
         if s == SetAttr::default() {
             return Ok(self.attr(node));
         }
         match node {
-            Node::Root => Err(DatastoreError::Root),
+            Node::Root => return Err(DatastoreError::AttrsNotKept),
             Node::MountFolder(m) | Node::BackupFile(m, _) | Node::FolderFile(m, _, _)
                 if m.spec.read_only =>
             {
-                Err(DatastoreError::ReadOnlyMount)
+                return Err(DatastoreError::ReadOnlyMount)
             }
+            _ => {}
+        }
+        let now = self.attr_now(node).ok_or(DatastoreError::Stale)?;
+        access::may_set(&now, who, &s)?;
+        match node {
+            Node::Root => Err(DatastoreError::AttrsNotKept),
             Node::BackupFile(m, i) => {
                 if s.size.is_some_and(|v| v != m.files[*i].size()) {
                     return Err(DatastoreError::BackupFile);
                 }
+                let low = (m.files[*i].fileid & 0xffff_ffff) as u32;
+                self.set_meta(m, low, s).await?;
+                Ok(self.attr(node))
+            }
+            Node::MountFolder(m) => {
+                if s.size.is_some() {
+                    return Err(DatastoreError::IsDir);
+                }
+                self.set_meta(m, 0, s).await?;
                 Ok(self.attr(node))
             }
             Node::FolderFile(m, low, _) => {
                 let folder = m.folder.as_ref().ok_or(DatastoreError::ReadOnlyMount)?;
-                let e = folder.setattr(*low, s.size, s.mode).await?;
+                let e = folder.setattr(*low, s).await?;
                 Ok(node::entry_attr(m, *low, &e))
             }
-            Node::MountFolder(_) => Ok(self.attr(node)),
         }
     }
 
-    /// Creates a regular file in folder `dir` and sets `attrs` on it; returns its node.
+    /// Keeps what a client set on the mount's folder (`low` 0) or a file of the backup; the
+    /// size is not among it (refused or unchanged).
+    async fn set_meta(&self, m: &LiveMount, low: u32, s: SetAttr) -> Result<(), DatastoreError> {
+        let s = SetAttr { size: None, ..s };
+        if s == SetAttr::default() {
+            return Ok(());
+        }
+        // A read-write mount without a folder is a disks-only one.
+        let folder = m.folder.as_ref().ok_or(DatastoreError::AttrsNotKept)?;
+        folder.set_meta(low, s).await?;
+        Ok(())
+    }
+
+    /// Creates a regular file in folder `dir` and sets `attrs` on it (its owner and group among
+    /// them: the caller's); returns its node. A create of a file that exists (UNCHECKED) sets
+    /// only its size.
     pub async fn create(
         &self,
         dir: &Node,
@@ -498,24 +560,48 @@ impl DatastoreCore {
         attrs: SetAttr,
     ) -> Result<Node, DatastoreError> {
         let (c, name) = place_for_new(dir, name)?;
+        let existed = c.folder.lookup(c.low, name.as_bytes()).is_some();
         let made = match mode {
             CreateMode::Unchecked => c.folder.create(c.low, &name, false).await,
             CreateMode::Guarded => c.folder.create(c.low, &name, true).await,
             CreateMode::Exclusive(v) => c.folder.create_exclusive(c.low, &name, v).await,
         };
         let low = made?;
+        let attrs = match existed {
+            true => SetAttr {
+                size: attrs.size,
+                ..SetAttr::default()
+            },
+            false => unchanged_owner_dropped(attrs, c.folder.get(low)),
+        };
         let entry = if attrs == SetAttr::default() {
             c.folder.get(low).ok_or(DatastoreError::Stale)?
         } else {
-            c.folder.setattr(low, attrs.size, attrs.mode).await?
+            c.folder.setattr(low, attrs).await?
         };
         Ok(Node::FolderFile(c.mount.clone(), low, entry))
     }
 
-    /// Makes a folder in folder `dir`; returns its node.
-    pub async fn mkdir(&self, dir: &Node, name: &[u8]) -> Result<Node, DatastoreError> {
+    /// Makes a folder in folder `dir` with `attrs` (mode, owner, group; a size is ignored);
+    /// returns its node.
+    pub async fn mkdir(
+        &self,
+        dir: &Node,
+        name: &[u8],
+        attrs: SetAttr,
+    ) -> Result<Node, DatastoreError> {
         let (c, name) = place_for_new(dir, name)?;
         let low = c.folder.mkdir(c.low, &name).await?;
+        let attrs = unchanged_owner_dropped(
+            SetAttr {
+                size: None,
+                ..attrs
+            },
+            c.folder.get(low),
+        );
+        if attrs != SetAttr::default() {
+            c.folder.setattr(low, attrs).await?;
+        }
         folder_node(c.mount, low).ok_or(DatastoreError::Stale)
     }
 
@@ -564,6 +650,19 @@ impl DatastoreCore {
 
     fn mount_of(&self, fileid: u64) -> Option<Arc<LiveMount>> {
         self.agent.mount_by_id(u32::try_from(fileid >> 32).ok()?)
+    }
+}
+
+/// `attrs` less an owner and group a new entry already has (root's, for a hypervisor): a create
+/// by root then costs one durable change, not two.
+fn unchanged_owner_dropped(attrs: SetAttr, entry: Option<crate::mount::files::Entry>) -> SetAttr {
+    let Some(e) = entry else {
+        return attrs;
+    };
+    SetAttr {
+        uid: attrs.uid.filter(|u| *u != e.uid),
+        gid: attrs.gid.filter(|g| *g != e.gid),
+        ..attrs
     }
 }
 

@@ -207,3 +207,148 @@ fn qemu_io_keeps_working_through_repeated_kill_9() {
     );
     drop(server);
 }
+
+/// SETATTR of mode, owner, group and times on a disk of the backup, on the mount's folder and
+/// on a file the client made is answered with, and read back by GETATTR and READDIRPLUS after,
+/// a graceful stop and a `kill -9` of the agent; a guard with a stale ctime is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn set_mode_owner_and_times_survive_restarts_and_kill_9() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = mixed_disk(MIB, 72);
+    let repo = repo_with_disk(t.path(), "sa", &raw);
+    let state = t.path().join("state");
+    let server = Server::start(&repo, &state, "off", &[]);
+    server.cli(&["mount", "sa", "--name", "sa"]);
+
+    let mut c = connect(&server, "sa").await;
+    let dir = c.root_nfs_fh3();
+    let disk = lookup(&mut c, &dir, "d.img").await.unwrap();
+    let file = create(&mut c, &dir, "x.nvram").await;
+    let set = |mode, uid, gid, secs| sattr3 {
+        mode: set_mode3::Some(mode),
+        uid: set_uid3::Some(uid),
+        gid: set_gid3::Some(gid),
+        size: set_size3::None,
+        atime: set_atime::SET_TO_CLIENT_TIME(nfstime3 {
+            seconds: secs + 1,
+            nseconds: 5,
+        }),
+        mtime: set_mtime::SET_TO_CLIENT_TIME(nfstime3 {
+            seconds: secs,
+            nseconds: 7,
+        }),
+    };
+    let nodes = [
+        (&disk, 0o600, 1_400_000_000),
+        (&dir, 0o750, 1_500_000_000),
+        (&file, 0o640, 1_600_000_000),
+    ];
+    for (i, (fh, mode, secs)) in nodes.iter().enumerate() {
+        let uid = 1000 + i as u32;
+        let before = getattr(&mut c, fh).await;
+        let res = setattr(&mut c, fh, set(*mode, uid, 2000, *secs), None).await;
+        let after = match res {
+            SETATTR3res::Ok(ok) => ok.obj_wcc.after.unwrap(),
+            SETATTR3res::Err((e, _)) => panic!("SETATTR: {e:?}"),
+        };
+        assert_eq!((after.mode, after.uid, after.gid), (*mode, uid, 2000));
+        assert_eq!((after.mtime.seconds, after.mtime.nseconds), (*secs, 7));
+        assert_eq!(after.atime.seconds, secs + 1);
+        // A guard with the ctime before the change is stale now.
+        let res = setattr(&mut c, fh, sattr3::default(), Some(before.ctime)).await;
+        assert!(
+            matches!(res, SETATTR3res::Err((nfsstat3::NFS3ERR_NOT_SYNC, _))),
+            "a stale guard: {res:?}"
+        );
+        assert!(matches!(
+            setattr(&mut c, fh, sattr3::default(), Some(after.ctime)).await,
+            SETATTR3res::Ok(_)
+        ));
+    }
+    let want: Vec<fattr3> = {
+        let mut v = Vec::new();
+        for (fh, _, _) in &nodes {
+            v.push(getattr(&mut c, fh).await);
+        }
+        v
+    };
+    drop(c);
+
+    let handles: Vec<nfs_fh3> = nodes.iter().map(|(fh, _, _)| (*fh).clone()).collect();
+    assert!(server.stop().success());
+    let server = Server::start(&repo, &state, "off", &[]);
+    read_back(&server, &handles, &want, "a graceful stop").await;
+    server.kill();
+    let server = Server::start(&repo, &state, "off", &[]);
+    read_back(&server, &handles, &want, "kill -9").await;
+}
+
+/// GETATTR of each handle, and the disk's entry in READDIRPLUS, equal `want`.
+async fn read_back(server: &Server, handles: &[nfs_fh3], want: &[fattr3], after: &str) {
+    let mut c = connect(server, "sa").await;
+    for (fh, want) in handles.iter().zip(want) {
+        assert_eq!(key(&getattr(&mut c, fh).await), key(want), "after {after}");
+    }
+    let args = READDIRPLUS3args {
+        dir: c.root_nfs_fh3(),
+        cookie: 0,
+        cookieverf: cookieverf3::default(),
+        dircount: 64 * 1024,
+        maxcount: 64 * 1024,
+    };
+    let listed = match c.readdirplus(&args).await.unwrap() {
+        READDIRPLUS3res::Ok(ok) => ok.reply.entries.0,
+        READDIRPLUS3res::Err((e, _)) => panic!("READDIRPLUS: {e:?}"),
+    };
+    let disk = listed.iter().find(|e| e.name.as_ref() == b"d.img").unwrap();
+    assert_eq!(
+        key(&disk.name_attributes.clone().unwrap()),
+        key(&want[0]),
+        "READDIRPLUS after {after}"
+    );
+}
+
+/// What a client reads back of a node: mode, owner, group, size, file id and the three times.
+fn key(a: &fattr3) -> [u64; 11] {
+    let t = |t: &nfstime3| [u64::from(t.seconds), u64::from(t.nseconds)];
+    let [a1, a2] = t(&a.atime);
+    let [m1, m2] = t(&a.mtime);
+    let [c1, c2] = t(&a.ctime);
+    [
+        u64::from(a.mode),
+        u64::from(a.uid),
+        u64::from(a.gid),
+        a.size,
+        a.fileid,
+        a1,
+        a2,
+        m1,
+        m2,
+        c1,
+        c2,
+    ]
+}
+
+async fn getattr(c: &mut Conn, fh: &nfs_fh3) -> fattr3 {
+    match c
+        .getattr(&GETATTR3args { object: fh.clone() })
+        .await
+        .unwrap()
+    {
+        GETATTR3res::Ok(ok) => ok.obj_attributes,
+        GETATTR3res::Err(e) => panic!("GETATTR: {e:?}"),
+    }
+}
+
+async fn setattr(c: &mut Conn, fh: &nfs_fh3, a: sattr3, guard: Option<nfstime3>) -> SETATTR3res {
+    c.setattr(&SETATTR3args {
+        object: fh.clone(),
+        new_attributes: a,
+        guard: match guard {
+            Some(t) => sattrguard3::Some(t),
+            None => sattrguard3::None,
+        },
+    })
+    .await
+    .unwrap()
+}

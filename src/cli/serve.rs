@@ -125,6 +125,9 @@ pub struct ServeConfig {
     pub advertise: Option<String>,
     /// Accept AUTH_NONE calls (default false: AUTH_SYS required).
     pub allow_auth_none: Option<bool>,
+    /// NFS calls from root (uid 0) act as `nobody` (65534), for the mode bits and the owner of
+    /// new files (default false: hypervisors connect as root and must create their files).
+    pub root_squash: Option<bool>,
     /// Serve `/metrics` to every host that reaches the API (default false: loopback only).
     pub metrics_public: Option<bool>,
     /// The most memory NFS calls in flight may hold, across connections (default `256MiB`).
@@ -393,11 +396,14 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     if !identity.resumed {
         tracing::info!("new write verifier: clients resend writes they have not seen committed");
     }
-    let fs = Arc::new(DatastoreFs::new(
-        agent.clone(),
-        file.allow_auth_none.unwrap_or(false),
-        identity.clone(),
-    ));
+    let fs = Arc::new(
+        DatastoreFs::new(
+            agent.clone(),
+            file.allow_auth_none.unwrap_or(false),
+            identity.clone(),
+        )
+        .with_root_squash(file.root_squash.unwrap_or(false)),
+    );
     let nfs = NfsServer::bind(nfs_addr, fs, allow.clone())
         .await
         .with_context(|| format!("cannot listen for NFS on {nfs_addr}"))?

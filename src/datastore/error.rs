@@ -44,6 +44,18 @@ pub enum DatastoreError {
     /// A change to the datastore's root folder: mounts come and go through the control API.
     #[error("the datastore root cannot be changed")]
     Root,
+    /// The caller's mode bits do not grant what it asked (a read, a write, a change in a
+    /// folder, a size or a time set to now).
+    #[error("permission denied by the mode bits for this caller")]
+    Denied,
+    /// A change only the owner or root may make (mode, times to a given value), or only root
+    /// (owner; a group the owner is not in).
+    #[error("only the owner or root may change that")]
+    NotOwner,
+    /// Attributes set on the datastore's root (the server's own, made up at each start) or on
+    /// a disks-only mount (which has no namespace to keep them in).
+    #[error("the datastore root and disks-only mounts keep no attributes a client sets")]
+    AttrsNotKept,
     /// The mount is limited to other hosts (`mount --allow`).
     #[error("this host may not use the mount")]
     HostNotAllowed,

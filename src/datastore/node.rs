@@ -34,19 +34,36 @@ pub enum FileKind {
     Dir,
 }
 
-/// A node's attributes. The datastore keeps one time per node (a file's last change, a
-/// mount's creation, the server's start for the root): it is the access, change and
-/// modification time alike. Owner and group are root's.
+/// A node's attributes. Until a client sets them, a node's times are one (a file's last
+/// change, a mount's creation, the server's start for the root) and its owner and group root's
+/// (a folder file's: its creator's); what a client sets is kept in the mount's namespace
+/// (`mount/files.rs`), for the backup's files and the mount's folder too.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attr {
     pub kind: FileKind,
+    /// Permission bits (`0o7777` at most).
     pub mode: u32,
     pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
     /// Logical size in bytes.
     pub size: u64,
     pub fileid: u64,
+    pub atime: jiff::Timestamp,
     pub mtime: jiff::Timestamp,
+    /// The last change of data or attributes: what a SETATTR guard compares.
+    pub ctime: jiff::Timestamp,
 }
+
+/// The default modes: a read-write mount's folder and disks are open to every caller the
+/// mount's allow-list admits (libvirt runs QEMU as its own user, not root, and hands that id
+/// to the NFS client), a read-only mount's and the descriptors are read-only, the root is
+/// root's.
+pub const ROOT_MODE: u32 = 0o755;
+pub const FOLDER_MODE: u32 = 0o777;
+pub const FOLDER_MODE_RO: u32 = 0o555;
+pub const DISK_MODE: u32 = 0o666;
+pub const FILE_MODE_RO: u32 = 0o444;
 
 /// What a client may do to a node. Reading (and looking up, in a folder) is always granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,32 +138,41 @@ impl Node {
         }
     }
 
-    /// The node's attributes as resolved; `started` is the root's time.
+    /// The node's attributes as resolved; `started` is the root's time. The mount's folder
+    /// and the backup's files show what clients set on them over their defaults.
     pub(super) fn attr(&self, started: jiff::Timestamp) -> Attr {
-        let dir = |mode, fileid, mtime| Attr {
-            kind: FileKind::Dir,
+        let base = |kind, mode, size, fileid, t| Attr {
+            kind,
             mode,
-            nlink: 2,
-            size: 4096,
+            nlink: if kind == FileKind::Dir { 2 } else { 1 },
+            uid: 0,
+            gid: 0,
+            size,
             fileid,
-            mtime,
+            atime: t,
+            mtime: t,
+            ctime: t,
         };
         match self {
-            Node::Root => dir(0o755, ROOT_FILEID, started),
+            Node::Root => base(FileKind::Dir, ROOT_MODE, 4096, ROOT_FILEID, started),
             Node::MountFolder(m) => {
-                let mode = if m.spec.read_only { 0o555 } else { 0o755 };
-                dir(mode, m.folder_fileid(), m.spec.created)
+                let mode = if m.spec.read_only {
+                    FOLDER_MODE_RO
+                } else {
+                    FOLDER_MODE
+                };
+                let a = base(FileKind::Dir, mode, 4096, m.folder_fileid(), m.spec.created);
+                with_meta(a, m, 0)
             }
             Node::BackupFile(m, i) => {
                 let f = &m.files[*i];
-                Attr {
-                    kind: FileKind::File,
-                    mode: if f.is_writable() { 0o644 } else { 0o444 },
-                    nlink: 1,
-                    size: f.size(),
-                    fileid: f.fileid,
-                    mtime: m.spec.created,
-                }
+                let mode = if f.is_writable() {
+                    DISK_MODE
+                } else {
+                    FILE_MODE_RO
+                };
+                let a = base(FileKind::File, mode, f.size(), f.fileid, m.spec.created);
+                with_meta(a, m, (f.fileid & 0xffff_ffff) as u32)
             }
             Node::FolderFile(m, low, e) => entry_attr(m, *low, e),
         }
@@ -170,10 +196,28 @@ pub(super) fn entry_attr(m: &LiveMount, low: u32, e: &Entry) -> Attr {
         kind,
         mode: e.mode,
         nlink,
+        uid: e.uid,
+        gid: e.gid,
         size: e.size,
         fileid: m.folder_fileid() | u64::from(low),
+        atime: e.atime(),
         mtime: e.mtime,
+        ctime: e.ctime(),
     }
+}
+
+/// `a` with what clients set on the mount's folder (`low` 0) or a file of the backup.
+fn with_meta(mut a: Attr, m: &LiveMount, low: u32) -> Attr {
+    let Some(meta) = m.folder.as_ref().and_then(|f| f.meta(low)) else {
+        return a;
+    };
+    a.mode = meta.mode.unwrap_or(a.mode);
+    a.uid = meta.uid.unwrap_or(a.uid);
+    a.gid = meta.gid.unwrap_or(a.gid);
+    a.mtime = meta.mtime.unwrap_or(a.mtime);
+    a.atime = meta.atime.unwrap_or(a.atime);
+    a.ctime = meta.ctime.unwrap_or(a.ctime).max(a.mtime);
+    a
 }
 
 fn kind_of(e: &Entry) -> FileKind {

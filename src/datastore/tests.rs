@@ -58,10 +58,11 @@ fn folder(c: &DatastoreCore, name: &str) -> Node {
 }
 
 fn set_size(size: u64) -> SetAttr {
-    SetAttr {
-        size: Some(size),
-        mode: None,
-    }
+    SetAttr::size(size)
+}
+
+fn root() -> Who {
+    Who::root()
 }
 
 #[tokio::test]
@@ -93,10 +94,12 @@ async fn rules_per_kind_of_node() {
     );
     assert_eq!(ro_disk.rights(), Rights::default());
 
-    // The root cannot be changed.
+    // The root cannot be changed: it keeps nothing a client sets.
     assert_eq!(
-        c.setattr(&Node::Root, set_size(1)).await.unwrap_err(),
-        DatastoreError::Root
+        c.setattr(&Node::Root, &root(), set_size(1))
+            .await
+            .unwrap_err(),
+        DatastoreError::AttrsNotKept
     );
     let made = c
         .create(&Node::Root, b"x", CreateMode::Guarded, SetAttr::default())
@@ -106,10 +109,13 @@ async fn rules_per_kind_of_node() {
 
     // The backup's own files: written, never resized, removed, renamed or replaced.
     assert_eq!(
-        c.setattr(&disk, set_size(DISK + 1)).await.unwrap_err(),
+        c.setattr(&disk, &root(), set_size(DISK + 1))
+            .await
+            .unwrap_err(),
         DatastoreError::BackupFile
     );
-    assert_eq!(c.setattr(&disk, set_size(DISK)).await.unwrap().size, DISK);
+    let same = c.setattr(&disk, &root(), set_size(DISK)).await.unwrap();
+    assert_eq!(same.size, DISK);
     assert_eq!(
         c.remove(&rw, b"d.img", false).await.unwrap_err(),
         DatastoreError::BackupFile
@@ -133,11 +139,11 @@ async fn rules_per_kind_of_node() {
         DatastoreError::ReadOnlyMount
     );
     assert_eq!(
-        c.mkdir(&ro, b"d").await.unwrap_err(),
+        c.mkdir(&ro, b"d", SetAttr::default()).await.unwrap_err(),
         DatastoreError::ReadOnlyMount
     );
     assert_eq!(
-        c.setattr(&ro_disk, set_size(1)).await.unwrap_err(),
+        c.setattr(&ro_disk, &root(), set_size(1)).await.unwrap_err(),
         DatastoreError::ReadOnlyMount
     );
 
@@ -210,8 +216,8 @@ async fn dots_stay_inside_and_nodes_resolve_for_their_host() {
     let dir = tempfile::tempdir().unwrap();
     let c = core(dir.path()).await;
     let rw = folder(&c, "rw");
-    let sub = c.mkdir(&rw, b"sub").await.unwrap();
-    let deeper = c.mkdir(&sub, b"deeper").await.unwrap();
+    let sub = c.mkdir(&rw, b"sub", SetAttr::default()).await.unwrap();
+    let deeper = c.mkdir(&sub, b"deeper", SetAttr::default()).await.unwrap();
     assert!(sub.is_dir());
     let up = |n: &Node| c.lookup(n, b"..", HERE).unwrap().fileid();
     assert_eq!(up(&deeper), sub.fileid());
@@ -370,4 +376,210 @@ async fn a_disk_by_name_for_block_protocols() {
     assert_eq!(held.read(0, 3).await.unwrap_err(), DatastoreError::Stale);
     let again = c.disk("rw2/d.img", HERE).unwrap();
     assert_eq!(&again.read(0, 3).await.unwrap().into_bytes()[..], &[0u8; 3]);
+}
+
+/// What a client sets on a file it made, on a disk of the backup and on the mount's folder it
+/// reads back; what makes no sense to keep is refused, and nothing of a read-only mount.
+#[tokio::test]
+async fn set_attributes_are_kept_for_every_node_of_a_mount() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = core(dir.path()).await;
+    let (rw, ro) = (folder(&c, "rw"), folder(&c, "ro"));
+    let disk = c.lookup(&rw, b"d.img", HERE).unwrap();
+    let t = |s| SetTime::Client(jiff::Timestamp::from_second(s).unwrap());
+    let all = SetAttr {
+        mode: Some(0o640),
+        uid: Some(1000),
+        gid: Some(1001),
+        atime: Some(t(1_600_000_000)),
+        mtime: Some(t(1_500_000_000)),
+        size: None,
+    };
+    let file = c
+        .create(&rw, b"x.nvram", CreateMode::Guarded, SetAttr::default())
+        .await
+        .unwrap();
+    for node in [&file, &disk, &rw] {
+        let before = c.attr_now(node).unwrap();
+        let after = c.setattr(node, &root(), all).await.unwrap();
+        let now = c.attr_now(node).unwrap();
+        assert_eq!(after, now, "{node:?}: the reply is what is read back");
+        assert_eq!(
+            (now.mode, now.uid, now.gid),
+            (0o640, 1000, 1001),
+            "{node:?}"
+        );
+        assert_eq!(now.atime.as_second(), 1_600_000_000, "{node:?}");
+        assert_eq!(now.mtime.as_second(), 1_500_000_000, "{node:?}");
+        assert!(now.ctime > before.ctime, "{node:?}: the change time moves");
+        assert_eq!((now.size, now.kind), (before.size, before.kind), "{node:?}");
+    }
+    // Set to now, and the mode's type bits are the server's.
+    let now = SetAttr {
+        mtime: Some(SetTime::Server),
+        mode: Some(0o100_600),
+        ..SetAttr::default()
+    };
+    let a = c.setattr(&disk, &root(), now).await.unwrap();
+    assert_eq!(a.mode, 0o600);
+    assert!(a.mtime.as_second() > 1_500_000_000);
+
+    // Refused where keeping makes no sense.
+    assert_eq!(
+        c.setattr(&Node::Root, &root(), all).await.unwrap_err(),
+        DatastoreError::AttrsNotKept
+    );
+    assert_eq!(
+        c.setattr(&rw, &root(), set_size(0)).await.unwrap_err(),
+        DatastoreError::IsDir
+    );
+    let ro_disk = c.lookup(&ro, b"d.img", HERE).unwrap();
+    assert_eq!(
+        c.setattr(&ro_disk, &root(), all).await.unwrap_err(),
+        DatastoreError::ReadOnlyMount
+    );
+    // A disks-only mount has no namespace: nothing to keep attributes in; its size stays.
+    c.agent
+        .mount(&MountRequest {
+            snapshot: "vm".into(),
+            name: Some("dsk".into()),
+            prestage: PrestageMode::Off,
+            disks_only: true,
+            ..MountRequest::default()
+        })
+        .await
+        .unwrap();
+    let dsk = folder(&c, "dsk");
+    let listed = c.readdir(&dsk, 0, 10, HERE).unwrap();
+    let only = &listed[0].node;
+    assert!(matches!(only, Node::BackupFile(..)), "{only:?}");
+    assert_eq!(
+        c.setattr(only, &root(), all).await.unwrap_err(),
+        DatastoreError::AttrsNotKept
+    );
+    assert_eq!(
+        c.setattr(&dsk, &root(), all).await.unwrap_err(),
+        DatastoreError::AttrsNotKept
+    );
+    let size = c.attr(only).size;
+    assert_eq!(
+        c.setattr(only, &root(), set_size(size)).await.unwrap().size,
+        size
+    );
+
+    // Another user may not change what it does not own; the owner may not give it away.
+    let owner = Who::new(1000, 1001, &[]);
+    let other = Who::new(2000, 2000, &[]);
+    let mode = SetAttr {
+        mode: Some(0o777),
+        ..SetAttr::default()
+    };
+    assert_eq!(
+        c.setattr(&file, &other, mode).await.unwrap_err(),
+        DatastoreError::NotOwner
+    );
+    assert_eq!(c.setattr(&file, &owner, mode).await.unwrap().mode, 0o777);
+    let give = SetAttr {
+        uid: Some(2000),
+        ..SetAttr::default()
+    };
+    assert_eq!(
+        c.setattr(&file, &owner, give).await.unwrap_err(),
+        DatastoreError::NotOwner
+    );
+}
+
+/// A caller's rights follow the mode bits, owner and group, as ACCESS answers them: a read, a
+/// write, a create that the bits deny is refused the same way.
+#[tokio::test]
+async fn checks_follow_mode_bits_and_the_caller() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = core(dir.path()).await;
+    let rw = folder(&c, "rw");
+    let disk = c.lookup(&rw, b"d.img", HERE).unwrap();
+    let user = Who::new(1000, 1000, &[]);
+    // The defaults let every caller the allow-list admits use a read-write mount's disks
+    // (libvirt's QEMU is not root).
+    assert_eq!(c.check(&disk, &user, READ | WRITE), Ok(()));
+    assert_eq!(c.check(&rw, &user, WRITE | EXEC), Ok(()));
+    let ro_disk = c.lookup(&folder(&c, "ro"), b"d.img", HERE).unwrap();
+    assert_eq!(c.check(&ro_disk, &user, WRITE), Err(DatastoreError::Denied));
+    // Narrowed by root: others may read, not write; root still may.
+    let mode = |m| SetAttr {
+        mode: Some(m),
+        ..SetAttr::default()
+    };
+    c.setattr(&disk, &root(), mode(0o644)).await.unwrap();
+    assert_eq!(c.check(&disk, &user, READ), Ok(()));
+    assert_eq!(c.check(&disk, &user, WRITE), Err(DatastoreError::Denied));
+    assert_eq!(c.check(&disk, &root(), WRITE), Ok(()));
+    c.setattr(&rw, &root(), mode(0o755)).await.unwrap();
+    assert_eq!(
+        c.check(&rw, &user, WRITE | EXEC),
+        Err(DatastoreError::Denied)
+    );
+    // A group member gets the group's bits.
+    c.setattr(
+        &disk,
+        &root(),
+        SetAttr {
+            mode: Some(0o060),
+            gid: Some(27),
+            ..SetAttr::default()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        c.check(&disk, &Who::new(1000, 1000, &[27]), READ | WRITE),
+        Ok(())
+    );
+    assert_eq!(c.check(&disk, &user, READ), Err(DatastoreError::Denied));
+}
+
+/// Mode, owner, group and times set on a disk, on the mount's folder and on a file a client
+/// made are in the mount's namespace on disk: an agent opened again over the same state
+/// reads them back.
+#[tokio::test]
+async fn set_attributes_survive_reopening_the_namespace() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = core(dir.path()).await;
+    let rw = folder(&c, "rw");
+    let disk = c.lookup(&rw, b"d.img", HERE).unwrap();
+    let file = c
+        .create(&rw, b"x.log", CreateMode::Guarded, SetAttr::default())
+        .await
+        .unwrap();
+    let set = SetAttr {
+        mode: Some(0o600),
+        uid: Some(42),
+        gid: Some(43),
+        mtime: Some(SetTime::Client(
+            jiff::Timestamp::from_second(1_000_000_000).unwrap(),
+        )),
+        ..SetAttr::default()
+    };
+    let mut want = Vec::new();
+    for node in [&disk, &rw, &file] {
+        want.push(c.setattr(node, &root(), set).await.unwrap());
+    }
+    let m = match &rw {
+        Node::MountFolder(m) => m.clone(),
+        _ => unreachable!(),
+    };
+    let folder_dir = m.folder.as_ref().unwrap().dir().to_path_buf();
+    // The namespace as a new agent opens it.
+    let reopened = crate::mount::files::FolderFiles::open(&folder_dir, "vm.xml", 1, b"").unwrap();
+    let low = |n: &Node| (n.fileid() & 0xffff_ffff) as u32;
+    let meta = reopened.meta(low(&disk)).unwrap();
+    assert_eq!(
+        (meta.mode, meta.uid, meta.gid),
+        (Some(0o600), Some(42), Some(43))
+    );
+    assert_eq!(meta.mtime.unwrap().as_second(), 1_000_000_000);
+    assert_eq!(reopened.meta(0).unwrap().mode, Some(0o600));
+    let e = reopened.get(low(&file)).unwrap();
+    assert_eq!((e.mode, e.uid, e.gid), (0o600, 42, 43));
+    assert_eq!(e.mtime.as_second(), 1_000_000_000);
+    assert_eq!(e.ctime(), want[2].ctime);
 }

@@ -3,8 +3,11 @@
 //! (`x.vmx~` renamed over `x.vmx`). The mount's config is one of them from the start, so it can
 //! be edited, replaced or removed like any other.
 //!
-//! Owns: a small namespace (`files.json`: name, parent, kind, file id, mode, times) and one data
-//! file per regular file (`files/ID`), both in the mount's overlay folder.
+//! Owns: a small namespace (`files.json`: name, parent, kind, file id, mode, owner, group,
+//! times) and one data file per regular file (`files/ID`), both in the mount's overlay folder;
+//! and, in the same namespace and journal, the attributes a client set on the mount's folder
+//! and on the backup's files ([`Meta`], by their low file id: 0 for the folder), so that what a
+//! client sets it reads back, across restarts.
 //! Must not: touch the backup's disks or descriptors; the caller refuses changes to those.
 //!
 //! Ordering: a namespace change is durable before it is acknowledged, and visible only once it
@@ -60,7 +63,20 @@ pub struct Entry {
     pub parent: u32,
     pub kind: Kind,
     pub mode: u32,
+    /// Owner and group (AUTH_SYS ids): the creator's, or what a client set. Namespaces written
+    /// before they were kept read as root's; root's are not written, so a namespace in which
+    /// nobody set anything reads the same for the versions before.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub uid: u32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gid: u32,
     pub mtime: jiff::Timestamp,
+    /// Last access a client set; none: the modification time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<jiff::Timestamp>,
+    /// Last change of the attributes, when later than `mtime` (a SETATTR); none: `mtime`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime: Option<jiff::Timestamp>,
     /// Logical size of a regular file (its data file may be sparse).
     pub size: u64,
     /// The verifier of the exclusive create that made it, so that a resent create succeeds.
@@ -68,11 +84,133 @@ pub struct Entry {
     pub verf: Option<[u8; 8]>,
 }
 
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Entry {
+    pub fn atime(&self) -> jiff::Timestamp {
+        self.atime.unwrap_or(self.mtime)
+    }
+
+    pub fn ctime(&self) -> jiff::Timestamp {
+        self.ctime.unwrap_or(self.mtime).max(self.mtime)
+    }
+
+    /// Applies a client's attributes (not the size: the caller sizes the data file first).
+    fn apply(&mut self, s: &SetAttr, now: jiff::Timestamp) {
+        if let Some(m) = s.mode {
+            self.mode = m & MODE_BITS;
+        }
+        if let Some(u) = s.uid {
+            self.uid = u;
+        }
+        if let Some(g) = s.gid {
+            self.gid = g;
+        }
+        if let Some(t) = s.atime {
+            self.atime = Some(t.at(now));
+        }
+        match s.mtime {
+            Some(t) => self.mtime = t.at(now),
+            // A size change is a change of the data.
+            None if s.size.is_some() => self.mtime = now,
+            None => {}
+        }
+        self.ctime = Some(now);
+    }
+}
+
+/// The permission bits a client may set (with set-id and sticky bits); the type bits are the
+/// server's.
+pub const MODE_BITS: u32 = 0o7777;
+
+/// A time a client sets: the server's clock now, or the client's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetTime {
+    Server,
+    Client(jiff::Timestamp),
+}
+
+impl SetTime {
+    fn at(self, now: jiff::Timestamp) -> jiff::Timestamp {
+        match self {
+            SetTime::Server => now,
+            SetTime::Client(t) => t,
+        }
+    }
+}
+
+/// Attributes a client asks to set, each optional.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SetAttr {
+    pub size: Option<u64>,
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+}
+
+impl SetAttr {
+    /// Only a size.
+    pub fn size(size: u64) -> Self {
+        SetAttr {
+            size: Some(size),
+            ..SetAttr::default()
+        }
+    }
+}
+
+/// What a client set on the mount's folder or on a file of the backup (kept by low file id):
+/// each attribute none until set, so the defaults (which follow the mount's mode) show through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub atime: Option<jiff::Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<jiff::Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ctime: Option<jiff::Timestamp>,
+}
+
+impl Meta {
+    fn apply(&mut self, s: &SetAttr, now: jiff::Timestamp) {
+        if let Some(m) = s.mode {
+            self.mode = Some(m & MODE_BITS);
+        }
+        if let Some(u) = s.uid {
+            self.uid = Some(u);
+        }
+        if let Some(g) = s.gid {
+            self.gid = Some(g);
+        }
+        if let Some(t) = s.atime {
+            self.atime = Some(t.at(now));
+        }
+        if let Some(t) = s.mtime {
+            self.mtime = Some(t.at(now));
+        }
+        self.ctime = Some(now);
+    }
+}
+
 #[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Table {
     next: u32,
     entries: BTreeMap<u32, Entry>,
+    /// What clients set on the mount's folder (0) and the backup's files (their low ids, all
+    /// below [`FIRST_ID`]): at most one per file of the backup, plus one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    meta: BTreeMap<u32, Meta>,
     /// Id by (parent, name).
     #[serde(skip)]
     by_name: HashMap<(u32, String), u32>,
@@ -85,8 +223,18 @@ struct Table {
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 enum Op {
-    Put { id: u32, entry: Entry },
-    Del { id: u32 },
+    Put {
+        id: u32,
+        entry: Entry,
+    },
+    Del {
+        id: u32,
+    },
+    /// Attributes set on the mount's folder or a file of the backup.
+    Meta {
+        id: u32,
+        meta: Meta,
+    },
 }
 
 impl Table {
@@ -131,6 +279,9 @@ impl Table {
             }
             Op::Del { id } => {
                 self.unlink(id);
+            }
+            Op::Meta { id, meta } => {
+                self.meta.insert(id, meta);
             }
         }
     }
@@ -242,7 +393,11 @@ impl FolderFiles {
                         parent: 0,
                         kind: Kind::File,
                         mode: 0o644,
+                        uid: 0,
+                        gid: 0,
                         mtime: jiff::Timestamp::now(),
+                        atime: None,
+                        ctime: None,
                         size: config.len() as u64,
                         verf: None,
                     },
@@ -266,6 +421,11 @@ impl FolderFiles {
                 torn: false,
             }),
         })
+    }
+
+    /// The folder the namespace and the data files are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn data_path(&self, id: u32) -> PathBuf {
@@ -445,7 +605,11 @@ impl FolderFiles {
                 parent,
                 kind,
                 mode,
+                uid: 0,
+                gid: 0,
                 mtime: jiff::Timestamp::now(),
+                atime: None,
+                ctime: None,
                 size,
                 verf,
             };
@@ -522,6 +686,7 @@ impl FolderFiles {
             e.parent = to_parent;
             e.name = to.to_string();
             e.mtime = jiff::Timestamp::now();
+            e.ctime = None;
             ops.push(Op::Put { id, entry: e });
             Ok(((), ops))
         })
@@ -532,15 +697,11 @@ impl FolderFiles {
         Ok(())
     }
 
-    /// Sets a regular file's size (growing is sparse) and/or mode.
-    pub async fn setattr(
-        &self,
-        id: u32,
-        size: Option<u64>,
-        mode: Option<u32>,
-    ) -> Result<Entry, FilesError> {
-        if let Some(s) = size {
-            if s > MAX_FILE {
+    /// Sets what a client asks of a file or folder: a regular file's size (growing is sparse),
+    /// mode, owner, group and times. The change time becomes now.
+    pub async fn setattr(&self, id: u32, s: SetAttr) -> Result<Entry, FilesError> {
+        if let Some(size) = s.size {
+            if size > MAX_FILE {
                 return Err(FilesError::TooBig);
             }
             if self.get(id).is_some_and(|e| e.kind == Kind::Dir) {
@@ -549,21 +710,40 @@ impl FolderFiles {
             let path = self.data_path(id);
             blocking(move || {
                 let f = open_data(&path)?;
-                f.set_len(s).map_err(io_err(&path))?;
+                f.set_len(size).map_err(io_err(&path))?;
                 f.sync_all().map_err(io_err(&path))
             })
             .await?;
         }
         self.change(|t| {
             let mut e = t.entries.get(&id).ok_or(FilesError::NotFound)?.clone();
-            if let Some(s) = size {
-                e.size = s;
+            if let Some(size) = s.size {
+                e.size = size;
             }
-            if let Some(m) = mode {
-                e.mode = m & 0o7777;
-            }
-            e.mtime = jiff::Timestamp::now();
+            e.apply(&s, jiff::Timestamp::now());
             Ok((e.clone(), vec![Op::Put { id, entry: e }]))
+        })
+        .await
+    }
+
+    /// What clients set on the mount's folder (`id` 0) or on a file of the backup (its low
+    /// file id, below [`FIRST_ID`]).
+    pub fn meta(&self, id: u32) -> Option<Meta> {
+        let t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        t.meta.get(&id).copied()
+    }
+
+    /// Keeps what a client sets on the mount's folder or a file of the backup (not its size:
+    /// the caller refuses that), durable before it returns. The caller names only ids that
+    /// exist, so at most one [`Meta`] per file of the backup is kept.
+    pub async fn set_meta(&self, id: u32, s: SetAttr) -> Result<Meta, FilesError> {
+        if id >= FIRST_ID {
+            return Err(FilesError::NotFound);
+        }
+        self.change(|t| {
+            let mut m = t.meta.get(&id).copied().unwrap_or_default();
+            m.apply(&s, jiff::Timestamp::now());
+            Ok((m, vec![Op::Meta { id, meta: m }]))
         })
         .await
     }
@@ -641,6 +821,7 @@ impl FolderFiles {
                     let mut e = t.entries.get(&id).ok_or(FilesError::NotFound)?.clone();
                     e.size = e.size.max(end);
                     e.mtime = jiff::Timestamp::now();
+                    e.ctime = None;
                     Ok((e.clone(), vec![Op::Put { id, entry: e }]))
                 })
                 .await;
@@ -816,6 +997,34 @@ mod tests {
         );
     }
 
+    /// A namespace written before owners and times were kept reads as root's, with atime and
+    /// ctime equal to mtime; an entry nobody changed is written as before (older versions,
+    /// which refuse unknown fields, still read it).
+    #[test]
+    fn entries_written_before_owners_were_kept_read_as_roots() {
+        let old = r#"{"name":"x.vmx","parent":0,"kind":"file","mode":420,"mtime":"2024-01-02T03:04:05Z","size":3}"#;
+        let e: Entry = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (e.uid, e.gid, e.atime(), e.ctime()),
+            (0, 0, e.mtime, e.mtime)
+        );
+        assert_eq!(serde_json::to_string(&e).unwrap(), old);
+        let mut set = e.clone();
+        let now = jiff::Timestamp::from_second(1_800_000_000).unwrap();
+        set.apply(
+            &SetAttr {
+                uid: Some(7),
+                mode: Some(0o100_600),
+                ..SetAttr::default()
+            },
+            now,
+        );
+        assert_eq!(
+            (set.uid, set.mode, set.ctime(), set.mtime),
+            (7, 0o600, now, e.mtime)
+        );
+    }
+
     #[tokio::test]
     async fn new_folder_files_are_durable_by_name() {
         let t = tempfile::tempdir().unwrap();
@@ -886,7 +1095,7 @@ mod tests {
         let d = f.mkdir(0, "sub").await.unwrap();
         f.create(d, "b.log", true).await.unwrap();
         f.rename(0, b"a.log", d, "c.log").await.unwrap();
-        f.setattr(a, Some(4096), None).await.unwrap();
+        f.setattr(a, SetAttr::size(4096)).await.unwrap();
         // Small changes: the journal has them, the snapshot does not yet.
         assert!(fs::metadata(dir.join(JOURNAL)).unwrap().len() < 2048);
         let snapshot = fs::read_to_string(dir.join(SNAPSHOT)).unwrap();
@@ -946,7 +1155,7 @@ mod tests {
         // Never written: reads as empty, then as zeros once sized.
         let id = *ids.iter().next().unwrap();
         assert_eq!(f.read(id, 0, 10).await.unwrap().0.len(), 0);
-        f.setattr(id, Some(5), None).await.unwrap();
+        f.setattr(id, SetAttr::size(5)).await.unwrap();
         assert_eq!(&f.read(id, 0, 10).await.unwrap().0[..], &[0u8; 5]);
     }
 
@@ -965,7 +1174,7 @@ mod tests {
         let lck = f.mkdir(0, ".lck-0000000000000011").await.unwrap();
         f.create(lck, "lock", true).await.unwrap();
         let swap = f.create(0, "web01-1a2b.vswp", true).await.unwrap();
-        f.setattr(swap, Some(256 << 20), None).await.unwrap();
+        f.setattr(swap, SetAttr::size(256 << 20)).await.unwrap();
         assert!(matches!(
             f.create(0, "web01-1a2b.vswp", true).await,
             Err(FilesError::Exists)
@@ -992,7 +1201,7 @@ mod tests {
         let (zeros, _) = f.read(swap, (256 << 20) - 10, 100).await.unwrap();
         assert_eq!(&zeros[..], &[0u8; 10]);
         assert!(matches!(
-            f.setattr(swap, Some(MAX_FILE + 1), None).await,
+            f.setattr(swap, SetAttr::size(MAX_FILE + 1)).await,
             Err(FilesError::TooBig)
         ));
     }

@@ -23,7 +23,7 @@ use super::budget::{Budget, Taken};
 use super::front::{self, Caller, Reply, RpcService, Transport};
 use super::fs::{DatastoreFs, MAX_IO};
 use super::rpc::{self, Accept, AuthStat, Call, Cred, Reader};
-use crate::datastore::{CreateMode, Node, SetAttr, MAX_NAME};
+use crate::datastore::{CreateMode, Node, SetAttr, SetTime, Who, EXEC, MAX_NAME, READ, WRITE};
 
 pub const NFS_PROGRAM: u32 = 100_003;
 pub const MOUNT_PROGRAM: u32 = 100_005;
@@ -70,7 +70,7 @@ async fn answer_call(
         Ok(c) => c,
         Err(bad) => return rpc::reply_to_bad_call(&bad).map(Reply::new),
     };
-    let authorized = match cred {
+    let authorized = match &cred {
         Cred::Sys { .. } => true,
         Cred::None => fs.allows_auth_none() || call.proc_ == 0,
         Cred::Other(_) => call.proc_ == 0,
@@ -80,7 +80,7 @@ async fn answer_call(
             tracing::debug!(prog = call.prog, cred = ?cred, "call refused: AUTH_SYS required");
             return Some(Reply::new(rpc::auth_error(xid, AuthStat::TooWeak)));
         }
-        (NFS_PROGRAM, 3) => match nfs_call(fs, &call, ip, budget).await {
+        (NFS_PROGRAM, 3) => match nfs_call(fs, &call, ip, &fs.who(&cred), budget).await {
             Some(r) => (Accept::Success, r),
             None => (Accept::GarbageArgs, Results::default()),
         },
@@ -225,34 +225,39 @@ impl<'a> NfsArgs<'a> for Reader<'a> {
     }
 
     fn sattr(&mut self) -> Option<SetAttr> {
-        let mode = if self.bool()? {
-            Some(self.u32()?)
-        } else {
-            None
-        };
-        for _ in 0..2 {
-            // uid, gid: not kept.
-            if self.bool()? {
-                self.u32()?;
-            }
+        let mut out = SetAttr::default();
+        if self.bool()? {
+            out.mode = Some(self.u32()?);
         }
-        let size = if self.bool()? {
-            Some(self.u64()?)
-        } else {
-            None
-        };
-        for _ in 0..2 {
-            // atime, mtime: DONT_CHANGE, SET_TO_SERVER_TIME, SET_TO_CLIENT_TIME + time.
-            match self.u32()? {
-                0 | 1 => {}
-                2 => {
-                    self.u32()?;
-                    self.u32()?;
-                }
-                _ => return None,
-            }
+        if self.bool()? {
+            out.uid = Some(self.u32()?);
         }
-        Some(SetAttr { size, mode })
+        if self.bool()? {
+            out.gid = Some(self.u32()?);
+        }
+        if self.bool()? {
+            out.size = Some(self.u64()?);
+        }
+        out.atime = self.set_time()?;
+        out.mtime = self.set_time()?;
+        Some(out)
+    }
+}
+
+impl Reader<'_> {
+    /// A `set_atime`/`set_mtime`: DONT_CHANGE, SET_TO_SERVER_TIME, SET_TO_CLIENT_TIME and the
+    /// time (nanoseconds past a second are cut to the second's last).
+    fn set_time(&mut self) -> Option<Option<SetTime>> {
+        Some(match self.u32()? {
+            0 => None,
+            1 => Some(SetTime::Server),
+            2 => {
+                let (s, ns) = (self.u32()?, self.u32()?);
+                let t = jiff::Timestamp::new(i64::from(s), ns.min(999_999_999) as i32).ok()?;
+                Some(SetTime::Client(t))
+            }
+            _ => return None,
+        })
     }
 }
 
@@ -261,6 +266,7 @@ async fn nfs_call(
     fs: &DatastoreFs,
     call: &Call<'_>,
     ip: IpAddr,
+    who: &Who,
     budget: &Budget,
 ) -> Option<Results> {
     let mut r = Reader::new(call.args);
@@ -283,7 +289,7 @@ async fn nfs_call(
                 }
             }
         }
-        2 => setattr(fs, r, ip).await?,
+        2 => setattr(fs, r, ip, who).await?,
         3 => {
             let (dir, name) = (r.fh()?, r.name()?);
             let dir = match fs.resolve(dir, ip) {
@@ -304,7 +310,7 @@ async fn nfs_call(
             match fs.resolve(h, ip) {
                 Ok(node) => Results::packed(&nfs::ACCESS3res::Ok(nfs::ACCESS3resok {
                     obj_attributes: post_op(fs, Some(&node)),
-                    access: fs.access(&node, asked),
+                    access: fs.access(&node, who, asked),
                 })),
                 Err(s) => fail_attr(fs, s, None),
             }
@@ -314,17 +320,21 @@ async fn nfs_call(
             let node = fs.resolve(r.fh()?, ip).ok();
             fail_attr(fs, nfsstat3::NFS3ERR_INVAL, node.as_ref())
         }
-        6 => read(fs, r, ip, budget).await?,
-        7 => write(fs, r, ip).await?,
-        8 => create(fs, r, ip).await?,
+        6 => read(fs, r, ip, who, budget).await?,
+        7 => write(fs, r, ip, who).await?,
+        8 => create(fs, r, ip, who).await?,
         9 => {
-            let (dir, name, _attrs) = (r.fh()?, r.name()?, r.sattr()?);
+            let (dir, name, attrs) = (r.fh()?, r.name()?, r.sattr()?);
             let dir = match fs.resolve(dir, ip) {
                 Ok(d) => d,
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
             let before = Some(fs.getattr(&dir));
-            match fs.mkdir(&dir, name).await {
+            let made = match fs.check(&dir, who, WRITE | EXEC) {
+                Ok(()) => fs.mkdir(&dir, name, owned_by(attrs, who)).await,
+                Err(s) => Err(s),
+            };
+            match made {
                 Ok(node) => Results::packed(&nfs::MKDIR3res::Ok(nfs::MKDIR3resok {
                     obj: Nfs3Option::Some(fh(fs, &node)),
                     obj_attributes: post_op(fs, Some(&node)),
@@ -348,7 +358,11 @@ async fn nfs_call(
                 Err(s) => return Some(fail_wcc(fs, s, None, None)),
             };
             let before = Some(fs.getattr(&dir));
-            match fs.remove(&dir, name, call.proc_ == 13).await {
+            let removed = match fs.check(&dir, who, WRITE | EXEC) {
+                Ok(()) => fs.remove(&dir, name, call.proc_ == 13).await,
+                Err(s) => Err(s),
+            };
+            match removed {
                 Ok(()) => {
                     let mut body = BytesMut::new();
                     status(&mut body, nfsstat3::NFS3_OK);
@@ -369,7 +383,13 @@ async fn nfs_call(
                 td.as_ref().ok().map(|d| fs.getattr(d)),
             );
             let result = match (&fd, &td) {
-                (Ok(f), Ok(t)) => fs.rename(f, from, t, to).await,
+                (Ok(f), Ok(t)) => match fs
+                    .check(f, who, WRITE | EXEC)
+                    .and_then(|()| fs.check(t, who, WRITE | EXEC))
+                {
+                    Ok(()) => fs.rename(f, from, t, to).await,
+                    Err(s) => Err(s),
+                },
                 (Err(s), _) | (_, Err(s)) => Err(*s),
             };
             let mut body = BytesMut::new();
@@ -445,8 +465,9 @@ async fn nfs_call(
                     seconds: 0,
                     nseconds: 1,
                 },
-                // Not FSF3_CANSETTIME: SETATTR does not keep times.
-                properties: nfs::FSF3_HOMOGENEOUS,
+                // SETATTR keeps times (FSF3_CANSETTIME); no FSF3_LINK or FSF3_SYMLINK: LINK
+                // and SYMLINK are NFS3ERR_NOTSUPP.
+                properties: nfs::FSF3_HOMOGENEOUS | nfs::FSF3_CANSETTIME,
             }))
         }
         20 => {
@@ -483,7 +504,7 @@ async fn nfs_call(
     })
 }
 
-async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
+async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr, who: &Who) -> Option<Results> {
     let (h, attrs) = (r.fh()?, r.sattr()?);
     let guard = if r.bool()? {
         Some(nfstime3 {
@@ -506,7 +527,7 @@ async fn setattr(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Res
             Some(&before),
         ));
     }
-    Some(match fs.setattr(&node, attrs).await {
+    Some(match fs.setattr(&node, who, attrs).await {
         Ok(_) => Results::packed(&nfs::SETATTR3res::Ok(nfs::SETATTR3resok {
             obj_wcc: wcc(fs, Some(&node), Some(&before)),
         })),
@@ -518,6 +539,7 @@ async fn read(
     fs: &DatastoreFs,
     r: &mut Reader<'_>,
     ip: IpAddr,
+    who: &Who,
     budget: &Budget,
 ) -> Option<Results> {
     let (h, offset, count) = (r.fh()?, r.u64()?, r.u32()?);
@@ -525,6 +547,9 @@ async fn read(
         Ok(node) => node,
         Err(s) => return Some(fail_attr(fs, s, None)),
     };
+    if let Err(s) = fs.check(&node, who, READ) {
+        return Some(fail_attr(fs, s, Some(&node)));
+    }
     #[cfg(feature = "jukebox-probe")]
     if jukebox_probe::now() {
         return Some(fail_attr(fs, nfsstat3::NFS3ERR_JUKEBOX, Some(&node)));
@@ -550,7 +575,7 @@ async fn read(
     })
 }
 
-async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
+async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr, who: &Who) -> Option<Results> {
     let (h, offset, count, stable) = (r.fh()?, r.u64()?, r.u32()?, r.u32()?);
     let data = r.opaque(usize::MAX)?;
     if stable > 2 || (count as usize) > data.len() {
@@ -563,6 +588,9 @@ async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resul
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
     let before = Some(fs.getattr(&node));
+    if let Err(s) = fs.check(&node, who, WRITE) {
+        return Some(fail_wcc(fs, s, Some(&node), before.as_ref()));
+    }
     let sync = stable != 0;
     Some(match fs.write(&node, offset, data, sync).await {
         Ok(after) => Results::packed(&nfs::WRITE3res::Ok(nfs::WRITE3resok {
@@ -582,7 +610,7 @@ async fn write(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resul
     })
 }
 
-async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Results> {
+async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr, who: &Who) -> Option<Results> {
     let (dir, name) = (r.fh()?, r.name()?);
     let (mode, attrs) = match r.u32()? {
         0 => (CreateMode::Unchecked, r.sattr()?),
@@ -595,7 +623,11 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resu
         Err(s) => return Some(fail_wcc(fs, s, None, None)),
     };
     let before = Some(fs.getattr(&dir));
-    Some(match fs.create(&dir, name, mode, attrs).await {
+    let made = match fs.check(&dir, who, WRITE | EXEC) {
+        Ok(()) => fs.create(&dir, name, mode, owned_by(attrs, who)).await,
+        Err(s) => Err(s),
+    };
+    Some(match made {
         Ok(node) => Results::packed(&nfs::CREATE3res::Ok(nfs::CREATE3resok {
             obj: Nfs3Option::Some(fh(fs, &node)),
             obj_attributes: post_op(fs, Some(&node)),
@@ -603,6 +635,16 @@ async fn create(fs: &DatastoreFs, r: &mut Reader<'_>, ip: IpAddr) -> Option<Resu
         })),
         Err(s) => fail_wcc(fs, s, Some(&dir), before.as_ref()),
     })
+}
+
+/// A new file's or folder's attributes: the caller's owner and group unless the client set
+/// them.
+fn owned_by(attrs: SetAttr, who: &Who) -> SetAttr {
+    SetAttr {
+        uid: attrs.uid.or(Some(who.uid)),
+        gid: attrs.gid.or(Some(who.gid)),
+        ..attrs
+    }
 }
 
 /// The largest READDIR(PLUS) reply, whatever the client asks (FSINFO's dtpref).
@@ -697,8 +739,9 @@ fn readdir(
     }
 }
 
-/// MOUNT v3 (RFC 1813 appendix I): NULL, MNT, DUMP (empty: mounts are not tracked per
-/// client), UMNT, UMNTALL (nothing to forget), EXPORT (the one export, open to the hosts the
+/// MOUNT v3 (RFC 1813 appendix I): NULL, MNT (the export, a mount's folder or a folder in
+/// it), DUMP (empty: mounts are not tracked per client), UMNT, UMNTALL (nothing to forget),
+/// EXPORT (the export and the mount folders this client may use, open to the hosts the
 /// allow-list lets connect).
 fn mount_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> {
     let mut r = Reader::new(call.args);
@@ -725,9 +768,19 @@ fn mount_call(fs: &DatastoreFs, call: &Call<'_>, ip: IpAddr) -> Option<Results> 
             r.opaque(MNT_PATH_LEN)?;
         }
         5 => {
-            body.put_u32(1); // one export
-            rpc::put_opaque(&mut body, fs.export().as_bytes());
-            body.put_u32(0); // no groups
+            // The export, then each mount's folder this client may use (what `showmount -e`
+            // and libnfs's discovery list; each can be mounted on its own).
+            let mut paths = vec![fs.export().to_string()];
+            paths.extend(
+                fs.mount_names(ip)
+                    .into_iter()
+                    .map(|n| format!("{}/{n}", fs.export())),
+            );
+            for p in paths {
+                body.put_u32(1); // an export follows
+                rpc::put_opaque(&mut body, p.as_bytes());
+                body.put_u32(0); // no groups
+            }
             body.put_u32(0); // end of list
         }
         _ => return Some(Results::unavail()),
@@ -763,5 +816,128 @@ mod jukebox_probe {
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         FIRST.get_or_init(Instant::now).elapsed() < Duration::from_secs(secs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nfs::fuzzing::one_mount;
+
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
+    /// A call record with an AUTH_SYS credential of `uid`/`gid` and no more groups.
+    fn call_as(uid: u32, gid: u32, proc_: u32, args: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        for w in [7, 0, 2, NFS_PROGRAM, 3, proc_] {
+            b.put_u32(w);
+        }
+        let mut cred = BytesMut::new();
+        cred.put_u32(0);
+        rpc::put_opaque(&mut cred, b"test");
+        for w in [uid, gid, 0] {
+            cred.put_u32(w);
+        }
+        b.put_u32(rpc::AUTH_SYS);
+        rpc::put_opaque(&mut b, &cred);
+        b.put_u32(0);
+        b.put_u32(0);
+        b.extend_from_slice(args);
+        b.to_vec()
+    }
+
+    /// The reply's results after the 24-byte accepted RPC header: status and the rest.
+    async fn results(fs: &DatastoreFs, record: &[u8]) -> (u32, Vec<u8>) {
+        let reply = handle(fs, record, HERE).await.unwrap();
+        let body = reply.head[24..].to_vec();
+        (u32::from_be_bytes(body[..4].try_into().unwrap()), body)
+    }
+
+    fn last_u32(body: &[u8]) -> u32 {
+        u32::from_be_bytes(body[body.len() - 4..].try_into().unwrap())
+    }
+
+    fn fh_args(fh: &[u8]) -> BytesMut {
+        let mut a = BytesMut::new();
+        rpc::put_opaque(&mut a, fh);
+        a
+    }
+
+    #[tokio::test]
+    async fn fsinfo_says_times_can_be_set_and_links_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = one_mount(dir.path()).await.unwrap();
+        let (folder, _) = crate::nfs::fuzzing::handles(&fs);
+        let (status, body) = results(&fs, &call_as(0, 0, 19, &fh_args(&folder))).await;
+        assert_eq!(status, 0);
+        let props = last_u32(&body);
+        assert_eq!(props, nfs::FSF3_HOMOGENEOUS | nfs::FSF3_CANSETTIME);
+        assert_eq!(props & (nfs::FSF3_LINK | nfs::FSF3_SYMLINK), 0);
+    }
+
+    /// ACCESS answers by the mode bits and the caller, and WRITE agrees with it; root acts as
+    /// nobody only with root_squash.
+    #[tokio::test]
+    async fn access_and_write_agree_on_mode_bits_and_caller_and_root_squash() {
+        use nfs::{ACCESS3_EXTEND, ACCESS3_MODIFY, ACCESS3_READ};
+        let dir = tempfile::tempdir().unwrap();
+        let fs = one_mount(dir.path()).await.unwrap();
+        let (_, disk) = crate::nfs::fuzzing::handles(&fs);
+        let access = |uid| {
+            let mut a = fh_args(&disk);
+            a.put_u32(0x3f);
+            call_as(uid, uid, 4, &a)
+        };
+        let write = |uid| {
+            let mut a = fh_args(&disk);
+            a.put_u64(0);
+            a.put_u32(4);
+            a.put_u32(2); // FILE_SYNC
+            rpc::put_opaque(&mut a, b"data");
+            call_as(uid, uid, 7, &a)
+        };
+        // The defaults: any caller reads and writes a read-write mount's disk; it never grows.
+        let (_, body) = results(&fs, &access(1000)).await;
+        assert_eq!(last_u32(&body) & 0x3f, ACCESS3_READ | ACCESS3_MODIFY);
+        assert_eq!(results(&fs, &write(1000)).await.0, 0);
+        // Root narrows the mode to 0644 (SETATTR mode, nothing else, no guard).
+        let mut s = fh_args(&disk);
+        for w in [1, 0o644, 0, 0, 0, 0, 0, 0] {
+            s.put_u32(w);
+        }
+        assert_eq!(results(&fs, &call_as(0, 0, 2, &s)).await.0, 0);
+        let (_, body) = results(&fs, &access(1000)).await;
+        assert_eq!(last_u32(&body) & 0x3f, ACCESS3_READ, "others may only read");
+        assert_eq!(
+            results(&fs, &write(1000)).await.0,
+            nfsstat3::NFS3ERR_ACCES as u32,
+            "a WRITE that ACCESS denies is refused"
+        );
+        // Root is not squashed: it still writes.
+        let (_, body) = results(&fs, &access(0)).await;
+        assert_eq!(last_u32(&body) & ACCESS3_MODIFY, ACCESS3_MODIFY);
+        assert_eq!(last_u32(&body) & ACCESS3_EXTEND, 0, "a disk never grows");
+        assert_eq!(results(&fs, &write(0)).await.0, 0);
+        // With root_squash, root acts as nobody: the 0644 disk is read-only to it too.
+        let squashed = std::sync::Arc::try_unwrap(fs)
+            .ok()
+            .unwrap()
+            .with_root_squash(true);
+        let (_, body) = results(&squashed, &access(0)).await;
+        assert_eq!(last_u32(&body) & 0x3f, ACCESS3_READ, "root squashed");
+        assert_eq!(
+            results(&squashed, &write(0)).await.0,
+            nfsstat3::NFS3ERR_ACCES as u32
+        );
+        let fs = squashed;
+        // A user may not change the mode of what it does not own.
+        let mut s = fh_args(&disk);
+        for w in [1, 0o666, 0, 0, 0, 0, 0, 0] {
+            s.put_u32(w);
+        }
+        assert_eq!(
+            results(&fs, &call_as(1000, 1000, 2, &s)).await.0,
+            nfsstat3::NFS3ERR_PERM as u32
+        );
     }
 }

@@ -16,8 +16,11 @@ pub fn to_nfsstat(e: &DatastoreError) -> nfsstat3 {
         DatastoreError::IsDir => nfsstat3::NFS3ERR_ISDIR,
         DatastoreError::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
         DatastoreError::ReadOnlyMount | DatastoreError::Fenced => nfsstat3::NFS3ERR_ROFS,
-        DatastoreError::BackupFile => nfsstat3::NFS3ERR_PERM,
+        DatastoreError::BackupFile | DatastoreError::NotOwner | DatastoreError::AttrsNotKept => {
+            nfsstat3::NFS3ERR_PERM
+        }
         DatastoreError::NotWritable
+        | DatastoreError::Denied
         | DatastoreError::Root
         | DatastoreError::HostNotAllowed
         | DatastoreError::BadName => nfsstat3::NFS3ERR_ACCES,
@@ -59,6 +62,13 @@ mod tests {
             (DatastoreError::Fenced, nfsstat3::NFS3ERR_ROFS),
             // REMOVE, RENAME or a resize of a backup file.
             (DatastoreError::BackupFile, nfsstat3::NFS3ERR_PERM),
+            // A SETATTR of mode, owner, group or times the caller may not make (not the owner,
+            // not root).
+            (DatastoreError::NotOwner, nfsstat3::NFS3ERR_PERM),
+            // A SETATTR of the datastore root or of a disks-only mount: nowhere to keep it.
+            (DatastoreError::AttrsNotKept, nfsstat3::NFS3ERR_PERM),
+            // What the mode bits deny the caller: the same answer as ACCESS's.
+            (DatastoreError::Denied, nfsstat3::NFS3ERR_ACCES),
             // A write to a descriptor; a change to the root; a mount of other hosts; a name
             // that is not one component.
             (DatastoreError::NotWritable, nfsstat3::NFS3ERR_ACCES),
@@ -88,7 +98,7 @@ mod tests {
     }
 
     /// How many variants [`DatastoreError`] has.
-    const VARIANTS: usize = 21;
+    const VARIANTS: usize = 24;
 
     /// A variant's number. No wildcard: a new variant does not compile until it has a number
     /// here, and then the test above fails until the table has a row for it.
@@ -115,6 +125,9 @@ mod tests {
             DatastoreError::NotSupported => 18,
             DatastoreError::Io(_) => 19,
             DatastoreError::Internal(_) => 20,
+            DatastoreError::Denied => 21,
+            DatastoreError::NotOwner => 22,
+            DatastoreError::AttrsNotKept => 23,
         }
     }
 

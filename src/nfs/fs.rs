@@ -1,9 +1,11 @@
 //! The datastore in NFSv3's terms: a thin adapter over [`DatastoreCore`].
 //!
 //! Owns: file handles (through [`Identity`]: a handle names a file id and its mount's
-//! generation), attributes as `fattr3` (times, the file system id), ACCESS3 bits from the
-//! core's rights, the largest READ and WRITE ([`MAX_IO`]), FSINFO's figures, and the core's
-//! errors as `nfsstat3` (through `errors.rs`, the one map).
+//! generation), attributes as `fattr3` (times, owner, the file system id), the caller as the
+//! core sees it ([`Who`], from AUTH_SYS; root squashed to `nobody` with `root_squash`), ACCESS3
+//! bits from the core's rights and the mode bits for that caller, the largest READ and WRITE
+//! ([`MAX_IO`]), FSINFO's figures, and the core's errors as `nfsstat3` (through `errors.rs`,
+//! the one map).
 //! Must not: decide what an operation means for the datastore or which node may do what (the
 //! core does), know about XDR (`dispatch` does), or look a node up twice in one call:
 //! `dispatch` resolves a handle to a [`Node`] once and passes it down.
@@ -15,10 +17,18 @@ use nfs3_types::nfs3::{fattr3, ftype3, nfsstat3, nfstime3, specdata3};
 
 use super::errors::to_nfsstat;
 use super::handle::{Identity, HANDLE_LEN};
+use super::rpc::Cred;
 
 use crate::agent::Agent;
-use crate::datastore::{Attr, CreateMode, DatastoreCore, DirEntry, FileKind, Node, SetAttr};
+use crate::datastore::{
+    permits, Attr, CreateMode, DatastoreCore, DirEntry, FileKind, Node, SetAttr, Who, EXEC, READ,
+    WRITE,
+};
 use crate::mount::ROOT_FILEID;
+
+/// The most mount folders MOUNT's EXPORT lists (a reply stays well under a UDP datagram's
+/// 64 KiB even with long names: 255 bytes each).
+pub const MAX_EXPORTS: usize = 200;
 
 /// Largest READ and WRITE the server offers (FSINFO rtmax/wtmax).
 pub const MAX_IO: u32 = 1024 * 1024;
@@ -28,6 +38,7 @@ pub struct DatastoreFs {
     core: DatastoreCore,
     fsid: u64,
     allow_auth_none: bool,
+    root_squash: bool,
     identity: Identity,
 }
 
@@ -53,8 +64,32 @@ impl DatastoreFs {
             core,
             fsid: u64::from_le_bytes(b),
             allow_auth_none,
+            root_squash: false,
             identity,
         }
+    }
+
+    /// Calls from root (uid 0) act as `nobody` (config `root_squash`; default off: hypervisors
+    /// connect as root and must create their files).
+    pub fn with_root_squash(mut self, squash: bool) -> Self {
+        self.root_squash = squash;
+        self
+    }
+
+    /// The caller a credential names: AUTH_SYS's ids (root as `nobody` when squashed), and
+    /// `nobody` for AUTH_NONE (served only with `allow_auth_none`).
+    pub fn who(&self, cred: &Cred) -> Who {
+        match cred {
+            Cred::Sys { uid: 0, .. } if self.root_squash => Who::nobody(),
+            Cred::Sys { uid, gid, gids } => Who::new(*uid, *gid, gids),
+            Cred::None | Cred::Other(_) => Who::nobody(),
+        }
+    }
+
+    /// Whether `who` may read, write or change entries of `node` (`want`: the core's permission
+    /// bits), refused as ACCESS would answer: NFS3ERR_ACCES.
+    pub fn check(&self, node: &Node, who: &Who, want: u32) -> Nfs<()> {
+        self.core.check(node, who, want).map_err(|e| to_nfsstat(&e))
     }
 
     pub fn identity(&self) -> &Identity {
@@ -107,7 +142,6 @@ impl DatastoreFs {
     }
 
     pub fn fattr(&self, a: &Attr) -> fattr3 {
-        let t = time(a.mtime);
         fattr3 {
             type_: match a.kind {
                 FileKind::File => ftype3::NF3REG,
@@ -115,34 +149,46 @@ impl DatastoreFs {
             },
             mode: a.mode,
             nlink: a.nlink,
-            uid: 0,
-            gid: 0,
+            uid: a.uid,
+            gid: a.gid,
             size: a.size,
             used: a.size,
             rdev: specdata3::default(),
             fsid: self.fsid,
             fileid: a.fileid,
-            atime: t,
-            mtime: t,
-            ctime: t,
+            atime: time(a.atime),
+            mtime: time(a.mtime),
+            ctime: time(a.ctime),
         }
     }
 
-    /// Which of the ACCESS bits in `asked` the node's rights grant: reading and looking up
-    /// everywhere; the rest as the core says.
-    pub fn access(&self, node: &Node, asked: u32) -> u32 {
+    /// Which of the ACCESS bits in `asked` `who` has on the node: what the node's kind allows
+    /// (the core's rights) and its mode bits, owner and group grant that caller. The same
+    /// checks refuse READ, WRITE and changes in a folder ([`DatastoreFs::check`]), so ACCESS
+    /// and the calls agree.
+    pub fn access(&self, node: &Node, who: &Who, asked: u32) -> u32 {
         use nfs3_types::nfs3::{
             ACCESS3_DELETE, ACCESS3_EXECUTE, ACCESS3_EXTEND, ACCESS3_LOOKUP, ACCESS3_MODIFY,
             ACCESS3_READ,
         };
+        let Some(a) = self.core.attr_now(node) else {
+            return 0;
+        };
         let r = node.rights();
-        let mut granted = ACCESS3_READ | ACCESS3_LOOKUP | ACCESS3_EXECUTE;
-        for (right, bit) in [
-            (r.modify, ACCESS3_MODIFY),
-            (r.extend, ACCESS3_EXTEND),
-            (r.delete, ACCESS3_DELETE),
+        let dir = a.kind == FileKind::Dir;
+        let may = |want| permits(&a, who, want);
+        // Changing a folder's entries takes write and search on it.
+        let change = if dir { WRITE | EXEC } else { WRITE };
+        let mut granted = 0;
+        for (ok, bit) in [
+            (may(READ), ACCESS3_READ),
+            (dir && may(EXEC), ACCESS3_LOOKUP),
+            (!dir && may(EXEC), ACCESS3_EXECUTE),
+            (r.modify && may(change), ACCESS3_MODIFY),
+            (r.extend && may(change), ACCESS3_EXTEND),
+            (r.delete && may(change), ACCESS3_DELETE),
         ] {
-            if right {
+            if ok {
                 granted |= bit;
             }
         }
@@ -153,6 +199,18 @@ impl DatastoreFs {
     /// clients send for an export's root) or a mount's folder in it (`/livemount/NAME`).
     pub fn mount_path(&self, path: &[u8], ip: IpAddr) -> Nfs<Node> {
         self.core.mount_path(path, ip).map_err(|e| to_nfsstat(&e))
+    }
+
+    /// The names of the mounts the client at `ip` may use (MOUNT's EXPORT), at most
+    /// [`MAX_EXPORTS`].
+    pub fn mount_names(&self, ip: IpAddr) -> Vec<String> {
+        self.core
+            .readdir(&Node::Root, 0, MAX_EXPORTS, ip)
+            .unwrap_or_default()
+            .into_iter()
+            .take(MAX_EXPORTS)
+            .map(|e| String::from_utf8_lossy(&e.name).into_owned())
+            .collect()
     }
 
     pub fn lookup(&self, dir: &Node, name: &[u8], ip: IpAddr) -> Nfs<Node> {
@@ -183,8 +241,8 @@ impl DatastoreFs {
         self.core.commit(node).await.map_err(|e| to_nfsstat(&e))
     }
 
-    pub async fn setattr(&self, node: &Node, s: SetAttr) -> Nfs<fattr3> {
-        match self.core.setattr(node, s).await {
+    pub async fn setattr(&self, node: &Node, who: &Who, s: SetAttr) -> Nfs<fattr3> {
+        match self.core.setattr(node, who, s).await {
             Ok(a) => Ok(self.fattr(&a)),
             Err(e) => Err(to_nfsstat(&e)),
         }
@@ -204,8 +262,11 @@ impl DatastoreFs {
             .map_err(|e| to_nfsstat(&e))
     }
 
-    pub async fn mkdir(&self, dir: &Node, name: &[u8]) -> Nfs<Node> {
-        self.core.mkdir(dir, name).await.map_err(|e| to_nfsstat(&e))
+    pub async fn mkdir(&self, dir: &Node, name: &[u8], attrs: SetAttr) -> Nfs<Node> {
+        self.core
+            .mkdir(dir, name, attrs)
+            .await
+            .map_err(|e| to_nfsstat(&e))
     }
 
     /// Refuses what this datastore does not make (symbolic links, device files, hard links)

@@ -94,6 +94,8 @@ pub enum Cred {
     Sys {
         uid: u32,
         gid: u32,
+        /// Supplementary groups: at most 16 (RFC 5531).
+        gids: Vec<u32>,
     },
     /// A flavor we do not take (RPCSEC_GSS, AUTH_DH, ...).
     Other(u32),
@@ -181,10 +183,11 @@ fn auth_sys(body: &[u8]) -> Option<Cred> {
     if n > MAX_GIDS {
         return None;
     }
+    let mut gids = Vec::with_capacity(n);
     for _ in 0..n {
-        r.u32()?;
+        gids.push(r.u32()?);
     }
-    Some(Cred::Sys { uid, gid })
+    Some(Cred::Sys { uid, gid, gids })
 }
 
 /// How an accepted call went (RFC 5531 `accept_stat`).
@@ -275,7 +278,14 @@ mod tests {
         let rec = call(9, 100_003, 3, 1, &[1, 2, 3, 4]);
         let c = parse_call(&rec).unwrap();
         assert_eq!((c.xid, c.prog, c.vers, c.proc_), (9, 100_003, 3, 1));
-        assert_eq!(c.cred(), Ok(Cred::Sys { uid: 0, gid: 0 }));
+        assert_eq!(
+            c.cred(),
+            Ok(Cred::Sys {
+                uid: 0,
+                gid: 0,
+                gids: vec![]
+            })
+        );
         assert_eq!(c.args, &[1, 2, 3, 4]);
     }
 
