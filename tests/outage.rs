@@ -201,8 +201,22 @@ fn a_guest_booting_from_garage_rides_through_30_s_without_any_node_and_keeps_its
         env,
     );
     let _port111 = port_111_lock();
-    // The default grace (120 s): the outage below is well within it.
-    let server = Server::start_env(&url, &t.path().join("state"), "127.0.0.1:111", &[], env);
+    // The default grace (120 s): the outage below is well within it. Each fetch 200 ms and no
+    // read-ahead, so that the guest's reads after its init starts (24 MiB of files the boot
+    // has not touched) take seconds, and the store surely goes away in the middle of them.
+    let config = t.path().join("slow.toml");
+    std::fs::write(
+        &config,
+        "read_ahead = false\n[slow_repository]\nlatency = \"200ms\"\n",
+    )
+    .unwrap();
+    let server = Server::start_env(
+        &url,
+        &t.path().join("state"),
+        "127.0.0.1:111",
+        &["--config", config.to_str().unwrap()],
+        env,
+    );
     server.cli(&["mount", "ogst", "--name", "og"]);
     let word = "rode-through-30s";
     let log = t.path().join("serial.log");
@@ -218,10 +232,10 @@ fn a_guest_booting_from_garage_rides_through_30_s_without_any_node_and_keeps_its
     );
     g.kill_node(1);
     let down = Instant::now();
-    assert!(
-        !booting.is_finished(),
-        "the boot ended before the store went away; the test needs an earlier kill"
-    );
+    if booting.is_finished() {
+        let (_, out) = booting.join().unwrap();
+        panic!("the boot ended before the store went away; the test needs an earlier kill:\n{out}");
+    }
     let s = wait_status(&server, "the guest's reads are held", |s| {
         s["store"]["reachable"] == false && s["store"]["held_reads"].as_u64() >= Some(1)
     });
@@ -299,11 +313,24 @@ fn under_libvirt_an_outage_past_the_grace_pauses_the_vm_and_virsh_resume_goes_on
     );
     let _port111 = port_111_lock();
     // A grace well inside the outage: the held read fails, and libvirt's policy takes over.
+    // Slow fetches and no read-ahead, as above, so that the outage surely comes while the
+    // guest still reads.
+    let config = t.path().join("slow.toml");
+    std::fs::write(
+        &config,
+        "read_ahead = false\n[slow_repository]\nlatency = \"200ms\"\n",
+    )
+    .unwrap();
     let server = Server::start_env(
         &url,
         &t.path().join("state"),
         "127.0.0.1:111",
-        &["--store-outage-grace", "10s"],
+        &[
+            "--store-outage-grace",
+            "10s",
+            "--config",
+            config.to_str().unwrap(),
+        ],
         env,
     );
     server.cli(&["mount", &vm]);
