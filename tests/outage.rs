@@ -186,6 +186,30 @@ fn a_bad_grace_is_refused_with_the_setting_named() {
     }
 }
 
+/// A repository under `prefix` of Garage's bucket holding one backup of the VM of `cfg`.
+fn backed_up(g: &Garage, prefix: &str, cfg: &std::path::Path) -> String {
+    let url = g.url(prefix);
+    livemount_env_ok(&["repo", "init", &url], &g.env);
+    livemount_env_ok(
+        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
+        &g.env,
+    );
+    url
+}
+
+/// A serve config with every fetch slowed to 200 ms and no read-ahead, so that the guest's
+/// reads after its init starts (24 MiB of files the boot has not touched) take seconds and
+/// an outage begun at that moment surely comes while it still reads.
+fn slow_config(dir: &std::path::Path) -> std::path::PathBuf {
+    let config = dir.join("slow.toml");
+    std::fs::write(
+        &config,
+        "read_ahead = false\n[slow_repository]\nlatency = \"200ms\"\n",
+    )
+    .unwrap();
+    config
+}
+
 #[test]
 fn a_guest_booting_from_garage_rides_through_30_s_without_any_node_and_keeps_its_writes() {
     let image = guest_image();
@@ -193,23 +217,12 @@ fn a_guest_booting_from_garage_rides_through_30_s_without_any_node_and_keeps_its
     let t = tempfile::tempdir().unwrap();
     std::fs::copy(&image, t.path().join("guest.img")).unwrap();
     let cfg = kvm_config(t.path(), "ogst", &[("guest.img", "raw")]);
-    let url = g.url("outage");
+    let url = backed_up(&g, "outage", &cfg);
     let env = &g.env;
-    livemount_env_ok(&["repo", "init", &url], env);
-    livemount_env_ok(
-        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
-        env,
-    );
     let _port111 = port_111_lock();
-    // The default grace (120 s): the outage below is well within it. Each fetch 200 ms and no
-    // read-ahead, so that the guest's reads after its init starts (24 MiB of files the boot
-    // has not touched) take seconds, and the store surely goes away in the middle of them.
-    let config = t.path().join("slow.toml");
-    std::fs::write(
-        &config,
-        "read_ahead = false\n[slow_repository]\nlatency = \"200ms\"\n",
-    )
-    .unwrap();
+    // The default grace (120 s): the outage below is well within it; slow fetches, so that it
+    // surely comes while the guest reads.
+    let config = slow_config(t.path());
     let server = Server::start_env(
         &url,
         &t.path().join("state"),
@@ -304,23 +317,13 @@ fn under_libvirt_an_outage_past_the_grace_pauses_the_vm_and_virsh_resume_goes_on
     );
     let cfg = t.path().join(format!("{vm}.xml"));
     std::fs::write(&cfg, xml).unwrap();
-    let url = g.url("paused");
+    let url = backed_up(&g, "paused", &cfg);
     let env = &g.env;
-    livemount_env_ok(&["repo", "init", &url], env);
-    livemount_env_ok(
-        &["backup", "--repo", &url, "--config", cfg.to_str().unwrap()],
-        env,
-    );
     let _port111 = port_111_lock();
     // A grace well inside the outage: the held read fails, and libvirt's policy takes over.
     // Slow fetches and no read-ahead, as above, so that the outage surely comes while the
     // guest still reads.
-    let config = t.path().join("slow.toml");
-    std::fs::write(
-        &config,
-        "read_ahead = false\n[slow_repository]\nlatency = \"200ms\"\n",
-    )
-    .unwrap();
+    let config = slow_config(t.path());
     let server = Server::start_env(
         &url,
         &t.path().join("state"),
