@@ -41,7 +41,7 @@ pub use warmups::{WarmError, WarmInfo, WarmRequest};
 
 pub use relocations::RelocateRequest;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -61,7 +61,9 @@ use crate::prestage::{BootWindow, Learning, Prestage, PrestageStatus, WindowStat
 use crate::profile::{plan, Profile, ProfileStore};
 use crate::relocate::{RelocateRoots, RelocationStatus, Relocator};
 use crate::repo::lease::{LeaseHolder, LeaseKind, SnapshotUse};
-use crate::repo::{plan_files, ChunkReader, Repository, Snapshot, SnapshotInfo};
+use crate::repo::{
+    plan_files, ChunkReader, KeptCopies, Repository, Snapshot, SnapshotId, SnapshotInfo,
+};
 use crate::vmconfig::{
     rewrite_for_mount_reported, Conversion, DeviceReport, DiskBus, DiskTarget, Hypervisor,
     MountRewrite, NetworkMode, NetworkPlan, NicModel, NicReport, Rewritten,
@@ -78,6 +80,9 @@ pub struct Agent {
     /// Names whose spec is on disk but whose mount could not be opened at the start: their
     /// overlay folders are a mount's, whatever their mark says.
     unserved: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Copies of what opening each served snapshot reads, for a start while the store is
+    /// away (`state/snapshots/`).
+    kept: KeptCopies,
     changes: tokio::sync::Mutex<()>,
     started: jiff::Timestamp,
     /// How new mounts record their boot; `None`: they do not.
@@ -307,6 +312,7 @@ impl Agent {
             state: state.to_path_buf(),
             mounts: RwLock::new(BTreeMap::new()),
             unserved: Default::default(),
+            kept: KeptCopies::new(state.join("snapshots")),
             changes: tokio::sync::Mutex::new(()),
             started: jiff::Timestamp::now(),
             learning,
@@ -342,6 +348,7 @@ impl Agent {
             }
             Err(e) => tracing::warn!(error = %e, "overlay folder sweep failed"),
         }
+        let mount_snapshots: BTreeSet<SnapshotId> = specs.iter().map(|(_, s)| s.snapshot).collect();
         for (path, spec) in specs {
             // One mount that cannot be opened (its snapshot damaged, say) must not keep the
             // others from being served: it is left out, loudly, and its state is kept.
@@ -358,6 +365,7 @@ impl Agent {
                 }
             }
         }
+        agent.sweep_kept(&mount_snapshots).await;
         // Relocations come back with `resume_relocations`, before any NFS client is served.
         Ok(agent)
     }
@@ -421,7 +429,11 @@ impl Agent {
             mount: spec.name.clone(),
             source,
         };
-        let snapshot = self.repo.snapshot(&spec.snapshot).await.map_err(err)?;
+        let snapshot = self
+            .repo
+            .snapshot_kept(&spec.snapshot, &self.kept)
+            .await
+            .map_err(err)?;
         let config = snapshot.config_bytes().await.map_err(err)?;
         let config = self.config_for_mount(&spec, &snapshot, config, None)?;
         // A disks-only mount's disks are attached to a VM that booted elsewhere: no boot.
@@ -824,6 +836,8 @@ impl Agent {
             .await?;
         }
         self.renew_lease().await;
+        let serving = self.mounts().iter().map(|m| m.spec.snapshot).collect();
+        self.sweep_kept(&serving).await;
         tracing::info!(mount = %name, "unmounted");
         Ok(m.spec.clone())
     }
@@ -850,19 +864,58 @@ impl Agent {
     pub async fn list(&self) -> Vec<MountInfo> {
         let mut out = Vec::new();
         for m in self.mounts() {
-            if let Ok(s) = self.repo.manifest(&m.spec.snapshot).await {
-                let info = SnapshotInfo::from_manifest(m.spec.snapshot, &s);
-                let mut d = describe(&m, &info);
-                // Only this mount's own relocation (not a handed-over one of an earlier mount
-                // of the same name).
-                d.relocation = self
-                    .relocation(&m.spec.name)
-                    .filter(|r| Arc::ptr_eq(r.mount(), &m))
-                    .map(|r| r.status());
-                out.push(d);
-            }
+            let mut d = describe(&m, &m.snapshot);
+            // Only this mount's own relocation (not a handed-over one of an earlier mount of
+            // the same name).
+            d.relocation = self
+                .relocation(&m.spec.name)
+                .filter(|r| Arc::ptr_eq(r.mount(), &m))
+                .map(|r| r.status());
+            out.push(d);
         }
         out
+    }
+
+    /// Opens a mount's snapshot, its metadata kept for a start while the store is away.
+    pub(crate) async fn open_snapshot(
+        &self,
+        id: &SnapshotId,
+    ) -> Result<Snapshot, crate::repo::RepoError> {
+        self.repo.snapshot_kept(id, &self.kept).await
+    }
+
+    /// Removes the kept copies of snapshots no mount (served or not) is of; a failure is
+    /// logged, and the next sweep tries again.
+    async fn sweep_kept(&self, serving: &BTreeSet<SnapshotId>) {
+        let (kept, mut serving) = (self.kept.clone(), serving.clone());
+        // A mount left unserved keeps its copies: they are what serves it at the next start.
+        let specs = self.state.join("mounts");
+        let swept = tokio::task::spawn_blocking(move || {
+            for entry in fs::read_dir(&specs)? {
+                let path = entry?.path();
+                if path.extension().and_then(|e| e.to_str()) != Some("json") {
+                    continue;
+                }
+                if let Ok(spec) = serde_json::from_slice::<MountSpec>(&fs::read(&path)?) {
+                    serving.insert(spec.snapshot);
+                }
+            }
+            kept.sweep(&serving)
+        })
+        .await;
+        match swept {
+            Ok(Ok(gone)) if !gone.is_empty() => {
+                tracing::info!(
+                    ?gone,
+                    "removed the kept copies of snapshots no mount serves"
+                )
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(folder = %self.kept.dir().display(), error = %e, "kept copies not swept")
+            }
+            Err(e) => tracing::warn!(error = %e, "kept copies sweep failed"),
+        }
     }
 
     fn overlay_dir(&self, name: &str) -> PathBuf {

@@ -330,6 +330,8 @@ pub struct LiveMount {
     pub hypervisor: crate::vmconfig::Hypervisor,
     /// A converted config (`mount --for`): what each device became, what was left behind.
     pub devices: Vec<crate::vmconfig::DeviceReport>,
+    /// The snapshot as listings show it (kept from the open: a listing needs no store).
+    pub snapshot: crate::repo::SnapshotInfo,
 }
 
 impl LiveMount {
@@ -464,6 +466,7 @@ impl LiveMount {
             network,
             hypervisor,
             devices,
+            snapshot: crate::repo::SnapshotInfo::from_manifest(snapshot.id, m),
         })
     }
 }

@@ -602,10 +602,16 @@ fn a_mount_whose_snapshot_is_damaged_does_not_stop_the_others_after_a_restart() 
         serde_json::from_str(&server.cli(&["mount", "esx01", "--name", "bad", "--json"])).unwrap();
     assert!(server.stop().success());
     let id = esx["mount"]["spec"]["snapshot"].as_str().unwrap();
-    let manifest = f.repo.join("snapshots").join(format!("{id}.json"));
-    let mut bytes = std::fs::read(&manifest).unwrap();
-    bytes[20] ^= 1;
-    std::fs::write(&manifest, bytes).unwrap();
+    // Damaged in the repository and in the copy the agent kept of it (a good copy alone would
+    // serve the mount: it is the manifest the repository had).
+    for manifest in [
+        f.repo.join("snapshots").join(format!("{id}.json")),
+        state.join("snapshots").join(id).join("manifest"),
+    ] {
+        let mut bytes = std::fs::read(&manifest).unwrap();
+        bytes[20] ^= 1;
+        std::fs::write(&manifest, bytes).unwrap();
+    }
 
     let server = Server::start(&f.repo, &state, "off", &[]);
     assert!(

@@ -4,7 +4,8 @@
 //! grace the read is held and then served whole; past it the read fails cleanly and the next
 //! one, once the store is back, is served without a restart. `status`, `mounts` and
 //! `/metrics` tell the outage while it lasts. And the test guest, booting under QEMU from a
-//! snapshot in Garage, rides through 30 s with every Garage node stopped.
+//! snapshot in Garage, rides through 30 s with every Garage node stopped. An agent killed
+//! during an outage starts again while the store is still down and serves its mounts.
 
 mod common;
 
@@ -156,6 +157,94 @@ fn past_the_grace_a_held_read_fails_cleanly_and_the_next_is_served_without_a_res
         "nfs-cat read other bytes after the outage"
     );
     assert_eq!(status(&server)["store"]["reachable"], true);
+}
+
+#[test]
+fn held_reads_do_not_keep_writes_and_cached_reads_out_of_the_call_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let raw = mixed_disk(8 * MIB, 29);
+    let repo = repo_with_disk(t.path(), "held", &raw);
+    // Call memory for 4 READs of 1 MiB: 6 readers held through the outage fill it.
+    let config = t.path().join("serve.toml");
+    std::fs::write(&config, "call_memory = \"4MiB\"\nread_ahead = false\n").unwrap();
+    let server = Server::start(
+        &repo,
+        &t.path().join("state"),
+        "off",
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--store-outage-grace",
+            "60s",
+        ],
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&server.cli(&["mount", "held", "--name", "h", "--json"])).unwrap();
+    let config_name = m["mount"]["config"].as_str().unwrap().to_string();
+
+    let away = t.path().join("repo-away");
+    std::fs::rename(&repo, &away).unwrap();
+    let readers: Vec<_> = (0..6)
+        .map(|_| {
+            let url = server.libnfs_url("h/d.img");
+            std::thread::spawn(move || client("nfs-cat", &[&url]))
+        })
+        .collect();
+    wait_status(&server, "the reads are held", |s| {
+        s["store"]["held_reads"].as_u64() >= Some(1)
+    });
+    // Past budget::PRESSURE_AFTER: the held reads have given their room back.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(readers.iter().all(|r| !r.is_finished()), "reads are held");
+
+    // A read that needs no store and a write (the mount folder is local) go on meanwhile.
+    let t0 = Instant::now();
+    let out = client(
+        "nfs-cat",
+        &[&server.libnfs_url(&format!("h/{config_name}"))],
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("<domain"),
+        "{}",
+        output_text(&out)
+    );
+    let local = t.path().join("note.txt");
+    std::fs::write(&local, b"written during the outage\n").unwrap();
+    let out = client(
+        "nfs-cp",
+        &[local.to_str().unwrap(), &server.libnfs_url("h/note.txt")],
+    );
+    assert!(out.status.success(), "nfs-cp: {}", output_text(&out));
+    let out = client("nfs-cat", &[&server.libnfs_url("h/note.txt")]);
+    assert_eq!(
+        out.stdout,
+        b"written during the outage\n",
+        "{}",
+        output_text(&out)
+    );
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "the cached read and the write took {took:?}"
+    );
+    assert!(readers.iter().all(|r| !r.is_finished()), "reads are held");
+    assert!(
+        !server.log_text().contains("is cut"),
+        "no connection of held reads is cut: {}",
+        server.log_text()
+    );
+
+    std::fs::rename(&away, &repo).unwrap();
+    for r in readers {
+        let out = r.join().unwrap();
+        assert!(out.status.success(), "nfs-cat: {}", output_text(&out));
+        assert!(
+            out.stdout == raw,
+            "nfs-cat read other bytes after the outage"
+        );
+    }
+    eprintln!("cached read and write during the outage, with the call memory full of held reads: {took:?}");
 }
 
 #[test]
@@ -432,4 +521,126 @@ fn under_libvirt_an_outage_past_the_grace_pauses_the_vm_and_virsh_resume_goes_on
     ] {
         assert!(!text.contains(bad), "the guest saw {bad:?}:\n{text}");
     }
+}
+
+/// `qemu-io` over QEMU's NFS driver (through the portmapper on port 111) running `cmd` on the
+/// raw file at `url`.
+fn qemu_io(url: &str, cmd: &str) -> std::process::Output {
+    client("qemu-io", &["-f", "raw", "-c", cmd, url])
+}
+
+fn qemu_io_ok(url: &str, cmd: &str) {
+    let out = qemu_io(url, cmd);
+    let text = output_text(&out);
+    assert!(
+        out.status.success() && !text.contains("failed") && !text.contains("error"),
+        "qemu-io {cmd:?}: {text}"
+    );
+}
+
+#[test]
+fn killed_during_an_outage_and_started_while_the_store_is_down_it_serves_its_mounts() {
+    let g = Garage::up(1);
+    let t = tempfile::tempdir().unwrap();
+    // Two halves of one byte each: the first is read (cached) before the outage, the second
+    // never is until the store is back.
+    let mut raw = vec![0x11u8; 4 * MIB as usize];
+    raw.resize(8 * MIB as usize, 0x22);
+    write(&t.path().join("d.img"), &raw);
+    let cfg = kvm_config(t.path(), "kept", &[("d.img", "raw")]);
+    let url = backed_up(&g, "killed", &cfg);
+    let env = &g.env;
+    let _port111 = port_111_lock();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let nfs = format!("127.0.0.1:{port}");
+    let config = t.path().join("serve.toml");
+    std::fs::write(&config, "read_ahead = false\n").unwrap();
+    let cache = t.path().join("cache");
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--nfs",
+        &nfs,
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-disk-size",
+        "64MiB",
+    ];
+    let state = t.path().join("state");
+    let server = Server::start_env(&url, &state, "127.0.0.1:111", &args, env);
+    server.cli(&["mount", "kept", "--name", "k"]);
+    let disk = "nfs://127.0.0.1/livemount/k/d.img";
+    qemu_io_ok(disk, "read -P 0x11 1M 3M");
+    qemu_io_ok(disk, "write -P 0x5a 0 1M");
+    // The first half's chunk is in the disk cache (written behind the read).
+    let t0 = Instant::now();
+    while server.metrics().contains("livemount_disk_cache_bytes 0\n") {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{}",
+            server.metrics()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // The store goes; a read of the second half is held; the agent is killed under it.
+    g.kill_node(1);
+    let held = std::thread::spawn(move || qemu_io(disk, "read -P 0x22 4M 1M"));
+    wait_status(&server, "a read is held", |s| {
+        s["store"]["held_reads"].as_u64() >= Some(1)
+    });
+    server.kill();
+
+    // Started again while the store is still down: the repository and the mount come from
+    // what the agent kept, and the mount is served.
+    let t0 = Instant::now();
+    let server = Server::start_env(&url, &state, "127.0.0.1:111", &args, env);
+    let started = t0.elapsed();
+    let log = server.log_text();
+    assert!(log.contains("the repository cannot be reached"), "{log}");
+    assert!(!log.contains("mount not served"), "{log}");
+    let mounts = server.cli(&["mounts", "--json"]);
+    assert!(mounts.contains("\"k\""), "{mounts}");
+    // Overlay and cached data at once, with no store.
+    qemu_io_ok(disk, "read -P 0x5a 0 1M");
+    qemu_io_ok(disk, "read -P 0x11 1M 3M");
+    // Uncached data waits for the store.
+    let waiting = std::thread::spawn(move || qemu_io(disk, "read -P 0x22 4M 4M"));
+    wait_status(&server, "the new read is held", |s| {
+        s["store"]["reachable"] == false && s["store"]["held_reads"].as_u64() >= Some(1)
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!waiting.is_finished(), "the read must wait for the store");
+    g.start_node(1);
+    let out = waiting.join().unwrap();
+    let text = output_text(&out);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "after the store came back: {text}\n{}",
+        server.log_text()
+    );
+    // The read that was held when the agent was killed: libnfs reconnected to the new agent
+    // and sent it again, and it is served now, with the right bytes.
+    let out = held.join().unwrap();
+    let text = output_text(&out);
+    assert!(
+        out.status.success() && !text.contains("failed"),
+        "the read held across the kill: {text}"
+    );
+    eprintln!(
+        "restart with the store down took {started:?}; the read held across the kill: {text}"
+    );
+    wait_status(&server, "the recovery is told", |s| {
+        s["store"]["reachable"] == true
+    });
+    server.cli(&["unmount", "k"]);
+    assert_eq!(
+        std::fs::read_dir(state.join("snapshots")).unwrap().count(),
+        0,
+        "the kept copies go with the last mount of their snapshot"
+    );
 }

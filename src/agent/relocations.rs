@@ -76,8 +76,7 @@ impl Agent {
             what,
         };
         let snapshot = self
-            .repo
-            .snapshot(&mount.spec.snapshot)
+            .open_snapshot(&mount.spec.snapshot)
             .await
             .map_err(|e| state_err(e.to_string()))?;
         let name = mount.config_name.clone();

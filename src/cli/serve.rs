@@ -311,9 +311,18 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         tracing::info!("relocation is off: no relocate_roots in the config");
     }
     let lease_expiry = file.retention.clone().unwrap_or_default().lease_expiry()?;
-    let mut repo = Repository::open_at(&location, &file.repository.clone().unwrap_or_default())
-        .await?
-        .with_lease_expiry(lease_expiry);
+    // Opened from what the agent remembers of it when it cannot be reached, so that the
+    // agent starts (and serves its mounts) through an outage.
+    let (repo, away) = Repository::open_or_remembered(
+        &location,
+        &file.repository.clone().unwrap_or_default(),
+        &state.join(REMEMBERED_REPOSITORY),
+    )
+    .await?;
+    if let Some(e) = away {
+        tracing::error!(repository = %location, error = %e, "the repository cannot be reached: starting from what this agent remembers of it; mounts are served from their kept copies, and reads that miss the caches wait for the repository (up to store_outage_grace each)");
+    }
+    let mut repo = repo.with_lease_expiry(lease_expiry);
     if let Some(slow) = &file.slow_repository {
         let how = Slowness::parse(slow.latency.as_deref(), slow.bandwidth.as_deref())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -383,6 +392,13 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
         )
         .await?,
     );
+    if let Err(e) = agent
+        .repo()
+        .remember(&state.join(REMEMBERED_REPOSITORY))
+        .await
+    {
+        tracing::warn!(error = %e, "what this agent knows of its repository is not written: it cannot start while the repository is unreachable");
+    }
     agent.cache().health().set_grace(grace);
     agent.set_default_network_map(file.network_map.clone().unwrap_or_default())?;
     agent.resume_relocations(relocate_roots).await?;
@@ -591,6 +607,9 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
 }
 
 /// Tells the service manager that started us (`NOTIFY_SOCKET`), if any.
+/// The file in the state directory that remembers the repository's location and config.
+const REMEMBERED_REPOSITORY: &str = "repository.toml";
+
 fn notify(states: &[sd_notify::NotifyState]) {
     if let Err(e) = sd_notify::notify(false, states) {
         tracing::warn!(error = %e, "cannot tell the service manager (NOTIFY_SOCKET)");

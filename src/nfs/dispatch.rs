@@ -19,7 +19,7 @@ use nfs3_types::nfs3::{
 };
 use nfs3_types::xdr_codec::{List, Opaque, Pack};
 
-use super::budget::{Budget, Taken};
+use super::budget::{self, Budget, Taken};
 use super::front::{self, Caller, Reply, RpcService, Transport};
 use super::fs::{DatastoreFs, MAX_IO};
 use super::rpc::{self, Accept, AuthStat, Call, Cred, Reader};
@@ -554,9 +554,30 @@ async fn read(
     if jukebox_probe::now() {
         return Some(fail_attr(fs, nfsstat3::NFS3ERR_JUKEBOX, Some(&node)));
     }
-    // Room for the data before it is read; held until the reply is written.
-    let taken = budget.take(count.min(MAX_IO) as usize).await;
-    Some(match fs.read(&node, offset, count).await {
+    // Room for the data before it is read; held until the reply is written. A read that
+    // waits long (held through an outage of the store) gives its room back meanwhile and
+    // takes it again for its data: held reads must not keep every other call (writes,
+    // cached reads) out of the budget.
+    let want = count.min(MAX_IO) as usize;
+    let taken = budget.take(want).await;
+    let read = fs.read(&node, offset, count);
+    tokio::pin!(read);
+    // A read from memory is ready at once: no timer for it.
+    use std::future::Future as _;
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(read.as_mut().poll(cx))).await;
+    let (result, taken) = match first {
+        std::task::Poll::Ready(r) => (r, taken),
+        std::task::Poll::Pending => tokio::select! {
+            r = &mut read => (r, taken),
+            () = tokio::time::sleep(budget::PRESSURE_AFTER) => {
+                drop(taken);
+                let r = read.await;
+                let len = r.as_ref().map_or(0, |(data, _)| data.len());
+                (r, budget.take(len).await)
+            }
+        },
+    };
+    Some(match result {
         Ok((data, eof)) => {
             let mut body = BytesMut::with_capacity(128);
             status(&mut body, nfsstat3::NFS3_OK);

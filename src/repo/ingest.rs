@@ -370,7 +370,7 @@ impl Repository {
                     ) {
                         (Some(i), Some(extents)) => {
                             let pd = &p.manifest.disks[i];
-                            let table = self.block_table(&p.id, pd).await?;
+                            let table = self.block_table(&p.id, pd, None).await?;
                             Some(ParentReuse::new(
                                 table, pd.size, size, extents, cs, &d.name,
                             )?)

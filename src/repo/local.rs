@@ -37,7 +37,7 @@ const FORMAT: u32 = 1;
 const SYNC_CONCURRENCY: usize = 16;
 
 /// Contents of `livemount-repo.toml`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RepoConfig {
     /// On-disk format version; this build reads and writes format 1.
@@ -150,6 +150,15 @@ impl LocalStore {
             dirty: Mutex::new(BTreeSet::new()),
         };
         Ok((store, config))
+    }
+
+    /// The store in `root` without a look at it: for a repository known to be there that
+    /// cannot be reached now (`Repository::open_or_remembered`).
+    pub(crate) fn unchecked(root: &Path) -> Self {
+        LocalStore {
+            root: root.into(),
+            dirty: Mutex::new(BTreeSet::new()),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -268,6 +277,23 @@ fn read_dir_if_there(dir: &Path) -> Result<Option<fs::ReadDir>, RepoError> {
     }
 }
 
+/// What a file that is not there means: `missing` when the repository is there, its being
+/// unreachable when the directory went away (an unmounted share, a moved folder): a file is
+/// missing only from a repository that is there.
+fn missing_or_gone<T>(root: &Path, missing: RepoError) -> Result<T, RepoError> {
+    Err(match root.join(CONFIG_FILE).try_exists() {
+        Ok(true) => missing,
+        Ok(false) => RepoError::Unreachable {
+            repo: RepoLocation::Dir(root.into()),
+            what: format!("its {CONFIG_FILE} is gone (is its storage mounted?)"),
+        },
+        Err(e) => RepoError::Unreachable {
+            repo: RepoLocation::Dir(root.into()),
+            what: e.to_string(),
+        },
+    })
+}
+
 /// Removes `path`; one that is not there is no error.
 fn remove_if_there(path: &Path) -> Result<(), RepoError> {
     match fs::remove_file(path) {
@@ -285,20 +311,8 @@ impl ChunkStore for LocalStore {
         let id = *id;
         blocking(move || match fs::read(&path) {
             Ok(v) => Ok(Bytes::from(v)),
-            // A chunk is missing only from a repository that is there: a directory that went
-            // away (an unmounted share, a moved folder) is the repository being unreachable.
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                match root.join(CONFIG_FILE).try_exists() {
-                    Ok(true) => Err(RepoError::MissingChunk { chunk: id }),
-                    Ok(false) => Err(RepoError::Unreachable {
-                        repo: RepoLocation::Dir(root),
-                        what: format!("its {CONFIG_FILE} is gone (is its storage mounted?)"),
-                    }),
-                    Err(e) => Err(RepoError::Unreachable {
-                        repo: RepoLocation::Dir(root),
-                        what: e.to_string(),
-                    }),
-                }
+                missing_or_gone(&root, RepoError::MissingChunk { chunk: id })
             }
             Err(e) => Err(RepoError::io(&path, e)),
         })
@@ -356,13 +370,17 @@ impl ChunkStore for LocalStore {
 
     async fn get_manifest(&self, id: &SnapshotId) -> Result<Bytes, RepoError> {
         let path = self.manifest_path(id);
+        let root = self.root.clone();
         let id = id.to_string();
         blocking(move || match fs::read(&path) {
             Ok(v) => Ok(Bytes::from(v)),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(RepoError::NoSnapshot {
-                spec: id,
-                hint: String::new(),
-            }),
+            Err(e) if e.kind() == ErrorKind::NotFound => missing_or_gone(
+                &root,
+                RepoError::NoSnapshot {
+                    spec: id,
+                    hint: String::new(),
+                },
+            ),
             Err(e) => Err(RepoError::io(&path, e)),
         })
         .await

@@ -503,7 +503,7 @@ impl Repository {
         let mut chunks = vec![m.config.chunk];
         for d in &m.disks {
             chunks.extend(d.table.iter().copied());
-            chunks.extend(self.block_table(id, d).await?.chunks());
+            chunks.extend(self.block_table(id, d, None).await?.chunks());
         }
         Ok(chunks)
     }

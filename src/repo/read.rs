@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 
+use super::kept::KeptCopies;
 use super::local::{LocalStore, RepoConfig, WriteLock};
 use super::manifest::{BlockTable, DiskManifest, Manifest, SnapshotId, MAX_CONFIG_BYTES};
 use super::s3::{S3Config, S3Store};
@@ -21,6 +22,39 @@ use super::{blocking, codec, ChunkId, ChunkSize, ChunkStore, RepoError};
 
 /// How many chunks one `read_at` fetches at once.
 const READ_FETCH_CONCURRENCY: usize = 8;
+
+/// What a media agent remembers of its repository (`Repository::open_or_remembered`).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Remembered {
+    location: String,
+    config: RepoConfig,
+}
+
+impl Remembered {
+    /// The file's content; `None` when it is not there or cannot be read (logged: the agent
+    /// then cannot start during an outage, which the error it gets says).
+    fn read(path: &Path) -> Option<Remembered> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "the repository's remembered config cannot be read");
+                return None;
+            }
+        };
+        toml::from_str(&text)
+            .inspect_err(|e| {
+                tracing::warn!(file = %path.display(), error = %e, "the repository's remembered config is unreadable");
+            })
+            .ok()
+    }
+
+    fn write(&self, path: &Path) -> Result<(), RepoError> {
+        let text = toml::to_string(self).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        crate::durable::replace(path, text.as_bytes()).map_err(|e| RepoError::io(path, e))
+    }
+}
 
 /// Source of decoded, verified chunks.
 #[async_trait]
@@ -118,6 +152,75 @@ impl Repository {
                 Ok(Repository::on_s3(store, config))
             }
         }
+    }
+
+    /// [`Self::open_at`] for a media agent, which keeps what it learnt of the repository in
+    /// the file `remembered` ([`Self::remember`]): when the repository cannot be reached at the
+    /// start, it is opened from that file, so the agent serves its mounts through the outage. The error that was ridden over comes back too,
+    /// for the log. A location the file does not name gets the error as `open_at` does.
+    pub async fn open_or_remembered(
+        location: &RepoLocation,
+        s3: &S3Config,
+        remembered: &Path,
+    ) -> Result<(Repository, Option<RepoError>), RepoError> {
+        let path = remembered.to_path_buf();
+        let known = blocking(move || Ok(Remembered::read(&path))).await?;
+        match Repository::open_at(location, s3).await {
+            Ok(repo) => Ok((repo, None)),
+            Err(e) => {
+                let away = e.is_outage()
+                    || matches!(
+                        (&e, location),
+                        (
+                            RepoError::NotARepository { .. } | RepoError::Io { .. },
+                            RepoLocation::Dir(_)
+                        )
+                    );
+                match known {
+                    Some(k) if away && k.location == location.to_string() => {
+                        let repo = match location {
+                            RepoLocation::Dir(dir) => {
+                                let local = Arc::new(LocalStore::unchecked(dir));
+                                let store: Arc<dyn ChunkStore> = local.clone();
+                                Repository {
+                                    inner: Arc::new(Inner {
+                                        location: location.clone(),
+                                        counters: Arc::default(),
+                                        local: Some(local),
+                                        store,
+                                        config: k.config,
+                                        lease_expiry: super::lease::DEFAULT_EXPIRY,
+                                    }),
+                                }
+                            }
+                            RepoLocation::S3 { bucket, prefix } => {
+                                Repository::on_s3(S3Store::connect(bucket, prefix, s3)?, k.config)
+                            }
+                        };
+                        Ok((repo, Some(e)))
+                    }
+                    _ => Err(e),
+                }
+            }
+        }
+    }
+
+    /// Writes what [`Self::open_or_remembered`] needs to open this repository while it
+    /// cannot be reached to the file `remembered` (unless it says so already); its folder
+    /// must exist.
+    pub async fn remember(&self, remembered: &Path) -> Result<(), RepoError> {
+        let now = Remembered {
+            location: self.inner.location.to_string(),
+            config: self.inner.config.clone(),
+        };
+        let path = remembered.to_path_buf();
+        blocking(move || {
+            if Remembered::read(&path).as_ref() != Some(&now) {
+                now.write(&path)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     fn on_s3(store: S3Store, config: RepoConfig) -> Repository {
@@ -236,6 +339,13 @@ impl Repository {
         id: &ChunkId,
         max_len: usize,
     ) -> Result<Bytes, RepoError> {
+        let stored = self.fetch_stored(id).await?;
+        let id = *id;
+        blocking(move || codec::decode(&id, &stored, max_len)).await
+    }
+
+    /// An object's stored (compressed) bytes, as the store has them.
+    async fn fetch_stored(&self, id: &ChunkId) -> Result<Bytes, RepoError> {
         use std::sync::atomic::Ordering::Relaxed;
         self.inner.counters.fetches.fetch_add(1, Relaxed);
         let stored = match self.inner.store.get_chunk(id).await {
@@ -246,8 +356,39 @@ impl Repository {
             .counters
             .fetched_bytes
             .fetch_add(stored.len() as u64, Relaxed);
-        let id = *id;
-        blocking(move || codec::decode(&id, &stored, max_len)).await
+        Ok(stored)
+    }
+
+    /// [`Self::read_object`] for an object of `snapshot`'s metadata (its config, a block
+    /// table piece) with kept copies: a kept copy is read first (checked as the store's bytes
+    /// are: it is named by its content, so it is the store's object), and the object fetched
+    /// and kept when there is none or it fails its check.
+    async fn read_kept_object(
+        &self,
+        kept: Option<&KeptCopies>,
+        snapshot: &SnapshotId,
+        id: &ChunkId,
+        max_len: usize,
+    ) -> Result<Bytes, RepoError> {
+        let Some(kept) = kept else {
+            return self.read_object(id, max_len).await;
+        };
+        let name = id.to_hex();
+        if let Some(copy) = kept.get(snapshot, &name).await {
+            let obj = *id;
+            match blocking(move || codec::decode(&obj, &copy, max_len)).await {
+                Ok(decoded) => return Ok(decoded),
+                Err(e) => {
+                    tracing::warn!(snapshot = %snapshot, object = %name, error = %e, "a kept copy failed its check: removed, and fetched again");
+                    kept.remove(snapshot, &name).await;
+                }
+            }
+        }
+        let stored = self.fetch_stored(id).await?;
+        let (obj, bytes) = (*id, stored.clone());
+        let decoded = blocking(move || codec::decode(&obj, &bytes, max_len)).await?;
+        kept.keep(snapshot, &name, &stored).await?;
+        Ok(decoded)
     }
 
     /// A chunk that is not in `chunks/` but in a bin of `trash/`: a prune set it aside while a
@@ -265,6 +406,27 @@ impl Repository {
 
     /// Reads and checks a snapshot's manifest.
     pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest, RepoError> {
+        self.manifest_kept(id, None).await
+    }
+
+    /// [`Self::manifest`], read first from a copy in `kept`, fetched and kept there when there
+    /// is none (or it fails its check).
+    async fn manifest_kept(
+        &self,
+        id: &SnapshotId,
+        kept: Option<&KeptCopies>,
+    ) -> Result<Manifest, RepoError> {
+        if let Some(kept) = kept {
+            if let Some(copy) = kept.get(id, KeptCopies::MANIFEST).await {
+                match self.checked_manifest(id, &copy) {
+                    Ok(m) => return Ok(m),
+                    Err(e) => {
+                        tracing::warn!(snapshot = %id, error = %e, "a kept manifest failed its check: removed, and fetched again");
+                        kept.remove(id, KeptCopies::MANIFEST).await;
+                    }
+                }
+            }
+        }
         use std::sync::atomic::Ordering::Relaxed;
         self.inner.counters.fetches.fetch_add(1, Relaxed);
         let bytes = self.inner.store.get_manifest(id).await?;
@@ -272,7 +434,16 @@ impl Repository {
             .counters
             .fetched_bytes
             .fetch_add(bytes.len() as u64, Relaxed);
-        let m = Manifest::decode(id, &bytes)?;
+        let m = self.checked_manifest(id, &bytes)?;
+        if let Some(kept) = kept {
+            kept.keep(id, KeptCopies::MANIFEST, &bytes).await?;
+        }
+        Ok(m)
+    }
+
+    /// A manifest's bytes decoded and checked: its id, and the repository's chunk size.
+    fn checked_manifest(&self, id: &SnapshotId, bytes: &[u8]) -> Result<Manifest, RepoError> {
+        let m = Manifest::decode(id, bytes)?;
         if m.chunk_size != self.chunk_size() {
             return Err(RepoError::CorruptManifest {
                 id: id.to_string(),
@@ -293,6 +464,24 @@ impl Repository {
             id: *id,
             manifest,
             repo: self.clone(),
+            kept: None,
+        })
+    }
+
+    /// Opens a snapshot by id for serving: what it reads (manifest, config, block tables) is
+    /// kept in `kept` and read from there while the store is unreachable (see
+    /// [`KeptCopies`]).
+    pub async fn snapshot_kept(
+        &self,
+        id: &SnapshotId,
+        kept: &KeptCopies,
+    ) -> Result<Snapshot, RepoError> {
+        let manifest = self.manifest_kept(id, Some(kept)).await?;
+        Ok(Snapshot {
+            id: *id,
+            manifest,
+            repo: self.clone(),
+            kept: Some(kept.clone()),
         })
     }
 
@@ -301,11 +490,15 @@ impl Repository {
         &self,
         snapshot: &SnapshotId,
         disk: &DiskManifest,
+        kept: Option<&KeptCopies>,
     ) -> Result<BlockTable, RepoError> {
         let cs = self.chunk_size();
         // Owned ids: a closure over borrowed ones makes this future not Send for all lifetimes.
         let pieces: Vec<Bytes> = futures::stream::iter(disk.table.iter().copied())
-            .map(|piece| async move { self.read_object(&piece, cs.as_usize()).await })
+            .map(|piece| async move {
+                self.read_kept_object(kept, snapshot, &piece, cs.as_usize())
+                    .await
+            })
             .buffered(READ_FETCH_CONCURRENCY)
             .try_collect()
             .await?;
@@ -331,13 +524,18 @@ pub struct Snapshot {
     pub id: SnapshotId,
     pub manifest: Manifest,
     repo: Repository,
+    /// Where its metadata is kept, when it was opened for serving.
+    kept: Option<KeptCopies>,
 }
 
 impl Snapshot {
     /// The VM's original config file bytes.
     pub async fn config_bytes(&self) -> Result<Bytes, RepoError> {
         let c = &self.manifest.config;
-        let bytes = self.repo.read_object(&c.chunk, MAX_CONFIG_BYTES).await?;
+        let bytes = self
+            .repo
+            .read_kept_object(self.kept.as_ref(), &self.id, &c.chunk, MAX_CONFIG_BYTES)
+            .await?;
         if bytes.len() as u64 != c.size {
             return Err(RepoError::CorruptManifest {
                 id: self.id.to_string(),
@@ -361,7 +559,10 @@ impl Snapshot {
                 self.manifest.disks.len()
             ))
         })?;
-        let table = self.repo.block_table(&self.id, d).await?;
+        let table = self
+            .repo
+            .block_table(&self.id, d, self.kept.as_ref())
+            .await?;
         Ok(DiskImage {
             name: d.name.clone(),
             size: d.size,

@@ -102,7 +102,7 @@ impl Repository {
                         .or_default()
                         .push((si, format!("block table of disk {}", d.name)));
                 }
-                match self.block_table(&s.id, d).await {
+                match self.block_table(&s.id, d, None).await {
                     Ok(table) => {
                         for c in table.chunks() {
                             let u = uses.entry(c).or_default();
