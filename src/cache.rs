@@ -247,7 +247,8 @@ impl ChunkCache {
                     None => {
                         let _slot = i.sched.slot(Demand::new(FetchClass::Prestage)).await;
                         i.misses.fetch_add(1, Relaxed);
-                        match i.source.read_chunk(id).await {
+                        // A guess, not held through an outage; the store's state is told.
+                        match i.told(id, i.source.read_chunk(id).await) {
                             Ok(b) => (b, true),
                             Err(e) => {
                                 i.errors.fetch_add(1, Relaxed);
@@ -270,7 +271,9 @@ impl ChunkCache {
 
     /// Reads a chunk for bulk work that must not displace the VMs' blocks (a relocation's
     /// copy): from the cache if it is there, sharing a fill under way, else fetched through
-    /// the scheduler in `class` and not kept. Counts neither a hit nor a miss.
+    /// the scheduler in `class` and not kept. Counts neither a hit nor a miss. Rides through
+    /// an outage of the store as a VM's read does: tried again with back-off (its slot given
+    /// back meanwhile) for up to the grace from its start.
     pub async fn read_through(&self, id: &ChunkId, class: FetchClass) -> Result<Bytes, RepoError> {
         let i = &self.inner;
         if let Some(b) = i.main.get(id).or_else(|| i.staging.get(id)) {
@@ -291,8 +294,21 @@ impl ChunkCache {
         } {
             return Ok(b);
         }
-        let _slot = i.sched.slot(Demand::new(class)).await;
-        i.source.read_chunk(id).await
+        let until = tokio::time::Instant::now() + i.health.grace();
+        let mut attempts = 0;
+        loop {
+            let slot = i.sched.slot(Demand::new(class)).await;
+            let result = i.told(id, i.source.read_chunk(id).await);
+            drop(slot);
+            match result {
+                Err(e) if e.is_outage() && tokio::time::Instant::now() < until => {
+                    attempts += 1;
+                    let left = until.saturating_duration_since(tokio::time::Instant::now());
+                    tokio::time::sleep(outage::backoff(attempts).min(left)).await;
+                }
+                r => return r,
+            }
+        }
     }
 }
 
@@ -508,6 +524,25 @@ impl Inner {
         self.nanos_since_epoch().saturating_add(grace).max(1)
     }
 
+    /// Tells the store's state what a fetch found (and starts the probe when an outage
+    /// begins); passes the result on.
+    fn told(
+        self: &Arc<Self>,
+        id: &ChunkId,
+        result: Result<Bytes, RepoError>,
+    ) -> Result<Bytes, RepoError> {
+        match &result {
+            Ok(_) => self.health.on_success(),
+            Err(e) if e.is_outage() => {
+                if self.health.on_outage(e) {
+                    spawn_probe(self, *id);
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
     /// Takes a fill out of `pending` if the entry is still its own (a fill that gave up may
     /// have been followed by a new one for the same chunk).
     fn remove_pending(&self, id: &ChunkId, state: &Arc<FillState>) {
@@ -537,15 +572,9 @@ impl Inner {
             let slot = self.sched.slot(demand.clone()).await;
             let result = self.source.read_chunk(id).await;
             drop(slot);
-            match result {
-                Ok(b) => {
-                    self.health.on_success();
-                    return FetchResult::Done(Ok(b));
-                }
+            match self.told(id, result) {
+                Ok(b) => return FetchResult::Done(Ok(b)),
                 Err(e) if e.is_outage() => {
-                    if self.health.on_outage(&e) {
-                        spawn_probe(self, *id);
-                    }
                     let now = self.nanos_since_epoch();
                     {
                         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
@@ -1132,6 +1161,48 @@ mod tests {
             .is_outage());
         assert!(t.elapsed() < Duration::from_millis(100));
         assert_eq!(src.fetches.load(Relaxed), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_relocations_read_rides_through_an_outage_and_a_warm_up_tells_it() {
+        let src = Arc::new(Flaky::default());
+        let cache = Arc::new(ChunkCache::new(src.clone(), 1 << 20));
+        cache.health().set_grace(Duration::from_secs(60));
+        src.down.store(true, Relaxed);
+        let copy = {
+            let c = cache.clone();
+            tokio::spawn(async move {
+                c.read_through(&ChunkId([4; 32]), FetchClass::Background)
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!copy.is_finished(), "the relocation's read waits");
+        let st = cache.store_state();
+        assert!(!st.reachable, "{st:?}");
+        src.down.store(false, Relaxed);
+        let b = copy.await.unwrap().unwrap();
+        assert_eq!(&b[..], &[4; 32]);
+        assert!(cache.store_state().reachable);
+        // Past the grace it fails, with the outage's error.
+        cache.health().set_grace(Duration::from_secs(10));
+        src.down.store(true, Relaxed);
+        let t = tokio::time::Instant::now();
+        let e = cache
+            .read_through(&ChunkId([5; 32]), FetchClass::Background)
+            .await
+            .unwrap_err();
+        assert!(e.is_outage(), "{e}");
+        assert!(t.elapsed() >= Duration::from_secs(10), "{:?}", t.elapsed());
+        src.down.store(false, Relaxed);
+        tokio::time::sleep(outage::PROBE_EVERY * 2).await;
+        assert!(cache.store_state().reachable);
+        // A warm-up (a guess) fails at once, and the status says why.
+        let dir = tempfile::tempdir().unwrap();
+        cache.set_disk(DiskCache::open(dir.path(), 1 << 20).unwrap());
+        src.down.store(true, Relaxed);
+        assert!(cache.warm_disk(&ChunkId([6; 32])).await.is_err());
+        assert!(!cache.store_state().reachable);
     }
 
     #[tokio::test(start_paused = true)]
