@@ -44,6 +44,10 @@ pub struct CacheStats {
     pub misses: u64,
     /// Repository fetches that failed (digest mismatch, missing chunk, I/O).
     pub fetch_errors: u64,
+    /// Reads that found their chunk's fetch under way and waited for it rather than fetch
+    /// it again: fetches are shared by digest, across mounts and snapshots.
+    #[serde(default)]
+    pub joined: u64,
     /// Bytes in the cache now, staging area included (approximately: moka applies evictions
     /// lazily).
     pub bytes: u64,
@@ -94,6 +98,8 @@ struct Inner {
     staging_capacity: u64,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Reads that joined a fetch under way.
+    joined: AtomicU64,
     errors: AtomicU64,
     staged: AtomicU64,
     staged_hits: AtomicU64,
@@ -155,6 +161,7 @@ impl ChunkCache {
                 staging_capacity,
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
+                joined: AtomicU64::new(0),
                 errors: AtomicU64::new(0),
                 staged: AtomicU64::new(0),
                 staged_hits: AtomicU64::new(0),
@@ -169,6 +176,7 @@ impl ChunkCache {
         CacheStats {
             hits: i.hits.load(Relaxed),
             misses: i.misses.load(Relaxed),
+            joined: i.joined.load(Relaxed),
             fetch_errors: i.errors.load(Relaxed),
             bytes: i.main.weighted_size() + i.staging.weighted_size(),
             capacity: i.capacity,
@@ -243,7 +251,10 @@ impl ChunkCache {
                     .map(|p| p.fill.clone());
                 match fill {
                     // A fill under way writes to disk itself.
-                    Some(f) => return f.await.map(|_| false).map_err(|e| shared_error(id, &e)),
+                    Some(f) => {
+                        i.joined.fetch_add(1, Relaxed);
+                        return f.await.map(|_| false).map_err(|e| shared_error(id, &e));
+                    }
                     None => {
                         let _slot = i.sched.slot(Demand::new(FetchClass::Prestage)).await;
                         i.misses.fetch_add(1, Relaxed);
@@ -286,6 +297,7 @@ impl ChunkCache {
             .get(id)
             .map(|p| p.fill.clone());
         if let Some(fill) = fill {
+            i.joined.fetch_add(1, Relaxed);
             return fill.await.map(|(b, _)| b).map_err(|e| shared_error(id, &e));
         }
         if let Some(b) = match i.disk.get() {
@@ -369,6 +381,7 @@ impl ChunkCache {
             let mut pending = i.pending.lock().unwrap_or_else(|p| p.into_inner());
             match pending.get(id) {
                 Some(p) => {
+                    i.joined.fetch_add(1, Relaxed);
                     if p.demand.raise(class) {
                         i.sched.reconsider();
                     }

@@ -18,6 +18,7 @@
 //! | `livemount_repo_fetches_total`, `livemount_repo_fetched_bytes_total` | | chunk and manifest GETs (file reads) of the repository's store, and the stored bytes they returned (brought up to date at scrape) |
 //! | `livemount_fetch_slots_busy`, `livemount_fetches_waiting` | | the fetch scheduler now (sampled) |
 //! | `livemount_fetches_started_total` | class (`vm`, `prestage`, `background`) | fetches that got a scheduler slot, by class (brought up to date at scrape) |
+//! | `livemount_fetches_joined_total` | | reads that found their chunk's fetch under way (for any mount or snapshot) and waited for it instead of fetching again (brought up to date at scrape) |
 //! | `livemount_guest_files_cache_hits_total`, `livemount_guest_files_cache_misses_total` | | chunk lookups of guest file listings and downloads through the API: from the cache, or fetched (in the background class) |
 //! | `livemount_boot_set_chunks`, `livemount_prestaged_chunks` | mount | the boot set being pre-staged, and how much of it is cached (sampled) |
 //! | `livemount_boot_window_hits`, `livemount_boot_window_misses` | mount | the VM's chunk reads during its boot window, from the cache or not (sampled) |
@@ -125,6 +126,7 @@ pub struct Metrics {
     pub guest_files_hits: Counter,
     pub guest_files_misses: Counter,
     fetches_started: Family<ClassLabel, Counter>,
+    fetches_joined: Counter,
     cache_bytes: Gauge,
     repo_fetches: Counter,
     repo_fetched_bytes: Counter,
@@ -161,6 +163,8 @@ pub struct Sample {
     pub waiting: usize,
     /// Fetches started by the scheduler, by class: VM, pre-stage, background.
     pub started: [u64; 3],
+    /// Reads that joined a fetch under way.
+    pub joined: u64,
     pub boots: Vec<BootSample>,
     pub relocations: Vec<RelocationSample>,
     pub store: crate::cache::outage::StoreState,
@@ -226,6 +230,7 @@ impl Metrics {
             guest_files_hits: Counter::default(),
             guest_files_misses: Counter::default(),
             fetches_started: Family::default(),
+            fetches_joined: Counter::default(),
             cache_bytes: Gauge::default(),
             repo_fetches: Counter::default(),
             repo_fetched_bytes: Counter::default(),
@@ -328,6 +333,11 @@ impl Metrics {
             "fetches_started",
             "repository fetches that got a scheduler slot, by class",
             m.fetches_started.clone(),
+        );
+        registry.register(
+            "fetches_joined",
+            "reads that waited for their chunk's fetch under way instead of fetching it again",
+            m.fetches_joined.clone(),
         );
         registry.register(
             "guest_files_cache_hits",
@@ -442,6 +452,7 @@ impl Metrics {
         catch_up(&self.store_outages, st.outages);
         self.slots_busy.set(g(s.slots_busy as u64));
         self.waiting.set(g(s.waiting as u64));
+        catch_up(&self.fetches_joined, s.joined);
         for (class, n) in ["vm", "prestage", "background"].into_iter().zip(s.started) {
             catch_up(
                 &self.fetches_started.get_or_create(&ClassLabel { class }),
@@ -532,6 +543,7 @@ mod tests {
             slots_busy: 2,
             waiting: 5,
             started: [7, 0, 3],
+            joined: 4,
             boots: vec![BootSample {
                 mount: "web01-lm1".into(),
                 boot_set: Some((40, 12)),
@@ -561,6 +573,7 @@ mod tests {
             "livemount_fetches_waiting 5",
             "livemount_fetches_started_total{class=\"vm\"} 7",
             "livemount_fetches_started_total{class=\"background\"} 3",
+            "livemount_fetches_joined_total 4",
             "livemount_boot_set_chunks{mount=\"web01-lm1\"} 40",
             "livemount_prestaged_chunks{mount=\"web01-lm1\"} 12",
             "livemount_boot_window_hits{mount=\"web01-lm1\"} 30",

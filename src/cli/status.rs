@@ -55,11 +55,12 @@ pub async fn run(a: StatusArgs) -> anyhow::Result<ExitCode> {
     println!("store       {}", store_line(&s.store));
     println!("mounts      {}", s.mounts);
     println!(
-        "cache       {} of {}, {} hits, {} misses, {} fetch errors",
+        "cache       {} of {}, {} hits, {} misses ({} fetches joined by other readers), {} fetch errors",
         human(s.cache.bytes),
         human(s.cache.capacity),
         s.cache.hits,
         s.cache.misses,
+        s.cache.joined,
         s.cache.fetch_errors
     );
     if let Some(d) = &s.cache.disk {

@@ -454,8 +454,10 @@ async fn metrics(
     }
     let mounts = s.agent.mounts();
     let sched = s.agent.cache().scheduler_stats();
+    let cache = s.agent.cache().stats();
     let sample = Sample {
-        cache_bytes: s.agent.cache().stats().bytes,
+        cache_bytes: cache.bytes,
+        joined: cache.joined,
         repo: s.agent.repo().stats(),
         disk: s.agent.cache().disk().map(|d| {
             let st = d.stats();
