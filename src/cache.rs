@@ -214,14 +214,19 @@ impl ChunkCache {
     }
 
     /// Brings a chunk into the staging area ahead of a VM's read of it, in the pre-staging
-    /// class. Returns false (and fetches nothing) if it is cached already.
-    pub async fn stage(&self, id: &ChunkId) -> Result<bool, RepoError> {
+    /// class with its pre-stager's `rank` ([`crate::fetch::Demand::ranked`]). Returns false
+    /// (and fetches nothing) if it is cached already.
+    pub async fn stage(&self, id: &ChunkId, rank: u64) -> Result<bool, RepoError> {
         if self.contains(id) {
             return Ok(false);
         }
-        self.read_intent(id, FetchClass::Prestage, Requester::ANYONE, Intent::Guess)
-            .await
-            .map(|_| true)
+        self.read_demand(
+            id,
+            Demand::ranked(FetchClass::Prestage, rank),
+            Intent::Guess,
+        )
+        .await
+        .map(|_| true)
     }
 }
 
@@ -229,8 +234,8 @@ impl ChunkCache {
     /// Puts a chunk into the disk tier ahead of any mount (`livemount prestage`), in the
     /// pre-staging class, without keeping it in memory. Returns false (and fetches nothing) if
     /// the disk tier has it, or if memory has it (then it is written from there). Needs a disk
-    /// tier.
-    pub async fn warm_disk(&self, id: &ChunkId) -> Result<bool, RepoError> {
+    /// tier. `rank`: its pre-stager's ([`crate::fetch::Demand::ranked`]).
+    pub async fn warm_disk(&self, id: &ChunkId, rank: u64) -> Result<bool, RepoError> {
         let i = &self.inner;
         let Some(disk) = i.disk.get().cloned() else {
             return Err(RepoError::Invalid(
@@ -256,7 +261,10 @@ impl ChunkCache {
                         return f.await.map(|_| false).map_err(|e| shared_error(id, &e));
                     }
                     None => {
-                        let _slot = i.sched.slot(Demand::new(FetchClass::Prestage)).await;
+                        let _slot = i
+                            .sched
+                            .slot(Demand::ranked(FetchClass::Prestage, rank))
+                            .await;
                         i.misses.fetch_add(1, Relaxed);
                         // A guess, not held through an outage; the store's state is told.
                         match i.told(id, i.source.read_chunk(id).await) {
@@ -362,6 +370,18 @@ impl ChunkCache {
         requester: Requester,
         intent: Intent,
     ) -> Result<(Bytes, Access), RepoError> {
+        self.read_demand(id, Demand::on_behalf_of(class, requester), intent)
+            .await
+    }
+
+    /// [`Self::read_intent`] for a fetch of `demand` (its class, requester and rank).
+    async fn read_demand(
+        &self,
+        id: &ChunkId,
+        demand: Arc<Demand>,
+        intent: Intent,
+    ) -> Result<(Bytes, Access), RepoError> {
+        let class = demand.class();
         let i = &self.inner;
         if let Some(b) = i.main.get(id) {
             i.hits.fetch_add(1, Relaxed);
@@ -397,7 +417,6 @@ impl ChunkCache {
                         i.hits.fetch_add(1, Relaxed);
                         return Ok((b, Access::Hit));
                     }
-                    let demand = Demand::on_behalf_of(class, requester);
                     let state = Arc::new(FillState::default());
                     if intent == Intent::Use {
                         state.join_use(i.deadline_after_grace());
@@ -910,7 +929,7 @@ mod tests {
         let (a, b) = (ChunkId([1; 32]), ChunkId([2; 32]));
         let stage = |id| {
             let c = cache.clone();
-            tokio::spawn(async move { c.stage(&id).await.unwrap() })
+            tokio::spawn(async move { c.stage(&id, 1).await.unwrap() })
         };
         let stage_a = stage(a);
         let stage_b = stage(b);
@@ -946,7 +965,7 @@ mod tests {
             "pre-staged only: staging area"
         );
         assert!(
-            !cache.stage(&a).await.unwrap(),
+            !cache.stage(&a, 1).await.unwrap(),
             "staged already: nothing fetched"
         );
         // The VM reads a: a hit, and a joins the VMs' blocks.
@@ -1214,7 +1233,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         cache.set_disk(DiskCache::open(dir.path(), 1 << 20).unwrap());
         src.down.store(true, Relaxed);
-        assert!(cache.warm_disk(&ChunkId([6; 32])).await.is_err());
+        assert!(cache.warm_disk(&ChunkId([6; 32]), 1).await.is_err());
         assert!(!cache.store_state().reachable);
     }
 

@@ -21,7 +21,9 @@
 //!   slot they may;
 //! - a fetch made on behalf of a [`Requester`] (a mount's read-ahead) is held back only by the
 //!   VM reads of others: a VM is not protected from the read-ahead of its own stream, which
-//!   is what stops its next reads from missing (decision 0012).
+//!   is what stops its next reads from missing (decision 0012);
+//! - pre-staging fetches go by their pre-stager's rank (its start order): of many VMs whose
+//!   boot sets are warmed at once, the first started is warm first (issue 24).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -79,6 +81,8 @@ impl Requester {
 pub struct Demand {
     class: AtomicU8,
     requester: Requester,
+    /// Among pre-staging fetches, lower ranks first (see [`Demand::ranked`]).
+    rank: u64,
 }
 
 impl Demand {
@@ -90,7 +94,30 @@ impl Demand {
         Arc::new(Demand {
             class: AtomicU8::new(class as u8),
             requester,
+            rank: 0,
         })
+    }
+
+    /// A fetch of `class` for nobody in particular with `rank`: while it is a pre-staging
+    /// fetch, it goes before every waiting pre-staging fetch of a higher rank. Pre-stagers
+    /// take their rank from the order in which they started (see [`next_rank`]), so that
+    /// of many VMs started at once the first is warm first, rather than all of them at the
+    /// end together. Raised to a VM read, the rank no longer counts.
+    pub fn ranked(class: FetchClass, rank: u64) -> Arc<Demand> {
+        Arc::new(Demand {
+            class: AtomicU8::new(class as u8),
+            requester: Requester::ANYONE,
+            rank,
+        })
+    }
+
+    /// What orders it among waiters of its class before fairness and arrival.
+    fn rank_in(&self, class: FetchClass) -> u64 {
+        if class == FetchClass::Prestage {
+            self.rank
+        } else {
+            0
+        }
     }
 
     pub fn class(&self) -> FetchClass {
@@ -101,6 +128,13 @@ impl Demand {
     pub fn raise(&self, class: FetchClass) -> bool {
         self.class.fetch_min(class as u8, Ordering::AcqRel) > class as u8
     }
+}
+
+/// The next pre-staging rank: pre-stagers started later go after those started earlier (1
+/// is the first; 0 is no rank and goes first).
+pub fn next_rank() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Hands out fetch slots in class order.
@@ -327,8 +361,8 @@ impl FetchScheduler {
         }
     }
 
-    /// Gives free slots to waiters, best class first; within a class, the requester with the
-    /// fewest fetches in flight first, then the oldest; stops at the first waiter that may not
+    /// Gives free slots to waiters, best class first; within a class, the lowest pre-staging
+    /// rank first, then the requester with the fewest fetches in flight, then the oldest; stops at the first waiter that may not
     /// start (nobody behind it may overtake it).
     fn grant(self: &Arc<Self>, st: &mut State) {
         st.waiting.retain(|w| !w.wake.is_closed());
@@ -339,7 +373,8 @@ impl FetchScheduler {
                 .enumerate()
                 .min_by_key(|(_, w)| {
                     let flights = st.flights.get(&w.demand.requester).copied().unwrap_or(0);
-                    (w.demand.class(), flights, w.seq)
+                    let class = w.demand.class();
+                    (class, w.demand.rank_in(class), flights, w.seq)
                 })
                 .map(|(i, w)| (i, w.demand.class(), w.demand.requester))
             else {
@@ -389,6 +424,43 @@ mod tests {
             let slot = s.slot(demand).await;
             let _ = done.send((label, slot));
         });
+    }
+
+    #[tokio::test]
+    async fn pre_staging_goes_by_rank_and_a_raised_one_leaves_its_rank() {
+        let s = FetchScheduler::with_hold(2, 1, Duration::ZERO);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // One slot for pre-staging, busy; the later pre-stager's fetches queue first.
+        request(&s, Demand::ranked(FetchClass::Prestage, 1), "first", &tx);
+        let busy = rx.recv().await.unwrap();
+        for _ in 0..3 {
+            request(&s, Demand::ranked(FetchClass::Prestage, 7), "later", &tx);
+        }
+        settle().await;
+        for _ in 0..3 {
+            request(&s, Demand::ranked(FetchClass::Prestage, 2), "second", &tx);
+        }
+        settle().await;
+        let raised = Demand::ranked(FetchClass::Prestage, 9);
+        request(&s, raised.clone(), "raised", &tx);
+        settle().await;
+        assert!(raised.raise(FetchClass::Vm));
+        s.reconsider();
+        // The raised one is a VM read now: it takes the reserved slot at once.
+        let (label, vm) = rx.recv().await.unwrap();
+        assert_eq!(label, "raised");
+        drop(vm);
+        drop(busy);
+        let mut order = Vec::new();
+        for _ in 0..6 {
+            let (label, slot) = rx.recv().await.unwrap();
+            order.push(label);
+            drop(slot);
+        }
+        assert_eq!(
+            order,
+            ["second", "second", "second", "later", "later", "later"]
+        );
     }
 
     #[tokio::test]

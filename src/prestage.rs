@@ -254,6 +254,8 @@ pub struct Prestage {
     cancelled: AtomicBool,
     started: Instant,
     took_ms: AtomicU64,
+    /// Its fetches' rank among pre-stagers: its start order (`fetch::next_rank`).
+    rank: u64,
 }
 
 /// Pre-staging as listings show it.
@@ -292,11 +294,13 @@ impl Prestage {
             cancelled: AtomicBool::new(false),
             started: Instant::now(),
             took_ms: AtomicU64::new(0),
+            rank: crate::fetch::next_rank(),
         })
     }
 
     /// Warms the boot set into `cache`'s staging area, in order, [`PRESTAGE_CONCURRENCY`]
-    /// fetches at a time. A chunk that fails is counted and skipped: the VM's own read of it
+    /// fetches at a time, ranked after the pre-stagers made before it (the scheduler serves
+    /// their fetches first). A chunk that fails is counted and skipped: the VM's own read of it
     /// will report it.
     pub async fn run(self: Arc<Self>, cache: Arc<ChunkCache>) {
         self.run_into(cache, Target::Staging).await
@@ -308,11 +312,11 @@ impl Prestage {
         let mut results = futures::stream::iter(self.chunks.clone())
             .take_while(move |_| std::future::ready(!me.cancelled.load(Relaxed)))
             .map(|id| {
-                let cache = cache.clone();
+                let (cache, rank) = (cache.clone(), self.rank);
                 async move {
                     match target {
-                        Target::Staging => cache.stage(&id).await,
-                        Target::Disk => cache.warm_disk(&id).await,
+                        Target::Staging => cache.stage(&id, rank).await,
+                        Target::Disk => cache.warm_disk(&id, rank).await,
                     }
                 }
             })
@@ -387,6 +391,51 @@ mod tests {
         w.on_access(&ChunkId([3; 32]), true);
         let s = w.status();
         assert_eq!((s.state.as_str(), s.hits, s.misses), ("ended", 1, 1));
+    }
+
+    /// A store that takes 10 ms a fetch and records the order of fetches.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<u8>>);
+
+    #[async_trait::async_trait]
+    impl crate::repo::ChunkReader for Recorder {
+        async fn read_chunk(&self, id: &ChunkId) -> Result<bytes::Bytes, crate::repo::RepoError> {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            self.0.lock().unwrap().push(id.0[0]);
+            Ok(bytes::Bytes::from(id.0.to_vec()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn of_two_boot_sets_warmed_at_once_the_first_started_is_warm_first() {
+        let src = Arc::new(Recorder::default());
+        let sched = crate::fetch::FetchScheduler::new(2, 1);
+        let cache = Arc::new(ChunkCache::with_scheduler(src.clone(), 64 << 20, sched));
+        let set = |first: u8| {
+            (0..40u8)
+                .map(|i| ChunkId([first + i; 32]))
+                .collect::<Vec<_>>()
+        };
+        let source = Source::Own { vm: "p".into() };
+        let (a, b) = (
+            Prestage::new(source.clone(), set(0), 4096),
+            Prestage::new(source, set(100), 4096),
+        );
+        // The later one is run first: rank, not arrival, decides.
+        let second = tokio::spawn(b.clone().run(cache.clone()));
+        tokio::task::yield_now().await;
+        let first = tokio::spawn(a.clone().run(cache.clone()));
+        first.await.unwrap();
+        let done_b = b.status().done();
+        second.await.unwrap();
+        let order = src.0.lock().unwrap().clone();
+        let last_a = order.iter().rposition(|&x| x < 100).unwrap();
+        let b_before = order[..last_a].iter().filter(|&&x| x >= 100).count();
+        assert!(
+            b_before <= crate::prestage::PRESTAGE_CONCURRENCY,
+            "{b_before} of the later boot set fetched before the first was warm: {order:?}"
+        );
+        assert!(done_b < 40, "the later one finished with the first");
     }
 
     #[test]
