@@ -587,7 +587,7 @@ impl Agent {
             .repo
             .resolve(&SnapshotSpec::new(text, at))
             .await
-            .map_err(|err| format!("{err}; `livemount backups` lists the VMs and snapshots"))?;
+            .map_err(|err| err.to_string())?;
         if info.vm.name != e.vm {
             return Err(format!(
                 "snapshot {} is of VM {}, not of {}; fix its `vm` or its `snapshot`",
