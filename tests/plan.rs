@@ -515,3 +515,38 @@ group = 3
     assert_eq!(entry(&st, "app01-dr")["action"], "mounted", "{st}");
     assert_eq!(mounts(&server)["db01-dr"], before["db01-dr"]);
 }
+
+#[test]
+fn a_stop_ends_a_plan_between_groups_and_applying_it_again_after_the_restart_goes_on() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo_with_vms(t.path(), &["db01", "web01"]);
+    let server = start(t.path(), &repo, &[]);
+    let plan = plan_file(
+        t.path(),
+        "plan.toml",
+        "wait = \"600s\"\n[[vm]]\nvm = \"db01\"\nname = \"db01-dr\"\n[[vm]]\nvm = \"web01\"\nname = \"web01-dr\"\ngroup = 2\n",
+    );
+    let p = plan.to_str().unwrap();
+    server.cli(&["plan", "apply", p, "--no-wait"]);
+    wait_for(&server, &plan, "db01-dr mounted", |st| {
+        entry(st, "db01-dr")["state"] == "mounted"
+    });
+    // The run waits up to 600 s for db01's boot: a stop does not wait for it.
+    let t0 = Instant::now();
+    assert!(server.stop().success());
+    assert!(t0.elapsed() < Duration::from_secs(30), "{:?}", t0.elapsed());
+
+    let server = start(t.path(), &repo, &[]);
+    let st = status(&server, &plan);
+    assert!(st["run"].is_null(), "{st}");
+    assert_eq!(entry(&st, "db01-dr")["state"], "mounted", "{st}");
+    assert_eq!(entry(&st, "web01-dr")["state"], "not_mounted", "{st}");
+    // A mount brought back at the start records no boot: group 1 counts as booted, and
+    // group 2 is mounted at once.
+    let t0 = Instant::now();
+    let st = json(&server.cli(&["plan", "apply", p, "--json"]));
+    assert_eq!(st["run"]["phase"], "done", "{st}");
+    assert_eq!(entry(&st, "db01-dr")["action"], "already_mounted", "{st}");
+    assert_eq!(entry(&st, "web01-dr")["action"], "mounted", "{st}");
+    assert!(t0.elapsed() < Duration::from_secs(30), "{st}");
+}
