@@ -722,6 +722,13 @@ impl Agent {
     /// cache. A warm-up that cannot start (no disk cache, no profile) is noted, not an error.
     async fn warm_group(&self, run: &Run, g: i64, todo: &[Option<MountRequest>]) {
         let plan = &run.plan;
+        if self.cache.disk().is_none() {
+            run.event(format!(
+                "group {g}: no warm-up: this server has no disk cache (serve --cache-dir DIR \
+                 --cache-disk-size SIZE); each mount still pre-stages its own boot set"
+            ));
+            return;
+        }
         let mut started = 0;
         for (i, e) in plan.vm.iter().enumerate() {
             let Some(req) = todo[i].as_ref().filter(|_| e.group == g) else {
@@ -766,11 +773,15 @@ impl Agent {
                 return true;
             }
             if t0.elapsed() >= run.wait {
+                let mut some: Vec<&str> = waiting.iter().take(5).map(|s| s.as_str()).collect();
+                if waiting.len() > some.len() {
+                    some.push("...");
+                }
                 run.event(format!(
                     "group {g}: not booted after {:.0} s ({} still waiting or booting: {}); going on",
                     run.wait.as_secs_f64(),
                     waiting.len(),
-                    waiting.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    some.join(", ")
                 ));
                 return true;
             }

@@ -87,7 +87,7 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
     if !a.no_wait {
         let bar = Bar::new("plan", false, a.json);
         bar.set_total(st.entries.len() as u64);
-        let mut seen = 0;
+        let (mut seen, mut first) = (0, true);
         loop {
             let run = st.run.as_ref();
             let events = run.map(|r| r.events.as_slice()).unwrap_or_default();
@@ -106,7 +106,11 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
             if run.is_none_or(|r| r.phase != RunPhase::Running) {
                 break;
             }
-            tokio::time::sleep(POLL).await;
+            // At once the first time: a plan applied again has ended already.
+            if !first {
+                tokio::time::sleep(POLL).await;
+            }
+            first = false;
             st = client
                 .clone()
                 .request("GET", format!("/v1/plans/{}", st.id), None)
