@@ -288,7 +288,20 @@ read_only = true
 "#,
     );
     let p = plan.to_str().unwrap();
-    let first = json(&server.cli(&["plan", "apply", p, "--json"]));
+    server.cli(&["plan", "apply", p, "--no-wait"]);
+    // While group 1 boots, group 2's boot set warms, before group 2 is mounted.
+    let st = wait_for(&server, &plan, "web01-dr warming", |st| {
+        let e = entry(st, "web01-dr");
+        !e["prestage"].is_null() || e["state"] != "not_mounted"
+    });
+    let web = entry(&st, "web01-dr");
+    assert!(
+        web["state"] == "prestaging" || web["state"] == "not_mounted",
+        "{st}"
+    );
+    assert!(web["prestage"]["chunks"].as_u64().unwrap() > 0, "{st}");
+    assert_eq!(entry(&st, "db01-dr")["state"], "mounted", "{st}");
+    let first = wait_for(&server, &plan, "the run's end", run_ended);
     assert_eq!(first["run"]["phase"], "done", "{first}");
     for e in first["entries"].as_array().unwrap() {
         assert_eq!(e["action"], "mounted", "{first}");
