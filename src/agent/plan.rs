@@ -5,6 +5,8 @@
 //! Owns: the plan's form ([`Plan`], [`PlanEntry`]; TOML from the operator, JSON over the API),
 //! its validation (whole, before anything is mounted), the runs of plans (one background task
 //! each, kept in memory by plan id) and where each entry stands ([`PlanStatus`]).
+//! Files: `plan/form.rs` (the form and its parsing, pure), `plan/status.rs` (what a status
+//! shows), this one (checks, runs, status from the agent's state).
 //! Must not: mount, warm or unmount by any other path than [`Agent::mount`] and
 //! [`Agent::warm`]; a plan adds no state on disk (its mounts' specs are the state: applying a
 //! plan again finds them).
@@ -13,16 +15,23 @@
 //! leaves a mount half made. Locking: each run's state is a `std::sync::Mutex` held for short
 //! sections only, never across an await.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+
+mod form;
+mod status;
+
+pub use form::{Plan, PlanEntry};
+pub use status::{Action, EntryState, EntryStatus, PlanStatus, RunInfo, RunPhase};
+
+use form::{names_snapshot, plan_wait};
 
 use super::{conversion, Agent, MountRequest, PrestageMode, WarmRequest};
 use crate::allow::AllowList;
 use crate::mount::{check_name, LiveMount, MountSpec};
-use crate::prestage::{PrestageStatus, WindowStatus};
 use crate::repo::{SnapshotInfo, SnapshotSpec};
-use crate::vmconfig::{DiskBus, Hypervisor, NetworkMode, NicModel};
+use crate::vmconfig::Hypervisor;
 
 /// The most entries a plan may have (a site's worth of VMs, with room to spare).
 pub const MAX_PLAN_ENTRIES: usize = 1000;
@@ -33,168 +42,6 @@ pub const DEFAULT_GROUP_WAIT: Duration = Duration::from_secs(120);
 pub const MAX_RUNS: usize = 64;
 /// How often a run looks whether a group's VMs have booted.
 const BOOT_POLL: Duration = Duration::from_millis(250);
-/// `snapshot = "latest"`: the VM's latest snapshot (with `at`: its latest at or before it).
-pub const LATEST: &str = "latest";
-
-/// A recovery plan.
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Plan {
-    /// How long a group's VMs are given to boot before the next group is mounted, e.g.
-    /// `"90s"` (default [`DEFAULT_GROUP_WAIT`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub wait: Option<String>,
-    /// The entries, `[[vm]]` in TOML.
-    #[serde(default)]
-    pub vm: Vec<PlanEntry>,
-}
-
-/// One VM of a plan: what to mount, under which name, in which group; the other keys are
-/// `livemount mount`'s options under its flags' names.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PlanEntry {
-    /// The VM's name in the repository.
-    pub vm: String,
-    /// `latest` (default), a snapshot id prefix, or `VM@TIME`.
-    #[serde(default = "latest")]
-    pub snapshot: String,
-    /// With `latest`: the latest snapshot at or before this RFC 3339 time (`mount --at`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub at: Option<String>,
-    /// The mount's name (`mount --name`); required, so that applying the plan again finds it.
-    pub name: String,
-    /// 1 is mounted first, then 2, ... (default 1).
-    #[serde(default = "first_group")]
-    pub group: i64,
-    #[serde(default)]
-    pub read_only: bool,
-    #[serde(default)]
-    pub network: NetworkMode,
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub network_map: BTreeMap<String, String>,
-    /// `mount --allow`: only these hosts (addresses or CIDRs) may use the mount; each must be
-    /// within the server's own `--allow` list. `hosts` is read the same.
-    #[serde(default, alias = "hosts", skip_serializing_if = "Vec::is_empty")]
-    pub allow: Vec<String>,
-    #[serde(default)]
-    pub disks_only: bool,
-    /// `background` (default): the mount pre-stages its boot set, and the plan warms it into
-    /// the disk cache while the group before boots; `off`: neither. `wait` is `background`.
-    #[serde(default)]
-    pub prestage: PrestageMode,
-    /// `mount --for`: the hypervisor to recover on.
-    #[serde(default, rename = "for", skip_serializing_if = "Option::is_none")]
-    pub target: Option<Hypervisor>,
-    #[serde(default, skip_serializing_if = "DiskBus::is_auto")]
-    pub disk_bus: DiskBus,
-    #[serde(default, skip_serializing_if = "NicModel::is_auto")]
-    pub nic_model: NicModel,
-}
-
-fn latest() -> String {
-    LATEST.to_owned()
-}
-
-fn first_group() -> i64 {
-    1
-}
-
-impl Plan {
-    /// Reads a plan file's text. Errors name the entry (`entry 2 (vm db01, name db01-dr)`)
-    /// and the key; every bad entry is named, not only the first.
-    pub fn from_toml(text: &str) -> Result<Plan, String> {
-        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
-        let mut plan = Plan::default();
-        let mut problems = Vec::new();
-        for (key, value) in table {
-            match key.as_str() {
-                "wait" => match value {
-                    toml::Value::String(s) => plan.wait = Some(s),
-                    other => problems.push(format!(
-                        "wait = {other}: write it as a duration in quotes, e.g. wait = \"90s\""
-                    )),
-                },
-                "vm" => {
-                    let Some(items) = value.as_array() else {
-                        problems.push("`vm` must be a list of [[vm]] tables".into());
-                        continue;
-                    };
-                    for (i, item) in items.iter().enumerate() {
-                        match item.clone().try_into::<PlanEntry>() {
-                            Ok(e) => plan.vm.push(e),
-                            Err(e) => problems.push(format!(
-                                "{}: {}",
-                                raw_label(i + 1, item),
-                                e.message()
-                            )),
-                        }
-                    }
-                }
-                other => problems.push(format!(
-                    "unknown key `{other}` at the top of the plan; a plan has `wait` and [[vm]] entries"
-                )),
-            }
-        }
-        if problems.is_empty() {
-            Ok(plan)
-        } else {
-            Err(problems.join("\n"))
-        }
-    }
-
-    /// The plan's id: a hash of its JSON form, the same for the same file.
-    pub fn id(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        blake3::hash(&json).to_hex()[..16].to_string()
-    }
-
-    /// The groups, in order.
-    fn groups(&self) -> Vec<i64> {
-        let set: BTreeSet<i64> = self.vm.iter().map(|e| e.group).collect();
-        set.into_iter().collect()
-    }
-}
-
-/// `entry N (vm V, name M)` of an entry that did not parse, from what it has.
-fn raw_label(index: usize, item: &toml::Value) -> String {
-    let get = |k| {
-        item.get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or("?")
-            .to_owned()
-    };
-    format!("entry {index} (vm {}, name {})", get("vm"), get("name"))
-}
-
-impl PlanEntry {
-    fn label(&self, index: usize) -> String {
-        format!("entry {index} (vm {}, name {})", self.vm, self.name)
-    }
-
-    fn is_latest(&self) -> bool {
-        let s = self.snapshot.trim();
-        s.eq_ignore_ascii_case(LATEST) || s == self.vm
-    }
-
-    /// The mount request for the resolved snapshot `id`.
-    fn request(&self, id: &str) -> MountRequest {
-        MountRequest {
-            snapshot: id.to_owned(),
-            at: None,
-            name: Some(self.name.clone()),
-            read_only: self.read_only,
-            network: self.network,
-            network_map: self.network_map.clone(),
-            disks_only: self.disks_only,
-            hosts: self.allow.clone(),
-            prestage: self.prestage,
-            target: self.target,
-            disk_bus: self.disk_bus,
-            nic_model: self.nic_model,
-        }
-    }
-}
 
 /// Why a plan was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -207,124 +54,6 @@ pub enum PlanError {
     NotFound { id: String },
     #[error("the server is stopping; apply the plan again once it runs")]
     Stopping,
-}
-
-/// Where an entry stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntryState {
-    /// No mount of its name (and no warm-up of its boot set running).
-    NotMounted,
-    /// Not mounted; its boot set is being warmed into the disk cache.
-    Prestaging,
-    /// Mounted; its VM has not read anything yet (or the mount records no boot).
-    Mounted,
-    /// Mounted; its VM is in its boot window.
-    Booting,
-    /// Mounted; its boot window has ended (quiet, or at its limit).
-    Booted,
-    /// Its mount failed in this plan's run.
-    Failed,
-    /// A mount of its name holds another VM or snapshot than the entry says.
-    Conflict,
-}
-
-impl EntryState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EntryState::NotMounted => "not mounted",
-            EntryState::Prestaging => "pre-staging",
-            EntryState::Mounted => "mounted",
-            EntryState::Booting => "booting",
-            EntryState::Booted => "booted",
-            EntryState::Failed => "failed",
-            EntryState::Conflict => "conflict",
-        }
-    }
-}
-
-/// What a run did with an entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Action {
-    /// Mounted by this run.
-    Mounted,
-    /// Found mounted as the plan says: left as it was.
-    AlreadyMounted,
-}
-
-/// One entry as `plan status` shows it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct EntryStatus {
-    /// 1 for the first `[[vm]]`.
-    pub index: usize,
-    pub vm: String,
-    pub name: String,
-    pub group: i64,
-    pub state: EntryState,
-    /// What this plan's run did with it; none: nothing yet, or no run.
-    #[serde(default)]
-    pub action: Option<Action>,
-    /// `VM@TIME` mounted (or to be mounted, once the run has resolved it).
-    #[serde(default)]
-    pub snapshot: Option<String>,
-    #[serde(default)]
-    pub mount_id: Option<u32>,
-    #[serde(default)]
-    pub created: Option<jiff::Timestamp>,
-    /// Not mounted: the warm-up of its boot set into the disk cache; mounted: the mount's own
-    /// pre-staging.
-    #[serde(default)]
-    pub prestage: Option<PrestageStatus>,
-    #[serde(default)]
-    pub window: Option<WindowStatus>,
-    /// Why its mount failed, or what conflicts.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// Anything else worth knowing (no warm-up, and why).
-    #[serde(default)]
-    pub note: Option<String>,
-}
-
-/// How a run ended, or that it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum RunPhase {
-    Running,
-    /// Every group is mounted.
-    Done,
-    /// A mount failed: the run stopped there (see `error`).
-    Failed,
-    /// The server stopped before the run ended.
-    Stopped,
-}
-
-/// A plan's run on this server.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct RunInfo {
-    pub phase: RunPhase,
-    /// The group being mounted or waited for.
-    pub group: Option<i64>,
-    pub groups: Vec<i64>,
-    pub wait_seconds: f64,
-    pub started: jiff::Timestamp,
-    #[serde(default)]
-    pub finished: Option<jiff::Timestamp>,
-    /// What stopped the run, and how to undo or go on.
-    #[serde(default)]
-    pub error: Option<String>,
-    /// What happened, in order (a line each).
-    pub events: Vec<String>,
-}
-
-/// A plan as `plan status` and `plan apply` show it.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct PlanStatus {
-    pub id: String,
-    /// This server's run of the plan, if it has one since it started.
-    #[serde(default)]
-    pub run: Option<RunInfo>,
-    pub entries: Vec<EntryStatus>,
 }
 
 /// The agent's plans: runs by plan id, and the server's allow list.
@@ -906,40 +635,6 @@ fn stopped_text() -> String {
         .into()
 }
 
-/// The plan's `wait`, checked.
-fn plan_wait(plan: &Plan) -> Result<Duration, String> {
-    match &plan.wait {
-        None => Ok(DEFAULT_GROUP_WAIT),
-        Some(t) => crate::units::parse_duration(t).map_err(|e| format!("wait = {t:?}: {e}")),
-    }
-}
-
-/// Whether the mount `m` holds the snapshot the entry names, judged from its spec alone:
-/// `latest` is any snapshot of the VM (the one latest when it was mounted; with `at`, one
-/// taken at or before it), an id prefix must match, `VM@TIME` must be that time.
-fn names_snapshot(e: &PlanEntry, at: Option<jiff::Timestamp>, m: &MountSpec) -> bool {
-    let taken = |name: &str| {
-        name.rsplit_once('@')
-            .and_then(|(_, t)| t.parse::<jiff::Timestamp>().ok())
-    };
-    if e.is_latest() {
-        return match at {
-            None => true,
-            Some(at) => taken(&m.snapshot_name).is_some_and(|t| t <= at),
-        };
-    }
-    let text = e.snapshot.trim();
-    match text.rsplit_once('@') {
-        Some((vm, _)) => {
-            vm == e.vm && taken(text).is_some() && taken(text) == taken(&m.snapshot_name)
-        }
-        None => m
-            .snapshot
-            .to_string()
-            .starts_with(&text.to_ascii_lowercase()),
-    }
-}
-
 /// Checks an entry against the mount of its name: the same VM and snapshot, made with the
 /// same options. Err: what differs, and what to do.
 fn same_mount(
@@ -1003,171 +698,5 @@ fn same_mount(
         Ok(())
     } else {
         Err(what(format!("other options: {}", differs.join(", "))))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(text: &str) -> Result<Plan, String> {
-        Plan::from_toml(text)
-    }
-
-    #[test]
-    fn a_plan_reads_entries_with_defaults_and_mount_options() {
-        let plan = parse(
-            r#"
-            wait = "90s"
-            [[vm]]
-            vm = "db01"
-            name = "db01-dr"
-            [[vm]]
-            vm = "web01"
-            snapshot = "web01@2026-11-20T10:00:00Z"
-            name = "web01-dr"
-            group = 2
-            read_only = true
-            network = "keep"
-            network_map = { default = "lab" }
-            hosts = ["10.0.0.0/8"]
-            for = "esxi"
-            disk_bus = "sata"
-            prestage = "off"
-            "#,
-        )
-        .unwrap();
-        assert_eq!(plan.wait.as_deref(), Some("90s"));
-        let (a, b) = (&plan.vm[0], &plan.vm[1]);
-        assert_eq!((a.snapshot.as_str(), a.group), ("latest", 1));
-        assert!(a.is_latest() && !b.is_latest());
-        assert_eq!(a.network, NetworkMode::Disconnect);
-        assert_eq!(a.prestage, PrestageMode::Background);
-        assert_eq!(b.network, NetworkMode::Keep);
-        assert_eq!(b.network_map["default"], "lab");
-        assert_eq!(b.allow, ["10.0.0.0/8"]);
-        assert_eq!(b.target, Some(Hypervisor::Esxi));
-        assert_eq!(b.disk_bus, DiskBus::Sata);
-        assert_eq!(b.prestage, PrestageMode::Off);
-        assert_eq!(plan.groups(), [1, 2]);
-        // The JSON the CLI sends reads back the same, with the same id.
-        let json = serde_json::to_string(&plan).unwrap();
-        let back: Plan = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, plan);
-        assert_eq!(back.id(), plan.id());
-        assert_eq!(plan.id().len(), 16);
-        let req = b.request("abcd");
-        assert_eq!(req.name.as_deref(), Some("web01-dr"));
-        assert_eq!(req.hosts, ["10.0.0.0/8"]);
-        assert!(req.read_only && req.at.is_none());
-    }
-
-    #[test]
-    fn unknown_keys_are_refused_naming_the_key_and_the_entry() {
-        let err = parse(
-            "[[vm]]\nvm = \"a\"\nname = \"a1\"\n[[vm]]\nvm = \"db01\"\nname = \"db01-dr\"\ncolour = \"red\"\n",
-        )
-        .unwrap_err();
-        assert!(
-            err.contains("entry 2 (vm db01, name db01-dr)")
-                && err.contains("unknown field `colour`"),
-            "{err}"
-        );
-        let err =
-            parse("[[vm]]\nname = \"x\"\n[[vm]]\nvm = \"b\"\nnetwork = \"off\"\n").unwrap_err();
-        assert!(
-            err.contains("entry 1 (vm ?, name x): missing field `vm`"),
-            "{err}"
-        );
-        assert!(err.contains("entry 2 (vm b, name ?)"), "{err}");
-        let err = parse("waits = \"1s\"\n").unwrap_err();
-        assert!(err.contains("unknown key `waits`"), "{err}");
-        let err = parse("wait = 5\n").unwrap_err();
-        assert!(err.contains("wait = \"90s\""), "{err}");
-        assert!(parse("[[vm\n").is_err());
-        // An empty file is a plan with no entries: the agent refuses it.
-        assert!(parse("").unwrap().vm.is_empty());
-    }
-
-    #[test]
-    fn the_example_plan_reads() {
-        let text = include_str!("../../examples/recovery-plan.toml");
-        let plan = Plan::from_toml(text).unwrap();
-        assert_eq!(plan.vm.len(), 4);
-        assert_eq!(plan.groups(), [1, 2, 3]);
-        assert!(plan_wait(&plan).is_ok());
-        for e in &plan.vm {
-            check_name(&e.name).unwrap();
-        }
-        assert_eq!(plan.vm[1].network, NetworkMode::Keep);
-        assert_eq!(plan.vm[2].allow, ["10.20.0.0/16"]);
-        assert_eq!(plan.vm[3].target, Some(Hypervisor::Kvm));
-    }
-
-    fn spec(name: &str, snapshot_name: &str, id: char) -> MountSpec {
-        MountSpec {
-            name: name.into(),
-            id: 1,
-            snapshot: crate::repo::SnapshotId::from_hex(&id.to_string().repeat(64)).unwrap(),
-            snapshot_name: snapshot_name.into(),
-            read_only: false,
-            network: NetworkMode::Disconnect,
-            network_map: BTreeMap::new(),
-            default_network_map: BTreeMap::new(),
-            network_rewrite: crate::mount::NETWORK_REWRITE,
-            created: jiff::Timestamp::UNIX_EPOCH,
-            hosts: Vec::new(),
-            disks_only: false,
-            convert: None,
-        }
-    }
-
-    fn entry(snapshot: &str) -> PlanEntry {
-        let mut p = parse(&format!(
-            "[[vm]]\nvm = \"db01\"\nname = \"d\"\nsnapshot = \"{snapshot}\"\n"
-        ))
-        .unwrap();
-        p.vm.remove(0)
-    }
-
-    #[test]
-    fn a_mounted_snapshot_is_matched_from_its_spec() {
-        let m = spec("d", "db01@2026-11-20T10:00:00Z", 'a');
-        assert!(names_snapshot(&entry("latest"), None, &m));
-        assert!(names_snapshot(&entry("db01"), None, &m));
-        let at = |t: &str| Some(t.parse().unwrap());
-        assert!(names_snapshot(
-            &entry("latest"),
-            at("2026-11-20T10:00:00Z"),
-            &m
-        ));
-        assert!(!names_snapshot(
-            &entry("latest"),
-            at("2026-11-20T09:59:59Z"),
-            &m
-        ));
-        assert!(names_snapshot(
-            &entry("db01@2026-11-20T10:00:00Z"),
-            None,
-            &m
-        ));
-        assert!(names_snapshot(
-            &entry("db01@2026-11-20T11:00:00+01:00"),
-            None,
-            &m
-        ));
-        assert!(!names_snapshot(
-            &entry("db01@2026-11-21T10:00:00Z"),
-            None,
-            &m
-        ));
-        assert!(!names_snapshot(
-            &entry("web01@2026-11-20T10:00:00Z"),
-            None,
-            &m
-        ));
-        assert!(names_snapshot(&entry("aaaa"), None, &m));
-        assert!(names_snapshot(&entry("AAAAaa"), None, &m));
-        assert!(!names_snapshot(&entry("aaab"), None, &m));
     }
 }
