@@ -23,7 +23,8 @@
 //! `unmount` removes the spec durably before it answers; discarding, it renames the overlay
 //! folder away (durably) too; keeping writes, it syncs them and removes the mark first.
 //! Tasks: relocations, pre-staging, disk-cache warm-ups and boot-window watchers run under the
-//! agent's task tracker ([`Agent::spawn_task`]); a graceful stop ([`Agent::stop_tasks`]) ends
+//! agent's task tracker ([`Agent::spawn_task`]), and so do recovery plans' runs (`plan`: they
+//! check the stop between mounts, never inside one); a graceful stop ([`Agent::stop_tasks`]) ends
 //! them at an await point and waits for them before the final sync, so none writes after it.
 //! Each keeps its state consistent at every await (a relocation resumes from its recorded
 //! frontier, a pre-stage or an unfinished boot window is simply not kept).
@@ -31,6 +32,7 @@
 mod console;
 mod files;
 mod overlays;
+mod plan;
 mod relocations;
 mod warmups;
 
@@ -38,6 +40,10 @@ pub use console::{Catalog, ProfileSummary, VmSnapshots};
 pub use files::{FileDownload, MAX_GUEST_FILE_OPS};
 
 pub use warmups::{WarmError, WarmInfo, WarmRequest};
+
+pub use plan::{
+    Action, EntryState, EntryStatus, Plan, PlanEntry, PlanError, PlanStatus, RunInfo, RunPhase,
+};
 
 pub use relocations::RelocateRequest;
 
@@ -115,6 +121,8 @@ pub struct Agent {
     open_guests: files::OpenGuests,
     /// The last minutes of the server's counters, for the console ([`Agent::start_history`]).
     history: Arc<crate::metrics::history::History>,
+    /// Recovery plans' runs, and the allow list their entries are checked against.
+    plans: plan::Plans,
 }
 
 impl std::fmt::Debug for Agent {
@@ -329,6 +337,7 @@ impl Agent {
             guest_ops: Arc::new(tokio::sync::Semaphore::new(MAX_GUEST_FILE_OPS)),
             open_guests: Default::default(),
             history: Default::default(),
+            plans: Default::default(),
         };
         // What failed mounts and discards cut short left: nobody's writes.
         let (dir, names) = (

@@ -37,12 +37,24 @@ impl AllowList {
         Ok(AllowList(nets))
     }
 
+    /// Whether every address of `net` is allowed (a mount's own `--allow` entry, say).
+    pub fn covers(&self, net: &ipnet::IpNet) -> bool {
+        self.0.iter().any(|n| n.contains(net))
+    }
+
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
             v4 => v4,
         };
         self.0.iter().any(|n| n.contains(&ip))
+    }
+}
+
+impl std::fmt::Display for AllowList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let list: Vec<String> = self.0.iter().map(|n| n.to_string()).collect();
+        f.write_str(&list.join(", "))
     }
 }
 
@@ -63,5 +75,11 @@ mod tests {
         assert!(l.allows("192.0.2.7".parse().unwrap()));
         assert!(!l.allows("192.0.2.8".parse().unwrap()));
         assert!(AllowList::parse(&["10.0.0.0/33".into()]).is_err());
+        let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+        assert!(l.covers(&net("10.1.4.0/24")));
+        assert!(l.covers(&net("192.0.2.7/32")));
+        assert!(!l.covers(&net("10.0.0.0/8")));
+        assert!(!l.covers(&net("192.0.2.8/32")));
+        assert_eq!(l.to_string(), "10.1.0.0/16, 192.0.2.7/32");
     }
 }

@@ -20,6 +20,7 @@ mod files;
 mod forget;
 mod mount;
 mod mounts;
+mod plan;
 mod prestage;
 mod profile;
 mod progress;
@@ -85,6 +86,10 @@ enum Command {
     /// Warm a VM's boot set (from its boot profile) into the server's disk cache, ahead of any
     /// mount.
     Prestage(prestage::PrestageArgs),
+    /// Recovery plans: mount a list of VMs in groups (`apply`), and see where each stands
+    /// (`status`).
+    #[command(subcommand)]
+    Plan(plan::PlanCommand),
     /// Boot profiles: what each VM reads while booting, learned from its live mounts.
     #[command(subcommand)]
     Profile(profile::ProfileCommand),
@@ -272,6 +277,7 @@ pub async fn run() -> anyhow::Result<ExitCode> {
         Command::Relocate(a) => relocate::run(a).await,
         Command::Status(a) => status::run(a).await,
         Command::Prestage(a) => prestage::run(a).await,
+        Command::Plan(c) => plan::run(c).await,
         Command::Profile(c) => profile::run(c),
     }
 }

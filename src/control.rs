@@ -13,6 +13,9 @@
 //! | `DELETE /v1/mounts/{name}[?keep_writes=true]` | unmount, discarding or keeping its writes |
 //! | `GET /v1/snapshots/{id}/files[?path=P&disk=D]` | a snapshot's volumes, or the folder or file P inside one: the JSON of `files ls --json` |
 //! | `GET /v1/snapshots/{id}/files/content?path=P` | the regular file P, streamed (`Range: bytes=` of one span gives 206) |
+//! | `POST /v1/plans` | check a recovery plan ([`crate::agent::Plan`], JSON) whole and start applying it: its [`crate::agent::PlanStatus`]; 400 naming each bad entry, nothing mounted |
+//! | `GET /v1/plans/{id}` | this server's run of plan `id`: each entry's state, the run's phase and events |
+//! | `POST /v1/plans/status` | where each entry of the plan in the body stands, from the mounts; changes nothing |
 //! | `GET /v1/snapshots` | the snapshots by VM, newest first, each VM with its boot profile |
 //! | `DELETE /v1/profiles/{vm}` | forget a VM's boot profile (`profile forget`) |
 //! | `GET /v1/stats` | cache and fetch scheduler counters, and the last 10 minutes of them (a point every 2 s) |

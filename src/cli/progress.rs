@@ -35,6 +35,11 @@ impl Bar {
         self.0.set_position(n);
     }
 
+    /// Prints a line on stdout without tearing the bar.
+    pub fn line(&self, text: &str) {
+        self.0.suspend(|| println!("{text}"));
+    }
+
     pub fn finish(&self) {
         self.0.finish_and_clear();
     }

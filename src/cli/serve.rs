@@ -401,6 +401,7 @@ pub async fn run(a: ServeArgs, umask: Option<Umask>) -> anyhow::Result<ExitCode>
     }
     agent.cache().health().set_grace(grace);
     agent.set_default_network_map(file.network_map.clone().unwrap_or_default())?;
+    agent.set_allow_list(allow.clone());
     agent.resume_relocations(relocate_roots).await?;
     agent.start_history();
     let identity = Identity::load(&state).with_context(|| {

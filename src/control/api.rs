@@ -11,7 +11,8 @@ use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{
-    Agent, MountInfo, MountRequest, RelocateRequest, WarmError, WarmInfo, WarmRequest,
+    Agent, MountInfo, MountRequest, Plan, PlanError, PlanStatus, RelocateRequest, WarmError,
+    WarmInfo, WarmRequest,
 };
 use crate::cache::CacheStats;
 use crate::guestfs::{GuestFsError, Listing};
@@ -145,6 +146,18 @@ impl From<WarmError> for ApiError {
     }
 }
 
+impl From<PlanError> for ApiError {
+    fn from(e: PlanError) -> Self {
+        let code = match &e {
+            PlanError::Invalid { .. } => StatusCode::BAD_REQUEST,
+            PlanError::Busy { .. } => StatusCode::CONFLICT,
+            PlanError::NotFound { .. } => StatusCode::NOT_FOUND,
+            PlanError::Stopping => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ApiError(code, e.to_string())
+    }
+}
+
 impl From<RelocateError> for ApiError {
     fn from(e: RelocateError) -> Self {
         let code = match &e {
@@ -208,6 +221,9 @@ pub async fn serve_api(
         .route("/v1/relocations", get(relocations))
         .route("/v1/prestage", post(warm))
         .route("/v1/prestage/{id}", get(warm_status))
+        .route("/v1/plans", post(apply_plan))
+        .route("/v1/plans/status", post(plan_status))
+        .route("/v1/plans/{id}", get(plan_run))
         .route("/v1/snapshots", get(snapshots))
         .route("/v1/snapshots/{id}/files", get(files_list))
         .route("/v1/snapshots/{id}/files/content", get(files_content))
@@ -552,6 +568,28 @@ async fn warm_status(
     Path(id): Path<String>,
 ) -> Result<Json<WarmInfo>, ApiError> {
     Ok(Json(s.agent.warm_status(&id)?))
+}
+
+/// `POST /v1/plans`: checks the plan whole and starts applying it (or returns the run of
+/// the same plan under way); 400 naming every bad entry, and nothing mounted, when it is bad.
+async fn apply_plan(
+    State(s): State<ApiState>,
+    Json(plan): Json<Plan>,
+) -> Result<Json<PlanStatus>, ApiError> {
+    Ok(Json(s.agent.apply_plan(plan).await?))
+}
+
+/// `POST /v1/plans/status`: where each entry of the plan in the body stands; changes nothing.
+async fn plan_status(State(s): State<ApiState>, Json(plan): Json<Plan>) -> Json<PlanStatus> {
+    Json(s.agent.plan_status(&plan))
+}
+
+/// `GET /v1/plans/{id}`: this server's run of plan `id` (the id `POST /v1/plans` answered).
+async fn plan_run(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+) -> Result<Json<PlanStatus>, ApiError> {
+    Ok(Json(s.agent.plan_run_status(&id)?))
 }
 
 #[derive(serde::Deserialize)]
