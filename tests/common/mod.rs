@@ -8,6 +8,7 @@
 pub mod cutfs;
 pub mod garage;
 pub mod nfs;
+pub mod replay;
 pub mod retention;
 pub mod tools;
 
