@@ -96,16 +96,34 @@ impl Repository {
         &self,
     ) -> Result<(Vec<SnapshotInfo>, Vec<(SnapshotId, RepoError)>), RepoError> {
         let ids = self.store().list_manifests().await?;
-        let results: Vec<(SnapshotId, Result<Manifest, RepoError>)> = futures::stream::iter(ids)
+        // What an earlier listing read and checked (manifests never change), for the ids
+        // listed now; only the others are read.
+        let mut good = Vec::new();
+        let mut new = Vec::new();
+        {
+            let mut known = self.listed();
+            let listed: std::collections::HashSet<SnapshotId> = ids.iter().copied().collect();
+            known.retain(|id, _| listed.contains(id));
+            for id in ids {
+                match known.get(&id) {
+                    Some(info) => good.push(info.clone()),
+                    None => new.push(id),
+                }
+            }
+        }
+        let results: Vec<(SnapshotId, Result<Manifest, RepoError>)> = futures::stream::iter(new)
             .map(|id| async move { (id, self.manifest(&id).await) })
             .buffer_unordered(LIST_CONCURRENCY)
             .collect()
             .await;
-        let mut good = Vec::new();
         let mut bad = Vec::new();
         for (id, r) in results {
             match r {
-                Ok(m) => good.push(SnapshotInfo::from_manifest(id, &m)),
+                Ok(m) => {
+                    let info = SnapshotInfo::from_manifest(id, &m);
+                    self.listed().insert(id, info.clone());
+                    good.push(info);
+                }
                 // Listed, then gone: forgotten meanwhile (or Garage still listing a deleted key).
                 Err(RepoError::NoSnapshot { .. }) => {}
                 Err(e) => bad.push((id, e)),
@@ -241,6 +259,27 @@ mod tests {
     use super::*;
     use crate::repo::ChunkId;
     use crate::vmconfig::Hypervisor;
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_listing_reads_only_the_manifests_no_listing_read_before() {
+        let t = tempfile::tempdir().unwrap();
+        let (repo, id) = crate::repo::kept::tests::backed_up(t.path()).await;
+        let (all, _) = repo.list_snapshots().await.unwrap();
+        assert_eq!(all.len(), 1);
+        let fetches = repo.stats().fetches;
+        for _ in 0..5 {
+            let found = repo
+                .resolve(&SnapshotSpec::new("vm", None))
+                .await
+                .unwrap();
+            assert_eq!(found.id, id);
+        }
+        assert_eq!(repo.stats().fetches, fetches, "no manifest read again");
+        // Forgotten: gone from the listing at once.
+        repo.forget_snapshot(&id).await.unwrap();
+        assert!(repo.list_snapshots().await.unwrap().0.is_empty());
+        assert!(repo.listed().is_empty());
+    }
 
     fn info(vm: &str, time: &str, seed: &str) -> SnapshotInfo {
         SnapshotInfo {

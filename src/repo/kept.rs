@@ -136,12 +136,12 @@ impl KeptCopies {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::repo::{BackupOptions, ChunkSize, NoProgress, RepoLocation, Repository, S3Config};
 
     /// A repository in `dir/repo` holding one backup of a 3-block disk; its snapshot id.
-    async fn backed_up(dir: &Path) -> (Repository, SnapshotId) {
+    pub(crate) async fn backed_up(dir: &Path) -> (Repository, SnapshotId) {
         let repo = Repository::init(&dir.join("repo"), ChunkSize::new(65536).unwrap()).unwrap();
         let folder = dir.join("vm");
         fs::create_dir_all(&folder).unwrap();

@@ -93,6 +93,11 @@ struct Inner {
     config: RepoConfig,
     /// How long this process's leases count after their last renewal.
     lease_expiry: std::time::Duration,
+    /// The listing fields of every manifest the catalog has read and checked, by id: a
+    /// manifest never changes (it is named by its content), so a listing reads only the new
+    /// ones. Kept to the ids of the last listing.
+    pub(super) listed:
+        Arc<std::sync::Mutex<std::collections::HashMap<SnapshotId, super::SnapshotInfo>>>,
 }
 
 impl Repository {
@@ -115,6 +120,7 @@ impl Repository {
                 store,
                 config,
                 lease_expiry: super::lease::DEFAULT_EXPIRY,
+                listed: Arc::default(),
             }),
         })
     }
@@ -190,6 +196,7 @@ impl Repository {
                                         store,
                                         config: k.config,
                                         lease_expiry: super::lease::DEFAULT_EXPIRY,
+                                        listed: Arc::default(),
                                     }),
                                 }
                             }
@@ -232,6 +239,7 @@ impl Repository {
                 store: Arc::new(store),
                 config,
                 lease_expiry: super::lease::DEFAULT_EXPIRY,
+                listed: Arc::default(),
             }),
         }
     }
@@ -248,6 +256,7 @@ impl Repository {
                 store,
                 config: self.inner.config.clone(),
                 lease_expiry: self.inner.lease_expiry,
+                listed: self.inner.listed.clone(),
             }),
         }
     }
@@ -263,8 +272,16 @@ impl Repository {
                 store: self.inner.store.clone(),
                 config: self.inner.config.clone(),
                 lease_expiry: expiry.max(super::lease::MIN_EXPIRY),
+                listed: self.inner.listed.clone(),
             }),
         }
+    }
+
+    /// The catalog's listing fields of manifests read before (see `Inner::listed`).
+    pub(super) fn listed(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<SnapshotId, super::SnapshotInfo>> {
+        self.inner.listed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// How long this process's leases count after their last renewal.
