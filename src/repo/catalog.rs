@@ -268,10 +268,7 @@ mod tests {
         assert_eq!(all.len(), 1);
         let fetches = repo.stats().fetches;
         for _ in 0..5 {
-            let found = repo
-                .resolve(&SnapshotSpec::new("vm", None))
-                .await
-                .unwrap();
+            let found = repo.resolve(&SnapshotSpec::new("vm", None)).await.unwrap();
             assert_eq!(found.id, id);
         }
         assert_eq!(repo.stats().fetches, fetches, "no manifest read again");
