@@ -169,20 +169,12 @@ async fn a_storm_of_twenty_clones_fetches_each_boot_chunk_once() {
 
     let before = server.metrics();
     let started = std::time::Instant::now();
-    let mut vms = Vec::new();
-    for i in 0..N {
-        let mut c = common::nfs::connect(&server, &format!("s{i:02}")).await;
-        let root = c.root_nfs_fh3();
-        let fh = common::nfs::lookup(&mut c, &root, "d.img").await.unwrap();
-        let trace = trace.clone();
-        vms.push(tokio::spawn(async move {
-            common::replay::replay(&mut c, &fh, &trace).await
-        }));
-    }
-    let mut waits = Vec::new();
-    for v in vms {
-        waits.push(v.await.unwrap().wait);
-    }
+    let names: Vec<String> = (0..N).map(|i| format!("s{i:02}")).collect();
+    let mut waits: Vec<_> = common::replay::replay_all(&server, &names, "d.img", &trace)
+        .await
+        .into_iter()
+        .map(|r| r.wait)
+        .collect();
     let took = started.elapsed();
     let after = server.metrics();
     let gets = metric(&after, "livemount_repo_fetches_total")
@@ -387,22 +379,13 @@ async fn storm_bench() {
             let (cpu0, _) = cpu_and_peak(server.pid());
             let before = server.metrics();
             plan(&server, &entries);
-            let mut vms = Vec::new();
-            for (_, name) in &entries {
-                let mut c = common::nfs::connect(&server, name).await;
-                let root = c.root_nfs_fh3();
-                let fh = common::nfs::lookup(&mut c, &root, "guest.img")
+            let names: Vec<String> = entries.iter().map(|(_, n)| n.clone()).collect();
+            let mut replays: Vec<f64> =
+                common::replay::replay_all(&server, &names, "guest.img", &trace)
                     .await
-                    .unwrap();
-                let trace = trace.clone();
-                vms.push(tokio::spawn(async move {
-                    common::replay::replay(&mut c, &fh, &trace).await
-                }));
-            }
-            let mut replays = Vec::new();
-            for v in vms {
-                replays.push(v.await.unwrap().total.as_secs_f64());
-            }
+                    .into_iter()
+                    .map(|r| r.total.as_secs_f64())
+                    .collect();
             let after = server.metrics();
             let (cpu1, peak) = cpu_and_peak(server.pid());
             let mut waits: Vec<f64> = storage_waits(&server).into_iter().map(|(_, w)| w).collect();
@@ -474,21 +457,8 @@ async fn storm_bench() {
                     assert!(ok, "{out}");
                 }
             } else {
-                let mut vms = Vec::new();
-                for (_, name) in &entries {
-                    let mut c = common::nfs::connect(&server, name).await;
-                    let root = c.root_nfs_fh3();
-                    let fh = common::nfs::lookup(&mut c, &root, "guest.img")
-                        .await
-                        .unwrap();
-                    let trace = trace.clone();
-                    vms.push(tokio::spawn(async move {
-                        common::replay::replay(&mut c, &fh, &trace).await
-                    }));
-                }
-                for v in vms {
-                    v.await.unwrap();
-                }
+                let names: Vec<String> = entries.iter().map(|(_, n)| n.clone()).collect();
+                common::replay::replay_all(&server, &names, "guest.img", &trace).await;
             }
             let mut waits: Vec<f64> = storage_waits(&server).into_iter().map(|(_, w)| w).collect();
             waits.sort_by(f64::total_cmp);

@@ -102,3 +102,28 @@ pub fn blocks(trace: &[Read], chunk: u64) -> std::collections::BTreeSet<u64> {
         .flat_map(|r| r.offset / chunk..=(r.offset + u64::from(r.len) - 1) / chunk)
         .collect()
 }
+
+/// Replays `trace` against the file `file` of each mount in `mounts` of `server`, all at once
+/// (one NFS connection each); their results in the mounts' order.
+pub async fn replay_all(
+    server: &super::Server,
+    mounts: &[String],
+    file: &str,
+    trace: &[Read],
+) -> Vec<Replayed> {
+    let mut vms = Vec::new();
+    for m in mounts {
+        let mut c = super::nfs::connect(server, m).await;
+        let root = c.root_nfs_fh3();
+        let fh = super::nfs::lookup(&mut c, &root, file).await.unwrap();
+        let trace = trace.to_vec();
+        vms.push(tokio::spawn(
+            async move { replay(&mut c, &fh, &trace).await },
+        ));
+    }
+    let mut out = Vec::new();
+    for v in vms {
+        out.push(v.await.unwrap());
+    }
+    out
+}
